@@ -1,0 +1,54 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// Layers, top to bottom (each depends only on those below it):
+//   tern (CLI) -> TernAPI -> TernMachine -> TernKVM -> CKVM (C shim)
+let strict: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "tern",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "tern", targets: ["tern"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+    ],
+    targets: [
+        .target(name: "CKVM"),
+        .target(name: "TernKVM", dependencies: ["CKVM"], swiftSettings: strict),
+        .target(
+            name: "TernMachine",
+            dependencies: ["TernKVM", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "TernAPI",
+            dependencies: [
+                "TernMachine",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "tern",
+            dependencies: [
+                "TernAPI", "TernMachine",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        .testTarget(name: "TernKVMTests", dependencies: ["TernKVM", "CKVM"], swiftSettings: strict),
+        .testTarget(name: "TernMachineTests", dependencies: ["TernMachine"], swiftSettings: strict),
+        .testTarget(name: "TernIntegrationTests", dependencies: ["TernAPI", "TernMachine"], swiftSettings: strict),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,122 @@
+// C shim for Tern: the parts of <linux/kvm.h> and <linux/userfaultfd.h> that
+// Swift cannot import by itself. The request numbers are built with the _IO*
+// macros, which Swift does not import, so they are re-exported here as typed
+// constants; ioctl(2) is variadic, so it is wrapped in fixed-argument inline
+// functions. Nothing else lives here: all logic is in Swift.
+#ifndef CKVM_H
+#define CKVM_H
+
+#include <linux/kvm.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <stdint.h>
+
+// System ioctls (on the /dev/kvm fd).
+static const unsigned long CKVM_GET_API_VERSION = KVM_GET_API_VERSION;
+static const unsigned long CKVM_CREATE_VM = KVM_CREATE_VM;
+static const unsigned long CKVM_CHECK_EXTENSION = KVM_CHECK_EXTENSION;
+static const unsigned long CKVM_GET_VCPU_MMAP_SIZE = KVM_GET_VCPU_MMAP_SIZE;
+static const unsigned long CKVM_GET_SUPPORTED_CPUID = KVM_GET_SUPPORTED_CPUID;
+static const unsigned long CKVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST;
+
+// VM ioctls.
+static const unsigned long CKVM_CREATE_VCPU = KVM_CREATE_VCPU;
+static const unsigned long CKVM_SET_USER_MEMORY_REGION = KVM_SET_USER_MEMORY_REGION;
+static const unsigned long CKVM_SET_TSS_ADDR = KVM_SET_TSS_ADDR;
+static const unsigned long CKVM_SET_IDENTITY_MAP_ADDR = KVM_SET_IDENTITY_MAP_ADDR;
+static const unsigned long CKVM_CREATE_IRQCHIP = KVM_CREATE_IRQCHIP;
+static const unsigned long CKVM_CREATE_PIT2 = KVM_CREATE_PIT2;
+static const unsigned long CKVM_IRQ_LINE = KVM_IRQ_LINE;
+static const unsigned long CKVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
+static const unsigned long CKVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
+static const unsigned long CKVM_GET_PIT2 = KVM_GET_PIT2;
+static const unsigned long CKVM_SET_PIT2 = KVM_SET_PIT2;
+static const unsigned long CKVM_GET_CLOCK = KVM_GET_CLOCK;
+static const unsigned long CKVM_SET_CLOCK = KVM_SET_CLOCK;
+static const unsigned long CKVM_GET_DIRTY_LOG = KVM_GET_DIRTY_LOG;
+static const unsigned long CKVM_ENABLE_CAP = KVM_ENABLE_CAP;
+
+// vCPU ioctls.
+static const unsigned long CKVM_RUN = KVM_RUN;
+static const unsigned long CKVM_GET_REGS = KVM_GET_REGS;
+static const unsigned long CKVM_SET_REGS = KVM_SET_REGS;
+static const unsigned long CKVM_GET_SREGS = KVM_GET_SREGS;
+static const unsigned long CKVM_SET_SREGS = KVM_SET_SREGS;
+static const unsigned long CKVM_GET_FPU = KVM_GET_FPU;
+static const unsigned long CKVM_SET_FPU = KVM_SET_FPU;
+static const unsigned long CKVM_SET_CPUID2 = KVM_SET_CPUID2;
+static const unsigned long CKVM_GET_MSRS = KVM_GET_MSRS;
+static const unsigned long CKVM_SET_MSRS = KVM_SET_MSRS;
+static const unsigned long CKVM_GET_LAPIC = KVM_GET_LAPIC;
+static const unsigned long CKVM_SET_LAPIC = KVM_SET_LAPIC;
+static const unsigned long CKVM_GET_XSAVE = KVM_GET_XSAVE;
+static const unsigned long CKVM_SET_XSAVE = KVM_SET_XSAVE;
+static const unsigned long CKVM_GET_XCRS = KVM_GET_XCRS;
+static const unsigned long CKVM_SET_XCRS = KVM_SET_XCRS;
+static const unsigned long CKVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
+static const unsigned long CKVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
+static const unsigned long CKVM_GET_MP_STATE = KVM_GET_MP_STATE;
+static const unsigned long CKVM_SET_MP_STATE = KVM_SET_MP_STATE;
+static const unsigned long CKVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS;
+static const unsigned long CKVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS;
+static const unsigned long CKVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
+static const unsigned long CKVM_SET_TSC_KHZ = KVM_SET_TSC_KHZ;
+static const unsigned long CKVM_KVMCLOCK_CTRL = KVM_KVMCLOCK_CTRL;
+
+// userfaultfd ioctls.
+static const unsigned long CKVM_UFFDIO_API = UFFDIO_API;
+static const unsigned long CKVM_UFFDIO_REGISTER = UFFDIO_REGISTER;
+static const unsigned long CKVM_UFFDIO_UNREGISTER = UFFDIO_UNREGISTER;
+static const unsigned long CKVM_UFFDIO_COPY = UFFDIO_COPY;
+static const unsigned long CKVM_UFFDIO_ZEROPAGE = UFFDIO_ZEROPAGE;
+static const unsigned long CKVM_UFFDIO_WAKE = UFFDIO_WAKE;
+
+/// ioctl with a pointer argument (most KVM requests).
+static inline int ckvm_ioctl_ptr(int fd, unsigned long request, void *arg) {
+    return ioctl(fd, request, arg);
+}
+
+/// ioctl with an integer argument (KVM_CREATE_VCPU, KVM_CHECK_EXTENSION, ...).
+static inline int ckvm_ioctl_val(int fd, unsigned long request, unsigned long arg) {
+    return ioctl(fd, request, arg);
+}
+
+/// memfd_create has no Glibc overlay in every toolchain; call it by number.
+static inline int ckvm_memfd_create(const char *name, unsigned int flags) {
+    return (int)syscall(SYS_memfd_create, name, flags);
+}
+
+/// userfaultfd(2) has no libc wrapper in older glibc.
+static inline int ckvm_userfaultfd(int flags) {
+    return (int)syscall(SYS_userfaultfd, flags);
+}
+
+static inline int ckvm_gettid(void) {
+    return (int)syscall(SYS_gettid);
+}
+
+/// KVM's flexible-array structs: sizes for a given entry count, so Swift can
+/// allocate them without guessing at padding.
+static inline size_t ckvm_cpuid2_size(unsigned n) {
+    return sizeof(struct kvm_cpuid2) + n * sizeof(struct kvm_cpuid_entry2);
+}
+static inline size_t ckvm_msrs_size(unsigned n) {
+    return sizeof(struct kvm_msrs) + n * sizeof(struct kvm_msr_entry);
+}
+static inline size_t ckvm_msr_list_size(unsigned n) {
+    return sizeof(struct kvm_msr_list) + n * sizeof(uint32_t);
+}
+static inline struct kvm_cpuid_entry2 *ckvm_cpuid2_entries(struct kvm_cpuid2 *c) {
+    return c->entries;
+}
+static inline struct kvm_msr_entry *ckvm_msrs_entries(struct kvm_msrs *m) {
+    return m->entries;
+}
+static inline uint32_t *ckvm_msr_list_indices(struct kvm_msr_list *l) {
+    return l->indices;
+}
+
+#endif

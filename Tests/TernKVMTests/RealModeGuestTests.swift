@@ -1,0 +1,92 @@
+import CKVM
+import Glibc
+import Testing
+@testable import TernKVM
+
+/// Tiny hand-assembled guests on the real /dev/kvm, exercising the wrappers
+/// end to end (the style of hypervisor-kit's tests).
+@Suite(.enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs read/write access to /dev/kvm"))
+struct RealModeGuestTests {
+    /// A VM with one slot of `size` bytes at GPA 0 and `code` at 0x1000, one vCPU in real mode at 0:0x1000.
+    func makeGuest(_ code: [UInt8], size: Int = 0x10000, irqchip: Bool = false) throws -> (Kvm, VirtualMachine, Vcpu, HostMapping) {
+        let kvm = try Kvm()
+        let vm = try kvm.createVM()
+        let memory = try HostMapping(length: size)
+        memory.base.advanced(by: 0x1000).copyMemory(from: code, byteCount: code.count)
+        try vm.setMemoryRegion(slot: 0, guestAddress: 0, mapping: memory, size: size)
+        if irqchip { try vm.createIRQChip() }
+        let vcpu = try vm.createVcpu(id: 0)
+        var sregs = try vcpu.specialRegisters()
+        sregs.cs.base = 0
+        sregs.cs.selector = 0
+        try vcpu.setSpecialRegisters(sregs)
+        var regs = kvm_regs()
+        regs.rip = 0x1000
+        regs.rflags = 0x2
+        try vcpu.setRegisters(regs)
+        return (kvm, vm, vcpu, memory)
+    }
+
+    @Test func portOutputThenHalt() throws {
+        // mov dx,0x3f8 ; mov al,0x42 ; out dx,al ; hlt
+        let (_, _, vcpu, _) = try makeGuest([0xBA, 0xF8, 0x03, 0xB0, 0x42, 0xEE, 0xF4])
+        let exit = try vcpu.run()
+        guard case .ioOut(let port, let size, let count, let data) = exit else {
+            Issue.record("expected an io-out exit, got \(exit.name)"); return
+        }
+        #expect(port == 0x3F8)
+        #expect(size == 1 && count == 1)
+        #expect(data[0] == 0x42)
+        guard case .halt = try vcpu.run() else { Issue.record("expected hlt"); return }
+        #expect(try vcpu.registers().rip == 0x1007)
+    }
+
+    @Test func portInputReplyReachesTheGuest() throws {
+        // mov dx,0x60 ; in al,dx ; mov [0x2000],al ; hlt
+        let (_, _, vcpu, memory) = try makeGuest([0xBA, 0x60, 0x00, 0xEC, 0xA2, 0x00, 0x20, 0xF4])
+        guard case .ioIn(let port, _, _, let data) = try vcpu.run() else { Issue.record("expected io-in"); return }
+        #expect(port == 0x60)
+        data[0] = 0x5A
+        guard case .halt = try vcpu.run() else { Issue.record("expected hlt"); return }
+        #expect(memory.base.load(fromByteOffset: 0x2000, as: UInt8.self) == 0x5A)
+    }
+
+    @Test func dirtyLogReportsWrittenPages() throws {
+        // mov byte [0x3000],1 ; mov byte [0x5000],1 ; hlt
+        let (_, vm, vcpu, _) = try makeGuest([0xC6, 0x06, 0x00, 0x30, 0x01, 0xC6, 0x06, 0x00, 0x50, 0x01, 0xF4])
+        try vm.setDirtyLogging(slot: 0, enabled: true)
+        guard case .halt = try vcpu.run() else { Issue.record("expected hlt"); return }
+        let bitmap = try vm.dirtyLog(slot: 0)
+        let dirty = (0..<16).filter { bitmap[0] & (1 << UInt64($0)) != 0 }
+        #expect(dirty.contains(3))
+        #expect(dirty.contains(5))
+        #expect(!dirty.contains(7))
+        // The log resets on read.
+        #expect(try vm.dirtyLog(slot: 0)[0] & (1 << 3) == 0)
+    }
+
+    @Test func immediateExitInterruptsRun() throws {
+        // jmp $ (spins forever)
+        let (_, _, vcpu, _) = try makeGuest([0xEB, 0xFE])
+        vcpu.setImmediateExit(true)
+        guard case .interrupted = try vcpu.run() else { Issue.record("expected interrupted"); return }
+    }
+
+    @Test func capabilitiesAndCPUID() throws {
+        let kvm = try Kvm()
+        #expect(kvm.checkExtension(.userMemory) > 0)
+        #expect(kvm.checkExtension(.irqchip) > 0)
+        let cpuid = try kvm.supportedCPUID()
+        #expect(cpuid.contains { $0.function == 0 })
+        #expect(cpuid.contains { $0.function == 1 })
+        let msrs = try kvm.msrIndexList()
+        #expect(msrs.contains(0x10)) // IA32_TSC
+    }
+
+    @Test func missingDeviceIsAClearError() {
+        #expect(throws: SystemError.self) { try Kvm(path: "/nonexistent/kvm") }
+        do { _ = try Kvm(path: "/nonexistent/kvm") } catch {
+            #expect(error.description.contains("No such file"))
+        }
+    }
+}
