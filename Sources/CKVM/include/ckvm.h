@@ -8,6 +8,7 @@
 
 #include <linux/kvm.h>
 #include <linux/userfaultfd.h>
+#include <linux/memfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -93,6 +94,8 @@ static inline int ckvm_memfd_create(const char *name, unsigned int flags) {
 static inline int ckvm_userfaultfd(int flags) {
     return (int)syscall(SYS_userfaultfd, flags);
 }
+
+static const unsigned int CKVM_MFD_CLOEXEC = MFD_CLOEXEC;
 
 static inline int ckvm_gettid(void) {
     return (int)syscall(SYS_gettid);

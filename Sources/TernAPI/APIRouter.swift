@@ -1,0 +1,98 @@
+import Foundation
+import TernMachine
+
+/// Maps API requests to machine operations. No I/O of its own (the server
+/// hands it a parsed request and writes what it returns), so it is tested
+/// without sockets. Routes may block (pause waits for vCPUs): the server
+/// calls it off the event loop.
+///
+/// Routes (all under /v1):
+///   GET  /v1/vm                              -> MachineInfo
+///   PUT  /v1/vm/pause | /v1/vm/resume        -> 204, or 409 when the state forbids it
+///   PUT  /v1/vm/quit                         -> 204, then the VM ends
+///   GET  /v1/vm/memory?address=GPA&length=N  -> raw bytes (application/octet-stream)
+public struct APIRouter: Sendable {
+    public static let maximumMemoryRead: UInt64 = 64 << 20
+
+    let machine: Machine
+
+    public init(machine: Machine) {
+        self.machine = machine
+    }
+
+    public func handle(method: String, uri: String, body: Data = Data()) -> APIResponse {
+        let (path, query) = Self.split(uri)
+        switch path {
+        case "/v1/vm":
+            guard method == "GET" else { return Self.methodNotAllowed(method, path) }
+            return .json(machine.info)
+        case "/v1/vm/pause":
+            guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
+            return lifecycle { try machine.pause() }
+        case "/v1/vm/resume":
+            guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
+            return lifecycle { try machine.resume() }
+        case "/v1/vm/quit":
+            guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
+            let machine = self.machine
+            return .noContent { machine.requestExit(MachineExit(kind: .quit, message: "quit requested through the API")) }
+        case "/v1/vm/memory":
+            guard method == "GET" else { return Self.methodNotAllowed(method, path) }
+            return readMemory(query)
+        default:
+            return .error(404, "not_found", "no such route: \(path)")
+        }
+    }
+
+    private func lifecycle(_ operation: () throws -> Void) -> APIResponse {
+        do {
+            try operation()
+            return .noContent()
+        } catch let error as Machine.LifecycleError {
+            return .error(409, "invalid_state", error.description)
+        } catch {
+            return .error(500, "internal", "\(error)")
+        }
+    }
+
+    private func readMemory(_ query: [String: String]) -> APIResponse {
+        guard let addressText = query["address"], let address = Self.parseInteger(addressText) else {
+            return .error(400, "bad_request", "address is required: a guest-physical address, decimal or 0x-hex")
+        }
+        guard let lengthText = query["length"], let length = Self.parseInteger(lengthText), length > 0 else {
+            return .error(400, "bad_request", "length is required: a positive number of bytes")
+        }
+        guard length <= Self.maximumMemoryRead else {
+            return .error(400, "too_large", "length \(length) exceeds the \(Self.maximumMemoryRead)-byte limit of one read")
+        }
+        do {
+            let bytes = try machine.memory.read(GuestAddress(address), count: Int(length))
+            return APIResponse(status: 200, contentType: "application/octet-stream", body: Data(bytes))
+        } catch {
+            return .error(400, "out_of_range", error.description)
+        }
+    }
+
+    private static func methodNotAllowed(_ method: String, _ path: String) -> APIResponse {
+        .error(405, "method_not_allowed", "\(method) is not allowed on \(path)")
+    }
+
+    static func split(_ uri: String) -> (String, [String: String]) {
+        guard let mark = uri.firstIndex(of: "?") else { return (uri, [:]) }
+        var query: [String: String] = [:]
+        for pair in uri[uri.index(after: mark)...].split(separator: "&") {
+            let parts = pair.split(separator: "=", maxSplits: 1)
+            let key = String(parts[0]).removingPercentEncoding ?? String(parts[0])
+            let value = parts.count > 1 ? (String(parts[1]).removingPercentEncoding ?? String(parts[1])) : ""
+            query[key] = value
+        }
+        return (String(uri[..<mark]), query)
+    }
+
+    /// Decimal or 0x-prefixed hexadecimal.
+    public static func parseInteger(_ text: String) -> UInt64? {
+        let lower = text.lowercased()
+        if lower.hasPrefix("0x") { return UInt64(lower.dropFirst(2), radix: 16) }
+        return UInt64(lower)
+    }
+}

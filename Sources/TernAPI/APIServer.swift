@@ -1,0 +1,130 @@
+import Foundation
+import Glibc
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Synchronization
+import TernMachine
+
+/// The HTTP/JSON API on a Unix socket (as Firecracker and Cloud Hypervisor
+/// serve theirs). HTTP parsing is SwiftNIO's; routing is `APIRouter`.
+///
+/// The socket is bound before the VM is built (so "path in use" fails before
+/// anything else happens) and the machine is attached afterwards; requests
+/// that arrive in between get 503.
+public final class APIServer: Sendable {
+    public let path: String
+    private let group: MultiThreadedEventLoopGroup
+    private let channel: any Channel
+    private let router: RouterBox
+    private let logger: Logger
+
+    public static func bind(path: String, logger: Logger = Logger(label: "tern.api")) throws -> APIServer {
+        if UnixSocket.isListening(path) {
+            throw ConfigurationError("API socket \(path) is already in use by another process")
+        }
+        var info = stat()
+        if lstat(path, &info) == 0 {
+            guard (info.st_mode & S_IFMT) == S_IFSOCK else { throw ConfigurationError("\(path) exists and is not a socket") }
+            unlink(path) // a stale socket left by a process that died
+        }
+        return try APIServer(path: path, logger: logger)
+    }
+
+    private init(path: String, logger: Logger) throws {
+        self.path = path
+        self.logger = logger
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let router = RouterBox()
+        self.group = group
+        self.router = router
+        do {
+            channel = try ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 16)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                        try channel.pipeline.syncOperations.addHandler(NIOHTTPServerRequestAggregator(maxContentLength: 1 << 20))
+                        try channel.pipeline.syncOperations.addHandler(APIRequestHandler(router: router))
+                    }
+                }
+                .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: false)
+                .wait()
+        } catch {
+            try? group.syncShutdownGracefully()
+            throw ConfigurationError("cannot serve the API on \(path): \(error)")
+        }
+    }
+
+    public func attach(_ machine: Machine) {
+        router.set(APIRouter(machine: machine))
+    }
+
+    /// Stops serving and removes the socket file.
+    public func shutdown() {
+        try? channel.close().wait()
+        try? group.syncShutdownGracefully()
+        unlink(path)
+    }
+}
+
+/// The router, once the machine exists.
+final class RouterBox: Sendable {
+    private let router = Mutex<APIRouter?>(nil)
+    func set(_ value: APIRouter) { router.withLock { $0 = value } }
+    func get() -> APIRouter? { router.withLock { $0 } }
+}
+
+/// One connection's requests: each is routed on a global queue (routes may
+/// block on vCPUs) and answered back on the channel's event loop.
+final class APIRequestHandler: ChannelInboundHandler, Sendable {
+    typealias InboundIn = NIOHTTPServerRequestFull
+    typealias OutboundOut = HTTPServerResponsePart
+
+    let router: RouterBox
+
+    init(router: RouterBox) {
+        self.router = router
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let request = unwrapInboundIn(data)
+        let method = request.head.method.rawValue
+        let uri = request.head.uri
+        let version = request.head.version
+        let keepAlive = request.head.isKeepAlive
+        let body = request.body.map { Data($0.readableBytesView) } ?? Data()
+        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        let eventLoop = context.eventLoop
+        let router = self.router
+        DispatchQueue.global().async {
+            let response = router.get()?.handle(method: method, uri: uri, body: body)
+                ?? .error(503, "starting", "the VM is still being created")
+            eventLoop.execute {
+                Self.write(response, version: version, keepAlive: keepAlive, context: bound.value, handler: self)
+            }
+        }
+    }
+
+    private static func write(_ response: APIResponse, version: HTTPVersion, keepAlive: Bool,
+                              context: ChannelHandlerContext, handler: APIRequestHandler) {
+        var headers = HTTPHeaders()
+        if let type = response.contentType { headers.add(name: "Content-Type", value: type) }
+        headers.add(name: "Content-Length", value: "\(response.body.count)")
+        if !keepAlive { headers.add(name: "Connection", value: "close") }
+        let head = HTTPResponseHead(version: version, status: HTTPResponseStatus(statusCode: response.status), headers: headers)
+        context.write(handler.wrapOutboundOut(.head(head)), promise: nil)
+        if !response.body.isEmpty {
+            var buffer = context.channel.allocator.buffer(capacity: response.body.count)
+            buffer.writeBytes(response.body)
+            context.write(handler.wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+        }
+        let channel = context.channel
+        let after = response.afterSending
+        context.writeAndFlush(handler.wrapOutboundOut(.end(nil))).whenComplete { _ in
+            if !keepAlive { channel.close(promise: nil) }
+            after?()
+        }
+    }
+}

@@ -1,0 +1,133 @@
+import CKVM
+import Glibc
+import TernKVM
+
+/// Guest RAM: one memfd, mapped once into the VMM and exposed to the guest
+/// as one or two KVM memory slots.
+///
+/// The memfd (rather than anonymous memory) lets later work share the same
+/// pages with another process, snapshot them and register them with
+/// userfaultfd. Pages are allocated lazily: a 8 GiB guest that touches 100 MiB
+/// costs 100 MiB.
+///
+/// Layout, as on a PC: RAM below 3 GiB starts at address 0; the rest starts at
+/// 4 GiB, leaving [3 GiB, 4 GiB) for the LAPIC, IOAPIC and future MMIO.
+public final class GuestMemory: @unchecked Sendable {
+    // Sendable: every stored property is immutable; the bytes are guest RAM,
+    // shared with vCPU threads by design.
+    public static let minimumSize: UInt64 = 16 << 20
+    public static let maximumSize: UInt64 = 1 << 40
+    public static let lowMemoryLimit: UInt64 = 3 << 30
+    public static let highMemoryStart: UInt64 = 4 << 30
+    public static let pageSize: UInt64 = 4096
+
+    /// A contiguous run of guest-physical RAM and where it lives in the memfd.
+    public struct Region: Equatable, Sendable {
+        public let start: GuestAddress
+        public let size: UInt64
+        public let fileOffset: UInt64
+        public var end: GuestAddress { start + size }
+    }
+
+    public let size: UInt64
+    public let regions: [Region]
+    public let file: FileDescriptor
+    public let mapping: HostMapping
+
+    public enum Error: Swift.Error, Equatable, CustomStringConvertible {
+        case badSize(UInt64)
+        case outOfRange(GuestAddress, length: UInt64)
+
+        public var description: String {
+            switch self {
+            case .badSize(let size):
+                "memory size \(ByteSize(bytes: size)) is not supported (from 16M to 1T, a multiple of 1M)"
+            case .outOfRange(let address, let length):
+                "guest-physical range \(address)+\(length) is outside guest RAM"
+            }
+        }
+    }
+
+    public init(size: UInt64) throws {
+        guard size >= Self.minimumSize, size <= Self.maximumSize, size % (1 << 20) == 0 else {
+            throw Error.badSize(size)
+        }
+        self.size = size
+        let low = min(size, Self.lowMemoryLimit)
+        var regions = [Region(start: GuestAddress(0), size: low, fileOffset: 0)]
+        if size > low {
+            regions.append(Region(start: GuestAddress(Self.highMemoryStart), size: size - low, fileOffset: low))
+        }
+        self.regions = regions
+
+        let fd = ckvm_memfd_create("tern-guest-ram", CKVM_MFD_CLOEXEC)
+        guard fd >= 0 else { throw SystemError("memfd_create", errno: errno) }
+        file = FileDescriptor(adopting: fd)
+        guard ftruncate(fd, off_t(size)) == 0 else { throw SystemError("ftruncate guest RAM to \(size) bytes", errno: errno) }
+        mapping = try HostMapping(length: Int(size), fd: fd, flags: MAP_SHARED | MAP_NORESERVE)
+    }
+
+    /// Registers every region as a KVM memory slot (slot numbers from 0).
+    public func register(with vm: VirtualMachine, logDirtyPages: Bool = false) throws {
+        for (slot, region) in regions.enumerated() {
+            try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: region.start.rawValue, mapping: mapping,
+                                   mappingOffset: Int(region.fileOffset), size: Int(region.size),
+                                   logDirtyPages: logDirtyPages)
+        }
+    }
+
+    /// The region holding all of [address, address + length), if any.
+    public func region(containing address: GuestAddress, length: UInt64 = 1) -> Region? {
+        regions.first { region in
+            address >= region.start && address.rawValue - region.start.rawValue <= region.size
+                && length <= region.size - (address.rawValue - region.start.rawValue)
+        }
+    }
+
+    /// Offset in the memfd (and in `mapping`) of a guest-physical range that
+    /// lies inside one region.
+    public func fileOffset(of address: GuestAddress, length: UInt64 = 1) throws(Error) -> UInt64 {
+        guard length > 0, let region = region(containing: address, length: length) else {
+            throw .outOfRange(address, length: length)
+        }
+        return region.fileOffset + (address.rawValue - region.start.rawValue)
+    }
+
+    /// Host pointer to a guest-physical range that lies inside one region.
+    public func hostPointer(_ address: GuestAddress, length: UInt64) throws(Error) -> UnsafeMutableRawPointer {
+        mapping.base + Int(try fileOffset(of: address, length: length))
+    }
+
+    public func read(_ address: GuestAddress, count: Int) throws(Error) -> [UInt8] {
+        let source = try hostPointer(address, length: UInt64(count))
+        return [UInt8](UnsafeRawBufferPointer(start: source, count: count))
+    }
+
+    public func write(_ bytes: UnsafeRawBufferPointer, at address: GuestAddress) throws(Error) {
+        guard let source = bytes.baseAddress, bytes.count > 0 else { return }
+        let destination = try hostPointer(address, length: UInt64(bytes.count))
+        destination.copyMemory(from: source, byteCount: bytes.count)
+    }
+
+    public func write(_ bytes: [UInt8], at address: GuestAddress) throws(Error) {
+        guard !bytes.isEmpty else { return }
+        let destination = try hostPointer(address, length: UInt64(bytes.count))
+        destination.copyMemory(from: bytes, byteCount: bytes.count)
+    }
+
+    public func load<T: FixedWidthInteger>(_ type: T.Type, at address: GuestAddress) throws(Error) -> T {
+        let pointer = try hostPointer(address, length: UInt64(MemoryLayout<T>.size))
+        return T(littleEndian: pointer.loadUnaligned(as: T.self))
+    }
+
+    public func store<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(Error) {
+        let pointer = try hostPointer(address, length: UInt64(MemoryLayout<T>.size))
+        pointer.storeBytes(of: value.littleEndian, as: T.self)
+    }
+
+    /// Zeroes a range (the .bss of a loaded kernel).
+    public func zero(_ address: GuestAddress, length: UInt64) throws(Error) {
+        guard length > 0 else { return }
+        memset(try hostPointer(address, length: length), 0, Int(length))
+    }
+}

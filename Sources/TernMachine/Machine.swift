@@ -1,0 +1,247 @@
+import CKVM
+import Foundation
+import Glibc
+import Logging
+import TernKVM
+
+/// A virtual machine: KVM VM, guest memory, vCPUs on their threads, and devices.
+///
+/// Lifecycle: `init` builds everything and loads the kernel (nothing runs);
+/// `start` launches the vCPUs; `pause`/`resume` park and release them; the VM
+/// ends when the guest dies or resets, or on `requestExit`, and `waitForExit`
+/// returns why.
+public final class Machine: @unchecked Sendable {
+    // @unchecked Sendable: mutable fields are guarded by `lifecycle`.
+    public let configuration: MachineConfiguration
+    public let kvm: Kvm
+    public let vm: VirtualMachine
+    public let memory: GuestMemory
+    public let serial: Serial16550
+    let bus: PortIOBus
+    let runners: [VcpuRunner]
+    private let logger: Logger
+
+    private let lifecycle = NSCondition()
+    private var state = MachineState.created
+    private var exit: MachineExit?
+    private var startTime: ContinuousClock.Instant?
+
+    public init(configuration: MachineConfiguration, logger: Logger = Logger(label: "tern.machine")) throws {
+        self.configuration = configuration
+        self.logger = logger
+        guard (1...MachineConfiguration.maximumVcpus).contains(configuration.vcpuCount) else {
+            throw ConfigurationError("--cpus must be between 1 and \(MachineConfiguration.maximumVcpus)")
+        }
+
+        // Read and check the kernel before touching KVM: a bad file is the most common mistake.
+        let image = try MultibootImage(parsing: Self.readKernel(configuration.kernelPath))
+
+        do {
+            kvm = try Kvm(path: configuration.kvmPath)
+        } catch {
+            throw ConfigurationError("cannot use KVM (\(configuration.kvmPath)): \(String(cString: strerror(error.errno)))")
+        }
+        vm = try kvm.createVM()
+        memory = try GuestMemory(size: configuration.memorySize)
+        // Intel needs these three pages (for real-mode emulation) somewhere outside RAM.
+        try vm.setTSSAddress(0xFFFB_D000)
+        try memory.register(with: vm)
+        try vm.createIRQChip()
+        try vm.createPIT2()
+
+        let supportedCPUID = try kvm.supportedCPUID()
+        var runners: [VcpuRunner] = []
+        for id in 0..<UInt32(configuration.vcpuCount) {
+            let vcpu = try vm.createVcpu(id: id)
+            try vcpu.setCPUID(CPUSetup.cpuid(supportedCPUID, vcpuID: id, vcpuCount: UInt32(configuration.vcpuCount)))
+            try vcpu.setFPU(CPUSetup.initialFPU())
+            if id == 0 { try CPUSetup.configureLocalInterrupts(vcpu) }
+            runners.append(VcpuRunner(vcpu: vcpu))
+        }
+        self.runners = runners
+
+        let connection: any SerialConnection
+        switch configuration.serial {
+        case .stdout: connection = FileSerialConnection.standardOutput()
+        case .file(let path): connection = try FileSerialConnection.file(path)
+        case .socket(let path): connection = try SocketSerialConnection(path: path)
+        case .off: connection = NullSerialConnection()
+        }
+        let vm = self.vm
+        serial = Serial16550(connection: connection) { level in
+            try? vm.setIRQLine(Serial16550.com1IRQ, level: level)
+        }
+
+        var bus = PortIOBus.Builder()
+        try bus.attach(serial, at: Serial16550.com1Base, count: 8)
+        // The i8042 calls back into the machine; `self` is not complete yet, so go through a box.
+        let resetTarget = WeakMachine()
+        try bus.attach(I8042 { resetTarget.machine?.requestExit(MachineExit(kind: .reset, message: "guest requested a reset")) },
+                       at: I8042.dataPort, count: 5)
+        try bus.attach(IgnoredPorts(), at: 0x80, count: 1) // POST codes
+        self.bus = bus.build()
+        resetTarget.machine = self
+
+        let entry = try MultibootLoader.load(image, commandLine: configuration.commandLine, into: memory)
+        try CPUSetup.enterMultiboot(runners[0].vcpu, entry)
+        logger.debug("loaded kernel", metadata: ["entry": "0x\(String(entry.entry, radix: 16))"])
+    }
+
+    static func readKernel(_ path: String) throws -> [UInt8] {
+        var info = stat()
+        guard stat(path, &info) == 0 else {
+            throw ConfigurationError("cannot read kernel \(path): \(String(cString: strerror(errno)))")
+        }
+        guard (info.st_mode & S_IFMT) == S_IFREG else { throw ConfigurationError("kernel \(path) is not a regular file") }
+        guard info.st_size <= 512 << 20 else { throw ConfigurationError("kernel \(path) is larger than 512 MiB") }
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ConfigurationError("cannot read kernel \(path): \(String(cString: strerror(errno)))")
+        }
+        return [UInt8](data)
+    }
+
+    // MARK: Lifecycle
+
+    public func start(paused: Bool = false) {
+        lifecycle.lock()
+        guard state == .created else { lifecycle.unlock(); return }
+        state = paused ? .paused : .running
+        startTime = .now
+        lifecycle.unlock()
+        serial.start()
+        for runner in runners {
+            runner.start(paused: paused, handle: { [unowned self] exit in handle(exit, on: runner.vcpu) },
+                         onExit: { [unowned self] exit in requestExit(exit) })
+        }
+    }
+
+    public enum LifecycleError: Error, CustomStringConvertible, Equatable {
+        case notRunning(MachineState)
+        case notPaused(MachineState)
+        case timeout
+
+        public var description: String {
+            switch self {
+            case .notRunning(let state): "the VM is \(state.rawValue), not running"
+            case .notPaused(let state): "the VM is \(state.rawValue), not paused"
+            case .timeout: "vCPUs did not stop in time"
+            }
+        }
+    }
+
+    /// Parks every vCPU outside KVM_RUN; returns once all are parked.
+    public func pause() throws {
+        lifecycle.lock()
+        defer { lifecycle.unlock() }
+        guard state == .running else { throw LifecycleError.notRunning(state) }
+        for runner in runners { runner.requestPause() }
+        for runner in runners where !runner.waitUntilParked() { throw LifecycleError.timeout }
+        state = .paused
+    }
+
+    public func resume() throws {
+        lifecycle.lock()
+        defer { lifecycle.unlock() }
+        guard state == .paused else { throw LifecycleError.notPaused(state) }
+        for runner in runners { runner.resume() }
+        state = .running
+    }
+
+    /// Ends the VM (idempotent: the first reason wins). Safe from any thread, including a vCPU's.
+    public func requestExit(_ reason: MachineExit) {
+        lifecycle.lock()
+        if exit == nil {
+            exit = reason
+            state = .exited
+            if reason.isFailure {
+                logger.error("guest stopped: \(reason)")
+            } else {
+                logger.info("guest stopped: \(reason.message)")
+            }
+        }
+        lifecycle.broadcast()
+        lifecycle.unlock()
+        for runner in runners { runner.requestStop() }
+    }
+
+    /// Blocks until the VM has ended and every vCPU thread has left KVM_RUN.
+    public func waitForExit() -> MachineExit {
+        lifecycle.lock()
+        while exit == nil { lifecycle.wait() }
+        let reason = exit!
+        lifecycle.unlock()
+        for runner in runners { runner.waitUntilStopped() }
+        serial.close()
+        return reason
+    }
+
+    public var currentState: MachineState {
+        lifecycle.lock()
+        defer { lifecycle.unlock() }
+        return state
+    }
+
+    public var info: MachineInfo {
+        lifecycle.lock()
+        defer { lifecycle.unlock() }
+        let uptime = startTime.map { ContinuousClock.now - $0 } ?? .zero
+        return MachineInfo(state: state, memoryBytes: memory.size, vcpus: runners.count,
+                           uptimeMs: UInt64(uptime.components.seconds * 1000 + uptime.components.attoseconds / 1_000_000_000_000_000),
+                           kernel: configuration.kernelPath, cmdline: configuration.commandLine,
+                           pid: getpid(), exit: exit)
+    }
+
+    // MARK: Exits
+
+    /// Handles one vCPU exit on that vCPU's thread. Returns non-nil when the VM must end.
+    private func handle(_ exit: VcpuExit, on vcpu: Vcpu) -> MachineExit? {
+        switch exit {
+        case .ioIn(let port, let size, let count, let data):
+            for i in 0..<count {
+                bus.read(port: port, into: UnsafeMutableRawBufferPointer(rebasing: data[i * size..<(i + 1) * size]))
+            }
+            return nil
+        case .ioOut(let port, let size, let count, let data):
+            for i in 0..<count {
+                bus.write(port: port, from: UnsafeRawBufferPointer(rebasing: data[i * size..<(i + 1) * size]))
+            }
+            return nil
+        case .mmioRead(_, let data):
+            // No MMIO devices yet: reads of unclaimed addresses float high, as on real hardware.
+            for i in data.indices { data[i] = 0xFF }
+            return nil
+        case .mmioWrite:
+            return nil
+        case .interrupted:
+            return nil
+        case .halt:
+            return MachineExit(kind: .halted, message: "guest halted (HLT with nothing to wake it)", vcpu: vcpu.id,
+                               registers: RegisterDump.capture(vcpu))
+        case .shutdown:
+            return MachineExit(kind: .tripleFault, message: "guest triple-faulted (shutdown)", vcpu: vcpu.id,
+                               registers: RegisterDump.capture(vcpu))
+        case .systemEvent(let type):
+            switch Int32(type) {
+            case KVM_SYSTEM_EVENT_RESET: return MachineExit(kind: .reset, message: "guest requested a reset")
+            case KVM_SYSTEM_EVENT_SHUTDOWN: return MachineExit(kind: .poweroff, message: "guest powered off")
+            default:
+                return MachineExit(kind: .error, message: "guest system event \(type)", vcpu: vcpu.id, registers: RegisterDump.capture(vcpu))
+            }
+        case .internalError, .failEntry, .unknown, .exception, .debug:
+            return MachineExit(kind: .error, message: "vCPU stopped: \(exit.name)", vcpu: vcpu.id,
+                               registers: RegisterDump.capture(vcpu))
+        }
+    }
+}
+
+/// Breaks the init-time cycle between the machine and a device that calls back into it.
+final class WeakMachine: @unchecked Sendable {
+    // @unchecked: written once during Machine.init, before any vCPU runs.
+    weak var machine: Machine?
+}
+
+/// Ports guests write to for timing or diagnostics (POST codes on 0x80): accepted and dropped.
+final class IgnoredPorts: PortIODevice {
+    func read(offset: UInt16, into data: UnsafeMutableRawBufferPointer) { for i in data.indices { data[i] = 0xFF } }
+    func write(offset: UInt16, from data: UnsafeRawBufferPointer) {}
+}

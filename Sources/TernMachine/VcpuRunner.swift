@@ -1,0 +1,140 @@
+import CKVM
+import Foundation
+import Glibc
+import TernKVM
+
+/// Drives one vCPU on its own thread: a small state machine (running,
+/// paused, stopped) controlled by requests from other threads.
+///
+/// The handshake with a running vCPU: the controller records its request,
+/// then sets kvm_run.immediate_exit and signals the thread. The thread clears
+/// immediate_exit *before* it reads the request, so a request made at any
+/// moment either is seen at once or makes the next KVM_RUN return at once.
+final class VcpuRunner: @unchecked Sendable {
+    // @unchecked Sendable: `request`, `status` and `thread` are guarded by `condition`.
+    enum Request { case run, pause, stop }
+    enum Status: Equatable { case notStarted, running, paused, stopped }
+
+    let vcpu: Vcpu
+    private let condition = NSCondition()
+    private var request = Request.run
+    private var status = Status.notStarted
+    private var thread: pthread_t?
+    private var started = false
+
+    static let kickSignal = SIGUSR1
+
+    init(vcpu: Vcpu) {
+        self.vcpu = vcpu
+    }
+
+    /// Installs a do-nothing handler for the kick signal, without SA_RESTART,
+    /// so the signal interrupts KVM_RUN with EINTR instead of killing us.
+    static let installKickHandler: Void = {
+        var action = sigaction()
+        action.__sigaction_handler.sa_handler = { _ in }
+        sigemptyset(&action.sa_mask)
+        action.sa_flags = 0
+        sigaction(kickSignal, &action, nil)
+    }()
+
+    /// Starts the thread. `handle` deals with one exit and returns the
+    /// machine exit when the vCPU cannot continue.
+    func start(paused: Bool, handle: @escaping @Sendable (VcpuExit) -> MachineExit?, onExit: @escaping @Sendable (MachineExit) -> Void) {
+        _ = Self.installKickHandler
+        condition.lock()
+        if paused { request = .pause }
+        started = true
+        condition.unlock()
+        spawnThread(named: "vcpu\(vcpu.id)") { [self] in
+            condition.lock()
+            thread = pthread_self()
+            condition.unlock()
+            if let exit = loop(handle) { onExit(exit) }
+            condition.lock()
+            status = .stopped
+            condition.broadcast()
+            condition.unlock()
+        }
+    }
+
+    private func loop(_ handle: (VcpuExit) -> MachineExit?) -> MachineExit? {
+        while true {
+            vcpu.setImmediateExit(false)
+            condition.lock()
+            while request == .pause {
+                status = .paused
+                condition.broadcast()
+                condition.wait()
+            }
+            if request == .stop {
+                condition.unlock()
+                return nil
+            }
+            status = .running
+            condition.unlock()
+
+            let exit: VcpuExit
+            do {
+                exit = try vcpu.run()
+            } catch {
+                return MachineExit(kind: .error, message: "\(error)", vcpu: vcpu.id, registers: RegisterDump.capture(vcpu))
+            }
+            if case .interrupted = exit { continue }
+            if let end = handle(exit) { return end }
+        }
+    }
+
+    private func kick() {
+        vcpu.setImmediateExit(true)
+        if let thread { pthread_kill(thread, Self.kickSignal) }
+    }
+
+    func requestPause() {
+        condition.lock()
+        if request == .run { request = .pause }
+        let thread = self.thread
+        condition.unlock()
+        if thread != nil { kick() }
+    }
+
+    func requestStop() {
+        condition.lock()
+        request = .stop
+        condition.broadcast()
+        condition.unlock()
+        kick()
+    }
+
+    func resume() {
+        condition.lock()
+        if request == .pause { request = .run }
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    /// Blocks until the vCPU is parked (paused or gone). Returns false on timeout.
+    @discardableResult
+    func waitUntilParked(timeout: TimeInterval = 5) -> Bool {
+        let deadline = Date(timeIntervalSinceNow: timeout)
+        condition.lock()
+        defer { condition.unlock() }
+        while status != .paused && status != .stopped {
+            if !started { return true }
+            if !condition.wait(until: deadline) { return false }
+        }
+        return true
+    }
+
+    func waitUntilStopped() {
+        condition.lock()
+        while started && status != .stopped { condition.wait() }
+        condition.unlock()
+    }
+
+    var currentStatus: Status {
+        condition.lock()
+        defer { condition.unlock() }
+        return status
+    }
+}

@@ -1,0 +1,86 @@
+import ArgumentParser
+import Foundation
+import NIOHTTP1
+import TernAPI
+import TernMachine
+
+/// Options every command that talks to a running VM shares.
+struct APIOptions: ParsableArguments {
+    @Option(help: "The VM's API socket (as given to `tern run --api-socket`).")
+    var apiSocket: String
+
+    @Flag(help: "Print JSON instead of text.")
+    var json = false
+
+    var client: APIClient { APIClient(socketPath: apiSocket) }
+}
+
+/// Sends one request; turns transport failures and API errors into a one-line message and exit code 1.
+func call(_ client: APIClient, _ method: HTTPMethod, _ uri: String, expecting: Int) throws -> APIClient.Response {
+    let response: APIClient.Response
+    do {
+        response = try client.request(method, uri)
+    } catch {
+        fail("\(error)")
+    }
+    guard response.status == expecting else {
+        fail(response.errorMessage ?? "the API answered \(response.status)")
+    }
+    return response
+}
+
+func fail(_ message: String) -> Never {
+    FileHandle.standardError.write(Data("tern: \(message)\n".utf8))
+    Foundation.exit(1)
+}
+
+struct Info: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show a VM's state.")
+    @OptionGroup var api: APIOptions
+
+    func run() throws {
+        let response = try call(api.client, .GET, "/v1/vm", expecting: 200)
+        if api.json {
+            FileHandle.standardOutput.write(response.body)
+            print()
+            return
+        }
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: response.body)
+        print(InfoTable.render(info))
+    }
+}
+
+enum InfoTable {
+    static func render(_ info: MachineInfo) -> String {
+        var rows: [(String, String)] = [
+            ("state", info.state.rawValue),
+            ("memory", ByteSize(bytes: info.memoryBytes).description),
+            ("vcpus", "\(info.vcpus)"),
+            ("uptime", String(format: "%.3f s", Double(info.uptimeMs) / 1000)),
+            ("kernel", info.kernel),
+            ("cmdline", info.cmdline),
+            ("pid", "\(info.pid)"),
+        ]
+        if let exit = info.exit { rows.append(("exit", "\(exit.kind.rawValue): \(exit.message)")) }
+        let width = rows.map(\.0.count).max() ?? 0
+        return rows.map { $0.0.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + $0.1 }.joined(separator: "\n")
+    }
+}
+
+struct Pause: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Pause a VM's vCPUs.")
+    @OptionGroup var api: APIOptions
+    func run() throws { _ = try call(api.client, .PUT, "/v1/vm/pause", expecting: 204) }
+}
+
+struct Resume: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Resume a paused VM.")
+    @OptionGroup var api: APIOptions
+    func run() throws { _ = try call(api.client, .PUT, "/v1/vm/resume", expecting: 204) }
+}
+
+struct Quit: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Stop a VM and end its tern process.")
+    @OptionGroup var api: APIOptions
+    func run() throws { _ = try call(api.client, .PUT, "/v1/vm/quit", expecting: 204) }
+}

@@ -1,0 +1,10 @@
+import ArgumentParser
+
+@main
+struct Tern: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "tern",
+        abstract: "A virtual machine monitor for Linux/KVM built to move running VMs between hosts.",
+        subcommands: [Run.self, Info.self, Pause.self, Resume.self, Quit.self, Memory.self]
+    )
+}
