@@ -54,6 +54,7 @@ public struct APIClient: Sendable {
                 .connect(unixDomainSocketPath: socketPath)
                 .wait()
         } catch {
+            promise.fail(error)
             throw Failure.cannotConnect(socketPath, Self.describe(error))
         }
         var headers = HTTPHeaders()

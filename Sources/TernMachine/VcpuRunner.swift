@@ -47,6 +47,11 @@ final class VcpuRunner: @unchecked Sendable {
         started = true
         condition.unlock()
         spawnThread(named: "vcpu\(vcpu.id)") { [self] in
+            // The signal mask is inherited (from whoever exec'd us, too): make sure kicks get through.
+            var kickSet = sigset_t()
+            sigemptyset(&kickSet)
+            sigaddset(&kickSet, Self.kickSignal)
+            pthread_sigmask(SIG_UNBLOCK, &kickSet, nil)
             condition.lock()
             thread = pthread_self()
             condition.unlock()

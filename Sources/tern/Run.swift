@@ -29,6 +29,9 @@ struct Run: ParsableCommand {
     @Flag(help: "Create the VM but leave its vCPUs paused.")
     var paused = false
 
+    @Option(help: ArgumentHelp("KVM device node (for testing).", visibility: .hidden))
+    var kvmDevice: String = "/dev/kvm"
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
@@ -38,7 +41,7 @@ struct Run: ParsableCommand {
             let size = try ByteSize(parsing: memory)
             let configuration = MachineConfiguration(
                 kernelPath: kernel, commandLine: cmdline, memorySize: size.bytes, vcpuCount: cpus,
-                serial: try SerialTarget(parsing: serial))
+                serial: try SerialTarget(parsing: serial), kvmPath: kvmDevice)
             // The API socket is claimed first so that a path in use fails before any VM exists.
             let server = try apiSocket.map { try APIServer.bind(path: $0, logger: logger) }
             let machine: Machine

@@ -1,0 +1,55 @@
+/// The status block Tern's bundled test guest publishes in its memory
+/// (docs/GUEST.md): how far its workload got and a checksum of its working
+/// set. Tests, benchmarks and migration checks read it through guest memory.
+public struct TestGuestStatus: Equatable, Sendable, Codable {
+    public static let address = GuestAddress(0x102000)
+    public static let magic: UInt64 = 0x5441_5453_4E52_4554 // "TERNSTAT"
+    public static let size = 0xA0
+
+    public enum Phase: UInt32, Codable, Sendable {
+        case boot = 0, fill = 1, dirty = 2, idle = 3, error = 0xE, crashed = 0xF
+    }
+
+    public var version: UInt32
+    public var phase: Phase?
+    public var iterations: UInt64
+    public var tsc: UInt64
+    public var tscKHz: UInt64
+    public var checksum: UInt64
+    public var passes: UInt64
+    public var verified: UInt64
+    public var errors: UInt64
+    public var workBase: UInt64
+    public var workBytes: UInt64
+    public var fillBytes: UInt64
+    public var ramBytes: UInt64
+    public var exceptionVector: UInt64
+    public var exceptionRIP: UInt64
+
+    /// Decodes a status block; nil until the guest has published one (magic written last).
+    public init?(bytes: [UInt8]) {
+        let r = ByteReader(bytes: bytes)
+        guard r.u64(at: 0) == Self.magic, let version = r.u32(at: 8), let phase = r.u32(at: 0x0C),
+              let exceptionRIP = r.u64(at: 0x88) else { return nil }
+        self.version = version
+        self.phase = Phase(rawValue: phase)
+        iterations = r.u64(at: 0x10)!
+        tsc = r.u64(at: 0x18)!
+        tscKHz = r.u64(at: 0x20)!
+        checksum = r.u64(at: 0x28)!
+        passes = r.u64(at: 0x30)!
+        verified = r.u64(at: 0x38)!
+        errors = r.u64(at: 0x40)!
+        workBase = r.u64(at: 0x48)!
+        workBytes = r.u64(at: 0x50)!
+        fillBytes = r.u64(at: 0x58)!
+        ramBytes = r.u64(at: 0x60)!
+        exceptionVector = r.u64(at: 0x80)!
+        self.exceptionRIP = exceptionRIP
+    }
+
+    public init?(memory: GuestMemory) {
+        guard let bytes = try? memory.read(Self.address, count: Self.size) else { return nil }
+        self.init(bytes: bytes)
+    }
+}
