@@ -3,6 +3,7 @@ import PackageDescription
 
 // Layers, top to bottom (each depends only on those below it):
 //   tern (CLI) -> TernAPI -> TernMachine -> TernKVM -> CKVM (C shim)
+//                                        \-> TernWire (frames, checksums) -> CChecksum
 let strict: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
 ]
@@ -20,10 +21,12 @@ let package = Package(
     ],
     targets: [
         .target(name: "CKVM"),
+        .target(name: "CChecksum", cSettings: [.unsafeFlags(["-O3"])]),
+        .target(name: "TernWire", dependencies: ["CChecksum"], swiftSettings: strict),
         .target(name: "TernKVM", dependencies: ["CKVM"], swiftSettings: strict),
         .target(
             name: "TernMachine",
-            dependencies: ["TernKVM", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["TernKVM", "TernWire", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict
         ),
         .target(
@@ -46,6 +49,7 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        .testTarget(name: "TernWireTests", dependencies: ["TernWire"], swiftSettings: strict),
         .testTarget(name: "TernKVMTests", dependencies: ["TernKVM", "CKVM"], swiftSettings: strict),
         .testTarget(name: "TernMachineTests", dependencies: ["TernMachine"], swiftSettings: strict),
         .testTarget(name: "TernIntegrationTests", dependencies: ["TernAPI", "TernMachine"], swiftSettings: strict),

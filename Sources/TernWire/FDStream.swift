@@ -1,0 +1,89 @@
+import Glibc
+
+/// Blocking, exact reads and writes on a file descriptor (a file or a
+/// socket). Short reads and writes are continued; EINTR is retried; end of
+/// input in the middle of a read is a `WireError.truncated`.
+public struct FDStream: Sendable {
+    public let fd: Int32
+
+    public init(fd: Int32) { self.fd = fd }
+
+    public struct IOError: Error, CustomStringConvertible, Sendable {
+        public let operation: String
+        public let errno: Int32
+        public var description: String { "\(operation): \(String(cString: strerror(errno)))" }
+    }
+
+    /// Fills `buffer` completely; throws `WireError.truncated` at end of input.
+    public func readExactly(into buffer: UnsafeMutableRawBufferPointer, what: @autoclosure () -> String) throws {
+        var done = 0
+        while done < buffer.count {
+            let n = Glibc.read(fd, buffer.baseAddress! + done, buffer.count - done)
+            if n > 0 { done += n; continue }
+            if n == 0 { throw WireError.truncated("\(what()): input ended after \(done) of \(buffer.count) bytes") }
+            if errno == EINTR { continue }
+            throw IOError(operation: "read", errno: errno)
+        }
+    }
+
+    public func readExactly(_ count: Int, what: @autoclosure () -> String) throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        try bytes.withUnsafeMutableBytes { try readExactly(into: $0, what: what()) }
+        return bytes
+    }
+
+    /// Writes all of several buffers (writev), continuing after short writes.
+    public func writeAll(_ buffers: [UnsafeRawBufferPointer]) throws {
+        var pending = buffers.filter { $0.count > 0 }
+        while !pending.isEmpty {
+            let batch = pending.prefix(1024) // IOV_MAX on Linux
+            var vectors = batch.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
+            let n = writev(fd, &vectors, Int32(vectors.count))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw IOError(operation: "write", errno: errno)
+            }
+            var written = n
+            while written > 0, let first = pending.first {
+                if written >= first.count {
+                    written -= first.count
+                    pending.removeFirst()
+                } else {
+                    pending[0] = UnsafeRawBufferPointer(start: first.baseAddress! + written, count: first.count - written)
+                    written = 0
+                }
+            }
+        }
+    }
+
+    public func writeAll(_ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { try writeAll([$0]) }
+    }
+
+    /// Writes one frame: header and payload pieces (gathered, not copied).
+    public func writeFrame(_ type: FrameType, flags: UInt32 = 0, payload: [UnsafeRawBufferPointer]) throws {
+        let length = payload.reduce(0) { $0 + $1.count }
+        let crc = payload.reduce(UInt32(0)) { Checksum.crc32c($1, seed: $0) }
+        let header = FrameHeader(type: type, flags: flags, length: UInt64(length), payloadCRC: crc).encoded
+        try header.withUnsafeBytes { try writeAll([$0] + payload) }
+    }
+
+    public func writeFrame(_ type: FrameType, flags: UInt32 = 0, payload: [UInt8]) throws {
+        try payload.withUnsafeBytes { try writeFrame(type, flags: flags, payload: [$0]) }
+    }
+
+    /// Reads a frame header (validated) — the caller then reads `length` payload bytes.
+    public func readFrameHeader() throws -> FrameHeader {
+        try FrameHeader(decoding: readExactly(FrameHeader.size, what: "frame header"))
+    }
+
+    /// Reads a whole frame into memory, checking its payload CRC.
+    public func readFrame() throws -> (FrameHeader, [UInt8]) {
+        let header = try readFrameHeader()
+        let payload = try readExactly(Int(header.length), what: "\(header.type) frame payload")
+        guard Checksum.crc32c(payload) == header.payloadCRC else {
+            throw WireError.checksumMismatch("\(header.type) frame payload (\(header.length) bytes)")
+        }
+        return (header, payload)
+    }
+}

@@ -1,0 +1,116 @@
+import Glibc
+import Testing
+@testable import TernWire
+
+struct ChecksumTests {
+    @Test func knownCRC32CVectors() {
+        // RFC 3720 B.4 test vectors.
+        #expect(Checksum.crc32c([UInt8](repeating: 0, count: 32)) == 0x8A91_36AA)
+        #expect(Checksum.crc32c([UInt8](repeating: 0xFF, count: 32)) == 0x62A8_AB43)
+        #expect(Checksum.crc32c(Array(0..<32)) == 0x46DD_794E)
+        #expect(Checksum.crc32c(Array("123456789".utf8)) == 0xE306_9283)
+    }
+
+    @Test func chainsAcrossPieces() {
+        let data = (0..<10_000).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+        let whole = Checksum.crc32c(data)
+        for split in [0, 1, 7, 8, 9, 4096, 9999, 10_000] {
+            #expect(Checksum.crc32c(data[split...], seed: Checksum.crc32c(data[..<split])) == whole)
+        }
+    }
+
+    @Test func zeroDetection() {
+        var page = [UInt8](repeating: 0, count: 4096)
+        #expect(page.withUnsafeBytes { Checksum.isZero($0) })
+        for index in [0, 63, 64, 4095] {
+            page[index] = 1
+            #expect(!page.withUnsafeBytes { Checksum.isZero($0) })
+            page[index] = 0
+        }
+    }
+}
+
+struct FrameTests {
+    @Test func headerRoundTrips() throws {
+        let header = FrameHeader(type: .pages, flags: 3, length: 12345, payloadCRC: 0xDEAD_BEEF)
+        #expect(try FrameHeader(decoding: header.encoded) == header)
+    }
+
+    @Test func everyFlippedHeaderBitIsCaught() {
+        let encoded = FrameHeader(type: .state, length: 100, payloadCRC: 42).encoded
+        for bit in 0..<(encoded.count * 8) {
+            var corrupt = encoded
+            corrupt[bit / 8] ^= 1 << UInt8(bit % 8)
+            #expect(throws: WireError.self) { try FrameHeader(decoding: corrupt) }
+        }
+    }
+
+    @Test func hugeLengthIsRefusedBeforeAllocation() {
+        var writer = WireWriter()
+        writer.write(FrameType.pages.rawValue)
+        writer.write(UInt32(0))
+        writer.write(UInt64(1) << 40)
+        writer.write(UInt32(0))
+        writer.write(Checksum.crc32c(writer.bytes))
+        #expect(throws: WireError.self) { try FrameHeader(decoding: writer.bytes) }
+    }
+
+    @Test func framesRoundTripThroughAPipe() throws {
+        var fds: [Int32] = [0, 0]
+        #expect(pipe(&fds) == 0)
+        defer { close(fds[0]) }
+        let writer = FDStream(fd: fds[1]), reader = FDStream(fd: fds[0])
+        let section = StateSection(tag: "UART", version: 1, body: [1, 2, 3])
+        try writer.writeFrame(.state, payload: section.encoded)
+        try writer.writeFrame(.end, payload: [UInt8]())
+        close(fds[1])
+        let (header, payload) = try reader.readFrame()
+        #expect(header.type == .state)
+        #expect(try StateSection(decoding: payload) == section)
+        #expect(try reader.readFrame().0.type == .end)
+        #expect(throws: WireError.self) { try reader.readFrame() }  // end of input: truncated
+    }
+
+    @Test func corruptPayloadIsCaught() throws {
+        var fds: [Int32] = [0, 0]
+        #expect(pipe(&fds) == 0)
+        defer { close(fds[0]) }
+        var payload = [UInt8](repeating: 7, count: 100)
+        let header = FrameHeader(type: .state, length: 100, payloadCRC: Checksum.crc32c(payload)).encoded
+        payload[50] ^= 0x10
+        try FDStream(fd: fds[1]).writeAll(header + payload)
+        close(fds[1])
+        #expect(throws: WireError.self) { try FDStream(fd: fds[0]).readFrame() }
+    }
+}
+
+struct WireCodingTests {
+    @Test func readerIsBoundsChecked() throws {
+        var writer = WireWriter()
+        writer.write(UInt32(7))
+        writer.writeString("tern")
+        writer.write(UInt64.max)
+        var reader = WireReader(writer.bytes)
+        #expect(try reader.read(UInt32.self) == 7)
+        #expect(try reader.readString() == "tern")
+        #expect(try reader.read(UInt64.self) == .max)
+        #expect(reader.isAtEnd)
+        #expect(throws: WireError.self) { try reader.read(UInt8.self) }
+
+        for length in 0..<writer.bytes.count {
+            var short = WireReader(Array(writer.bytes.prefix(length)))
+            #expect(throws: WireError.self) {
+                _ = try short.read(UInt32.self)
+                _ = try short.readString()
+                _ = try short.read(UInt64.self)
+            }
+        }
+    }
+
+    @Test func blobLengthIsCapped() {
+        var writer = WireWriter()
+        writer.write(UInt32.max)
+        var reader = WireReader(writer.bytes)
+        #expect(throws: WireError.self) { try reader.readBlob() }
+    }
+}
