@@ -51,3 +51,14 @@ public enum APIJSON {
         return decoder
     }()
 }
+
+/// Body of PUT /v1/vm/snapshot.
+public struct SnapshotRequest: Codable, Sendable {
+    public var path: String
+    public var resume: Bool?
+
+    public init(path: String, resume: Bool?) {
+        self.path = path
+        self.resume = resume
+    }
+}

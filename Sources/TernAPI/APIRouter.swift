@@ -11,6 +11,7 @@ import TernMachine
 ///   PUT  /v1/vm/pause | /v1/vm/resume        -> 204, or 409 when the state forbids it
 ///   PUT  /v1/vm/quit                         -> 204, then the VM ends
 ///   GET  /v1/vm/memory?address=GPA&length=N  -> raw bytes (application/octet-stream)
+///   PUT  /v1/vm/snapshot {"path", "resume"}  -> SnapshotStatistics; the VM stays paused unless resume
 public struct APIRouter: Sendable {
     public static let maximumMemoryRead: UInt64 = 64 << 20
 
@@ -36,6 +37,9 @@ public struct APIRouter: Sendable {
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
             let machine = self.machine
             return .noContent { machine.requestExit(MachineExit(kind: .quit, message: "quit requested through the API")) }
+        case "/v1/vm/snapshot":
+            guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
+            return snapshot(body)
         case "/v1/vm/memory":
             guard method == "GET" else { return Self.methodNotAllowed(method, path) }
             return readMemory(query)
@@ -52,6 +56,20 @@ public struct APIRouter: Sendable {
             return .error(409, "invalid_state", error.description)
         } catch {
             return .error(500, "internal", "\(error)")
+        }
+    }
+
+    private func snapshot(_ body: Data) -> APIResponse {
+        guard let request = try? APIJSON.decoder.decode(SnapshotRequest.self, from: body) else {
+            return .error(400, "bad_request", "expected a JSON body {\"path\": \"/absolute/file\", \"resume\": false}")
+        }
+        guard request.path.hasPrefix("/") else { return .error(400, "bad_request", "path must be absolute: \(request.path)") }
+        do {
+            return .json(try machine.snapshot(to: request.path, resume: request.resume ?? false))
+        } catch let error as Machine.LifecycleError {
+            return .error(409, "invalid_state", error.description)
+        } catch {
+            return .error(500, "snapshot_failed", "\(error)")
         }
     }
 

@@ -119,6 +119,11 @@ public final class Vcpu: @unchecked Sendable {
         UInt32(try check("KVM_GET_TSC_KHZ") { ckvm_ioctl_val(fd.rawValue, CKVM_GET_TSC_KHZ, 0) })
     }
 
+    /// KVM_SET_TSC_KHZ: scale the guest TSC to a frequency (a VM moved from a host with another TSC rate).
+    public func setTSCKHz(_ khz: UInt32) throws(SystemError) {
+        _ = try check("KVM_SET_TSC_KHZ") { ckvm_ioctl_val(fd.rawValue, CKVM_SET_TSC_KHZ, UInt(khz)) }
+    }
+
     /// KVM_SET_CPUID2: what CPUID reports inside the guest.
     public func setCPUID(_ entries: [CPUIDEntry]) throws(SystemError) {
         let size = ckvm_cpuid2_size(UInt32(entries.count))

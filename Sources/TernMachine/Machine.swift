@@ -20,6 +20,10 @@ public final class Machine: @unchecked Sendable {
     let bus: PortIOBus
     let runners: [VcpuRunner]
     private let logger: Logger
+    /// KVM's list of MSRs to save, read once.
+    private let msrIndices: [UInt32]
+    /// The CPUID each vCPU was given (KVM has no cheap way to read it back).
+    private var cpuids: [[CPUIDEntry]]
 
     private let lifecycle = NSCondition()
     private var state = MachineState.created
@@ -34,7 +38,7 @@ public final class Machine: @unchecked Sendable {
         }
 
         // Read and check the kernel before touching KVM: a bad file is the most common mistake.
-        let image = try MultibootImage(parsing: Self.readKernel(configuration.kernelPath))
+        let image = try configuration.kernelPath.map { try MultibootImage(parsing: Self.readKernel($0)) }
 
         do {
             kvm = try Kvm(path: configuration.kvmPath)
@@ -50,15 +54,20 @@ public final class Machine: @unchecked Sendable {
         try vm.createPIT2()
 
         let supportedCPUID = try kvm.supportedCPUID()
+        msrIndices = try kvm.msrIndexList()
         var runners: [VcpuRunner] = []
+        var cpuids: [[CPUIDEntry]] = []
         for id in 0..<UInt32(configuration.vcpuCount) {
             let vcpu = try vm.createVcpu(id: id)
-            try vcpu.setCPUID(CPUSetup.cpuid(supportedCPUID, vcpuID: id, vcpuCount: UInt32(configuration.vcpuCount)))
+            let cpuid = CPUSetup.cpuid(supportedCPUID, vcpuID: id, vcpuCount: UInt32(configuration.vcpuCount))
+            try vcpu.setCPUID(cpuid)
+            cpuids.append(cpuid)
             try vcpu.setFPU(CPUSetup.initialFPU())
             if id == 0 { try CPUSetup.configureLocalInterrupts(vcpu) }
             runners.append(VcpuRunner(vcpu: vcpu))
         }
         self.runners = runners
+        self.cpuids = cpuids
 
         let connection: any SerialConnection
         switch configuration.serial {
@@ -82,9 +91,11 @@ public final class Machine: @unchecked Sendable {
         self.bus = bus.build()
         resetTarget.machine = self
 
-        let entry = try MultibootLoader.load(image, commandLine: configuration.commandLine, into: memory)
-        try CPUSetup.enterMultiboot(runners[0].vcpu, entry)
-        logger.debug("loaded kernel", metadata: ["entry": "0x\(String(entry.entry, radix: 16))"])
+        if let image {
+            let entry = try MultibootLoader.load(image, commandLine: configuration.commandLine, into: memory)
+            try CPUSetup.enterMultiboot(runners[0].vcpu, entry)
+            logger.debug("loaded kernel", metadata: ["entry": "0x\(String(entry.entry, radix: 16))"])
+        }
     }
 
     static func readKernel(_ path: String) throws -> [UInt8] {
@@ -175,6 +186,43 @@ public final class Machine: @unchecked Sendable {
         return reason
     }
 
+    // MARK: State capture and restore
+
+    /// The complete VM state (memory aside). The VM must be paused (or not yet
+    /// started), so vCPUs are parked outside KVM_RUN and devices are quiet.
+    public func captureState() throws -> MachineStateSnapshot {
+        lifecycle.lock()
+        defer { lifecycle.unlock() }
+        guard state == .paused || state == .created else { throw LifecycleError.notPaused(state) }
+        let description = MachineDescription(memorySize: memory.size, vcpuCount: UInt32(runners.count),
+                                             kernelPath: configuration.kernelPath ?? "", commandLine: configuration.commandLine)
+        // vCPUs before the platform: reading a LAPIC can still move an interrupt into the IOAPIC/PIC view.
+        let vcpus = try runners.enumerated().map { index, runner in
+            try VcpuState.capture(runner.vcpu, cpuid: cpuids[index], msrIndices: msrIndices)
+        }
+        return MachineStateSnapshot(description: description, platform: try PlatformState.capture(vm), vcpus: vcpus,
+                                    serial: serial.snapshot())
+    }
+
+    /// Loads a captured state into this machine before it first runs (its
+    /// memory must already hold the captured memory). Platform state first,
+    /// so the interrupt controllers exist in their final shape before the
+    /// LAPICs and pending events of the vCPUs refer to them.
+    public func restoreState(_ snapshot: MachineStateSnapshot) throws {
+        lifecycle.lock()
+        defer { lifecycle.unlock() }
+        guard state == .created else { throw ConfigurationError("state can only be restored into a VM that has not run") }
+        guard snapshot.description.memorySize == memory.size, snapshot.vcpus.count == runners.count else {
+            throw ConfigurationError("the state is for \(ByteSize(bytes: snapshot.description.memorySize)) and \(snapshot.vcpus.count) vCPUs, this VM has \(ByteSize(bytes: memory.size)) and \(runners.count)")
+        }
+        try snapshot.platform.restore(into: vm)
+        for (runner, vcpuState) in zip(runners, snapshot.vcpus) {
+            try vcpuState.restore(into: runner.vcpu)
+        }
+        cpuids = snapshot.vcpus.map(\.cpuid)
+        serial.restore(snapshot.serial)
+    }
+
     public var currentState: MachineState {
         lifecycle.lock()
         defer { lifecycle.unlock() }
@@ -187,7 +235,7 @@ public final class Machine: @unchecked Sendable {
         let uptime = startTime.map { ContinuousClock.now - $0 } ?? .zero
         return MachineInfo(state: state, memoryBytes: memory.size, vcpus: runners.count,
                            uptimeMs: UInt64(uptime.components.seconds * 1000 + uptime.components.attoseconds / 1_000_000_000_000_000),
-                           kernel: configuration.kernelPath, cmdline: configuration.commandLine,
+                           kernel: configuration.kernelPath ?? "", cmdline: configuration.commandLine,
                            pid: getpid(), exit: exit)
     }
 

@@ -1,6 +1,7 @@
 /// Everything needed to build a VM, as given on `tern run`'s command line.
 public struct MachineConfiguration: Sendable, Equatable {
-    public var kernelPath: String
+    /// The kernel to boot; nil when the VM's state and memory will be restored instead.
+    public var kernelPath: String?
     public var commandLine: String
     public var memorySize: UInt64
     public var vcpuCount: Int
@@ -9,7 +10,7 @@ public struct MachineConfiguration: Sendable, Equatable {
 
     public static let maximumVcpus = 64
 
-    public init(kernelPath: String, commandLine: String = "", memorySize: UInt64, vcpuCount: Int = 1,
+    public init(kernelPath: String?, commandLine: String = "", memorySize: UInt64, vcpuCount: Int = 1,
                 serial: SerialTarget = .stdout, kvmPath: String = "/dev/kvm") {
         self.kernelPath = kernelPath
         self.commandLine = commandLine

@@ -11,6 +11,10 @@ public struct FDStream: Sendable {
     public struct IOError: Error, CustomStringConvertible, Sendable {
         public let operation: String
         public let errno: Int32
+        public init(operation: String, errno: Int32) {
+            self.operation = operation
+            self.errno = errno
+        }
         public var description: String { "\(operation): \(String(cString: strerror(errno)))" }
     }
 

@@ -9,16 +9,19 @@ struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Boot a kernel in a new VM and serve its API.")
 
     @Option(help: "Multiboot kernel image (ELF or a.out-kludge).")
-    var kernel: String
+    var kernel: String?
+
+    @Option(help: "Start from a snapshot file written by `tern snapshot` instead of booting a kernel.")
+    var restore: String?
 
     @Option(help: "Kernel command line.")
     var cmdline: String = ""
 
-    @Option(help: "Guest RAM, e.g. 512M or 2G (binary units).")
-    var memory: String = "512M"
+    @Option(help: "Guest RAM, e.g. 512M or 2G (binary units; default 512M, or the snapshot's).")
+    var memory: String?
 
-    @Option(help: "Number of vCPUs.")
-    var cpus: Int = 1
+    @Option(help: "Number of vCPUs (default 1, or the snapshot's).")
+    var cpus: Int?
 
     @Option(help: "Serial console: stdout, file:PATH, socket:PATH or off.")
     var serial: String = "stdout"
@@ -35,18 +38,33 @@ struct Run: ParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
+    func validate() throws {
+        switch (kernel, restore) {
+        case (nil, nil): throw ValidationError("give --kernel FILE to boot, or --restore FILE to resume a snapshot")
+        case (.some, .some): throw ValidationError("--kernel and --restore exclude each other")
+        case (nil, .some) where !cmdline.isEmpty: throw ValidationError("--cmdline cannot change a restored VM")
+        default: break
+        }
+    }
+
     func run() throws {
         let logger = bootstrapLogging(level: logLevel)
         do {
-            let size = try ByteSize(parsing: memory)
-            let configuration = MachineConfiguration(
-                kernelPath: kernel, commandLine: cmdline, memorySize: size.bytes, vcpuCount: cpus,
-                serial: try SerialTarget(parsing: serial), kvmPath: kvmDevice)
+            let size = try memory.map { try ByteSize(parsing: $0).bytes }
+            let serialTarget = try SerialTarget(parsing: serial)
             // The API socket is claimed first so that a path in use fails before any VM exists.
             let server = try apiSocket.map { try APIServer.bind(path: $0, logger: logger) }
             let machine: Machine
             do {
-                machine = try Machine(configuration: configuration, logger: logger)
+                if let restore {
+                    machine = try Machine.restoring(from: restore, expectedMemory: size, expectedVcpus: cpus,
+                                                    serial: serialTarget, kvmPath: kvmDevice)
+                } else {
+                    let configuration = MachineConfiguration(
+                        kernelPath: kernel, commandLine: cmdline, memorySize: size ?? 512 << 20, vcpuCount: cpus ?? 1,
+                        serial: serialTarget, kvmPath: kvmDevice)
+                    machine = try Machine(configuration: configuration, logger: logger)
+                }
             } catch {
                 server?.shutdown()
                 throw error

@@ -1,0 +1,43 @@
+/// Snapshots of a running VM (cold migration: suspend to a file, resume
+/// elsewhere with `tern run --restore`).
+extension Machine {
+    /// Pauses the VM if it runs, writes its state and memory to `path`, and
+    /// resumes it only when asked (and only if it was running before).
+    public func snapshot(to path: String, resume: Bool) throws -> SnapshotStatistics {
+        let wasRunning = currentState == .running
+        if wasRunning { try pause() }
+        let statistics: SnapshotStatistics
+        do {
+            let state = try captureState()
+            statistics = try SnapshotWriter.write(state: state, memory: memory, to: path)
+        } catch {
+            // A failed snapshot must not leave a running VM paused behind the user's back.
+            if wasRunning && resume { try? self.resume() }
+            throw error
+        }
+        if wasRunning && resume { try self.resume() }
+        return statistics
+    }
+
+    /// Builds a VM from a snapshot file: memory and state loaded, vCPUs not
+    /// yet started. `expectedMemory`/`expectedVcpus` are what the user asked
+    /// for on the command line, if anything; a disagreement is an error.
+    public static func restoring(from path: String, expectedMemory: UInt64?, expectedVcpus: Int?,
+                                 serial: SerialTarget, kvmPath: String = "/dev/kvm") throws -> Machine {
+        let reader = try SnapshotReader(path: path)
+        let description = reader.state.description
+        if let expectedMemory, expectedMemory != description.memorySize {
+            throw ConfigurationError("snapshot \(path) is of a \(ByteSize(bytes: description.memorySize)) VM, but --memory says \(ByteSize(bytes: expectedMemory))")
+        }
+        if let expectedVcpus, expectedVcpus != Int(description.vcpuCount) {
+            throw ConfigurationError("snapshot \(path) has \(description.vcpuCount) vCPUs, but --cpus says \(expectedVcpus)")
+        }
+        let configuration = MachineConfiguration(kernelPath: nil, commandLine: description.commandLine,
+                                                 memorySize: description.memorySize, vcpuCount: Int(description.vcpuCount),
+                                                 serial: serial, kvmPath: kvmPath)
+        let machine = try Machine(configuration: configuration)
+        _ = try reader.loadMemory(into: machine.memory)
+        try machine.restoreState(reader.state)
+        return machine
+    }
+}
