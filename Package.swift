@@ -51,8 +51,8 @@ let package = Package(
         ),
         .testTarget(name: "TernWireTests", dependencies: ["TernWire"], swiftSettings: strict),
         .testTarget(name: "TernKVMTests", dependencies: ["TernKVM", "CKVM"], swiftSettings: strict),
-        .testTarget(name: "TernMachineTests", dependencies: ["TernMachine"], swiftSettings: strict),
-        .testTarget(name: "TernIntegrationTests", dependencies: ["TernAPI", "TernMachine"], swiftSettings: strict),
+        .testTarget(name: "TernMachineTests", dependencies: ["TernMachine", "TernWire", "CKVM"], swiftSettings: strict),
+        .testTarget(name: "TernIntegrationTests", dependencies: ["TernAPI", "TernMachine", "TernWire"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )

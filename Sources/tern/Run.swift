@@ -57,8 +57,11 @@ struct Run: ParsableCommand {
             let machine: Machine
             do {
                 if let restore {
-                    machine = try Machine.restoring(from: restore, expectedMemory: size, expectedVcpus: cpus,
-                                                    serial: serialTarget, kvmPath: kvmDevice)
+                    let statistics: SnapshotStatistics
+                    (machine, statistics) = try Machine.restoring(from: restore, expectedMemory: size, expectedVcpus: cpus,
+                                                                  serial: serialTarget, kvmPath: kvmDevice)
+                    let megabytes = Double(statistics.fileBytes) / 1e6
+                    logger.info("restored \(restore): \(String(format: "%.1f MB in %.3f s (%.0f MB/s)", megabytes, statistics.seconds, megabytes / max(statistics.seconds, 1e-9)))")
                 } else {
                     let configuration = MachineConfiguration(
                         kernelPath: kernel, commandLine: cmdline, memorySize: size ?? 512 << 20, vcpuCount: cpus ?? 1,

@@ -48,11 +48,11 @@ final class TernProcess: @unchecked Sendable {
     var stdout: String { (try? String(contentsOf: directory.appendingPathComponent("stdout"), encoding: .utf8)) ?? "" }
     var stderr: String { (try? String(contentsOf: directory.appendingPathComponent("stderr"), encoding: .utf8)) ?? "" }
 
-    /// Waits for the API socket to accept connections.
+    /// Waits until the API answers for a built VM (it says 503 while the VM is still being created).
     func waitForAPI(timeout: Double = 10) throws {
         let deadline = Date(timeIntervalSinceNow: timeout)
         while Date() < deadline {
-            if UnixSocket.isListening(apiSocket) { return }
+            if UnixSocket.isListening(apiSocket), (try? client.request(.GET, "/v1/vm").status) == 200 { return }
             if !process.isRunning { throw ConfigurationError("tern exited early (\(process.terminationStatus)): \(stderr)") }
             usleep(20_000)
         }

@@ -23,7 +23,7 @@ extension Machine {
     /// yet started. `expectedMemory`/`expectedVcpus` are what the user asked
     /// for on the command line, if anything; a disagreement is an error.
     public static func restoring(from path: String, expectedMemory: UInt64?, expectedVcpus: Int?,
-                                 serial: SerialTarget, kvmPath: String = "/dev/kvm") throws -> Machine {
+                                 serial: SerialTarget, kvmPath: String = "/dev/kvm") throws -> (Machine, SnapshotStatistics) {
         let reader = try SnapshotReader(path: path)
         let description = reader.state.description
         if let expectedMemory, expectedMemory != description.memorySize {
@@ -36,8 +36,8 @@ extension Machine {
                                                  memorySize: description.memorySize, vcpuCount: Int(description.vcpuCount),
                                                  serial: serial, kvmPath: kvmPath)
         let machine = try Machine(configuration: configuration)
-        _ = try reader.loadMemory(into: machine.memory)
+        let statistics = try reader.loadMemory(into: machine.memory)
         try machine.restoreState(reader.state)
-        return machine
+        return (machine, statistics)
     }
 }

@@ -17,6 +17,9 @@ public final class SnapshotReader {
     /// The first frame after the state sections, already read.
     private var pendingHeader: FrameHeader?
     private var frames: UInt64
+    private let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
+
+    deinit { bounce.deallocate() }
 
     public init(path: String) throws {
         self.path = path
@@ -109,15 +112,37 @@ public final class SnapshotReader {
                 statistics.zeroPages += UInt64(run.pageCount)
             case .data:
                 guard remaining >= run.byteCount else { throw WireError.malformed("pages frame ends inside page data") }
-                let destination = UnsafeMutableRawBufferPointer(start: try memory.hostPointer(run.address, length: UInt64(run.byteCount)),
-                                                                count: run.byteCount)
-                try stream.readExactly(into: destination, what: "page data")
-                crc = Checksum.crc32c(UnsafeRawBufferPointer(destination), seed: crc)
+                crc = try copyIntoMemory(run, memory: memory, crc: crc)
                 remaining -= run.byteCount
                 statistics.dataPages += UInt64(run.pageCount)
             }
         }
         guard crc == header.payloadCRC else { throw WireError.checksumMismatch("pages frame \(frames)") }
+    }
+
+    /// Moves a data run from the file into guest memory through a bounce
+    /// buffer and the memfd (pwrite), not through the VMM's mapping: touching
+    /// the mapping would fault its page tables in page by page, which costs
+    /// more than the copy itself (and the guest faults them in as it needs them).
+    private func copyIntoMemory(_ run: PageRun, memory: GuestMemory, crc: UInt32) throws -> UInt32 {
+        var crc = crc
+        var fileOffset = try memory.fileOffset(of: run.address, length: UInt64(run.byteCount))
+        var left = run.byteCount
+        while left > 0 {
+            let chunk = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<min(left, bounce.count)])
+            try stream.readExactly(into: chunk, what: "page data")
+            crc = Checksum.crc32c(UnsafeRawBufferPointer(chunk), seed: crc)
+            var written = 0
+            while written < chunk.count {
+                let n = pwrite(memory.file.rawValue, chunk.baseAddress! + written, chunk.count - written, off_t(fileOffset) + off_t(written))
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { throw FDStream.IOError(operation: "writing guest memory", errno: errno) }
+                written += n
+            }
+            fileOffset += UInt64(chunk.count)
+            left -= chunk.count
+        }
+        return crc
     }
 }
 

@@ -1,0 +1,84 @@
+#!/bin/sh
+# Boots the test guests under QEMU and checks their serial output.
+#   guest/tools/qemu-smoke.sh [kvm|tcg]     (after make -C guest)
+# Needs qemu-system-x86_64 (Debian: qemu-system-x86). Each case runs a few
+# seconds; the whole script takes about two minutes on KVM.
+set -u
+ACCEL=${1:-kvm}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+ELF=$HERE/build/tern-guest.elf
+AOUT=$HERE/build/aout-hello.bin
+OUT=$(mktemp)
+trap 'rm -f "$OUT"' EXIT
+fails=0
+
+# run SECONDS MEM KERNEL APPEND: serial output in $OUT, QEMU's status in $rc
+run() {
+	timeout "$1" qemu-system-x86_64 -accel "$ACCEL" -m "$2" -kernel "$3" -append "$4" \
+		-serial stdio -display none -no-reboot -monitor none >"$OUT" 2>/dev/null
+	rc=$?
+}
+check() { # NAME: fails unless every further argument is a pattern found in $OUT
+	name=$1
+	shift
+	for pat in "$@"; do
+		if ! grep -Eq -- "$pat" "$OUT"; then
+			echo "FAIL $name: no match for /$pat/"
+			sed 's/^/    | /' "$OUT"
+			fails=$((fails + 1))
+			return
+		fi
+	done
+	echo "ok   $name"
+}
+refuse() { # NAME PATTERN: fails if PATTERN is in $OUT
+	if grep -Eq -- "$2" "$OUT"; then
+		echo "FAIL $1: unexpected /$2/"
+		fails=$((fails + 1))
+	fi
+}
+
+run 10 128 "$AOUT" "hi there"
+check aout-hello "^aout-hello: multiboot ok, cmdline=.*hi there$"
+[ "$rc" = 0 ] || { echo "FAIL aout-hello: QEMU did not exit on reset (rc=$rc)"; fails=$((fails + 1)); }
+
+for pat in seq random hotspot; do
+	run 12 1024 "$ELF" "fill=64 dirty=32 pattern=$pat rate=200 progress=1"
+	check "dirty $pat" "^tern-guest: mem=1024MiB tsc_khz=[0-9]+ cmdline=" \
+		"pattern=$pat rate=200MB/s" "^tern-guest: fill done: 64 MiB" \
+		"^tern-guest: phase=dirty iter=[1-9][0-9]* passes=[1-9][0-9]* verified=[1-9][0-9]* errors=0$"
+	refuse "dirty $pat" "MISMATCH|exception"
+done
+
+run 12 1024 "$ELF" "fill=16 dirty=16 pattern=random bytes=8 verify=3"
+check "bytes=8" "bytes=8 verify=3" "phase=dirty .* verified=[1-9][0-9]* errors=0$"
+refuse "bytes=8" "MISMATCH|exception"
+
+run 10 1024 "$ELF" "progress=1"
+check idle "workload: fill=0MiB dirty=0MiB \(idle\)" "^tern-guest: phase=idle iter=[1-9][0-9]* passes=0"
+
+run 15 1024 "$ELF" "fill=960 progress=0"
+check fill-960 "^tern-guest: fill done: 960 MiB in [0-9]+ ms \([0-9]+ MiB/s\)"
+
+run 10 1024 "$ELF" "crash=triple"
+check crash-triple "crash=triple: ud2 with an empty IDT"
+[ "$rc" = 0 ] || { echo "FAIL crash-triple: QEMU did not exit (rc=$rc)"; fails=$((fails + 1)); }
+
+run 8 1024 "$ELF" "crash=ud"
+check crash-ud "^tern-guest: exception 6 at rip=0x[0-9a-f]+ err=0x0 cr2=0x0 \(ring 0\)$"
+
+run 8 1024 "$ELF" "crash=pf"
+check crash-pf "^tern-guest: exception 14 at rip=0x[0-9a-f]+ err=0x4 cr2=0x40000000000 \(ring 3\)$"
+
+run 8 1024 "$ELF" "fill=1100"
+check too-big "^tern-guest: error: fill/dirty need RAM"
+refuse too-big "fill done"
+
+run 8 1024 "$ELF" "fill=1 colour=blue"
+check unknown-key "^tern-guest: error: unknown key in 'colour=blue'$"
+
+run 8 1024 "$ELF" "dirty=4 bytes=12"
+check bad-bytes "^tern-guest: error: bytes must be"
+
+echo "$fails failure(s)"
+[ "$fails" = 0 ]

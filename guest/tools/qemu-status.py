@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Read the Tern test guest's status block from a running QEMU through QMP.
+
+    qemu-system-x86_64 ... -qmp unix:/tmp/qmp.sock,server,nowait
+    guest/tools/qemu-status.py /tmp/qmp.sock [--json]
+
+Uses the monitor's `xp` to dump guest-physical memory at 0x102000 and decodes
+it with the layout documented in docs/GUEST.md. Standard library only.
+"""
+import json
+import re
+import socket
+import struct
+import sys
+
+STATUS_GPA = 0x102000
+STATUS_MAGIC = 0x544154534E524554  # "TERNSTAT"
+FIELDS = [  # (offset, format, name)
+    (0x00, "Q", "magic"), (0x08, "I", "version"), (0x0C, "I", "phase"),
+    (0x10, "Q", "iterations"), (0x18, "Q", "tsc"), (0x20, "Q", "tsc_khz"),
+    (0x28, "Q", "checksum"), (0x30, "Q", "passes"), (0x38, "Q", "verified"),
+    (0x40, "Q", "errors"), (0x48, "Q", "work_base"), (0x50, "Q", "work_bytes"),
+    (0x58, "Q", "fill_bytes"), (0x60, "Q", "ram_bytes"), (0x68, "I", "pattern"),
+    (0x6C, "I", "bytes_per_page"), (0x70, "Q", "rate_mbps"), (0x78, "Q", "boot_tsc"),
+    (0x80, "Q", "exception"), (0x88, "Q", "exception_rip"),
+    (0x90, "Q", "exception_err"), (0x98, "Q", "exception_cr2"),
+]
+SIZE = 0xA0
+
+
+def qmp(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    f = s.makefile("rw")
+
+    def call(cmd, **args):
+        f.write(json.dumps({"execute": cmd, "arguments": args}) + "\n")
+        f.flush()
+        while True:
+            msg = json.loads(f.readline())
+            if "return" in msg or "error" in msg:
+                return msg
+
+    json.loads(f.readline())  # greeting
+    call("qmp_capabilities")
+    return call
+
+
+def read_status(call):
+    out = call("human-monitor-command",
+               **{"command-line": "xp /%dxb 0x%x" % (SIZE, STATUS_GPA)})["return"]
+    # lines look like "0000000000102000: 0x54 0x45 ...": drop the address
+    body = re.sub(r"^[0-9a-f]+:", "", out, flags=re.M)
+    raw = bytes(int(b, 16) for b in re.findall(r"0x([0-9a-f]{2})\b", body))
+    raw = raw[:SIZE]
+    return {name: struct.unpack_from("<" + fmt, raw, off)[0] for off, fmt, name in FIELDS}
+
+
+def main():
+    st = read_status(qmp(sys.argv[1]))
+    if "--json" in sys.argv:
+        print(json.dumps(st))
+        return
+    for k, v in st.items():
+        print("%-15s %#x (%d)" % (k, v, v) if k in ("magic", "checksum", "exception_rip") else "%-15s %d" % (k, v))
+    if st["magic"] != STATUS_MAGIC:
+        print("(magic not set: block not valid yet)")
+
+
+if __name__ == "__main__":
+    main()
