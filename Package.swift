@@ -2,7 +2,7 @@
 import PackageDescription
 
 // Layers, top to bottom (each depends only on those below it):
-//   tern (CLI) -> TernAPI -> TernMachine -> TernKVM -> CKVM (C shim)
+//   tern (CLI) -> TernAPI -> TernMigration -> TernMachine -> TernKVM -> CKVM (C shim)
 //                                        \-> TernWire (frames, checksums) -> CChecksum
 let strict: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
@@ -30,9 +30,14 @@ let package = Package(
             swiftSettings: strict
         ),
         .target(
+            name: "TernMigration",
+            dependencies: ["TernMachine", "TernWire", "TernKVM", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict
+        ),
+        .target(
             name: "TernAPI",
             dependencies: [
-                "TernMachine",
+                "TernMachine", "TernMigration",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -43,7 +48,7 @@ let package = Package(
         .executableTarget(
             name: "tern",
             dependencies: [
-                "TernAPI", "TernMachine",
+                "TernAPI", "TernMachine", "TernMigration",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -52,7 +57,8 @@ let package = Package(
         .testTarget(name: "TernWireTests", dependencies: ["TernWire"], swiftSettings: strict),
         .testTarget(name: "TernKVMTests", dependencies: ["TernKVM", "CKVM"], swiftSettings: strict),
         .testTarget(name: "TernMachineTests", dependencies: ["TernMachine", "TernWire", "CKVM"], swiftSettings: strict),
-        .testTarget(name: "TernIntegrationTests", dependencies: ["TernAPI", "TernMachine", "TernWire"], swiftSettings: strict),
+        .testTarget(name: "TernMigrationTests", dependencies: ["TernMigration", "TernMachine", "TernWire"], swiftSettings: strict),
+        .testTarget(name: "TernIntegrationTests", dependencies: ["TernAPI", "TernMachine", "TernWire", "TernMigration"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )

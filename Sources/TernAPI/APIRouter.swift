@@ -12,10 +12,14 @@ import TernMachine
 ///   PUT  /v1/vm/quit                         -> 204, then the VM ends
 ///   GET  /v1/vm/memory?address=GPA&length=N  -> raw bytes (application/octet-stream)
 ///   PUT  /v1/vm/snapshot {"path", "resume"}  -> SnapshotStatistics; the VM stays paused unless resume
+///   PUT  /v1/vm/migrate {MigrateRequest}     -> MigrationReport when it ends (the process exits after a success)
+///   GET  /v1/vm/migration                    -> the running (or last) migration's report, live
+///   PUT  /v1/vm/migration/cancel             -> 202; the VM keeps running here
 public struct APIRouter: Sendable {
     public static let maximumMemoryRead: UInt64 = 64 << 20
 
     let machine: Machine
+    let migrations = MigrationSlot()
 
     public init(machine: Machine) {
         self.machine = machine
@@ -40,6 +44,15 @@ public struct APIRouter: Sendable {
         case "/v1/vm/snapshot":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
             return snapshot(body)
+        case "/v1/vm/migrate":
+            guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
+            return migrate(body)
+        case "/v1/vm/migration":
+            guard method == "GET" else { return Self.methodNotAllowed(method, path) }
+            return migrationProgress()
+        case "/v1/vm/migration/cancel":
+            guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
+            return cancelMigration()
         case "/v1/vm/memory":
             guard method == "GET" else { return Self.methodNotAllowed(method, path) }
             return readMemory(query)

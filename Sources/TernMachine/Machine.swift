@@ -223,6 +223,16 @@ public final class Machine: @unchecked Sendable {
         serial.restore(snapshot.serial)
     }
 
+    /// The CPUID vCPU 0 runs with (what a migration destination must be able to offer).
+    public var guestCPUID: [CPUIDEntry] {
+        lifecycle.lock()
+        defer { lifecycle.unlock() }
+        return cpuids[0]
+    }
+
+    /// The supported CPUID of this host's KVM.
+    public func hostSupportedCPUID() throws -> [CPUIDEntry] { try kvm.supportedCPUID() }
+
     public var currentState: MachineState {
         lifecycle.lock()
         defer { lifecycle.unlock() }

@@ -3,6 +3,8 @@ public struct MachineExit: Codable, Equatable, Sendable, CustomStringConvertible
     public enum Kind: String, Codable, Sendable {
         /// Stopped on request (API quit, signal).
         case quit
+        /// The VM now runs elsewhere: a migration completed.
+        case migrated
         /// The guest asked for a reset (i8042 0xFE, or a KVM reset event).
         case reset
         /// The guest powered off (KVM shutdown event).
@@ -30,7 +32,7 @@ public struct MachineExit: Codable, Equatable, Sendable, CustomStringConvertible
     /// Whether the process should exit with failure.
     public var isFailure: Bool {
         switch kind {
-        case .quit, .reset, .poweroff: false
+        case .quit, .reset, .poweroff, .migrated: false
         case .tripleFault, .halted, .error: true
         }
     }

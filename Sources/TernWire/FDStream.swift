@@ -3,7 +3,7 @@ import Glibc
 /// Blocking, exact reads and writes on a file descriptor (a file or a
 /// socket). Short reads and writes are continued; EINTR is retried; end of
 /// input in the middle of a read is a `WireError.truncated`.
-public struct FDStream: Sendable {
+public struct FDStream: ByteSource, Sendable {
     public let fd: Int32
 
     public init(fd: Int32) { self.fd = fd }
@@ -28,12 +28,6 @@ public struct FDStream: Sendable {
             if errno == EINTR { continue }
             throw IOError(operation: "read", errno: errno)
         }
-    }
-
-    public func readExactly(_ count: Int, what: @autoclosure () -> String) throws -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: count)
-        try bytes.withUnsafeMutableBytes { try readExactly(into: $0, what: what()) }
-        return bytes
     }
 
     /// Writes all of several buffers (writev), continuing after short writes.
@@ -74,20 +68,5 @@ public struct FDStream: Sendable {
 
     public func writeFrame(_ type: FrameType, flags: UInt32 = 0, payload: [UInt8]) throws {
         try payload.withUnsafeBytes { try writeFrame(type, flags: flags, payload: [$0]) }
-    }
-
-    /// Reads a frame header (validated) — the caller then reads `length` payload bytes.
-    public func readFrameHeader() throws -> FrameHeader {
-        try FrameHeader(decoding: readExactly(FrameHeader.size, what: "frame header"))
-    }
-
-    /// Reads a whole frame into memory, checking its payload CRC.
-    public func readFrame() throws -> (FrameHeader, [UInt8]) {
-        let header = try readFrameHeader()
-        let payload = try readExactly(Int(header.length), what: "\(header.type) frame payload")
-        guard Checksum.crc32c(payload) == header.payloadCRC else {
-            throw WireError.checksumMismatch("\(header.type) frame payload (\(header.length) bytes)")
-        }
-        return (header, payload)
     }
 }

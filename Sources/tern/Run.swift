@@ -3,7 +3,9 @@ import Foundation
 import Glibc
 import Logging
 import TernAPI
+import TernKVM
 import TernMachine
+import TernMigration
 
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Boot a kernel in a new VM and serve its API.")
@@ -16,6 +18,9 @@ struct Run: ParsableCommand {
 
     @Option(help: "Kernel command line.")
     var cmdline: String = ""
+
+    @Option(help: "Wait for a live migration on tcp:HOST:PORT or unix:PATH and run the VM that arrives.")
+    var incoming: String?
 
     @Option(help: "Guest RAM, e.g. 512M or 2G (binary units; default 512M, or the snapshot's).")
     var memory: String?
@@ -39,8 +44,15 @@ struct Run: ParsableCommand {
     var logLevel: String = "info"
 
     func validate() throws {
+        if let incoming {
+            _ = try Endpoint(parsing: incoming)
+            guard kernel == nil, restore == nil, cmdline.isEmpty, !paused else {
+                throw ValidationError("--incoming takes the VM from the source: no --kernel, --restore, --cmdline or --paused")
+            }
+            return
+        }
         switch (kernel, restore) {
-        case (nil, nil): throw ValidationError("give --kernel FILE to boot, or --restore FILE to resume a snapshot")
+        case (nil, nil): throw ValidationError("give --kernel FILE to boot, --restore FILE to resume a snapshot, or --incoming ADDRESS")
         case (.some, .some): throw ValidationError("--kernel and --restore exclude each other")
         case (nil, .some) where !cmdline.isEmpty: throw ValidationError("--cmdline cannot change a restored VM")
         default: break
@@ -56,7 +68,10 @@ struct Run: ParsableCommand {
             let server = try apiSocket.map { try APIServer.bind(path: $0, logger: logger) }
             let machine: Machine
             do {
-                if let restore {
+                if let incoming {
+                    machine = try receiveMigration(from: try Endpoint(parsing: incoming), memory: size, serial: serialTarget,
+                                                   server: server, logger: logger)
+                } else if let restore {
                     let statistics: SnapshotStatistics
                     (machine, statistics) = try Machine.restoring(from: restore, expectedMemory: size, expectedVcpus: cpus,
                                                                   serial: serialTarget, kvmPath: kvmDevice)
@@ -74,7 +89,7 @@ struct Run: ParsableCommand {
             }
             server?.attach(machine)
             installTerminationHandlers(machine)
-            machine.start(paused: paused)
+            machine.start(paused: paused) // no-op for a migrated VM, which is already running
             let exit = machine.waitForExit()
             server?.shutdown()
             if exit.isFailure {
@@ -87,6 +102,40 @@ struct Run: ParsableCommand {
             FileHandle.standardError.write(Data("tern: \(error)\n".utf8))
             throw ExitCode.failure
         }
+    }
+}
+
+extension Run {
+    /// Waits for one migration and returns the running VM it delivered.
+    /// SIGINT/SIGTERM while waiting abandon it cleanly (no VM ever ran).
+    func receiveMigration(from endpoint: Endpoint, memory: UInt64?, serial: SerialTarget, server: APIServer?,
+                          logger: Logger) throws -> Machine {
+        let listener = try endpoint.listen()
+        defer { if case .unix(let path) = endpoint { unlink(path) } }
+        var sources: [any DispatchSourceSignal] = []
+        for signalNumber in [SIGINT, SIGTERM] {
+            signal(signalNumber, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
+            source.setEventHandler { shutdown(listener.rawValue, Int32(SHUT_RDWR)) }
+            source.resume()
+            sources.append(source)
+        }
+        defer { sources.forEach { $0.cancel() } }
+        logger.info("waiting for an incoming migration on \(endpoint)")
+        let connection: FileDescriptor
+        do {
+            connection = try Endpoint.accept(listener)
+        } catch {
+            throw ConfigurationError("stopped waiting for an incoming migration")
+        }
+        // One migration per process: later connections are refused rather than queued.
+        shutdown(listener.rawValue, Int32(SHUT_RDWR))
+        let destination = MigrationDestination(
+            expectations: .init(memorySize: memory, vcpuCount: cpus, serial: serial, kvmPath: kvmDevice), logger: logger)
+        let (machine, outcome) = try destination.receive(on: connection) { server?.attach($0) }
+        let megabytes = Double(outcome.bytes) / 1e6
+        logger.info("migration received: \(String(format: "%.1f MB, %llu data pages, %llu zero pages", megabytes, outcome.dataPages, outcome.zeroPages))\(outcome.downtimeMs.map { String(format: ", downtime %.1f ms", $0) } ?? ""); the VM runs here now")
+        return machine
     }
 }
 

@@ -9,6 +9,7 @@
 #include <linux/kvm.h>
 #include <linux/userfaultfd.h>
 #include <linux/memfd.h>
+#include <linux/falloc.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -96,6 +97,11 @@ static inline int ckvm_userfaultfd(int flags) {
 }
 
 static const unsigned int CKVM_MFD_CLOEXEC = MFD_CLOEXEC;
+
+/// fallocate(PUNCH_HOLE | KEEP_SIZE): frees a range of a memfd, which then reads as zeros.
+static inline int ckvm_punch_hole(int fd, int64_t offset, int64_t length) {
+    return (int)syscall(SYS_fallocate, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
 
 static inline int ckvm_gettid(void) {
     return (int)syscall(SYS_gettid);

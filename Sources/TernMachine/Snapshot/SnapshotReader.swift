@@ -17,9 +17,6 @@ public final class SnapshotReader {
     /// The first frame after the state sections, already read.
     private var pendingHeader: FrameHeader?
     private var frames: UInt64
-    private let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
-
-    deinit { bounce.deallocate() }
 
     public init(path: String) throws {
         self.path = path
@@ -58,24 +55,26 @@ public final class SnapshotReader {
     public func loadMemory(into memory: GuestMemory) throws -> SnapshotStatistics {
         let started = ContinuousClock.now
         var statistics = SnapshotStatistics()
-        var coverage = PageCoverage(memory: memory)
+        let applier = PageRunApplier(memory: memory, delivery: .exactlyOnce)
         do {
             while true {
                 guard let header = try pendingHeader ?? stream.readFrameHeader() as FrameHeader? else { break }
                 pendingHeader = nil
                 switch header.type {
                 case .pages:
-                    try readPagesFrame(header, into: memory, coverage: &coverage, statistics: &statistics)
+                    try applier.apply(header, from: stream)
                     frames += 1
                 case .end:
                     let payload = try stream.readExactly(Int(header.length), what: "end frame")
                     guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("end frame") }
                     let summary = try SnapshotFormat.EndSummary(decoding: payload)
+                    statistics.dataPages = applier.dataPages
+                    statistics.zeroPages = applier.zeroPages
                     guard summary == SnapshotFormat.EndSummary(frames: frames, dataPages: statistics.dataPages, zeroPages: statistics.zeroPages) else {
                         throw WireError.malformed("end frame totals \(summary) disagree with the file's contents")
                     }
-                    guard coverage.isComplete else {
-                        throw WireError.malformed("\(coverage.missing) pages of guest RAM are missing from the snapshot")
+                    guard applier.isComplete else {
+                        throw WireError.malformed("\(applier.missingPages) pages of guest RAM are missing from the snapshot")
                     }
                     var extra: UInt8 = 0
                     guard read(stream.fd, &extra, 1) == 0 else { throw WireError.malformed("data after the end frame") }
@@ -91,58 +90,6 @@ public final class SnapshotReader {
             throw ConfigurationError("snapshot \(path) is unusable: \(error)")
         }
         throw ConfigurationError("snapshot \(path) is unusable: no end frame")
-    }
-
-    private func readPagesFrame(_ header: FrameHeader, into memory: GuestMemory, coverage: inout PageCoverage,
-                                statistics: inout SnapshotStatistics) throws {
-        var remaining = Int(header.length)
-        var crc: UInt32 = 0
-        while remaining > 0 {
-            guard remaining >= PageRun.headerSize else { throw WireError.malformed("pages frame ends inside a run header") }
-            let runHeader = try stream.readExactly(PageRun.headerSize, what: "page run header")
-            crc = Checksum.crc32c(runHeader, seed: crc)
-            remaining -= PageRun.headerSize
-            let run = try PageRun(decodingHeader: runHeader)
-            guard memory.region(containing: run.address, length: UInt64(run.byteCount)) != nil else {
-                throw WireError.malformed("page run \(run.address)+\(run.pageCount) pages lies outside guest RAM")
-            }
-            try coverage.mark(run)
-            switch run.kind {
-            case .zero:
-                statistics.zeroPages += UInt64(run.pageCount)
-            case .data:
-                guard remaining >= run.byteCount else { throw WireError.malformed("pages frame ends inside page data") }
-                crc = try copyIntoMemory(run, memory: memory, crc: crc)
-                remaining -= run.byteCount
-                statistics.dataPages += UInt64(run.pageCount)
-            }
-        }
-        guard crc == header.payloadCRC else { throw WireError.checksumMismatch("pages frame \(frames)") }
-    }
-
-    /// Moves a data run from the file into guest memory through a bounce
-    /// buffer and the memfd (pwrite), not through the VMM's mapping: touching
-    /// the mapping would fault its page tables in page by page, which costs
-    /// more than the copy itself (and the guest faults them in as it needs them).
-    private func copyIntoMemory(_ run: PageRun, memory: GuestMemory, crc: UInt32) throws -> UInt32 {
-        var crc = crc
-        var fileOffset = try memory.fileOffset(of: run.address, length: UInt64(run.byteCount))
-        var left = run.byteCount
-        while left > 0 {
-            let chunk = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<min(left, bounce.count)])
-            try stream.readExactly(into: chunk, what: "page data")
-            crc = Checksum.crc32c(UnsafeRawBufferPointer(chunk), seed: crc)
-            var written = 0
-            while written < chunk.count {
-                let n = pwrite(memory.file.rawValue, chunk.baseAddress! + written, chunk.count - written, off_t(fileOffset) + off_t(written))
-                if n < 0 && errno == EINTR { continue }
-                guard n > 0 else { throw FDStream.IOError(operation: "writing guest memory", errno: errno) }
-                written += n
-            }
-            fileOffset += UInt64(chunk.count)
-            left -= chunk.count
-        }
-        return crc
     }
 }
 
@@ -162,14 +109,17 @@ struct PageCoverage {
     var isComplete: Bool { covered == total }
     var missing: UInt64 { total - covered }
 
-    /// Marks a run's pages; a page delivered twice is an error.
-    mutating func mark(_ run: PageRun) throws {
+    /// Marks a run's pages; a page delivered twice is an error unless repeats are expected.
+    mutating func mark(_ run: PageRun, allowRepeats: Bool = false) throws {
         let first = try memory.fileOffset(of: run.address, length: UInt64(run.byteCount)) / UInt64(PageRun.pageSize)
         for page in first..<first + UInt64(run.pageCount) {
             let word = Int(page / 64), bit = UInt64(1) << (page % 64)
-            guard bits[word] & bit == 0 else { throw WireError.malformed("page \(run.address) delivered twice") }
+            if bits[word] & bit != 0 {
+                guard allowRepeats else { throw WireError.malformed("page \(run.address) delivered twice") }
+                continue
+            }
             bits[word] |= bit
+            covered += 1
         }
-        covered += UInt64(run.pageCount)
     }
 }

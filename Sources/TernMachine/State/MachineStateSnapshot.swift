@@ -18,7 +18,7 @@ public struct MachineDescription: Equatable, Sendable {
         self.commandLine = commandLine
     }
 
-    var section: StateSection {
+    public var section: StateSection {
         var w = WireWriter()
         w.write(memorySize)
         w.write(vcpuCount)
@@ -27,7 +27,7 @@ public struct MachineDescription: Equatable, Sendable {
         return StateSection(tag: Self.tag, version: Self.version, body: w.bytes)
     }
 
-    init(section: StateSection) throws(WireError) {
+    public init(section: StateSection) throws(WireError) {
         guard section.version == Self.version else {
             throw .unsupportedVersion("machine description version \(section.version) (this tern reads \(Self.version))")
         }

@@ -1,0 +1,109 @@
+import Foundation
+import Synchronization
+import TernMachine
+import TernMigration
+
+/// Body of PUT /v1/vm/migrate.
+public struct MigrateRequest: Codable, Sendable {
+    public var destination: String
+    public var mode: String?
+    public var maxDowntimeMs: Double?
+    public var maxRounds: Int?
+    public var timeoutS: Double?
+    public var bandwidth: UInt64?
+    public var verify: Bool?
+
+    public init(destination: String, mode: String? = nil, maxDowntimeMs: Double? = nil, maxRounds: Int? = nil,
+                timeoutS: Double? = nil, bandwidth: UInt64? = nil, verify: Bool? = nil) {
+        self.destination = destination
+        self.mode = mode
+        self.maxDowntimeMs = maxDowntimeMs
+        self.maxRounds = maxRounds
+        self.timeoutS = timeoutS
+        self.bandwidth = bandwidth
+        self.verify = verify
+    }
+}
+
+/// The migration a VM is in (at most one at a time), and the last one's report.
+final class MigrationSlot: Sendable {
+    private let current = Mutex<MigrationSource?>(nil)
+    private let last = Mutex<MigrationReport?>(nil)
+
+    /// Claims the slot; nil when a migration is already running.
+    func begin(_ source: MigrationSource) -> Bool {
+        current.withLock { slot in
+            guard slot == nil else { return false }
+            slot = source
+            return true
+        }
+    }
+
+    func end(_ report: MigrationReport) {
+        last.withLock { $0 = report }
+        current.withLock { $0 = nil }
+    }
+
+    var progress: MigrationReport? { current.withLock { $0?.progress } ?? last.withLock { $0 } }
+    var active: MigrationSource? { current.withLock { $0 } }
+}
+
+extension APIRouter {
+    /// Runs a whole migration in the request (the CLI polls progress on a
+    /// second connection). On success the process ends after answering.
+    func migrate(_ body: Data) -> APIResponse {
+        guard let request = try? APIJSON.decoder.decode(MigrateRequest.self, from: body) else {
+            return .error(400, "bad_request", "expected a JSON body {\"destination\": \"tcp:HOST:PORT\", ...}")
+        }
+        guard request.mode == nil || request.mode == "precopy" else {
+            return .error(400, "bad_request", "mode '\(request.mode!)' is not available yet; use precopy")
+        }
+        let destination: Endpoint
+        do { destination = try Endpoint(parsing: request.destination) } catch {
+            return .error(400, "bad_request", "\(error)")
+        }
+        var parameters = MigrationSource.Parameters(destination: destination)
+        if let value = request.maxDowntimeMs {
+            guard value > 0 else { return .error(400, "bad_request", "max_downtime_ms must be positive") }
+            parameters.maxDowntimeMs = value
+        }
+        if let value = request.maxRounds {
+            guard value >= 1 else { return .error(400, "bad_request", "max_rounds must be at least 1") }
+            parameters.maxRounds = value
+        }
+        if let value = request.timeoutS {
+            guard value > 0 else { return .error(400, "bad_request", "timeout_s must be positive") }
+            parameters.timeoutSeconds = value
+        }
+        if let value = request.bandwidth {
+            guard value >= 1 << 20 else { return .error(400, "bad_request", "bandwidth below 1 MiB/s is not supported") }
+            parameters.bandwidth = value
+        }
+        parameters.verify = request.verify ?? false
+        guard machine.currentState == .running || machine.currentState == .paused else {
+            return .error(409, "invalid_state", "the VM is \(machine.currentState.rawValue)")
+        }
+        let source = MigrationSource(machine: machine, parameters: parameters)
+        guard migrations.begin(source) else { return .error(409, "busy", "a migration is already in progress") }
+        let report = source.run()
+        migrations.end(report)
+        let machine = self.machine
+        if report.status == .completed {
+            return APIResponse(status: 200, contentType: "application/json", body: (try? APIJSON.encoder.encode(report)) ?? Data()) {
+                machine.requestExit(MachineExit(kind: .migrated, message: "migrated to \(destination)"))
+            }
+        }
+        return .json(report)
+    }
+
+    func migrationProgress() -> APIResponse {
+        guard let report = migrations.progress else { return .error(404, "not_found", "no migration has run on this VM") }
+        return .json(report)
+    }
+
+    func cancelMigration() -> APIResponse {
+        guard let source = migrations.active else { return .error(404, "not_found", "no migration is in progress") }
+        source.cancel()
+        return APIResponse(status: 202, contentType: nil, body: Data())
+    }
+}

@@ -1,0 +1,92 @@
+import CKVM
+import Glibc
+import TernWire
+
+/// Applies `pages` frames from a byte source to guest memory: the receiving
+/// half shared by snapshot restore and migration.
+///
+/// Data runs go through a bounce buffer and pwrite into the memfd, not
+/// through the VMM's mapping: populating the mapping page by page costs more
+/// than the copy itself, and the guest faults in what it uses anyway. Zero
+/// runs punch holes, so a page that held data earlier (pre-copy re-sends)
+/// really becomes zero and its memory is released.
+public final class PageRunApplier {
+    public enum Delivery {
+        /// Each page exactly once (a snapshot).
+        case exactlyOnce
+        /// Pages may come again with newer contents (pre-copy rounds).
+        case repeated
+    }
+
+    let memory: GuestMemory
+    let delivery: Delivery
+    private(set) var coverage: PageCoverage
+    public private(set) var dataPages: UInt64 = 0
+    public private(set) var zeroPages: UInt64 = 0
+    private let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
+
+    public init(memory: GuestMemory, delivery: Delivery) {
+        self.memory = memory
+        self.delivery = delivery
+        coverage = PageCoverage(memory: memory)
+    }
+
+    deinit { bounce.deallocate() }
+
+    /// True once every page of RAM has arrived at least once.
+    public var isComplete: Bool { coverage.isComplete }
+    public var missingPages: UInt64 { coverage.missing }
+
+    /// Reads one pages frame's payload (its header already read) and applies it.
+    /// Data lands in memory before the frame's CRC is known: a caller that
+    /// sees this throw must discard the memory, never run it.
+    public func apply(_ header: FrameHeader, from source: some ByteSource) throws {
+        var remaining = Int(header.length)
+        var crc: UInt32 = 0
+        while remaining > 0 {
+            guard remaining >= PageRun.headerSize else { throw WireError.malformed("pages frame ends inside a run header") }
+            let runHeader = try source.readExactly(PageRun.headerSize, what: "page run header")
+            crc = Checksum.crc32c(runHeader, seed: crc)
+            remaining -= PageRun.headerSize
+            let run = try PageRun(decodingHeader: runHeader)
+            guard memory.region(containing: run.address, length: UInt64(run.byteCount)) != nil else {
+                throw WireError.malformed("page run \(run.address)+\(run.pageCount) pages lies outside guest RAM")
+            }
+            try coverage.mark(run, allowRepeats: delivery == .repeated)
+            let fileOffset = try memory.fileOffset(of: run.address, length: UInt64(run.byteCount))
+            switch run.kind {
+            case .zero:
+                let result = ckvm_punch_hole(memory.file.rawValue, Int64(fileOffset), Int64(run.byteCount))
+                guard result == 0 else { throw FDStream.IOError(operation: "zeroing guest memory", errno: errno) }
+                zeroPages += UInt64(run.pageCount)
+            case .data:
+                guard remaining >= run.byteCount else { throw WireError.malformed("pages frame ends inside page data") }
+                crc = try copy(run.byteCount, from: source, toFileOffset: fileOffset, crc: crc)
+                remaining -= run.byteCount
+                dataPages += UInt64(run.pageCount)
+            }
+        }
+        guard crc == header.payloadCRC else { throw WireError.checksumMismatch("pages frame (\(header.length) bytes)") }
+    }
+
+    private func copy(_ count: Int, from source: some ByteSource, toFileOffset start: UInt64, crc: UInt32) throws -> UInt32 {
+        var crc = crc
+        var fileOffset = start
+        var left = count
+        while left > 0 {
+            let chunk = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<min(left, bounce.count)])
+            try source.readExactly(into: chunk, what: "page data")
+            crc = Checksum.crc32c(UnsafeRawBufferPointer(chunk), seed: crc)
+            var written = 0
+            while written < chunk.count {
+                let n = pwrite(memory.file.rawValue, chunk.baseAddress! + written, chunk.count - written, off_t(fileOffset) + off_t(written))
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { throw FDStream.IOError(operation: "writing guest memory", errno: errno) }
+                written += n
+            }
+            fileOffset += UInt64(chunk.count)
+            left -= chunk.count
+        }
+        return crc
+    }
+}

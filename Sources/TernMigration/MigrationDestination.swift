@@ -1,0 +1,189 @@
+import Foundation
+import Glibc
+import Logging
+import TernKVM
+import TernMachine
+import TernWire
+
+/// The receiving side: accepts one migration, builds the VM it describes,
+/// fills its memory round after round, loads its state, and starts it only
+/// when the source commits. Until then nothing runs; any error ends the
+/// migration with the VM never having executed an instruction here.
+public final class MigrationDestination {
+    /// What the user pinned on `tern run --incoming` (nil: take the source's).
+    public struct Expectations: Sendable {
+        public var memorySize: UInt64?
+        public var vcpuCount: Int?
+        public var serial: SerialTarget
+        public var kvmPath: String
+
+        public init(memorySize: UInt64? = nil, vcpuCount: Int? = nil, serial: SerialTarget = .stdout, kvmPath: String = "/dev/kvm") {
+            self.memorySize = memorySize
+            self.vcpuCount = vcpuCount
+            self.serial = serial
+            self.kvmPath = kvmPath
+        }
+    }
+
+    /// What the receiving side measured.
+    public struct Outcome: Sendable {
+        public var dataPages: UInt64
+        public var zeroPages: UInt64
+        public var bytes: UInt64
+        public var downtimeMs: Double?
+    }
+
+    public struct Refusal: Error, CustomStringConvertible {
+        public let description: String
+        init(_ description: String) { self.description = description }
+    }
+
+    let expectations: Expectations
+    let logger: Logger
+    /// Devices this tern can restore, by state tag.
+    static let knownDevices: Set<String> = ["UART"]
+
+    public init(expectations: Expectations, logger: Logger = Logger(label: "tern.incoming")) {
+        self.expectations = expectations
+        self.logger = logger
+    }
+
+    /// Runs the protocol on an accepted connection. `machineCreated` is
+    /// called as soon as the VM exists (paused, empty), e.g. to serve its API.
+    /// Returns the started machine.
+    public func receive(on socket: FileDescriptor, machineCreated: (Machine) -> Void = { _ in }) throws -> (Machine, Outcome) {
+        let stream = FDStream(fd: socket.rawValue)
+        do {
+            return try receive(from: stream, replyTo: stream, machineCreated: machineCreated)
+        } catch {
+            // Tell the source why, if it still listens; it keeps its VM.
+            try? stream.writeFrame(.abort, payload: Array("\(error)".utf8))
+            throw error
+        }
+    }
+
+    /// The protocol proper, over any byte source (tests feed it buffers).
+    public func receive(from source: some ByteSource, replyTo sink: FDStream?,
+                        machineCreated: (Machine) -> Void = { _ in }) throws -> (Machine, Outcome) {
+        // 1. Hello: is this a Tern source, and can this host run its machine?
+        let (helloHeader, helloPayload) = try source.readFrame()
+        guard helloHeader.type == .hello else {
+            throw Refusal("the peer is not a Tern migration source (first frame is \(helloHeader.type))")
+        }
+        let hello: Hello
+        do { hello = try Hello(decoding: helloPayload) } catch { throw Refusal("bad hello: \(error)") }
+        let machine: Machine
+        do {
+            try check(hello)
+            let configuration = MachineConfiguration(
+                kernelPath: nil, commandLine: hello.machine.commandLine, memorySize: hello.machine.memorySize,
+                vcpuCount: Int(hello.machine.vcpuCount), serial: expectations.serial, kvmPath: expectations.kvmPath)
+            machine = try Machine(configuration: configuration, logger: logger)
+        } catch {
+            try sink?.writeFrame(.helloReply, payload: Verdict(accepted: false, reason: "\(error)", bootID: Clocks.bootID).encoded)
+            throw Refusal("refused the incoming VM: \(error)")
+        }
+        try sink?.writeFrame(.helloReply, payload: Verdict(accepted: true, bootID: Clocks.bootID).encoded)
+        machineCreated(machine)
+
+        // 2. Pages (any number of rounds), then state sections, then the end.
+        let applier = PageRunApplier(memory: machine.memory, delivery: .repeated)
+        var sections: [StateSection] = []
+        var bytes = UInt64(FrameHeader.size + helloPayload.count)
+        var completion: Completion?
+        while completion == nil {
+            let header = try source.readFrameHeader()
+            bytes += UInt64(FrameHeader.size) + header.length
+            switch header.type {
+            case .pages:
+                guard sections.isEmpty else { throw Refusal("memory arrived after the VM state") }
+                try applier.apply(header, from: source)
+            case .state:
+                guard sections.count < 1024 else { throw Refusal("too many state sections") }
+                let payload = try source.readExactly(Int(header.length), what: "state frame")
+                guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("state frame") }
+                sections.append(try StateSection(decoding: payload))
+            case .end:
+                let payload = try source.readExactly(Int(header.length), what: "end frame")
+                guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("end frame") }
+                completion = try Completion(decoding: payload)
+            case .abort:
+                let payload = try source.readExactly(Int(header.length), what: "abort frame")
+                throw Refusal("the source aborted: \(String(decoding: payload, as: UTF8.self))")
+            default:
+                throw Refusal("unexpected \(header.type) frame during the transfer")
+            }
+        }
+        guard let completion else { throw Refusal("no end frame") }
+
+        // 3. Everything is here: check it, load it, answer with our own digests.
+        guard applier.isComplete else { throw Refusal("\(applier.missingPages) pages of guest RAM never arrived") }
+        let state = try MachineStateSnapshot(sections: sections)
+        guard state.description.memorySize == hello.machine.memorySize, state.description.vcpuCount == hello.machine.vcpuCount else {
+            throw Refusal("the VM state does not match the machine announced in the hello")
+        }
+        try machine.restoreState(state)
+        var ready = Verdict(accepted: true, bootID: Clocks.bootID)
+        if completion.memoryDigest != nil {
+            ready.memoryDigest = try MemoryDigest.compute(machine.memory)
+            ready.stateDigest = MemoryDigest.state(sections)
+        }
+        try sink?.writeFrame(.ready, payload: ready.encoded)
+
+        // 4. Start only on the source's commit.
+        let (goHeader, goPayload) = try source.readFrame()
+        if goHeader.type == .abort {
+            throw Refusal("the source aborted: \(String(decoding: goPayload, as: UTF8.self))")
+        }
+        guard goHeader.type == .go else { throw Refusal("expected the source's go-ahead, got a \(goHeader.type) frame") }
+        machine.start()
+        let resumed = Resumed(monotonicNs: Clocks.monotonicNs(), realtimeNs: Clocks.realtimeNs())
+        // The VM runs now whatever happens to this last message: the source may not run it too.
+        try? sink?.writeFrame(.resumed, payload: resumed.encoded)
+        let downtime = hello.bootID == Clocks.bootID ? Double(Int64(resumed.monotonicNs) - Int64(completion.pausedMonotonicNs)) / 1e6 : nil
+        return (machine, Outcome(dataPages: applier.dataPages, zeroPages: applier.zeroPages, bytes: bytes, downtimeMs: downtime))
+    }
+
+    /// Can this host run the announced machine?
+    private func check(_ hello: Hello) throws {
+        if let memory = expectations.memorySize, memory != hello.machine.memorySize {
+            throw Refusal("the source VM has \(ByteSize(bytes: hello.machine.memorySize)) of RAM; this destination was started with --memory \(ByteSize(bytes: memory))")
+        }
+        if let vcpus = expectations.vcpuCount, vcpus != Int(hello.machine.vcpuCount) {
+            throw Refusal("the source VM has \(hello.machine.vcpuCount) vCPUs; this destination was started with --cpus \(vcpus)")
+        }
+        let unknown = Set(hello.devices).subtracting(Self.knownDevices)
+        guard unknown.isEmpty else { throw Refusal("devices this tern cannot restore: \(unknown.sorted().joined(separator: ", "))") }
+        let supported = try Kvm(path: expectations.kvmPath).supportedCPUID()
+        if let missing = CPUCompatibility.missingFeatures(guest: hello.cpuid, host: supported) {
+            throw Refusal("this host's KVM lacks CPU features the guest uses: \(missing)")
+        }
+    }
+}
+
+/// Whether a guest's CPUID can be offered by another host's KVM.
+public enum CPUCompatibility {
+    /// Leaves whose registers are feature bit masks (a guest may rely on any set bit).
+    static var featureLeaves: [(function: UInt32, index: UInt32, registers: [KeyPath<CPUIDEntry, UInt32>], name: String)] { [
+        (1, 0, [\.ecx, \.edx], "leaf 1"),
+        (7, 0, [\.ebx, \.ecx, \.edx], "leaf 7"),
+        (0x8000_0001, 0, [\.ecx, \.edx], "leaf 0x80000001"),
+        (0xD, 1, [\.eax], "leaf 0xD.1"),
+    ] }
+
+    /// nil when every feature bit the guest sees is supported; otherwise a description of what is missing.
+    public static func missingFeatures(guest: [CPUIDEntry], host: [CPUIDEntry]) -> String? {
+        var missing: [String] = []
+        for leaf in featureLeaves {
+            guard let g = guest.first(where: { $0.function == leaf.function && $0.index == leaf.index }) else { continue }
+            let h = host.first { $0.function == leaf.function && $0.index == leaf.index }
+            for (i, register) in leaf.registers.enumerated() {
+                var bits = g[keyPath: register] & ~(h?[keyPath: register] ?? 0)
+                // Bits Tern sets itself (hypervisor present, leaf 1 ECX bit 31) and the OSXSAVE/APIC-ID-like mirrors are not host features.
+                if leaf.function == 1 && i == 0 { bits &= ~(UInt32(1) << 31 | UInt32(1) << 27) }
+                if bits != 0 { missing.append("\(leaf.name) register \(i) bits 0x\(String(bits, radix: 16))") }
+            }
+        }
+        return missing.isEmpty ? nil : missing.joined(separator: "; ")
+    }
+}

@@ -1,0 +1,198 @@
+import Foundation
+import TernKVM
+import TernMachine
+import TernWire
+
+/// Frame types of the migration protocol (docs/MIGRATION.md). State, pages
+/// and end frames are shared with snapshot files.
+extension FrameType {
+    public static let hello = FrameType(rawValue: 16)
+    public static let helloReply = FrameType(rawValue: 17)
+    public static let ready = FrameType(rawValue: 18)
+    public static let go = FrameType(rawValue: 19)
+    public static let resumed = FrameType(rawValue: 20)
+    public static let abort = FrameType(rawValue: 21)
+}
+
+/// The opening message: who is talking, what protocol, and what machine is
+/// about to arrive, so the destination can refuse before a byte of memory moves.
+public struct Hello: Equatable, Sendable {
+    public static let magic = Array("TERNMIG\u{0}".utf8)
+    public static let protocolVersion: UInt32 = 1
+
+    public var protocolVersion: UInt32
+    public var features: UInt64
+    public var bootID: String
+    public var machine: MachineDescription
+    /// The CPUID the guest was given; the destination's KVM must support every feature in it.
+    public var cpuid: [CPUIDEntry]
+    /// Tags of the device state sections that will follow.
+    public var devices: [String]
+
+    public init(features: UInt64 = 0, bootID: String, machine: MachineDescription, cpuid: [CPUIDEntry], devices: [String]) {
+        self.protocolVersion = Self.protocolVersion
+        self.features = features
+        self.bootID = bootID
+        self.machine = machine
+        self.cpuid = cpuid
+        self.devices = devices
+    }
+
+    public var encoded: [UInt8] {
+        var w = WireWriter()
+        w.write(Self.magic)
+        w.write(protocolVersion)
+        w.write(features)
+        w.writeString(bootID)
+        w.writeBlob(machine.section.encoded)
+        w.write(UInt32(cpuid.count))
+        for e in cpuid { for field in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] { w.write(field) } }
+        w.write(UInt32(devices.count))
+        for device in devices { w.writeString(device) }
+        return w.bytes
+    }
+
+    public init(decoding bytes: [UInt8]) throws(WireError) {
+        var r = WireReader(bytes, context: "hello")
+        guard bytes.count >= 8, try r.readBytes(8) == Self.magic else { throw .badMagic("the peer is not a Tern migration source") }
+        protocolVersion = try r.read()
+        guard protocolVersion == Self.protocolVersion else {
+            throw .unsupportedVersion("migration protocol \(protocolVersion); this tern speaks \(Self.protocolVersion)")
+        }
+        features = try r.read()
+        bootID = try r.readString(maximum: 64)
+        machine = try MachineDescription(section: StateSection(decoding: r.readBlob(maximum: 1 << 16)))
+        let count = Int(try r.read(UInt32.self))
+        guard count <= 1024 else { throw .tooLarge("hello: \(count) CPUID entries") }
+        var cpuid: [CPUIDEntry] = []
+        for _ in 0..<count {
+            cpuid.append(CPUIDEntry(function: try r.read(), index: try r.read(), flags: try r.read(),
+                                    eax: try r.read(), ebx: try r.read(), ecx: try r.read(), edx: try r.read()))
+        }
+        self.cpuid = cpuid
+        let deviceCount = Int(try r.read(UInt32.self))
+        guard deviceCount <= 256 else { throw .tooLarge("hello: \(deviceCount) devices") }
+        var devices: [String] = []
+        for _ in 0..<deviceCount { devices.append(try r.readString(maximum: 16)) }
+        self.devices = devices
+        try r.expectEnd()
+    }
+}
+
+/// A yes/no answer with a reason (hello reply, ready).
+public struct Verdict: Equatable, Sendable {
+    public var accepted: Bool
+    public var reason: String
+    /// Ready carries the destination's own digests when --verify asked for them.
+    public var memoryDigest: UInt64?
+    public var stateDigest: UInt64?
+    public var bootID: String
+
+    public init(accepted: Bool, reason: String = "", memoryDigest: UInt64? = nil, stateDigest: UInt64? = nil, bootID: String = "") {
+        self.accepted = accepted
+        self.reason = reason
+        self.memoryDigest = memoryDigest
+        self.stateDigest = stateDigest
+        self.bootID = bootID
+    }
+
+    public var encoded: [UInt8] {
+        var w = WireWriter()
+        w.write(UInt8(accepted ? 1 : 0))
+        w.writeString(reason)
+        w.write(UInt8(memoryDigest == nil ? 0 : 1)); w.write(memoryDigest ?? 0)
+        w.write(UInt8(stateDigest == nil ? 0 : 1)); w.write(stateDigest ?? 0)
+        w.writeString(bootID)
+        return w.bytes
+    }
+
+    public init(decoding bytes: [UInt8]) throws(WireError) {
+        var r = WireReader(bytes, context: "verdict")
+        accepted = try r.read(UInt8.self) == 1
+        reason = try r.readString(maximum: 4096)
+        let hasMemory = try r.read(UInt8.self) == 1, memory = try r.read(UInt64.self)
+        let hasState = try r.read(UInt8.self) == 1, state = try r.read(UInt64.self)
+        memoryDigest = hasMemory ? memory : nil
+        stateDigest = hasState ? state : nil
+        bootID = try r.readString(maximum: 64)
+        try r.expectEnd()
+    }
+}
+
+/// The end of the stop-and-copy: when the source paused and what it sent.
+public struct Completion: Equatable, Sendable {
+    public var pausedMonotonicNs: UInt64
+    public var pausedRealtimeNs: UInt64
+    public var memoryDigest: UInt64?
+    public var stateDigest: UInt64?
+
+    public var encoded: [UInt8] {
+        var w = WireWriter()
+        w.write(pausedMonotonicNs)
+        w.write(pausedRealtimeNs)
+        w.write(UInt8(memoryDigest == nil ? 0 : 1)); w.write(memoryDigest ?? 0)
+        w.write(UInt8(stateDigest == nil ? 0 : 1)); w.write(stateDigest ?? 0)
+        return w.bytes
+    }
+
+    public init(pausedMonotonicNs: UInt64, pausedRealtimeNs: UInt64, memoryDigest: UInt64?, stateDigest: UInt64?) {
+        self.pausedMonotonicNs = pausedMonotonicNs
+        self.pausedRealtimeNs = pausedRealtimeNs
+        self.memoryDigest = memoryDigest
+        self.stateDigest = stateDigest
+    }
+
+    public init(decoding bytes: [UInt8]) throws(WireError) {
+        var r = WireReader(bytes, context: "end of migration")
+        pausedMonotonicNs = try r.read()
+        pausedRealtimeNs = try r.read()
+        let hasMemory = try r.read(UInt8.self) == 1, memory = try r.read(UInt64.self)
+        let hasState = try r.read(UInt8.self) == 1, state = try r.read(UInt64.self)
+        memoryDigest = hasMemory ? memory : nil
+        stateDigest = hasState ? state : nil
+        try r.expectEnd()
+    }
+}
+
+/// When the destination's vCPUs started.
+public struct Resumed: Equatable, Sendable {
+    public var monotonicNs: UInt64
+    public var realtimeNs: UInt64
+
+    public var encoded: [UInt8] {
+        var w = WireWriter()
+        w.write(monotonicNs)
+        w.write(realtimeNs)
+        return w.bytes
+    }
+
+    public init(monotonicNs: UInt64, realtimeNs: UInt64) {
+        self.monotonicNs = monotonicNs
+        self.realtimeNs = realtimeNs
+    }
+
+    public init(decoding bytes: [UInt8]) throws(WireError) {
+        var r = WireReader(bytes, context: "resumed")
+        monotonicNs = try r.read()
+        realtimeNs = try r.read()
+        try r.expectEnd()
+    }
+}
+
+/// Clocks both ends of a migration on one host share (docs/MIGRATION.md, "downtime").
+public enum Clocks {
+    public static func monotonicNs() -> UInt64 { now(CLOCK_MONOTONIC) }
+    public static func realtimeNs() -> UInt64 { now(CLOCK_REALTIME) }
+
+    private static func now(_ clock: clockid_t) -> UInt64 {
+        var ts = timespec()
+        clock_gettime(clock, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    /// Identifies this boot of this kernel: equal on both sides means one host, one monotonic clock.
+    public static let bootID: String = {
+        (try? String(contentsOfFile: "/proc/sys/kernel/random/boot_id", encoding: .utf8))?
+            .trimmingCharacters(in: .whitespacesAndNewlines) ?? "unknown"
+    }()
+}

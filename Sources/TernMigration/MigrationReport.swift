@@ -1,0 +1,56 @@
+/// What a migration did, measured: the report `tern migrate` prints and
+/// `--json` emits (snake_case through the API's encoder).
+public struct MigrationReport: Codable, Equatable, Sendable {
+    public enum Status: String, Codable, Sendable {
+        case setup, precopy, stopAndCopy = "stop-and-copy", completing, completed, failed, cancelled
+        public var isTerminal: Bool { self == .completed || self == .failed || self == .cancelled }
+    }
+
+    public struct Round: Codable, Equatable, Sendable {
+        public var round: Int
+        public var pages: UInt64
+        public var zeroPages: UInt64
+        public var bytes: UInt64
+        /// Pages the dirty log reported after this round (what the next round must send).
+        public var dirtyPages: UInt64
+        public var durationMs: Double
+        public var throughputMBps: Double
+        /// The guest's dirty rate during the round, pages written per second.
+        public var dirtyRatePagesPerSecond: Double
+        /// Predicted stop-and-copy time if the switch happened after this round.
+        public var predictedDowntimeMs: Double
+    }
+
+    public struct Verification: Codable, Equatable, Sendable {
+        public var sourceMemoryDigest: String
+        public var destinationMemoryDigest: String
+        public var sourceStateDigest: String
+        public var destinationStateDigest: String
+        public var match: Bool
+    }
+
+    public var status: Status
+    public var mode: String = "precopy"
+    public var destination: String
+    public var reason: String?
+    public var switchoverReason: String?
+    public var totalMs: Double = 0
+    public var setupMs: Double = 0
+    public var downtimeMs: Double?
+    /// How downtime was measured: "shared-monotonic" (one host), "realtime" (two hosts, NTP-bound accuracy).
+    public var downtimeClock: String?
+    /// Source pause to the destination's "resumed" arriving: an upper bound on any host.
+    public var downtimeUpperBoundMs: Double?
+    public var transferredBytes: UInt64 = 0
+    public var ramBytes: UInt64
+    public var dataPages: UInt64 = 0
+    public var zeroPages: UInt64 = 0
+    public var throughputMBps: Double = 0
+    public var maxDowntimeMs: Double
+    public var bandwidthLimit: UInt64?
+    public var rounds: [Round] = []
+    public var verification: Verification?
+    /// Live progress while running: the round being sent and how far it got.
+    public var currentRound: Int?
+    public var roundPercent: Double?
+}

@@ -1,0 +1,284 @@
+import Foundation
+import Glibc
+import Logging
+import TernKVM
+import TernMachine
+import TernWire
+
+/// The sending side of a pre-copy live migration (Clark et al., NSDI 2005):
+/// copy all memory while the guest runs, then re-send what the dirty log
+/// says changed, round after round, until what is left can be sent within
+/// the downtime target; then pause, send the rest and the VM state, and hand
+/// over. Until the destination confirms it holds the complete VM, nothing
+/// is final: any failure resumes the VM here.
+public final class MigrationSource: @unchecked Sendable {
+    // @unchecked Sendable: `report`, `cancelReason` and `connection` are guarded by `lock`.
+    public struct Parameters: Sendable {
+        public var destination: Endpoint
+        public var maxDowntimeMs: Double = 300
+        public var maxRounds: Int = 30
+        public var timeoutSeconds: Double = 600
+        public var bandwidth: UInt64?
+        public var verify = false
+
+        public init(destination: Endpoint) { self.destination = destination }
+    }
+
+    let machine: Machine
+    let parameters: Parameters
+    let logger: Logger
+    private let lock = NSLock()
+    private var report: MigrationReport
+    private var cancelReason: String?
+    private var connection: FileDescriptor?
+
+    /// A round is "not shrinking" when it leaves at least this share of the previous round's dirty pages.
+    static let stallRatio = 0.9
+    static let stallRoundsAllowed = 3
+    /// Time allowed for the destination to answer a control message.
+    static let replyTimeoutSeconds = 30
+
+    public init(machine: Machine, parameters: Parameters, logger: Logger = Logger(label: "tern.migration")) {
+        self.machine = machine
+        self.parameters = parameters
+        self.logger = logger
+        report = MigrationReport(status: .setup, destination: parameters.destination.description, ramBytes: machine.memory.size,
+                                 maxDowntimeMs: parameters.maxDowntimeMs, bandwidthLimit: parameters.bandwidth)
+    }
+
+    public var progress: MigrationReport { lock.withLock { report } }
+
+    /// Asks the migration to stop. Before the hand-over the VM keeps running here.
+    public func cancel(reason: String = "cancelled by the user") {
+        lock.withLock {
+            guard cancelReason == nil else { return }
+            cancelReason = reason
+            // Unblock a send or receive in progress.
+            if let fd = connection?.rawValue { shutdown(fd, Int32(SHUT_RDWR)) }
+        }
+    }
+
+    private var cancelled: Bool { lock.withLock { cancelReason != nil } }
+    private func update(_ change: (inout MigrationReport) -> Void) { lock.withLock { change(&report) } }
+
+    private struct Failure: Error, CustomStringConvertible {
+        let description: String
+        init(_ description: String) { self.description = description }
+    }
+
+    /// Runs the migration to its end and returns the report. On success the
+    /// VM runs at the destination and this machine stays paused for the
+    /// caller to end; otherwise it runs on here.
+    public func run() -> MigrationReport {
+        let started = ContinuousClock.now
+        var pausedHere = false
+        var committed = false
+        do {
+            try migrate(started: started, pausedHere: &pausedHere, committed: &committed)
+            update { $0.status = .completed }
+        } catch {
+            let cancelReason = lock.withLock { self.cancelReason }
+            let reason = cancelReason ?? "\(error)"
+            if committed {
+                // The destination may already be running the VM: running it here too would fork it.
+                update { $0.status = .failed; $0.reason = "\(reason); the destination was told to start, so the VM stays paused here (resume it only if the destination is known dead)" }
+            } else {
+                if pausedHere { try? machine.resume() }
+                update { $0.status = cancelReason != nil ? .cancelled : .failed; $0.reason = reason }
+            }
+            try? machine.vm.memorySlots.forEach { try machine.vm.setDirtyLogging(slot: $0.slot, enabled: false) }
+            logger.error("migration \(report.status.rawValue): \(reason)")
+        }
+        lock.withLock { connection = nil }
+        update {
+            $0.totalMs = milliseconds(since: started)
+            $0.throughputMBps = $0.totalMs > 0 ? Double($0.transferredBytes) / 1e6 / ($0.totalMs / 1000) : 0
+            $0.currentRound = nil
+            $0.roundPercent = nil
+        }
+        return progress
+    }
+
+    private func migrate(started: ContinuousClock.Instant, pausedHere: inout Bool, committed: inout Bool) throws {
+        guard machine.currentState == .running || machine.currentState == .paused else {
+            throw Failure("the VM is \(machine.currentState.rawValue); only a running or paused VM can migrate")
+        }
+        let wasPaused = machine.currentState == .paused
+        let socket = try parameters.destination.connect()
+        lock.withLock { connection = socket }
+        if cancelled { throw Failure("cancelled") }
+        let stream = FDStream(fd: socket.rawValue)
+        setTimeouts(socket.rawValue, seconds: Self.replyTimeoutSeconds)
+
+        // Handshake: the destination checks it can run this machine before any memory moves.
+        let state0 = machine.configuration
+        let description = MachineDescription(memorySize: machine.memory.size, vcpuCount: UInt32(state0.vcpuCount),
+                                             kernelPath: state0.kernelPath ?? "", commandLine: state0.commandLine)
+        let hello = Hello(bootID: Clocks.bootID, machine: description, cpuid: machine.guestCPUID, devices: ["UART"])
+        try stream.writeFrame(.hello, payload: hello.encoded)
+        let (replyHeader, replyPayload) = try readReply(stream, expecting: .helloReply, what: "the handshake")
+        _ = replyHeader
+        let reply = try Verdict(decoding: replyPayload)
+        guard reply.accepted else { throw Failure("the destination refused the VM: \(reply.reason)") }
+        let sameHost = reply.bootID == Clocks.bootID
+        update { $0.setupMs = milliseconds(since: started); $0.status = .precopy }
+
+        // Pre-copy. Dirty logging starts clean, before the first pass reads anything.
+        for slot in machine.vm.memorySlots { try machine.vm.setDirtyLogging(slot: slot.slot, enabled: true) }
+        var sender = PageSender(memory: machine.memory, stream: stream, bucket: parameters.bandwidth.map { TokenBucket(bytesPerSecond: $0) },
+                                shouldStop: { [unowned self] in cancelled })
+        var round = 0
+        var stalls = 0
+        var previousDirty = Int.max
+        var pending: PageSet?
+        var switchover = "converged"
+        let totalPages = machine.memory.size / UInt64(PageRun.pageSize)
+        while true {
+            let roundStart = ContinuousClock.now
+            let before = sender.counters
+            update { $0.currentRound = round; $0.roundPercent = 0 }
+            let planned = Double(pending.map { UInt64($0.count) } ?? totalPages)
+            let pagesBefore = before.dataPages + before.zeroPages
+            sender.onFrame = { [unowned self] counters in
+                update {
+                    $0.roundPercent = min(100, Double(counters.dataPages + counters.zeroPages - pagesBefore) / max(planned, 1) * 100)
+                    $0.transferredBytes = counters.bytes
+                }
+            }
+            if let pages = pending { try sender.send(pages) } else { try sender.sendAll() }
+            let duration = max(milliseconds(since: roundStart), 0.001)
+            let dirty = try machine.memory.collectDirtyPages(from: machine.vm)
+            let sent = sender.counters
+            let roundBytes = sent.bytes - before.bytes
+            // Link speed: what the whole pre-copy achieved so far (single tiny rounds are too noisy).
+            let elapsedPrecopy = max(milliseconds(since: started) - progress.setupMs, 0.001)
+            let throughput = Double(sent.bytes) / (elapsedPrecopy / 1000)
+            let predictedMs = Double(dirty.count * (PageRun.pageSize + PageRun.headerSize)) / max(throughput, 1) * 1000
+            let record = MigrationReport.Round(
+                round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages),
+                zeroPages: sent.zeroPages - before.zeroPages, bytes: roundBytes, dirtyPages: UInt64(dirty.count),
+                durationMs: duration, throughputMBps: Double(roundBytes) / 1e6 / (duration / 1000),
+                dirtyRatePagesPerSecond: Double(dirty.count) / (duration / 1000), predictedDowntimeMs: predictedMs)
+            update {
+                $0.rounds.append(record)
+                $0.transferredBytes = sent.bytes
+                $0.dataPages = sent.dataPages
+                $0.zeroPages = sent.zeroPages
+                $0.roundPercent = 100
+            }
+            logger.debug("round \(round): \(record.pages) pages in \(Int(duration)) ms, \(dirty.count) dirty, predicted downtime \(Int(predictedMs)) ms")
+            round += 1
+            if predictedMs <= parameters.maxDowntimeMs { switchover = "converged"; pending = dirty; break }
+            if round >= parameters.maxRounds { switchover = "max-rounds (\(parameters.maxRounds)) reached"; pending = dirty; break }
+            if milliseconds(since: started) / 1000 >= parameters.timeoutSeconds { switchover = "timeout (\(Int(parameters.timeoutSeconds)) s) reached"; pending = dirty; break }
+            stalls = Double(dirty.count) >= Self.stallRatio * Double(previousDirty) ? stalls + 1 : 0
+            if stalls >= Self.stallRoundsAllowed { switchover = "not converging (the dirty set stopped shrinking)"; pending = dirty; break }
+            previousDirty = min(previousDirty, dirty.count)
+            pending = dirty
+        }
+
+        // Stop-and-copy.
+        update { $0.switchoverReason = switchover; $0.status = .stopAndCopy; $0.currentRound = round }
+        let pausedMono = Clocks.monotonicNs(), pausedReal = Clocks.realtimeNs()
+        if !wasPaused {
+            try machine.pause()
+            pausedHere = true
+        }
+        let pauseInstant = ContinuousClock.now
+        var last = try machine.memory.collectDirtyPages(from: machine.vm)
+        if let pending { for (i, word) in pending.words.enumerated() where word != 0 { last.merge(bitmap: [word], firstPage: i * 64) } }
+        let before = sender.counters
+        try sender.send(last)
+        let state = try machine.captureState()
+        let sections = state.sections
+        for section in sections { try stream.writeFrame(.state, payload: section.encoded) }
+        var memoryDigest: UInt64?, stateDigest: UInt64?
+        if parameters.verify {
+            memoryDigest = try MemoryDigest.compute(machine.memory)
+            stateDigest = MemoryDigest.state(sections)
+        }
+        let completion = Completion(pausedMonotonicNs: pausedMono, pausedRealtimeNs: pausedReal, memoryDigest: memoryDigest, stateDigest: stateDigest)
+        try stream.writeFrame(.end, payload: completion.encoded)
+        let stateBytes = UInt64(sections.reduce(0) { $0 + $1.encoded.count + FrameHeader.size }) + UInt64(FrameHeader.size + completion.encoded.count)
+        let sent = sender.counters
+        update {
+            $0.status = .completing
+            $0.rounds.append(MigrationReport.Round(
+                round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages),
+                zeroPages: sent.zeroPages - before.zeroPages, bytes: sent.bytes - before.bytes + stateBytes, dirtyPages: 0,
+                durationMs: milliseconds(since: pauseInstant), throughputMBps: 0, dirtyRatePagesPerSecond: 0, predictedDowntimeMs: 0))
+            $0.transferredBytes = sent.bytes + stateBytes
+            $0.dataPages = sent.dataPages
+            $0.zeroPages = sent.zeroPages
+        }
+
+        // The destination holds everything and says whether it accepts it.
+        let (_, readyPayload) = try readReply(stream, expecting: .ready, what: "the hand-over")
+        let ready = try Verdict(decoding: readyPayload)
+        guard ready.accepted else { throw Failure("the destination rejected the VM: \(ready.reason)") }
+        if parameters.verify {
+            let verification = MigrationReport.Verification(
+                sourceMemoryDigest: hex(memoryDigest), destinationMemoryDigest: hex(ready.memoryDigest),
+                sourceStateDigest: hex(stateDigest), destinationStateDigest: hex(ready.stateDigest),
+                match: memoryDigest == ready.memoryDigest && stateDigest == ready.stateDigest)
+            update { $0.verification = verification }
+            guard verification.match else {
+                try? stream.writeFrame(.abort, payload: Array("digests differ".utf8))
+                throw Failure("verification failed: memory or state digests differ between source and destination")
+            }
+        }
+        if cancelled { throw Failure("cancelled") }
+
+        // Commit: from here the destination may run the VM.
+        committed = true
+        try stream.writeFrame(.go, payload: [UInt8]())
+        let (_, resumedPayload) = try readReply(stream, expecting: .resumed, what: "the destination's confirmation")
+        let resumed = try Resumed(decoding: resumedPayload)
+        let upperBound = Double(Clocks.monotonicNs() - pausedMono) / 1e6
+        update {
+            $0.downtimeUpperBoundMs = upperBound
+            if sameHost {
+                $0.downtimeMs = Double(Int64(resumed.monotonicNs) - Int64(pausedMono)) / 1e6
+                $0.downtimeClock = "shared-monotonic"
+            } else {
+                $0.downtimeMs = Double(Int64(resumed.realtimeNs) - Int64(pausedReal)) / 1e6
+                $0.downtimeClock = "realtime"
+            }
+        }
+    }
+
+    /// Reads the next frame, which must be `expected`; an abort frame carries the peer's reason.
+    private func readReply(_ stream: FDStream, expecting expected: FrameType, what: String) throws -> (FrameHeader, [UInt8]) {
+        let frame: (FrameHeader, [UInt8])
+        do {
+            frame = try stream.readFrame()
+        } catch let error as WireError {
+            throw Failure("no valid answer from the destination during \(what): \(error)")
+        } catch let error as FDStream.IOError where error.errno == EAGAIN || error.errno == EWOULDBLOCK {
+            throw Failure("the destination did not answer within \(Self.replyTimeoutSeconds) s during \(what)")
+        } catch {
+            throw Failure("lost the destination during \(what): \(error)")
+        }
+        if frame.0.type == .abort {
+            throw Failure("the destination aborted: \(String(decoding: frame.1, as: UTF8.self))")
+        }
+        guard frame.0.type == expected else {
+            throw Failure("the destination sent a \(frame.0.type) frame during \(what), expected \(expected)")
+        }
+        return frame
+    }
+}
+
+/// Bounded waits on a socket, so a silent peer becomes an error rather than a hang.
+func setTimeouts(_ fd: Int32, seconds: Int) {
+    var timeout = timeval(tv_sec: seconds, tv_usec: 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+}
+
+func milliseconds(since start: ContinuousClock.Instant) -> Double {
+    let elapsed = ContinuousClock.now - start
+    return Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15
+}
+
+func hex(_ value: UInt64?) -> String { value.map { String(format: "%016llx", $0) } ?? "" }

@@ -1,0 +1,87 @@
+import TernKVM
+import TernMachine
+
+/// A set of guest pages, one bit per page of the memfd (page index = file
+/// offset / 4096), e.g. the pages KVM's dirty log reports.
+public struct PageSet: Equatable, Sendable {
+    public private(set) var words: [UInt64]
+    public let pageCount: Int
+
+    public init(pageCount: Int) {
+        self.pageCount = pageCount
+        words = [UInt64](repeating: 0, count: (pageCount + 63) / 64)
+    }
+
+    public var count: Int { words.reduce(0) { $0 + $1.nonzeroBitCount } }
+    public var isEmpty: Bool { words.allSatisfy { $0 == 0 } }
+
+    public mutating func insert(_ page: Int) { words[page / 64] |= 1 << UInt64(page % 64) }
+    public func contains(_ page: Int) -> Bool { words[page / 64] & (1 << UInt64(page % 64)) != 0 }
+
+    /// Adds a slot's dirty bitmap, whose bit 0 is the page at `firstPage`.
+    public mutating func merge(bitmap: [UInt64], firstPage: Int) {
+        if firstPage % 64 == 0 {
+            let base = firstPage / 64
+            for (i, word) in bitmap.enumerated() where word != 0 && base + i < words.count { words[base + i] |= word }
+            return
+        }
+        for (i, word) in bitmap.enumerated() where word != 0 {
+            var bits = word
+            while bits != 0 {
+                let bit = bits.trailingZeroBitCount
+                bits &= bits - 1
+                let page = firstPage + i * 64 + bit
+                if page < pageCount { insert(page) }
+            }
+        }
+    }
+
+    /// Calls `body` with each maximal run of consecutive member pages (first, count).
+    public func forEachRange(_ body: (Int, Int) throws -> Void) rethrows {
+        var start = -1
+        var length = 0
+        for (index, word) in words.enumerated() {
+            if word == 0 {
+                if length > 0 { try body(start, length); length = 0 }
+                continue
+            }
+            if word == .max && length > 0 && start + length == index * 64 { length += 64; continue }
+            var bits = word
+            var position = 0
+            while position < 64 {
+                if bits & 1 != 0 {
+                    let page = index * 64 + position
+                    if length > 0 && start + length == page { length += 1 } else {
+                        if length > 0 { try body(start, length) }
+                        start = page
+                        length = 1
+                    }
+                } else if length > 0 && start + length == index * 64 + position {
+                    try body(start, length)
+                    length = 0
+                }
+                bits >>= 1
+                position += 1
+            }
+        }
+        if length > 0 { try body(start, length) }
+    }
+}
+
+extension GuestMemory {
+    /// The guest address of a memfd page index.
+    func address(ofPage page: Int) -> GuestAddress {
+        let offset = UInt64(page) * UInt64(PageRun.pageSize)
+        let region = regions.last { $0.fileOffset <= offset }!
+        return region.start + (offset - region.fileOffset)
+    }
+
+    /// Reads and resets KVM's dirty log for every slot of this memory.
+    func collectDirtyPages(from vm: VirtualMachine) throws -> PageSet {
+        var set = PageSet(pageCount: Int(size / UInt64(PageRun.pageSize)))
+        for (slot, region) in regions.enumerated() {
+            set.merge(bitmap: try vm.dirtyLog(slot: UInt32(slot)), firstPage: Int(region.fileOffset / UInt64(PageRun.pageSize)))
+        }
+        return set
+    }
+}

@@ -1,0 +1,36 @@
+import Foundation
+
+/// Caps a byte rate (`--bandwidth`): a sender asks before each write and is
+/// made to wait until the bytes fit. The bucket holds at most `burst` bytes,
+/// so an idle spell does not bank an unbounded burst that would swamp the
+/// guest's network neighbours afterwards.
+public struct TokenBucket: Sendable {
+    public let bytesPerSecond: Double
+    public let burst: Double
+    private var tokens: Double
+    private var last: ContinuousClock.Instant
+
+    public init(bytesPerSecond: UInt64, burst: UInt64? = nil) {
+        self.bytesPerSecond = Double(bytesPerSecond)
+        // Enough for one full frame, or 20 ms of traffic, whichever is larger.
+        self.burst = Double(burst ?? max(UInt64(9 << 20), bytesPerSecond / 50))
+        tokens = self.burst
+        last = .now
+    }
+
+    /// How long to wait before `bytes` may go (zero if they may go now); takes the tokens.
+    public mutating func reserve(_ bytes: Int, now: ContinuousClock.Instant = .now) -> Duration {
+        let elapsed = now - last
+        last = now
+        tokens = min(burst, tokens + bytesPerSecond * (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18))
+        tokens -= Double(bytes)
+        guard tokens < 0 else { return .zero }
+        return .nanoseconds(Int64(-tokens / bytesPerSecond * 1e9))
+    }
+
+    /// Waits as long as `reserve` says.
+    public mutating func consume(_ bytes: Int) {
+        let wait = reserve(bytes)
+        if wait > .zero { Thread.sleep(forTimeInterval: Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18) }
+    }
+}

@@ -1,0 +1,172 @@
+import ArgumentParser
+import Foundation
+import Glibc
+import Synchronization
+import TernAPI
+import TernMigration
+
+struct Migrate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Live-migrate a running VM to a `tern run --incoming` process.",
+        discussion: "Progress goes to stderr while it runs; the report to stdout at the end. Ctrl-C cancels (the VM keeps running here).")
+    @OptionGroup var api: APIOptions
+
+    @Option(help: "Destination: tcp:HOST:PORT or unix:PATH.")
+    var to: String
+
+    @Option(help: "precopy (post-copy and hybrid are not available yet).")
+    var mode: String = "precopy"
+
+    @Option(help: "Downtime target in milliseconds: switch over once the rest fits in it.")
+    var maxDowntime: Double = 300
+
+    @Option(help: "Switch over after this many pre-copy rounds even if not converged.")
+    var maxRounds: Int = 30
+
+    @Option(help: "Switch over after this many seconds even if not converged.")
+    var timeout: Double = 600
+
+    @Option(help: "Cap on bytes per second; K, M, G are decimal (100M = 100,000,000 B/s).")
+    var bandwidth: String?
+
+    @Flag(help: "Compare digests of memory and device state on both sides before handing over.")
+    var verify = false
+
+    func validate() throws {
+        _ = try Endpoint(parsing: to)
+        guard mode == "precopy" else { throw ValidationError("--mode \(mode) is not available yet; use precopy") }
+        guard maxDowntime > 0 else { throw ValidationError("--max-downtime must be positive") }
+        guard maxRounds >= 1 else { throw ValidationError("--max-rounds must be at least 1") }
+        guard timeout > 0 else { throw ValidationError("--timeout must be positive") }
+        if let bandwidth { _ = try Self.parseRate(bandwidth) }
+    }
+
+    static func parseRate(_ text: String) throws -> UInt64 {
+        let multipliers: [Character: UInt64] = ["K": 1_000, "M": 1_000_000, "G": 1_000_000_000]
+        var digits = Substring(text)
+        var multiplier: UInt64 = 1
+        if let last = digits.last?.uppercased().first, let m = multipliers[last] { multiplier = m; digits = digits.dropLast() }
+        guard let value = UInt64(digits), value > 0 else { throw ValidationError("--bandwidth '\(text)' is not a rate (e.g. 100000000 or 100M)") }
+        return value * multiplier
+    }
+
+    func run() throws {
+        let request = MigrateRequest(destination: to, mode: mode, maxDowntimeMs: maxDowntime, maxRounds: maxRounds,
+                                     timeoutS: timeout, bandwidth: try bandwidth.map(Self.parseRate), verify: verify)
+        let body = try APIJSON.encoder.encode(request)
+        let client = api.client
+        let outcome = Mutex<Result<APIClient.Response, any Error>?>(nil)
+        let worker = Thread {
+            let result = Result { try client.request(.PUT, "/v1/vm/migrate", body: body, timeout: .seconds(Int64(timeout) + 600)) }
+            outcome.withLock { $0 = result }
+        }
+        worker.start()
+
+        // Ctrl-C asks the source to cancel; the report still arrives.
+        signal(SIGINT, SIG_IGN)
+        let interrupt = DispatchSource.makeSignalSource(signal: SIGINT, queue: .global())
+        interrupt.setEventHandler {
+            FileHandle.standardError.write(Data("\ntern: cancelling the migration...\n".utf8))
+            _ = try? client.request(.PUT, "/v1/vm/migration/cancel")
+        }
+        interrupt.resume()
+
+        let progress = ProgressPrinter(enabled: !api.json)
+        while outcome.withLock({ $0 }) == nil {
+            usleep(200_000)
+            if let response = try? client.request(.GET, "/v1/vm/migration", timeout: .seconds(5)), response.status == 200,
+               let report = try? APIJSON.decoder.decode(MigrationReport.self, from: response.body) {
+                progress.show(report)
+            }
+        }
+        progress.finish()
+        let response: APIClient.Response
+        switch outcome.withLock({ $0 })! {
+        case .success(let value): response = value
+        case .failure(let error): fail("\(error)")
+        }
+        guard response.status == 200 else { fail(response.errorMessage ?? "the API answered \(response.status)") }
+        let report = try APIJSON.decoder.decode(MigrationReport.self, from: response.body)
+        if api.json {
+            FileHandle.standardOutput.write(response.body)
+            print()
+        } else {
+            print(MigrationTable.render(report))
+        }
+        if report.status != .completed { throw ExitCode.failure }
+    }
+}
+
+struct MigrateCancel: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "migrate-cancel", abstract: "Cancel a VM's migration; it keeps running here.")
+    @OptionGroup var api: APIOptions
+    func run() throws { _ = try call(api.client, .PUT, "/v1/vm/migration/cancel", expecting: 202) }
+}
+
+/// One line of progress on stderr, rewritten in place on a terminal.
+final class ProgressPrinter: @unchecked Sendable {
+    let enabled: Bool
+    let terminal = isatty(2) != 0
+    var lastLine = ""
+    var lastPrint = Date.distantPast
+
+    init(enabled: Bool) { self.enabled = enabled }
+
+    func show(_ report: MigrationReport) {
+        guard enabled else { return }
+        var line = "\(report.status.rawValue)"
+        if let round = report.currentRound { line += " round \(round)" }
+        if let percent = report.roundPercent { line += String(format: " %3.0f%%", percent) }
+        line += String(format: "  %.1f MB sent", Double(report.transferredBytes) / 1e6)
+        if let last = report.rounds.last {
+            line += String(format: "  %.0f MB/s  dirty %llu pages  predicted downtime %.0f ms", last.throughputMBps, last.dirtyPages, last.predictedDowntimeMs)
+        }
+        if terminal {
+            FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8))
+        } else if line != lastLine && Date().timeIntervalSince(lastPrint) >= 1 {
+            FileHandle.standardError.write(Data((line + "\n").utf8))
+            lastPrint = Date()
+        }
+        lastLine = line
+    }
+
+    func finish() {
+        if enabled && terminal { FileHandle.standardError.write(Data("\n".utf8)) }
+    }
+}
+
+enum MigrationTable {
+    static func render(_ r: MigrationReport) -> String {
+        func ms(_ value: Double?) -> String { value.map { String(format: "%.1f ms", $0) } ?? "-" }
+        var rows: [(String, String)] = [
+            ("status", r.status.rawValue + (r.reason.map { " (\($0))" } ?? "")),
+            ("mode", r.mode),
+            ("destination", r.destination),
+            ("total", ms(r.totalMs)),
+            ("setup", ms(r.setupMs)),
+            ("downtime", ms(r.downtimeMs) + (r.downtimeClock.map { " (\($0) clock; upper bound \(ms(r.downtimeUpperBoundMs)))" } ?? "")),
+            ("switch-over", r.switchoverReason ?? "-"),
+            ("transferred", String(format: "%.1f MB", Double(r.transferredBytes) / 1e6)),
+            ("ram", String(format: "%.1f MB", Double(r.ramBytes) / 1e6)),
+            ("pages", "\(r.dataPages) data, \(r.zeroPages) zero"),
+            ("throughput", String(format: "%.0f MB/s", r.throughputMBps)),
+            ("max downtime", ms(r.maxDowntimeMs)),
+        ]
+        if let limit = r.bandwidthLimit { rows.append(("bandwidth cap", String(format: "%.1f MB/s", Double(limit) / 1e6))) }
+        if let v = r.verification {
+            rows.append(("verify", v.match ? "memory \(v.sourceMemoryDigest) and state \(v.sourceStateDigest) match on both sides"
+                                           : "MISMATCH: memory \(v.sourceMemoryDigest) vs \(v.destinationMemoryDigest), state \(v.sourceStateDigest) vs \(v.destinationStateDigest)"))
+        }
+        let width = rows.map(\.0.count).max() ?? 0
+        var text = rows.map { $0.0.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + $0.1 }.joined(separator: "\n")
+        if !r.rounds.isEmpty {
+            text += "\n\nround      pages       zero        MB   dirty after   ms      MB/s   dirty pages/s   predicted ms\n"
+            for round in r.rounds {
+                text += String(format: "%5d %10llu %10llu %9.1f %13llu %6.0f %9.0f %15.0f %14.1f\n", round.round, round.pages, round.zeroPages,
+                               Double(round.bytes) / 1e6, round.dirtyPages, round.durationMs, round.throughputMBps,
+                               round.dirtyRatePagesPerSecond, round.predictedDowntimeMs)
+            }
+        }
+        return text
+    }
+}
