@@ -116,6 +116,12 @@ public final class MigrationDestination {
         }
         guard let completion else { throw Refusal("no end frame") }
 
+        // Fault injection for tests of the source's guarantees (docs/MIGRATION.md).
+        if ProcessInfo.processInfo.environment["TERN_MIGRATION_FAULT"] == "die-before-ready" {
+            logger.warning("TERN_MIGRATION_FAULT=die-before-ready: exiting abruptly")
+            kill(getpid(), SIGKILL)
+        }
+
         // 3. Everything is here: check it, load it, answer with our own digests.
         guard applier.isComplete else { throw Refusal("\(applier.missingPages) pages of guest RAM never arrived") }
         let state = try MachineStateSnapshot(sections: sections)

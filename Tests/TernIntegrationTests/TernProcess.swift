@@ -19,7 +19,7 @@ final class TernProcess: @unchecked Sendable {
     let directory: URL
     let apiSocket: String
 
-    init(_ arguments: [String], withAPI: Bool = true) throws {
+    init(_ arguments: [String], withAPI: Bool = true, environment: [String: String] = [:]) throws {
         directory = URL(fileURLWithPath: NSTemporaryDirectory()).appendingPathComponent("tern-test-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         apiSocket = directory.appendingPathComponent("api.sock").path
@@ -28,6 +28,9 @@ final class TernProcess: @unchecked Sendable {
         }
         process.executableURL = URL(fileURLWithPath: Self.binary)
         process.arguments = arguments + (withAPI ? ["--api-socket", apiSocket] : [])
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { _, new in new }
+        }
         _ = FileManager.default.createFile(atPath: directory.appendingPathComponent("stdout").path, contents: nil)
         _ = FileManager.default.createFile(atPath: directory.appendingPathComponent("stderr").path, contents: nil)
         process.standardOutput = try FileHandle(forWritingTo: directory.appendingPathComponent("stdout"))

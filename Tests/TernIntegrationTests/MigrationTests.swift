@@ -1,0 +1,214 @@
+import Foundation
+import Glibc
+import Testing
+import TernAPI
+import TernMachine
+import TernMigration
+import TernWire
+
+/// A free TCP port on loopback (bound then released: good enough for tests run one at a time).
+func freePort() -> UInt16 {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    address.sin_port = 0
+    _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
+    return UInt16(bigEndian: address.sin_port)
+}
+
+/// Source and destination tern processes and the migration between them.
+struct MigrationPair {
+    let source: TernProcess
+    let destination: TernProcess
+    let address: String
+
+    init(cmdline: String, memory: String = "256M", destinationArguments: [String] = [], environment: [String: String] = [:]) throws {
+        address = "tcp:127.0.0.1:\(freePort())"
+        destination = try TernProcess(["run", "--incoming", address, "--serial", "off"] + destinationArguments, environment: environment)
+        source = try TernProcess.guest(cmdline, memory: memory)
+        try source.waitForAPI()
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
+    }
+
+    /// Runs `tern migrate ... --json` and decodes its report.
+    func migrate(_ extra: [String] = [], timeout: Double = 120) throws -> (MigrationReport?, TernProcess) {
+        let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", address, "--json"] + extra, withAPI: false)
+        _ = cli.waitForExit(timeout: timeout)
+        return (try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8)), cli)
+    }
+}
+
+@Suite(.serialized, .enabled(if: FileManager.default.isWritableFile(atPath: "/dev/kvm"), "needs /dev/kvm"))
+struct MigrationTests {
+    @Test(arguments: [
+        "progress=0",
+        "fill=64 dirty=16 progress=0",
+        "fill=64 dirty=32 pattern=random rate=100 progress=0",
+        "fill=96 dirty=64 pattern=hotspot progress=0",
+        "fill=32 dirty=16 pattern=seq bytes=64 progress=0",
+    ])
+    func guestKeepsRunningOnTheDestination(cmdline: String) throws {
+        let pair = try MigrationPair(cmdline: cmdline)
+        let before = try pair.source.waitForStatus { $0.phase == .dirty || $0.phase == .idle }
+        let (report, cli) = try pair.migrate(["--verify", "--max-downtime", "300"])
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(cli.waitForExit() == 0)
+        #expect(r.verification?.match == true)
+        #expect(r.downtimeMs != nil && r.downtimeMs! > 0)
+        #expect(r.transferredBytes > 0 && r.dataPages + r.zeroPages >= (256 << 20) / 4096)
+        #expect(!r.rounds.isEmpty)
+        // The source hands over and exits; the guest continues on the destination.
+        #expect(pair.source.waitForExit(timeout: 10) == 0)
+        try pair.destination.waitForAPI()
+        let moved = try #require(try pair.destination.status())
+        #expect(moved.iterations >= before.iterations, "the iteration count continues, it does not restart")
+        let later = try pair.destination.waitForStatus { $0.iterations > moved.iterations }
+        #expect(later.errors == 0, "the guest's own checksum of its working set still holds")
+        if moved.phase == .dirty {
+            _ = try pair.destination.waitForStatus { $0.verified > moved.verified }
+        }
+    }
+
+    @Test func killingTheDestinationMidMigrationLeavesTheSourceRunning() throws {
+        let pair = try MigrationPair(cmdline: "fill=128 dirty=16 progress=0")
+        _ = try pair.source.waitForStatus { $0.phase == .dirty }
+        let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json",
+                                   "--bandwidth", "20M"], withAPI: false)
+        usleep(1_500_000)
+        kill(pair.destination.process.processIdentifier, SIGKILL)
+        #expect(cli.waitForExit(timeout: 60) == 1)
+        let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
+        #expect(report.status == .failed)
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
+        #expect(info.state == .running)
+        let now = try #require(try pair.source.status())
+        _ = try pair.source.waitForStatus(timeout: 5) { $0.iterations > now.iterations }
+    }
+
+    @Test func destinationDyingAtSwitchOverResumesTheSource() throws {
+        let pair = try MigrationPair(cmdline: "fill=32 dirty=8 progress=0", environment: ["TERN_MIGRATION_FAULT": "die-before-ready"])
+        _ = try pair.source.waitForStatus { $0.phase == .dirty }
+        let (report, _) = try pair.migrate()
+        let r = try #require(report)
+        #expect(r.status == .failed)
+        #expect(r.switchoverReason != nil, "it got as far as the switch-over")
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
+        #expect(info.state == .running, "paused for the stop-and-copy, resumed after the failure")
+        let now = try #require(try pair.source.status())
+        _ = try pair.source.waitForStatus(timeout: 5) { $0.iterations > now.iterations }
+        #expect(pair.destination.waitForExit() != 0)
+    }
+
+    @Test func cancelKeepsTheSourceAndTheDestinationNeverRuns() throws {
+        let pair = try MigrationPair(cmdline: "fill=128 dirty=16 progress=0")
+        _ = try pair.source.waitForStatus { $0.phase == .dirty }
+        let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json",
+                                   "--bandwidth", "20M"], withAPI: false)
+        usleep(1_000_000)
+        let cancel = try TernProcess(["migrate-cancel", "--api-socket", pair.source.apiSocket], withAPI: false)
+        #expect(cancel.waitForExit() == 0)
+        #expect(cli.waitForExit(timeout: 30) == 1)
+        let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
+        #expect(report.status == .cancelled)
+        let now = try #require(try pair.source.status())
+        _ = try pair.source.waitForStatus(timeout: 5) { $0.iterations > now.iterations }
+        #expect(pair.destination.waitForExit(timeout: 10) != 0)
+        #expect(!pair.destination.stderr.contains("the VM runs here now"))
+    }
+
+    @Test func incompatibleDestinationIsRefusedBeforeAnyMemoryMoves() throws {
+        let pair = try MigrationPair(cmdline: "progress=0", destinationArguments: ["--memory", "128M"])
+        let (report, _) = try pair.migrate()
+        let r = try #require(report)
+        #expect(r.status == .failed)
+        #expect(r.reason?.contains("--memory 128M") == true)
+        #expect(r.transferredBytes < 4096, "no memory was sent")
+        #expect(try pair.source.client.request(.GET, "/v1/vm").status == 200)
+    }
+
+    @Test func secondMigrationToAUsedDestinationIsRefused() throws {
+        let pair = try MigrationPair(cmdline: "progress=0")
+        let (first, _) = try pair.migrate()
+        #expect(first?.status == .completed)
+        let other = try TernProcess.guest("progress=0", memory: "256M")
+        try other.waitForAPI()
+        let cli = try TernProcess(["migrate", "--api-socket", other.apiSocket, "--to", pair.address, "--json"], withAPI: false)
+        #expect(cli.waitForExit(timeout: 30) == 1)
+        let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
+        #expect(report.status == .failed)
+        #expect(report.reason?.contains("cannot connect") == true)
+        #expect(try other.client.request(.GET, "/v1/vm").status == 200)
+    }
+
+    @Test func sourceSurvivesAPeerThatIsNotTern() throws {
+        // A server that answers the hello with garbage.
+        let port = freePort()
+        let listener = try Endpoint.tcp(host: "127.0.0.1", port: port).listen()
+        let server = Thread {
+            if let connection = try? Endpoint.accept(listener) {
+                var buffer = [UInt8](repeating: 0, count: 4096)
+                _ = read(connection.rawValue, &buffer, buffer.count)
+                _ = write(connection.rawValue, "HTTP/1.1 400 Bad Request\r\n\r\n", 28)
+                usleep(200_000)
+            }
+        }
+        server.start()
+        let source = try TernProcess.guest("progress=0")
+        try source.waitForAPI()
+        let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", "tcp:127.0.0.1:\(port)", "--json"], withAPI: false)
+        #expect(cli.waitForExit(timeout: 60) == 1)
+        let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
+        #expect(report.status == .failed)
+        #expect(report.reason?.contains("no valid answer") == true, "\(report.reason ?? "")")
+        #expect(try source.client.request(.GET, "/v1/vm").status == 200)
+    }
+
+    @Test func destinationRejectsStreamsThatAreNotTern() throws {
+        func attack(_ bytes: [UInt8], expecting text: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+            let port = freePort()
+            let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"])
+            let deadline = Date(timeIntervalSinceNow: 10)
+            while !destination.stderr.contains("waiting for an incoming") && Date() < deadline { usleep(20_000) }
+            let connection = try Endpoint.tcp(host: "127.0.0.1", port: port).connect()
+            _ = bytes.withUnsafeBytes { write(connection.rawValue, $0.baseAddress, $0.count) }
+            shutdown(connection.rawValue, Int32(SHUT_WR))
+            let code = destination.waitForExit(timeout: 20)
+            #expect(code != nil && code != 0, sourceLocation: sourceLocation)
+            #expect(destination.stderr.contains(text), "stderr: \(destination.stderr)", sourceLocation: sourceLocation)
+            #expect(!destination.stderr.contains("the VM runs here now"), sourceLocation: sourceLocation)
+            #expect(!FileManager.default.fileExists(atPath: destination.apiSocket), sourceLocation: sourceLocation)
+        }
+        try attack(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8), expecting: "checksum mismatch")
+        try attack([], expecting: "truncated")
+        try attack([UInt8](repeating: 0, count: 24), expecting: "checksum mismatch")
+        // A well-formed frame of the wrong kind.
+        try attack(MigrationStreams.frame(.pages, []), expecting: "not a Tern migration source")
+        // A hello with the wrong magic.
+        try attack(MigrationStreams.frame(.hello, Array("NOTTERN!".utf8) + [UInt8](repeating: 1, count: 40)), expecting: "not a Tern migration source")
+    }
+
+    @Test func portInUseIsAClearError() throws {
+        let port = freePort()
+        let first = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"])
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while !first.stderr.contains("waiting for an incoming") && Date() < deadline { usleep(20_000) }
+        let second = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"])
+        let code = second.waitForExit()
+        #expect(code != nil && code != 0)
+        #expect(second.stderr.contains("cannot listen on tcp:127.0.0.1:\(port)"))
+        #expect(!FileManager.default.fileExists(atPath: second.apiSocket))
+    }
+}
+
+/// Hand-made migration streams for the receiver's bad-input tests.
+enum MigrationStreams {
+    static func frame(_ type: FrameType, _ payload: [UInt8]) -> [UInt8] {
+        FrameHeader(type: type, length: UInt64(payload.count), payloadCRC: Checksum.crc32c(payload)).encoded + payload
+    }
+}
