@@ -10,18 +10,18 @@ public struct TokenBucket: Sendable {
     private var tokens: Double
     private var last: ContinuousClock.Instant
 
-    public init(bytesPerSecond: UInt64, burst: UInt64? = nil) {
+    public init(bytesPerSecond: UInt64, burst: UInt64? = nil, now: ContinuousClock.Instant = .now) {
         self.bytesPerSecond = Double(bytesPerSecond)
         // Enough for one full frame, or 20 ms of traffic, whichever is larger.
         self.burst = Double(burst ?? max(UInt64(9 << 20), bytesPerSecond / 50))
         tokens = self.burst
-        last = .now
+        last = now
     }
 
     /// How long to wait before `bytes` may go (zero if they may go now); takes the tokens.
     public mutating func reserve(_ bytes: Int, now: ContinuousClock.Instant = .now) -> Duration {
-        let elapsed = now - last
-        last = now
+        let elapsed = max(now - last, .zero)
+        last = max(now, last)
         tokens = min(burst, tokens + bytesPerSecond * (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18))
         tokens -= Double(bytes)
         guard tokens < 0 else { return .zero }

@@ -1,0 +1,123 @@
+import Foundation
+import Testing
+import TernKVM
+import TernMachine
+import TernWire
+@testable import TernMigration
+
+struct PageSetTests {
+    /// The obvious implementation, to check the fast one against.
+    func naiveRanges(_ set: PageSet) -> [[Int]] {
+        var ranges: [[Int]] = []
+        var page = 0
+        while page < set.pageCount {
+            if set.contains(page) {
+                let start = page
+                while page < set.pageCount && set.contains(page) { page += 1 }
+                ranges.append([start, page - start])
+            } else {
+                page += 1
+            }
+        }
+        return ranges
+    }
+
+    @Test func rangesMatchANaiveScan() {
+        var generator = SystemRandomNumberGenerator()
+        for trial in 0..<200 {
+            var set = PageSet(pageCount: 1000 + trial)
+            let density = Double(trial % 10) / 10
+            for page in 0..<set.pageCount where Double.random(in: 0..<1, using: &generator) < density { set.insert(page) }
+            if trial % 7 == 0 { for page in 64..<256 { set.insert(page) } } // whole words
+            var ranges: [[Int]] = []
+            set.forEachRange { ranges.append([$0, $1]) }
+            #expect(ranges == naiveRanges(set), "trial \(trial)")
+            #expect(ranges.reduce(0) { $0 + $1[1] } == set.count)
+        }
+    }
+
+    @Test func mergesBitmapsAtAnyOffset() {
+        var aligned = PageSet(pageCount: 256)
+        aligned.merge(bitmap: [0b1011, 1 << 63], firstPage: 64)
+        #expect(aligned.contains(64) && aligned.contains(65) && aligned.contains(67) && !aligned.contains(66))
+        #expect(aligned.contains(191))
+        var shifted = PageSet(pageCount: 256)
+        shifted.merge(bitmap: [0b101], firstPage: 10)
+        #expect(shifted.contains(10) && shifted.contains(12) && shifted.count == 2)
+        var clipped = PageSet(pageCount: 70)
+        clipped.merge(bitmap: [.max, .max], firstPage: 10)
+        #expect(clipped.count == 60)
+    }
+}
+
+struct TokenBucketTests {
+    @Test func paysOutAtTheConfiguredRate() {
+        let start = ContinuousClock.now
+        var bucket = TokenBucket(bytesPerSecond: 100_000_000, burst: 1_000_000, now: start)
+        #expect(bucket.reserve(1_000_000, now: start) == .zero, "the first burst is free")
+        let wait = bucket.reserve(10_000_000, now: start)
+        #expect(abs(Double(wait.components.attoseconds) / 1e18 + Double(wait.components.seconds) - 0.1) < 0.001)
+        // After the wait has elapsed, the debt is paid: 1 MB more after 10 ms is on time.
+        #expect(bucket.reserve(1_000_000, now: start + .milliseconds(110)) == .zero)
+    }
+
+    @Test func idleTimeDoesNotBankMoreThanTheBurst() {
+        let start = ContinuousClock.now
+        var bucket = TokenBucket(bytesPerSecond: 1_000_000, burst: 100_000, now: start)
+        _ = bucket.reserve(100_000, now: start)
+        let wait = bucket.reserve(200_000, now: start + .seconds(60))
+        #expect(wait > .milliseconds(90), "a minute idle buys only one burst")
+    }
+}
+
+struct EndpointTests {
+    @Test func parsesAddresses() throws {
+        #expect(try Endpoint(parsing: "tcp:127.0.0.1:4444") == .tcp(host: "127.0.0.1", port: 4444))
+        #expect(try Endpoint(parsing: "tcp:[::1]:80") == .tcp(host: "::1", port: 80))
+        #expect(try Endpoint(parsing: "tcp:localhost:1") == .tcp(host: "localhost", port: 1))
+        #expect(try Endpoint(parsing: "unix:/tmp/m.sock") == .unix(path: "/tmp/m.sock"))
+        #expect(try Endpoint(parsing: "tcp:[::1]:80").description == "tcp:[::1]:80")
+    }
+
+    @Test(arguments: ["", "tcp:", "tcp:host", "tcp:host:0", "tcp:host:70000", "tcp::80", "udp:1.2.3.4:5", "unix:", "127.0.0.1:4444"])
+    func rejectsBadAddresses(text: String) {
+        #expect(throws: ConfigurationError.self) { try Endpoint(parsing: text) }
+    }
+}
+
+struct MessageTests {
+    let description = MachineDescription(memorySize: 256 << 20, vcpuCount: 2, kernelPath: "/k", commandLine: "x=1")
+
+    @Test func helloRoundTripsAndRejectsStrangers() throws {
+        let hello = Hello(bootID: "abc", machine: description,
+                          cpuid: [CPUIDEntry(function: 1, eax: 1, ebx: 2, ecx: 3, edx: 4)], devices: ["UART"])
+        #expect(try Hello(decoding: hello.encoded) == hello)
+        var wrongMagic = hello.encoded
+        wrongMagic[0] ^= 1
+        #expect(throws: WireError.self) { try Hello(decoding: wrongMagic) }
+        var newer = hello.encoded
+        newer[8] = 2 // protocol version
+        #expect(throws: WireError.unsupportedVersion("migration protocol 2; this tern speaks 1")) { try Hello(decoding: newer) }
+        for length in 0..<hello.encoded.count {
+            #expect(throws: WireError.self) { try Hello(decoding: Array(hello.encoded.prefix(length))) }
+        }
+    }
+
+    @Test func controlMessagesRoundTrip() throws {
+        let verdict = Verdict(accepted: false, reason: "no", memoryDigest: 7, stateDigest: nil, bootID: "b")
+        #expect(try Verdict(decoding: verdict.encoded) == verdict)
+        let completion = Completion(pausedMonotonicNs: 1, pausedRealtimeNs: 2, memoryDigest: nil, stateDigest: 9)
+        #expect(try Completion(decoding: completion.encoded) == completion)
+        let resumed = Resumed(monotonicNs: 5, realtimeNs: 6)
+        #expect(try Resumed(decoding: resumed.encoded) == resumed)
+        #expect(throws: WireError.self) { try Resumed(decoding: resumed.encoded + [0]) }
+    }
+
+    @Test func cpuCompatibilityNamesMissingFeatures() {
+        let host = [CPUIDEntry(function: 1, eax: 0, ebx: 0, ecx: 0b0110, edx: 0xFF), CPUIDEntry(function: 7, eax: 0, ebx: 0xF, ecx: 0, edx: 0)]
+        let fits = [CPUIDEntry(function: 1, eax: 0, ebx: 0, ecx: 0b0010 | 1 << 31, edx: 0x0F)]
+        #expect(CPUCompatibility.missingFeatures(guest: fits, host: host) == nil, "the hypervisor bit is Tern's own")
+        let needsMore = [CPUIDEntry(function: 7, eax: 0, ebx: 0x1F, ecx: 0, edx: 0)]
+        #expect(CPUCompatibility.missingFeatures(guest: needsMore, host: host)?.contains("leaf 7 register 0 bits 0x10") == true)
+    }
+}

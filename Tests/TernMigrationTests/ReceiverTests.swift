@@ -1,0 +1,99 @@
+import Foundation
+import Glibc
+import Testing
+import TernKVM
+import TernMachine
+import TernWire
+@testable import TernMigration
+
+/// The destination's receiver fed hand-built streams from memory, byte by
+/// byte, without sockets: good streams start a VM, every damaged one is
+/// refused before the VM runs.
+@Suite(.serialized, .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
+struct ReceiverTests {
+    static let guest = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("guest/build/tern-guest.elf").path
+
+    func frame(_ type: FrameType, _ payload: [UInt8]) -> [UInt8] {
+        FrameHeader(type: type, length: UInt64(payload.count), payloadCRC: Checksum.crc32c(payload)).encoded + payload
+    }
+
+    func pagesFrame(_ runs: [(PageRun, [UInt8])]) -> [UInt8] {
+        frame(.pages, runs.flatMap { $0.0.encodedHeader + $0.1 })
+    }
+
+    /// A complete stream for a 16 MiB guest: its state, all pages zero except one data page.
+    func stream(memory: UInt64 = 16 << 20, dataPage: [UInt8] = [UInt8](repeating: 0xAB, count: 4096)) throws -> (hello: [UInt8], pages: [UInt8], state: [UInt8], end: [UInt8], go: [UInt8]) {
+        let machine = try Machine(configuration: MachineConfiguration(kernelPath: Self.guest, commandLine: "progress=0",
+                                                                      memorySize: memory, serial: .off))
+        let state = try machine.captureState()
+        let hello = Hello(bootID: "test", machine: state.description, cpuid: machine.guestCPUID, devices: ["UART"])
+        let pageCount = UInt32(memory / 4096)
+        let pages = pagesFrame([(PageRun(address: GuestAddress(0), pageCount: pageCount, kind: .zero), []),
+                                (PageRun(address: GuestAddress(0x3000), pageCount: 1, kind: .data), dataPage)])
+        // The kernel image must travel too, or the started VM would run zeroes: send its pages as data.
+        let kernelPages = try (0x100000 / 4096..<0x110000 / 4096).map { page -> (PageRun, [UInt8]) in
+            (PageRun(address: GuestAddress(UInt64(page) * 4096), pageCount: 1, kind: .data),
+             try machine.memory.read(GuestAddress(UInt64(page) * 4096), count: 4096))
+        }
+        let completion = Completion(pausedMonotonicNs: Clocks.monotonicNs(), pausedRealtimeNs: Clocks.realtimeNs(), memoryDigest: nil, stateDigest: nil)
+        return (frame(.hello, hello.encoded), pages + pagesFrame(kernelPages), state.sections.flatMap { frame(.state, $0.encoded) },
+                frame(.end, completion.encoded), frame(.go, []))
+    }
+
+    func receive(_ bytes: [UInt8]) throws -> Machine {
+        try MigrationDestination(expectations: .init(serial: .off)).receive(from: BufferSource(bytes), replyTo: nil).0
+    }
+
+    @Test func aCompleteStreamStartsTheVM() throws {
+        let s = try stream()
+        let machine = try receive(s.hello + s.pages + s.state + s.end + s.go)
+        #expect(machine.currentState == .running)
+        #expect(try machine.memory.read(GuestAddress(0x3000), count: 4) == [0xAB, 0xAB, 0xAB, 0xAB])
+        machine.requestExit(MachineExit(kind: .quit, message: "test over"))
+        _ = machine.waitForExit()
+    }
+
+    @Test func everyTruncationIsRefused() throws {
+        let s = try stream()
+        let whole = s.hello + s.pages + s.state + s.end + s.go
+        var cuts = Array(stride(from: 0, to: whole.count, by: max(1, whole.count / 300)))
+        cuts += [s.hello.count, s.hello.count + s.pages.count, whole.count - s.go.count, whole.count - 1]
+        for cut in cuts {
+            #expect(throws: (any Error).self, "cut at \(cut)") { _ = try receive(Array(whole.prefix(cut))) }
+        }
+    }
+
+    @Test func damagedStreamsAreRefused() throws {
+        let s = try stream()
+        // Pages outside guest RAM.
+        let outside = pagesFrame([(PageRun(address: GuestAddress(64 << 20), pageCount: 1, kind: .zero), [])])
+        #expect(throws: (any Error).self) { _ = try receive(s.hello + outside + s.pages + s.state + s.end + s.go) }
+        // Memory that never fully arrived.
+        let partial = pagesFrame([(PageRun(address: GuestAddress(0), pageCount: 16, kind: .zero), [])])
+        #expect(throws: (any Error).self) { _ = try receive(s.hello + partial + s.state + s.end + s.go) }
+        // Memory after the state.
+        #expect(throws: (any Error).self) { _ = try receive(s.hello + s.pages + s.state + s.pages + s.end + s.go) }
+        // No state at all.
+        #expect(throws: (any Error).self) { _ = try receive(s.hello + s.pages + s.end + s.go) }
+        // A flipped bit in a page.
+        var flipped = s.pages
+        flipped[flipped.count / 2] ^= 1
+        #expect(throws: (any Error).self) { _ = try receive(s.hello + flipped + s.state + s.end + s.go) }
+        // The source aborts instead of committing.
+        #expect(throws: (any Error).self) { _ = try receive(s.hello + s.pages + s.state + s.end + frame(.abort, Array("no".utf8))) }
+        // A second hello in the middle.
+        #expect(throws: (any Error).self) { _ = try receive(s.hello + s.hello + s.pages + s.state + s.end + s.go) }
+    }
+
+    @Test func aMachineThisHostCannotRunIsRefused() throws {
+        let s = try stream()
+        var hello = try Hello(decoding: Array(s.hello.dropFirst(FrameHeader.size)))
+        hello.devices.append("GPU0")
+        #expect(throws: (any Error).self) { _ = try receive(frame(.hello, hello.encoded) + s.pages + s.state + s.end + s.go) }
+        hello.devices.removeLast()
+        hello.cpuid.append(CPUIDEntry(function: 7, eax: 0, ebx: 0xFFFF_FFFF, ecx: 0xFFFF_FFFF, edx: 0xFFFF_FFFF))
+        hello.cpuid.removeAll { $0.function == 7 && $0.ebx != 0xFFFF_FFFF }
+        #expect(throws: (any Error).self) { _ = try receive(frame(.hello, hello.encoded) + s.pages + s.state + s.end + s.go) }
+    }
+}
