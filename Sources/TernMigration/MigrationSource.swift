@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Logging
+import Synchronization
 import TernKVM
 import TernMachine
 import TernWire
@@ -125,8 +126,16 @@ public final class MigrationSource: @unchecked Sendable {
 
         // Pre-copy. Dirty logging starts clean, before the first pass reads anything.
         for slot in machine.vm.memorySlots { try machine.vm.setDirtyLogging(slot: slot.slot, enabled: true) }
-        var sender = PageSender(memory: machine.memory, stream: stream, bucket: parameters.bandwidth.map { TokenBucket(bytesPerSecond: $0) },
-                                shouldStop: { [unowned self] in cancelled })
+        let roundPlan = Mutex<(pagesBefore: UInt64, planned: Double)>((0, 1))
+        let sender = PageSender(memory: machine.memory, stream: stream, bucket: parameters.bandwidth.map { TokenBucket(bytesPerSecond: $0) },
+                                shouldStop: { [unowned self] in cancelled },
+                                onFrame: { [unowned self] counters in
+                                    let plan = roundPlan.withLock { $0 }
+                                    update {
+                                        $0.roundPercent = min(100, Double(counters.dataPages + counters.zeroPages - plan.pagesBefore) / max(plan.planned, 1) * 100)
+                                        $0.transferredBytes = counters.bytes
+                                    }
+                                })
         var round = 0
         var stalls = 0
         var previousDirty = Int.max
@@ -137,14 +146,7 @@ public final class MigrationSource: @unchecked Sendable {
             let roundStart = ContinuousClock.now
             let before = sender.counters
             update { $0.currentRound = round; $0.roundPercent = 0 }
-            let planned = Double(pending.map { UInt64($0.count) } ?? totalPages)
-            let pagesBefore = before.dataPages + before.zeroPages
-            sender.onFrame = { [unowned self] counters in
-                update {
-                    $0.roundPercent = min(100, Double(counters.dataPages + counters.zeroPages - pagesBefore) / max(planned, 1) * 100)
-                    $0.transferredBytes = counters.bytes
-                }
-            }
+            roundPlan.withLock { $0 = (before.dataPages + before.zeroPages, Double(pending.map { UInt64($0.count) } ?? totalPages)) }
             if let pages = pending { try sender.send(pages) } else { try sender.sendAll() }
             let duration = max(milliseconds(since: roundStart), 0.001)
             let dirty = try machine.memory.collectDirtyPages(from: machine.vm)

@@ -69,13 +69,6 @@ public struct PageSet: Equatable, Sendable {
 }
 
 extension GuestMemory {
-    /// The guest address of a memfd page index.
-    func address(ofPage page: Int) -> GuestAddress {
-        let offset = UInt64(page) * UInt64(PageRun.pageSize)
-        let region = regions.last { $0.fileOffset <= offset }!
-        return region.start + (offset - region.fileOffset)
-    }
-
     /// Reads and resets KVM's dirty log for every slot of this memory.
     func collectDirtyPages(from vm: VirtualMachine) throws -> PageSet {
         var set = PageSet(pageCount: Int(size / UInt64(PageRun.pageSize)))

@@ -1,0 +1,174 @@
+import Glibc
+import TernWire
+
+/// What went on the wire as page frames.
+public struct PageStreamCounters: Sendable, Equatable {
+    public var bytes: UInt64 = 0
+    public var dataPages: UInt64 = 0
+    public var zeroPages: UInt64 = 0
+    public var frames: UInt64 = 0
+    public init() {}
+}
+
+/// Turns ranges of guest pages into `pages` frames: the sending half shared
+/// by snapshots and migration.
+///
+/// Pages are read with pread from the memfd into a staging buffer, never
+/// through the VMM's mapping: the guest's writes do not populate the VMM's
+/// page tables, and faulting them in page by page is several times slower
+/// than the copy (measured on this platform). The copy is also what makes a
+/// running guest safe to send: the frame's checksum and the bytes sent are
+/// both taken from the staged copy, while any later write to the page is in
+/// the dirty log for the next round. Zero pages are found in the copy and go
+/// as markers; known holes go as markers without being read.
+public final class PageStreamer {
+    public static let framePages = 2048
+    static let maximumRunPages: UInt32 = 1024
+    static let maximumRunsPerFrame = 4096
+
+    public let memory: GuestMemory
+    let stream: FDStream
+    /// Called with a frame's size before it is written: rate limits and cancellation hook in here.
+    public var beforeFrame: ((Int) throws -> Void)?
+    public private(set) var counters = PageStreamCounters()
+
+    private let staging: UnsafeMutableRawBufferPointer
+    private var stagedPages = 0
+    private var runs: [(run: PageRun, stagingPage: Int)] = []
+
+    public init(memory: GuestMemory, stream: FDStream) {
+        self.memory = memory
+        self.stream = stream
+        staging = .allocate(byteCount: Self.framePages * PageRun.pageSize, alignment: 4096)
+    }
+
+    deinit { staging.deallocate() }
+
+    /// Pages known to be zero (memfd holes): markers only, nothing is read.
+    public func addZeroPages(firstPage: Int, count: Int) throws {
+        var page = firstPage
+        var left = count
+        while left > 0 {
+            let address = memory.address(ofPage: page)
+            guard let region = memory.region(containing: address) else { throw GuestMemory.Error.outOfRange(address, length: 4096) }
+            let pagesInRegion = Int((region.end.rawValue - address.rawValue) / UInt64(PageRun.pageSize))
+            var take = min(left, pagesInRegion)
+            if let last = runs.last, last.run.kind == .zero, last.run.pageCount < Self.maximumRunPages,
+               last.run.address.rawValue + UInt64(last.run.byteCount) == address.rawValue {
+                take = min(take, Int(Self.maximumRunPages - last.run.pageCount))
+                runs[runs.count - 1].run.pageCount += UInt32(take)
+            } else {
+                if runs.count >= Self.maximumRunsPerFrame { try flush() }
+                take = min(take, Int(Self.maximumRunPages))
+                runs.append((PageRun(address: address, pageCount: UInt32(take), kind: .zero), -1))
+            }
+            counters.zeroPages += UInt64(take)
+            page += take
+            left -= take
+        }
+    }
+
+    /// Pages to read and send, as data or (if they turn out all zero) as markers.
+    public func addPages(firstPage: Int, count: Int) throws {
+        var page = firstPage
+        let end = firstPage + count
+        while page < end {
+            if stagedPages == Self.framePages { try flush() }
+            let n = min(end - page, Self.framePages - stagedPages)
+            let destination = staging.baseAddress! + stagedPages * PageRun.pageSize
+            try readMemory(into: destination, bytes: n * PageRun.pageSize, fileOffset: page * PageRun.pageSize)
+            for i in 0..<n {
+                let bytes = UnsafeRawBufferPointer(start: destination + i * PageRun.pageSize, count: PageRun.pageSize)
+                if Checksum.isZero(bytes) {
+                    try append(.zero, page: page + i, stagingPage: -1)
+                } else {
+                    try append(.data, page: page + i, stagingPage: stagedPages + i)
+                }
+            }
+            stagedPages += n
+            page += n
+        }
+    }
+
+    private func readMemory(into destination: UnsafeMutableRawPointer, bytes: Int, fileOffset: Int) throws {
+        var done = 0
+        while done < bytes {
+            let n = pread(memory.file.rawValue, destination + done, bytes - done, off_t(fileOffset + done))
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw FDStream.IOError(operation: "reading guest memory", errno: n == 0 ? EIO : errno) }
+            done += n
+        }
+    }
+
+    private func append(_ kind: PageRun.Kind, page: Int, stagingPage: Int) throws {
+        let address = memory.address(ofPage: page)
+        if let last = runs.last, last.run.kind == kind, last.run.pageCount < Self.maximumRunPages,
+           last.run.address.rawValue + UInt64(last.run.byteCount) == address.rawValue,
+           kind == .zero || last.stagingPage + Int(last.run.pageCount) == stagingPage {
+            runs[runs.count - 1].run.pageCount += 1
+        } else {
+            if runs.count >= Self.maximumRunsPerFrame { try flush() }
+            runs.append((PageRun(address: address, pageCount: 1, kind: kind), stagingPage))
+        }
+        if kind == .data { counters.dataPages += 1 } else { counters.zeroPages += 1 }
+    }
+
+    /// Writes what is pending as one frame.
+    public func flush() throws {
+        guard !runs.isEmpty else { stagedPages = 0; return }
+        let headers = UnsafeMutableRawBufferPointer.allocate(byteCount: runs.count * PageRun.headerSize, alignment: 8)
+        defer { headers.deallocate() }
+        var pieces: [UnsafeRawBufferPointer] = []
+        pieces.reserveCapacity(runs.count * 2)
+        var size = FrameHeader.size
+        for (index, entry) in runs.enumerated() {
+            let slot = UnsafeMutableRawBufferPointer(rebasing: headers[index * PageRun.headerSize..<(index + 1) * PageRun.headerSize])
+            slot.copyBytes(from: entry.run.encodedHeader)
+            pieces.append(UnsafeRawBufferPointer(slot))
+            size += PageRun.headerSize
+            if entry.run.kind == .data {
+                pieces.append(UnsafeRawBufferPointer(start: staging.baseAddress! + entry.stagingPage * PageRun.pageSize, count: entry.run.byteCount))
+                size += entry.run.byteCount
+            }
+        }
+        try beforeFrame?(size)
+        try stream.writeFrame(.pages, payload: pieces)
+        counters.bytes += UInt64(size)
+        counters.frames += 1
+        runs.removeAll(keepingCapacity: true)
+        stagedPages = 0
+    }
+}
+
+extension GuestMemory {
+    /// The guest address of a memfd page index.
+    public func address(ofPage page: Int) -> GuestAddress {
+        let offset = UInt64(page) * UInt64(PageRun.pageSize)
+        let region = regions.last { $0.fileOffset <= offset }!
+        return region.start + (offset - region.fileOffset)
+    }
+
+    /// Calls `body` for each extent of the memfd in order: holes (never
+    /// written, so zero without reading them) and ranges that hold data.
+    /// Page indices are memfd pages (file offset / 4096).
+    public func forEachExtent(_ body: (_ firstPage: Int, _ count: Int, _ isHole: Bool) throws -> Void) throws {
+        let page = UInt64(PageRun.pageSize)
+        let fd = file.rawValue
+        var offset: UInt64 = 0
+        let end = size
+        while offset < end {
+            // lseek whences SEEK_DATA (3) and SEEK_HOLE (4); ENXIO from SEEK_DATA means "no data until the end".
+            let nextData = lseek(fd, off_t(offset), 3)
+            let holeEnd = nextData < 0 ? end : min(UInt64(nextData) / page * page, end)
+            if holeEnd > offset {
+                try body(Int(offset / page), Int((holeEnd - offset) / page), true)
+                offset = holeEnd
+            }
+            guard offset < end else { break }
+            let nextHole = lseek(fd, off_t(offset), 4)
+            let dataEnd = nextHole < 0 ? end : min((UInt64(nextHole) + page - 1) / page * page, end)
+            try body(Int(offset / page), Int((dataEnd - offset) / page), false)
+            offset = dataEnd
+        }
+    }
+}
