@@ -1,29 +1,43 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine and boots Tern's bundled test guest, showing its
-# progress on the serial console and its status block through the API.
+# The main job: sets up a fresh machine, boots Tern's bundled test guest in one
+# tern process, live-migrates it to a second tern process over TCP on
+# loopback, prints the migration report, and shows the guest still running on
+# the destination.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh release
 tern=.build/release/tern
-socket=$(mktemp -u /tmp/tern-demo.XXXXXX.sock)
+work=$(mktemp -d /tmp/tern-demo.XXXXXX)
+port=$((20000 + RANDOM % 20000))
+cleanup() {
+    $tern quit --api-socket "$work/dst.sock" >/dev/null 2>&1 || true
+    $tern quit --api-socket "$work/src.sock" >/dev/null 2>&1 || true
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
 
-echo "== booting the test guest: 1 GiB of RAM, fill 256 MiB, then dirty 64 MiB at random at 200 MB/s"
-$tern run --kernel guest/build/tern-guest.elf --memory 1G \
-    --cmdline "fill=256 dirty=64 pattern=random rate=200 progress=1" --api-socket "$socket" &
-pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
-for _ in $(seq 50); do [ -S "$socket" ] && break; sleep 0.1; done
-sleep 3
-echo "== tern info"
-$tern info --api-socket "$socket"
-echo "== the guest's status block (docs/GUEST.md), read through the API"
-$tern memory read --api-socket "$socket" --addr 0x102000 --length 0x60
-echo "== pause, resume, quit"
-$tern pause --api-socket "$socket" && $tern info --api-socket "$socket" | head -1
+status() { # iterations, passes, verified, errors of the guest behind API socket $1
+    $tern memory read --api-socket "$1" --addr 0x102000 --length 0x48 --out - |
+        python3 -c 'import struct,sys; b=sys.stdin.buffer.read(); print("iterations=%d passes=%d verified=%d errors=%d" % (struct.unpack_from("<Q",b,0x10)[0], *struct.unpack_from("<QQQ",b,0x30)))'
+}
+
+echo "== destination: tern run --incoming tcp:127.0.0.1:$port"
+$tern run --incoming "tcp:127.0.0.1:$port" --api-socket "$work/dst.sock" --serial "file:$work/dst-serial.log" &
+echo "== source: a 1 GiB guest filling 512 MiB, then rewriting 64 MiB at random at 200 MB/s"
+$tern run --kernel guest/build/tern-guest.elf --memory 1G --api-socket "$work/src.sock" --serial "file:$work/src-serial.log" \
+    --cmdline "fill=512 dirty=64 pattern=random rate=200 progress=1" &
+for _ in $(seq 100); do [ -S "$work/src.sock" ] && grep -q "phase=dirty" "$work/src-serial.log" 2>/dev/null && break; sleep 0.1; done
+sleep 2
+echo "   source guest: $(status "$work/src.sock")"
+
+echo "== tern migrate --to tcp:127.0.0.1:$port --verify"
+$tern migrate --api-socket "$work/src.sock" --to "tcp:127.0.0.1:$port" --max-downtime 300 --verify
+
 sleep 1
-$tern resume --api-socket "$socket" && $tern info --api-socket "$socket" | head -1
+echo "== the guest runs on the destination now (its own checksum of its working set holds):"
+echo "   $(status "$work/dst.sock")"
 sleep 1
-$tern quit --api-socket "$socket"
-wait $pid
-trap - EXIT
-echo "== done"
+echo "   $(status "$work/dst.sock")"
+echo "== destination serial console, last lines:"
+tail -n 3 "$work/dst-serial.log"
