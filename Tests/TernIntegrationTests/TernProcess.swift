@@ -19,15 +19,22 @@ final class TernProcess: @unchecked Sendable {
     let directory: URL
     let apiSocket: String
 
-    init(_ arguments: [String], withAPI: Bool = true, environment: [String: String] = [:]) throws {
+    /// `wrapper` runs tern through another command, e.g. `ip netns exec NS`.
+    init(_ arguments: [String], withAPI: Bool = true, environment: [String: String] = [:], wrapper: [String] = []) throws {
         directory = URL(fileURLWithPath: NSTemporaryDirectory()).appendingPathComponent("tern-test-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         apiSocket = directory.appendingPathComponent("api.sock").path
         guard FileManager.default.isExecutableFile(atPath: Self.binary) else {
             throw ConfigurationError("tern binary not found at \(Self.binary): run `swift build` first")
         }
-        process.executableURL = URL(fileURLWithPath: Self.binary)
-        process.arguments = arguments + (withAPI ? ["--api-socket", apiSocket] : [])
+        let ternArguments = arguments + (withAPI ? ["--api-socket", apiSocket] : [])
+        if let command = wrapper.first {
+            process.executableURL = URL(fileURLWithPath: command)
+            process.arguments = Array(wrapper.dropFirst()) + [Self.binary] + ternArguments
+        } else {
+            process.executableURL = URL(fileURLWithPath: Self.binary)
+            process.arguments = ternArguments
+        }
         if !environment.isEmpty {
             process.environment = ProcessInfo.processInfo.environment.merging(environment) { _, new in new }
         }
@@ -40,11 +47,12 @@ final class TernProcess: @unchecked Sendable {
     }
 
     /// Boots the bundled test guest.
-    static func guest(_ cmdline: String, memory: String = "128M", extra: [String] = []) throws -> TernProcess {
+    static func guest(_ cmdline: String, memory: String = "128M", extra: [String] = [], wrapper: [String] = []) throws -> TernProcess {
         guard FileManager.default.fileExists(atPath: guest) else {
             throw ConfigurationError("test guest not built at \(guest): run `make -C guest`")
         }
-        return try TernProcess(["run", "--kernel", guest, "--cmdline", cmdline, "--memory", memory, "--serial", "off"] + extra)
+        return try TernProcess(["run", "--kernel", guest, "--cmdline", cmdline, "--memory", memory, "--serial", "off"] + extra,
+                               wrapper: wrapper)
     }
 
     var client: APIClient { APIClient(socketPath: apiSocket) }
