@@ -107,6 +107,10 @@ public final class MigrationDestination {
                 let payload = try source.readExactly(Int(header.length), what: "end frame")
                 guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("end frame") }
                 completion = try Completion(decoding: payload)
+            case .ping:
+                guard applier.dataPages + applier.zeroPages == 0, header.length <= 64 else { throw Refusal("unexpected ping") }
+                let payload = try source.readExactly(Int(header.length), what: "ping")
+                try sink?.writeFrame(.pong, payload: payload)
             case .abort:
                 let payload = try source.readExactly(Int(header.length), what: "abort frame")
                 throw Refusal("the source aborted: \(String(decoding: payload, as: UTF8.self))")

@@ -36,6 +36,8 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     public var switchoverReason: String?
     public var totalMs: Double = 0
     public var setupMs: Double = 0
+    /// Round-trip time to the destination, measured before the first page.
+    public var roundTripMs: Double?
     public var downtimeMs: Double?
     /// How downtime was measured: "shared-monotonic" (one host), "realtime" (two hosts, NTP-bound accuracy).
     public var downtimeClock: String?

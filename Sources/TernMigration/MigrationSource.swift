@@ -38,6 +38,8 @@ public final class MigrationSource: @unchecked Sendable {
     static let stallRoundsAllowed = 3
     /// Time allowed for the destination to answer a control message.
     static let replyTimeoutSeconds = 30
+    /// The VM state sections are small (about 20 KiB per vCPU); a fixed allowance is precise enough.
+    static let stateBytesEstimate = 64 << 10
 
     public init(machine: Machine, parameters: Parameters, logger: Logger = Logger(label: "tern.migration")) {
         self.machine = machine
@@ -122,7 +124,12 @@ public final class MigrationSource: @unchecked Sendable {
         let reply = try Verdict(decoding: replyPayload)
         guard reply.accepted else { throw Failure("the destination refused the VM: \(reply.reason)") }
         let sameHost = reply.bootID == Clocks.bootID
-        update { $0.setupMs = milliseconds(since: started); $0.status = .precopy }
+        // The hand-over costs about one and a half round trips beyond the data (end -> ready -> go -> resumed).
+        let pingStart = ContinuousClock.now
+        try stream.writeFrame(.ping, payload: [UInt8]())
+        _ = try readReply(stream, expecting: .pong, what: "the latency probe")
+        let roundTripMs = milliseconds(since: pingStart)
+        update { $0.setupMs = milliseconds(since: started); $0.status = .precopy; $0.roundTripMs = roundTripMs }
 
         // Pre-copy. Dirty logging starts clean, before the first pass reads anything.
         for slot in machine.vm.memorySlots { try machine.vm.setDirtyLogging(slot: slot.slot, enabled: true) }
@@ -155,7 +162,8 @@ public final class MigrationSource: @unchecked Sendable {
             // Link speed: what the whole pre-copy achieved so far (single tiny rounds are too noisy).
             let elapsedPrecopy = max(milliseconds(since: started) - progress.setupMs, 0.001)
             let throughput = Double(sent.bytes) / (elapsedPrecopy / 1000)
-            let predictedMs = Double(dirty.count * (PageRun.pageSize + PageRun.headerSize)) / max(throughput, 1) * 1000
+            let predictedMs = Double(dirty.count * (PageRun.pageSize + PageRun.headerSize) + Self.stateBytesEstimate) / max(throughput, 1) * 1000
+                + 1.5 * roundTripMs
             let record = MigrationReport.Round(
                 round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages),
                 zeroPages: sent.zeroPages - before.zeroPages, bytes: roundBytes, dirtyPages: UInt64(dirty.count),
