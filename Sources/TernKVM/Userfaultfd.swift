@@ -1,0 +1,99 @@
+import CKVM
+import Glibc
+
+/// A userfaultfd: lets this process resolve page faults on registered memory
+/// itself — KVM's accesses to guest memory included — by placing pages
+/// atomically (UFFDIO_COPY / UFFDIO_ZEROPAGE). Post-copy migration runs on it.
+public final class Userfaultfd: @unchecked Sendable {
+    // Sendable: the fd is immutable; the kernel serialises the ioctls.
+    public let fd: FileDescriptor
+
+    /// A fault waiting to be resolved: the faulting address and whether it was a write.
+    public struct Fault: Equatable, Sendable {
+        public var address: UInt64
+        public var isWrite: Bool
+    }
+
+    /// Opens a userfaultfd (non-blocking, so a reader can poll it alongside a stop signal)
+    /// and negotiates the API, requiring missing-page faults on shared memory (memfd).
+    public init() throws(SystemError) {
+        let raw = try check("userfaultfd") { ckvm_userfaultfd(O_CLOEXEC | O_NONBLOCK) }
+        fd = FileDescriptor(adopting: raw)
+        var api = uffdio_api()
+        api.api = UInt64(UFFD_API)
+        api.features = UInt64(UFFD_FEATURE_MISSING_SHMEM)
+        _ = try check("UFFDIO_API") { ckvm_ioctl_ptr(raw, CKVM_UFFDIO_API, &api) }
+    }
+
+    /// Registers [start, start + length) for missing-page faults.
+    public func registerMissing(_ start: UnsafeMutableRawPointer, length: Int) throws(SystemError) {
+        var register = uffdio_register()
+        register.range.start = UInt64(UInt(bitPattern: start))
+        register.range.len = UInt64(length)
+        register.mode = UInt64(UFFDIO_REGISTER_MODE_MISSING)
+        _ = try check("UFFDIO_REGISTER") { ckvm_ioctl_ptr(fd.rawValue, CKVM_UFFDIO_REGISTER, &register) }
+    }
+
+    public func unregister(_ start: UnsafeMutableRawPointer, length: Int) throws(SystemError) {
+        var range = uffdio_range(start: UInt64(UInt(bitPattern: start)), len: UInt64(length))
+        _ = try check("UFFDIO_UNREGISTER") { ckvm_ioctl_ptr(fd.rawValue, CKVM_UFFDIO_UNREGISTER, &range) }
+    }
+
+    /// Result of placing a page: placed now, or it was already there (another
+    /// fault or copy won the race; not an error for the caller to retry).
+    public enum Placement: Equatable, Sendable { case placed, alreadyPresent }
+
+    /// UFFDIO_COPY: atomically fills `length` bytes at `destination` from `source` and wakes the faulting threads.
+    public func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, length: Int) throws(SystemError) -> Placement {
+        var request = uffdio_copy()
+        request.dst = UInt64(UInt(bitPattern: destination))
+        request.src = UInt64(UInt(bitPattern: source))
+        request.len = UInt64(length)
+        request.mode = 0
+        return try place("UFFDIO_COPY") { ckvm_ioctl_ptr(fd.rawValue, CKVM_UFFDIO_COPY, &request) }
+    }
+
+    /// UFFDIO_ZEROPAGE: places zero pages and wakes the faulting threads.
+    public func zero(_ destination: UnsafeMutableRawPointer, length: Int) throws(SystemError) -> Placement {
+        var request = uffdio_zeropage()
+        request.range.start = UInt64(UInt(bitPattern: destination))
+        request.range.len = UInt64(length)
+        request.mode = 0
+        return try place("UFFDIO_ZEROPAGE") { ckvm_ioctl_ptr(fd.rawValue, CKVM_UFFDIO_ZEROPAGE, &request) }
+    }
+
+    private func place(_ name: String, _ call: () -> Int32) throws(SystemError) -> Placement {
+        while true {
+            if call() == 0 { return .placed }
+            switch errno {
+            case EINTR, EAGAIN: continue
+            case EEXIST: return .alreadyPresent
+            default: throw SystemError(name, errno: errno)
+            }
+        }
+    }
+
+    /// Waits up to `timeoutMs` for faults and returns those pending (empty on timeout).
+    public func waitForFaults(timeoutMs: Int32) throws(SystemError) -> [Fault] {
+        var poll = pollfd(fd: fd.rawValue, events: Int16(POLLIN), revents: 0)
+        let ready = Glibc.poll(&poll, 1, timeoutMs)
+        if ready < 0 {
+            if errno == EINTR { return [] }
+            throw SystemError("poll userfaultfd", errno: errno)
+        }
+        guard ready > 0 else { return [] }
+        var faults: [Fault] = []
+        var messages = [uffd_msg](repeating: uffd_msg(), count: 64)
+        let size = MemoryLayout<uffd_msg>.stride
+        let n = messages.withUnsafeMutableBytes { Glibc.read(fd.rawValue, $0.baseAddress, $0.count) }
+        if n < 0 {
+            if errno == EAGAIN || errno == EINTR { return [] }
+            throw SystemError("read userfaultfd", errno: errno)
+        }
+        for message in messages.prefix(n / size) where message.event == UInt8(UFFD_EVENT_PAGEFAULT) {
+            faults.append(Fault(address: message.arg.pagefault.address,
+                                isWrite: message.arg.pagefault.flags & UInt64(UFFD_PAGEFAULT_FLAG_WRITE) != 0))
+        }
+        return faults
+    }
+}
