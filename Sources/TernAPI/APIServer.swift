@@ -61,6 +61,12 @@ public final class APIServer: Sendable {
         router.set(APIRouter(machine: machine))
     }
 
+    /// Before a VM exists (a destination waiting for its migration): what
+    /// `GET /v1/vm` says, and what `PUT /v1/vm/quit` does.
+    public func setWaiting(_ description: String, quit: @escaping @Sendable () -> Void) {
+        router.setWaiting(description, quit: quit)
+    }
+
     /// Stops serving and removes the socket file.
     public func shutdown() {
         try? channel.close().wait()
@@ -69,11 +75,22 @@ public final class APIServer: Sendable {
     }
 }
 
-/// The router, once the machine exists.
+/// The router, once the machine exists; until then, the waiting state.
 final class RouterBox: Sendable {
     private let router = Mutex<APIRouter?>(nil)
+    private let waiting = Mutex<(description: String, quit: @Sendable () -> Void)?>(nil)
     func set(_ value: APIRouter) { router.withLock { $0 = value } }
     func get() -> APIRouter? { router.withLock { $0 } }
+    func setWaiting(_ description: String, quit: @escaping @Sendable () -> Void) { waiting.withLock { $0 = (description, quit) } }
+
+    /// Answers requests that arrive before the VM exists.
+    func handleBeforeMachine(method: String, uri: String) -> APIResponse {
+        guard let waiting = waiting.withLock({ $0 }) else { return .error(503, "starting", "the VM is still being created") }
+        if uri.hasPrefix("/v1/vm/quit") && (method == "PUT" || method == "POST") {
+            return .noContent(afterSending: waiting.quit)
+        }
+        return .error(503, "waiting", waiting.description)
+    }
 }
 
 /// One connection's requests: each is routed on a global queue (routes may
@@ -100,7 +117,7 @@ final class APIRequestHandler: ChannelInboundHandler, Sendable {
         let router = self.router
         DispatchQueue.global().async {
             let response = router.get()?.handle(method: method, uri: uri, body: body)
-                ?? .error(503, "starting", "the VM is still being created")
+                ?? router.handleBeforeMachine(method: method, uri: uri)
             eventLoop.execute {
                 Self.write(response, version: version, keepAlive: keepAlive, context: bound.value, handler: self)
             }

@@ -33,9 +33,6 @@ public final class MigrationSource: @unchecked Sendable {
     private var cancelReason: String?
     private var connection: FileDescriptor?
 
-    /// A round is "not shrinking" when it leaves at least this share of the previous round's dirty pages.
-    static let stallRatio = 0.9
-    static let stallRoundsAllowed = 3
     /// Time allowed for the destination to answer a control message.
     static let replyTimeoutSeconds = 30
     /// The VM state sections are small (about 20 KiB per vCPU); a fixed allowance is precise enough.
@@ -52,14 +49,22 @@ public final class MigrationSource: @unchecked Sendable {
     public var progress: MigrationReport { lock.withLock { report } }
 
     /// Asks the migration to stop. Before the hand-over the VM keeps running here.
+    /// The sender notices between frames and tells the destination why; if it
+    /// is stuck on a peer that stopped reading, the connection is cut after a grace period.
     public func cancel(reason: String = "cancelled by the user") {
-        lock.withLock {
-            guard cancelReason == nil else { return }
+        let first = lock.withLock {
+            guard cancelReason == nil else { return false }
             cancelReason = reason
-            // Unblock a send or receive in progress.
-            if let fd = connection?.rawValue { shutdown(fd, Int32(SHUT_RDWR)) }
+            return true
+        }
+        guard first else { return }
+        DispatchQueue.global().asyncAfter(deadline: .now() + Self.cancelGraceSeconds) { [weak self] in
+            guard let self else { return }
+            lock.withLock { if let fd = connection?.rawValue { shutdown(fd, Int32(SHUT_RDWR)) } }
         }
     }
+
+    static let cancelGraceSeconds = 2.0
 
     private var cancelled: Bool { lock.withLock { cancelReason != nil } }
     private func update(_ change: (inout MigrationReport) -> Void) { lock.withLock { change(&report) } }
@@ -86,6 +91,11 @@ public final class MigrationSource: @unchecked Sendable {
                 // The destination may already be running the VM: running it here too would fork it.
                 update { $0.status = .failed; $0.reason = "\(reason); the destination was told to start, so the VM stays paused here (resume it only if the destination is known dead)" }
             } else {
+                // Tell the destination why, so it does not mistake the end of the stream for damage.
+                if let fd = lock.withLock({ connection?.rawValue }) {
+                    setTimeouts(fd, seconds: 1)
+                    try? FDStream(fd: fd).writeFrame(.abort, payload: Array(reason.utf8))
+                }
                 if pausedHere { try? machine.resume() }
                 update { $0.status = cancelReason != nil ? .cancelled : .failed; $0.reason = reason }
             }
@@ -134,7 +144,8 @@ public final class MigrationSource: @unchecked Sendable {
         // Pre-copy. Dirty logging starts clean, before the first pass reads anything.
         for slot in machine.vm.memorySlots { try machine.vm.setDirtyLogging(slot: slot.slot, enabled: true) }
         let roundPlan = Mutex<(pagesBefore: UInt64, planned: Double)>((0, 1))
-        let sender = PageSender(memory: machine.memory, stream: stream, bucket: parameters.bandwidth.map { TokenBucket(bytesPerSecond: $0) },
+        let rateLimit = RateLimiter(bytesPerSecond: parameters.bandwidth)
+        let sender = PageSender(memory: machine.memory, stream: stream, rateLimit: rateLimit,
                                 shouldStop: { [unowned self] in cancelled },
                                 onFrame: { [unowned self] counters in
                                     let plan = roundPlan.withLock { $0 }
@@ -144,8 +155,9 @@ public final class MigrationSource: @unchecked Sendable {
                                     }
                                 })
         var round = 0
-        var stalls = 0
-        var previousDirty = Int.max
+        let policy = SwitchoverPolicy(maxDowntimeMs: parameters.maxDowntimeMs, maxRounds: parameters.maxRounds,
+                                      timeoutSeconds: parameters.timeoutSeconds)
+        var history = SwitchoverPolicy.History()
         var pending: PageSet?
         var switchover = "converged"
         let totalPages = machine.memory.size / UInt64(PageRun.pageSize)
@@ -177,14 +189,14 @@ public final class MigrationSource: @unchecked Sendable {
                 $0.roundPercent = 100
             }
             logger.debug("round \(round): \(record.pages) pages in \(Int(duration)) ms, \(dirty.count) dirty, predicted downtime \(Int(predictedMs)) ms")
-            round += 1
-            if predictedMs <= parameters.maxDowntimeMs { switchover = "converged"; pending = dirty; break }
-            if round >= parameters.maxRounds { switchover = "max-rounds (\(parameters.maxRounds)) reached"; pending = dirty; break }
-            if milliseconds(since: started) / 1000 >= parameters.timeoutSeconds { switchover = "timeout (\(Int(parameters.timeoutSeconds)) s) reached"; pending = dirty; break }
-            stalls = Double(dirty.count) >= Self.stallRatio * Double(previousDirty) ? stalls + 1 : 0
-            if stalls >= Self.stallRoundsAllowed { switchover = "not converging (the dirty set stopped shrinking)"; pending = dirty; break }
-            previousDirty = min(previousDirty, dirty.count)
             pending = dirty
+            let decision = policy.decide(afterRound: round, dirtyPages: dirty.count, predictedMs: predictedMs,
+                                         elapsedSeconds: milliseconds(since: started) / 1000, history: &history)
+            round += 1
+            if case .switchover(let reason) = decision {
+                switchover = reason
+                break
+            }
         }
 
         // Stop-and-copy.
@@ -195,6 +207,8 @@ public final class MigrationSource: @unchecked Sendable {
             pausedHere = true
         }
         let pauseInstant = ContinuousClock.now
+        // The cap shares the link during pre-copy; while the VM is paused, every byte it holds back is downtime.
+        rateLimit.lift()
         var last = try machine.memory.collectDirtyPages(from: machine.vm)
         if let pending { for (i, word) in pending.words.enumerated() where word != 0 { last.merge(bitmap: [word], firstPage: i * 64) } }
         let before = sender.counters

@@ -1,3 +1,4 @@
+import Foundation
 import TernMachine
 import TernWire
 
@@ -7,14 +8,13 @@ struct PageSender {
     let streamer: PageStreamer
     struct Stopped: Error {}
 
-    init(memory: GuestMemory, stream: FDStream, bucket: TokenBucket?, shouldStop: @escaping () -> Bool,
+    init(memory: GuestMemory, stream: FDStream, rateLimit: RateLimiter, shouldStop: @escaping () -> Bool,
          onFrame: @escaping (PageStreamCounters) -> Void = { _ in }) {
         streamer = PageStreamer(memory: memory, stream: stream)
-        var bucket = bucket
         let streamer = self.streamer
         streamer.beforeFrame = { size in
             if shouldStop() { throw Stopped() }
-            bucket?.consume(size)
+            rateLimit.consume(size)
             onFrame(streamer.counters)
         }
     }

@@ -27,10 +27,20 @@ public struct TokenBucket: Sendable {
         guard tokens < 0 else { return .zero }
         return .nanoseconds(Int64(-tokens / bytesPerSecond * 1e9))
     }
+}
 
-    /// Waits as long as `reserve` says.
-    public mutating func consume(_ bytes: Int) {
-        let wait = reserve(bytes)
+/// A token bucket shared by a sender's frames that can be lifted (for the stop-and-copy).
+final class RateLimiter: @unchecked Sendable {
+    // @unchecked: `bucket` is guarded by `lock`.
+    private let lock = NSLock()
+    private var bucket: TokenBucket?
+
+    init(bytesPerSecond: UInt64?) { bucket = bytesPerSecond.map { TokenBucket(bytesPerSecond: $0) } }
+
+    func consume(_ bytes: Int) {
+        let wait: Duration = lock.withLock { bucket?.reserve(bytes) ?? .zero }
         if wait > .zero { Thread.sleep(forTimeInterval: Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18) }
     }
+
+    func lift() { lock.withLock { bucket = nil } }
 }

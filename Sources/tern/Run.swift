@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Glibc
 import Logging
+import Synchronization
 import TernAPI
 import TernKVM
 import TernMachine
@@ -98,12 +99,18 @@ struct Run: ParsableCommand {
             }
         } catch let error as ExitCode {
             throw error
+        } catch is QuitWhileWaiting {
+            logger.info("quit while waiting for an incoming migration")
+            return
         } catch {
             FileHandle.standardError.write(Data("tern: \(error)\n".utf8))
             throw ExitCode.failure
         }
     }
 }
+
+/// `tern quit` on a destination that had not received a VM yet: a clean end, not an error.
+struct QuitWhileWaiting: Error {}
 
 extension Run {
     /// Waits for one migration and returns the running VM it delivered.
@@ -121,11 +128,17 @@ extension Run {
             sources.append(source)
         }
         defer { sources.forEach { $0.cancel() } }
+        let quitRequested = Atomic<Bool>(false)
+        server?.setWaiting("waiting for an incoming migration on \(endpoint)") {
+            quitRequested.store(true, ordering: .relaxed)
+            shutdown(listener.rawValue, Int32(SHUT_RDWR))
+        }
         logger.info("waiting for an incoming migration on \(endpoint)")
         let connection: FileDescriptor
         do {
             connection = try Endpoint.accept(listener)
         } catch {
+            if quitRequested.load(ordering: .relaxed) { throw QuitWhileWaiting() }
             throw ConfigurationError("stopped waiting for an incoming migration")
         }
         // One migration per process: later connections are refused rather than queued.

@@ -120,6 +120,19 @@ struct MigrationTests {
         _ = try pair.source.waitForStatus(timeout: 5) { $0.iterations > now.iterations }
         #expect(pair.destination.waitForExit(timeout: 10) != 0)
         #expect(!pair.destination.stderr.contains("the VM runs here now"))
+        #expect(pair.destination.stderr.contains("the source aborted: cancelled by the user"), "\(pair.destination.stderr)")
+    }
+
+    @Test func quitEndsADestinationThatIsStillWaiting() throws {
+        let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(freePort())", "--serial", "off"])
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while !destination.stderr.contains("waiting for an incoming") && Date() < deadline { usleep(20_000) }
+        let info = try destination.client.request(.GET, "/v1/vm")
+        #expect(info.status == 503)
+        #expect(info.errorMessage?.contains("waiting for an incoming migration") == true)
+        #expect(try destination.client.request(.PUT, "/v1/vm/quit").status == 204)
+        #expect(destination.waitForExit() == 0)
+        #expect(!FileManager.default.fileExists(atPath: destination.apiSocket))
     }
 
     @Test func incompatibleDestinationIsRefusedBeforeAnyMemoryMoves() throws {

@@ -121,3 +121,38 @@ struct MessageTests {
         #expect(CPUCompatibility.missingFeatures(guest: needsMore, host: host)?.contains("leaf 7 register 0 bits 0x10") == true)
     }
 }
+
+struct SwitchoverPolicyTests {
+    let policy = SwitchoverPolicy(maxDowntimeMs: 300, maxRounds: 10, timeoutSeconds: 60)
+
+    func run(_ rounds: [(dirty: Int, predicted: Double)], elapsed: Double = 1) -> [SwitchoverPolicy.Decision] {
+        var history = SwitchoverPolicy.History()
+        return rounds.enumerated().map { index, round in
+            policy.decide(afterRound: index, dirtyPages: round.dirty, predictedMs: round.predicted, elapsedSeconds: elapsed, history: &history)
+        }
+    }
+
+    @Test func switchesAtOnceWhenTheRestIsSmall() {
+        #expect(run([(100, 5)]) == [.switchover("converged")])
+        #expect(run([(0, 2)]) == [.switchover("converged")])
+    }
+
+    @Test func keepsIteratingWhileRoundsStillShrinkTheDirtySet() {
+        let decisions = run([(60_000, 280), (20_000, 120), (16_000, 90)])
+        #expect(decisions[0] == .iterate, "fits, but the first round says nothing about shrinking yet")
+        #expect(decisions[1] == .iterate, "shrank to a third: another round is worth it")
+        #expect(decisions[2] == .switchover("converged (further rounds would shrink the dirty set too little)"))
+    }
+
+    @Test func givesUpWhenTheDirtySetStopsShrinking() {
+        let decisions = run([(100_000, 900), (99_000, 890), (98_000, 880), (99_500, 895)])
+        #expect(decisions[0...2] == [.iterate, .iterate, .iterate])
+        #expect(decisions[3] == .switchover("not converging (the dirty set stopped shrinking)"))
+    }
+
+    @Test func limitsRoundsAndTime() {
+        let many = run(Array(repeating: (100_000, 900.0), count: 1) + (1..<10).map { (100_000 / ($0 + 1), 900.0) })
+        #expect(many.last == .switchover("max-rounds (10) reached"))
+        #expect(run([(100_000, 900)], elapsed: 61) == [.switchover("timeout (60 s) reached")])
+    }
+}

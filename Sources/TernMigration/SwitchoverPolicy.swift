@@ -1,0 +1,61 @@
+/// When pre-copy stops iterating and hands over (pure, so it is unit-tested).
+///
+/// The downtime target is a ceiling, not a goal: once the predicted
+/// stop-and-copy fits it, more rounds are still worth their (short) time
+/// while each one shrinks the dirty set a lot, because every round takes
+/// downtime off the switch. So the policy switches over when the prediction
+/// fits and either it is already small (a tenth of the target) or the last
+/// round shrank the dirty set by less than a quarter. When it does not fit,
+/// it gives up on converging after three rounds that each keep 90% or more
+/// of the smallest dirty set seen, and in any case at the round or time limit.
+public struct SwitchoverPolicy: Sendable {
+    public var maxDowntimeMs: Double
+    public var maxRounds: Int
+    public var timeoutSeconds: Double
+
+    static let smallFraction = 0.1
+    static let worthwhileShrink = 0.75
+    static let stallRatio = 0.9
+    static let stallRoundsAllowed = 3
+
+    public enum Decision: Equatable, Sendable {
+        case iterate
+        case switchover(String)
+    }
+
+    /// Between-round memory of the policy.
+    public struct History: Sendable {
+        var previousDirty: Int?
+        var smallestDirty = Int.max
+        var stalls = 0
+        public init() {}
+    }
+
+    public init(maxDowntimeMs: Double, maxRounds: Int, timeoutSeconds: Double) {
+        self.maxDowntimeMs = maxDowntimeMs
+        self.maxRounds = maxRounds
+        self.timeoutSeconds = timeoutSeconds
+    }
+
+    /// Called after round `round` (0-based) with the dirty pages it left and the predicted downtime.
+    public func decide(afterRound round: Int, dirtyPages: Int, predictedMs: Double, elapsedSeconds: Double,
+                       history: inout History) -> Decision {
+        defer {
+            history.previousDirty = dirtyPages
+            history.smallestDirty = min(history.smallestDirty, dirtyPages)
+        }
+        if predictedMs <= maxDowntimeMs {
+            if predictedMs <= maxDowntimeMs * Self.smallFraction || dirtyPages == 0 { return .switchover("converged") }
+            if let previous = history.previousDirty, Double(dirtyPages) > Self.worthwhileShrink * Double(previous) {
+                return .switchover("converged (further rounds would shrink the dirty set too little)")
+            }
+        }
+        if round + 1 >= maxRounds { return .switchover("max-rounds (\(maxRounds)) reached") }
+        if elapsedSeconds >= timeoutSeconds { return .switchover("timeout (\(Int(timeoutSeconds)) s) reached") }
+        if predictedMs > maxDowntimeMs {
+            history.stalls = Double(dirtyPages) >= Self.stallRatio * Double(history.smallestDirty) ? history.stalls + 1 : 0
+            if history.stalls >= Self.stallRoundsAllowed { return .switchover("not converging (the dirty set stopped shrinking)") }
+        }
+        return .iterate
+    }
+}
