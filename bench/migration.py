@@ -1,0 +1,964 @@
+#!/usr/bin/env python3
+"""Live migration, Tern against QEMU 7.2: same guest, same workloads, one run.
+
+For each case (a guest command line, optionally a bandwidth cap) and each
+repetition, migrates the test guest (guest/build/tern-guest.elf, 1 GiB) once
+between two `tern` processes and once between two QEMU processes (with
+bench/qemu/qemu_migrate.py, run as a subprocess), in alternating order, over
+loopback; checks that the guest keeps running on the destination; writes one
+JSON line per migration to --out and prints a Markdown report (optionally
+written into a file between <!-- migration-bench:start/end --> markers).
+
+    python3 bench/migration.py                       # all cases, once
+    python3 bench/migration.py --cases idle,flat64 --repeat 3 \\
+        --out /tmp/mig.jsonl --markdown docs/BENCHMARKS.md
+    python3 bench/migration.py --summarize /tmp/mig.jsonl   # report only
+
+Python 3 standard library only. See bench/README.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(HERE, "qemu"))
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree from the import below
+import qemu_migrate as qm  # noqa: E402  (constants and free_port only; the run itself is a subprocess)
+
+QEMU_SCRIPT = os.path.join(HERE, "qemu", "qemu_migrate.py")
+MARK_START = "<!-- migration-bench:start -->"
+MARK_END = "<!-- migration-bench:end -->"
+STATUS_LEN = 0xA0
+
+RANDOM256 = "fill=512 dirty=256 pattern=random rate=200 progress=0"
+# name -> guest command line, bandwidth cap (bytes/s, both VMMs), the name of
+# the same case in bench/qemu/run_cases.sh (results-reference.jsonl)
+CASES = {
+    "idle": {"cmdline": "progress=0", "bandwidth": None, "qemu_case": "idle"},
+    "hot960": {"cmdline": "fill=960 dirty=16 pattern=hotspot progress=0", "bandwidth": None,
+               "qemu_case": "hotspot960"},
+    "flat64": {"cmdline": "fill=512 dirty=64 progress=0", "bandwidth": None, "qemu_case": "seq64-flat"},
+    "random256": {"cmdline": RANDOM256, "bandwidth": None, "qemu_case": "random256-r200"},
+    "random256cap": {"cmdline": RANDOM256, "bandwidth": 100000000, "qemu_case": "random256-r200-bw100M"},
+}
+
+
+def log(*a):
+    print("[migration]", *a, file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+class Interrupted(BaseException):
+    """SIGTERM, handled like Ctrl-C (KeyboardInterrupt)."""
+
+
+# ---------------------------------------------------------------- processes
+
+LIVE = {}  # pid -> (Popen, name): everything started here and not yet reaped
+
+
+class blocked_signals:
+    """Defers SIGINT/SIGTERM while cleaning up, so a second Ctrl-C cannot leave processes behind."""
+
+    def __enter__(self):
+        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    def __exit__(self, *exc):
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+        return False
+
+
+def spawn(name, cmd, stdout=None, stderr=None):
+    """Starts a process in its own session (Ctrl-C on the terminal reaches only this script,
+    which then stops its children in order). stdout/stderr: a path, or None to inherit."""
+    log("start %s: %s" % (name, shlex.join(cmd)))
+    out = open(stdout, "wb") if stdout else None
+    err = open(stderr, "wb") if stderr else None
+    try:
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                             start_new_session=True, cwd=REPO)
+    finally:
+        for f in (out, err):
+            if f:
+                f.close()
+    LIVE[p.pid] = (p, name)
+    return p
+
+
+def reap(p, timeout):
+    """Waits up to `timeout` s; True if the process has exited."""
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    LIVE.pop(p.pid, None)
+    return True
+
+
+def signal_proc(p, sig):
+    if p.poll() is None:
+        try:
+            p.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def kill_hard(p, name):
+    if p.poll() is None:
+        log("killing %s (pid %d)" % (name, p.pid))
+        signal_proc(p, signal.SIGKILL)
+    reap(p, 10)
+
+
+def children_of(pid):
+    """Pids whose parent is `pid` (from /proc/*/stat)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
+def stop_tern_run(tern, p, sock, name):
+    """`tern quit` through the API, then SIGTERM (tern stops cleanly), then SIGKILL; all bounded."""
+    if p is None:
+        return None
+    quit_ok = False
+    if p.poll() is None and sock and os.path.exists(sock):
+        try:
+            # a destination still waiting for its migration answers "the VM is still being
+            # created" (exit 1): SIGTERM ends that wait
+            quit_ok = subprocess.run([tern, "quit", "--api-socket", sock], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     timeout=10).returncode == 0
+        except subprocess.TimeoutExpired:
+            pass
+    if not reap(p, 10 if quit_ok else 0.2):
+        signal_proc(p, signal.SIGTERM)
+        if not reap(p, 10):
+            kill_hard(p, name)
+    LIVE.pop(p.pid, None)
+    return p.returncode
+
+
+def stop_qemu_script(p):
+    """SIGTERM makes qemu_migrate.py stop its QEMUs, print its JSON and exit; if it does not
+    within 30 s, its QEMUs (own sessions, found by parent pid) and then it are killed."""
+    if p is None or p.poll() is not None:
+        if p is not None:
+            LIVE.pop(p.pid, None)
+        return
+    kids = children_of(p.pid)
+    signal_proc(p, signal.SIGTERM)
+    if reap(p, 30):
+        return
+    for k in kids:
+        try:
+            os.kill(k, signal.SIGKILL)
+            log("killed QEMU pid %d" % k)
+        except ProcessLookupError:
+            pass
+    kill_hard(p, "qemu_migrate.py")
+
+
+def kill_leftovers():
+    for pid, (p, name) in list(LIVE.items()):
+        if p.poll() is None:
+            if name == "qemu_migrate.py":
+                stop_qemu_script(p)
+            else:
+                signal_proc(p, signal.SIGTERM)
+                if not reap(p, 10):
+                    kill_hard(p, name)
+        LIVE.pop(pid, None)
+
+
+def tail(path, n=1500):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return data[-n:].decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------- tern helpers
+
+def parse_status(raw):
+    if len(raw) < 0x60:
+        raise BenchError("status block read returned %d bytes" % len(raw))
+    magic, version, phase = struct.unpack_from("<QII", raw, 0)
+    (iterations, tsc, tsc_khz, checksum, passes, verified, errors, work_base, work_bytes,
+     fill_bytes) = struct.unpack_from("<10Q", raw, 0x10)
+    return {
+        "magic_ok": magic == qm.STATUS_MAGIC, "version": version, "phase": phase,
+        "phase_name": qm.PHASE_NAMES.get(phase, hex(phase)), "iterations": iterations,
+        "passes": passes, "verified": verified, "errors": errors, "fill_bytes": fill_bytes,
+    }
+
+
+def tern_status(tern, sock):
+    try:
+        r = subprocess.run([tern, "memory", "read", "--api-socket", sock, "--addr", "0x102000",
+                            "--length", "0x%X" % STATUS_LEN, "--out", "-"],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        raise BenchError("tern memory read on %s did not answer within 15 s" % sock)
+    if r.returncode != 0:
+        raise BenchError("tern memory read on %s failed (exit %d): %s" % (
+            sock, r.returncode, r.stderr.decode("utf-8", "replace").strip()))
+    return parse_status(r.stdout)
+
+
+def check_running(p, role, errlog):
+    if p.poll() is not None:
+        LIVE.pop(p.pid, None)
+        raise BenchError("%s tern exited with %s: %s" % (role, p.returncode, tail(errlog, 800)))
+
+
+def wait_for_line(p, path, needle, timeout):
+    """Waits until `needle` appears in the file `path`; returns 'ok', 'exited' or 'timeout'."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if needle in tail(path, 20000):
+            return "ok"
+        if p.poll() is not None:
+            return "exited"
+        if time.monotonic() > deadline:
+            return "timeout"
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- one run
+
+def base_record(ctx, case, rep, vmm, order):
+    c = CASES[case]
+    return {
+        "bench": "migration", "run_id": ctx.run_id, "case": case, "vmm": vmm, "repeat": rep,
+        "order": order, "cmdline": c["cmdline"], "memory_mib": ctx.args.memory_mib,
+        "max_downtime_ms": ctx.args.max_downtime_ms, "bandwidth_bytes_per_s": c["bandwidth"],
+        "timeout_s": ctx.args.timeout_s, "warmup_s": ctx.args.warmup_s,
+        "qemu_reference_case": c["qemu_case"],
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "status": "error", "dst_ok": False,
+    }
+
+
+def run_tern(ctx, case, rep, order):
+    a = ctx.args
+    c = CASES[case]
+    rec = base_record(ctx, case, rep, "tern", order)
+    rec["tern_binary"] = ctx.tern_info
+    rec["tern_max_rounds"] = a.tern_max_rounds
+    rec["tern_verify"] = a.verify
+    tern = ctx.tern
+    d = tempfile.mkdtemp(prefix="tern-%s-" % case, dir=ctx.tmp)
+    ssock, dsock = os.path.join(d, "src.sock"), os.path.join(d, "dst.sock")
+    serr, derr = os.path.join(d, "src-stderr.log"), os.path.join(d, "dst-stderr.log")
+    mout, merr = os.path.join(d, "migrate-stdout.json"), os.path.join(d, "migrate-stderr.log")
+    src = dst = mig = None
+    try:
+        # destination: listens on a free loopback port (retry if someone takes it first).
+        # Readiness is its log line: probing the port would be taken as the migration.
+        for attempt in range(5):
+            port = qm.free_port()
+            dst = spawn("tern destination", [
+                tern, "run", "--incoming", "tcp:127.0.0.1:%d" % port, "--api-socket", dsock,
+                "--serial", "file:" + os.path.join(d, "dst-serial.log")], stderr=derr)
+            state = wait_for_line(dst, derr, "waiting for an incoming migration", 30)
+            if state == "ok":
+                break
+            text = tail(derr, 800)
+            if state == "exited":
+                LIVE.pop(dst.pid, None)
+                if "in use" in text.lower() and attempt < 4:
+                    log("port %d taken (%s), retrying" % (port, text))
+                    continue
+                raise BenchError("tern destination exited with %s: %s" % (dst.returncode, text))
+            raise BenchError("tern destination not listening after 30 s: %s" % text)
+        rec["port"] = port
+
+        src = spawn("tern source", [
+            tern, "run", "--kernel", ctx.guest, "--memory", "%dM" % a.memory_mib,
+            "--cmdline", c["cmdline"], "--api-socket", ssock,
+            "--serial", "file:" + os.path.join(d, "src-serial.log")], stderr=serr)
+        t0 = time.monotonic()
+        deadline = t0 + a.boot_timeout_s
+        st = None
+        while True:
+            check_running(src, "source", serr)
+            if os.path.exists(ssock):
+                try:
+                    st = tern_status(tern, ssock)
+                except BenchError as e:
+                    # "the VM is still being created" and the like, while it boots
+                    st = {"read_error": str(e)}
+                if st.get("magic_ok") and st["phase"] in (2, 3):
+                    break
+                if st.get("magic_ok") and st["phase"] in (0xE, 0xF):
+                    raise BenchError("guest on the source failed: phase %s; serial: %s" % (
+                        st["phase_name"], tail(os.path.join(d, "src-serial.log"), 800)))
+            if time.monotonic() > deadline:
+                raise BenchError("guest did not reach dirty/idle in %.0f s (last %r)" % (a.boot_timeout_s, st))
+            time.sleep(0.2)
+        rec["src_ready_s"] = round(time.monotonic() - t0, 3)
+        rec["src_phase"] = st["phase_name"]
+        rec["src_fill_bytes"] = st["fill_bytes"]
+        log("tern guest ready after %.1f s, phase %s; warm-up %.1f s" % (
+            rec["src_ready_s"], st["phase_name"], a.warmup_s))
+        time.sleep(a.warmup_s)
+        check_running(src, "source", serr)
+        check_running(dst, "destination", derr)
+        st = tern_status(tern, ssock)
+        rec["src_iterations_before"] = st["iterations"]
+        rec["src_errors_before"] = st["errors"]
+        rec["host_cpus"] = os.cpu_count()
+        rec["host_loadavg_1m_before"] = round(os.getloadavg()[0], 2)
+
+        cmd = [tern, "migrate", "--api-socket", ssock, "--to", "tcp:127.0.0.1:%d" % port,
+               "--max-downtime", "%g" % a.max_downtime_ms, "--timeout", "%g" % a.timeout_s, "--json"]
+        if c["bandwidth"]:
+            cmd += ["--bandwidth", str(c["bandwidth"])]
+        if a.tern_max_rounds:
+            cmd += ["--max-rounds", str(a.tern_max_rounds)]
+        if a.verify:
+            cmd += ["--verify"]
+        rec["tern_migrate_command"] = shlex.join(cmd)
+        t_start = time.monotonic()
+        mig = spawn("tern migrate", cmd, stdout=mout, stderr=merr)
+        # Tern's --timeout forces the switch-over, it does not end the migration: allow
+        # the stop-and-copy on top. Past that, SIGINT (= tern migrate-cancel), then kill.
+        hard = a.timeout_s + a.migrate_grace_s
+        if not reap(mig, hard):
+            log("tern migrate still running after %.0f s: cancelling (SIGINT)" % hard)
+            rec["driver_timeout"] = True
+            signal_proc(mig, signal.SIGINT)
+            if not reap(mig, 60):
+                kill_hard(mig, "tern migrate")
+        rec["wall_ms"] = round((time.monotonic() - t_start) * 1000, 1)
+        rec["host_loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+        rec["tern_migrate_exit"] = mig.returncode
+        stderr_text = tail(merr, 2000)
+        if stderr_text:
+            rec["tern_migrate_stderr"] = stderr_text
+        try:
+            with open(mout) as f:
+                text = f.read().strip()
+            report = json.loads(text) if text else None
+        except (OSError, ValueError) as e:
+            raise BenchError("tern migrate printed no JSON report (exit %s, %s): %s" % (
+                mig.returncode, e, stderr_text))
+        if report is None:
+            raise BenchError("tern migrate printed no report (exit %s): %s" % (mig.returncode, stderr_text))
+        rec["tern_report"] = report
+        rounds = report.get("rounds") or []
+        rec.update({
+            "status": "timeout" if rec.get("driver_timeout") and report.get("status") != "completed"
+                      else report.get("status"),
+            "total_ms": report.get("total_ms"),
+            "downtime_ms": report.get("downtime_ms"),
+            "downtime_upper_bound_ms": report.get("downtime_upper_bound_ms"),
+            "downtime_clock": report.get("downtime_clock"),
+            "setup_ms": report.get("setup_ms"),
+            "transferred_bytes": report.get("transferred_bytes"),
+            "ram_bytes": report.get("ram_bytes"),
+            "data_pages": report.get("data_pages"),
+            "zero_pages": report.get("zero_pages"),
+            "throughput_mbps": report.get("throughput_m_bps"),
+            # every entry of `rounds`, the final stop-and-copy one included
+            "rounds_count": len(rounds),
+            "switchover_reason": report.get("switchover_reason"),
+            "verification": report.get("verification"),
+        })
+        if report.get("reason"):
+            rec["error"] = report["reason"]
+
+        if report.get("status") == "completed":
+            # the source ends by itself after a completed migration
+            if reap(src, 15):
+                rec["src_exit_code"] = src.returncode
+            else:
+                rec["src_exit_code"] = None
+                rec["src_still_running"] = True
+            check_running(dst, "destination", derr)
+            first = tern_status(tern, dsock)
+            time.sleep(0.5)
+            second = tern_status(tern, dsock)
+            rec["dst_magic_ok"] = first["magic_ok"] and second["magic_ok"]
+            rec["dst_phase"] = second["phase_name"]
+            rec["dst_iterations_first"] = first["iterations"]
+            rec["dst_iterations_second"] = second["iterations"]
+            rec["dst_iterations_advancing"] = second["iterations"] > first["iterations"]
+            rec["dst_errors"] = second["errors"]
+            rec["dst_verified"] = second["verified"]
+            rec["dst_ok"] = bool(rec["dst_magic_ok"] and rec["dst_iterations_advancing"]
+                                 and second["errors"] == 0 and second["phase"] in (2, 3)
+                                 and second["iterations"] >= rec["src_iterations_before"])
+        else:
+            rec["dst_iterations_advancing"] = None
+            rec["dst_errors"] = None
+            rec.setdefault("error", "migration ended with status %s" % report.get("status"))
+    except BenchError as e:
+        if not rec.get("status"):
+            rec["status"] = "error"
+        rec["dst_ok"] = False
+        rec["error"] = str(e)
+    except (KeyboardInterrupt, Interrupted):
+        rec["status"] = "interrupted"
+        rec["dst_ok"] = False
+        rec["error"] = "interrupted (Ctrl-C or SIGTERM)"
+    finally:
+        with blocked_signals():
+            if mig is not None and mig.poll() is None:
+                signal_proc(mig, signal.SIGINT)  # cancel: the VM stays on the source
+                if not reap(mig, 30):
+                    kill_hard(mig, "tern migrate")
+            if mig is not None:
+                LIVE.pop(mig.pid, None)
+                if rec["status"] == "interrupted":
+                    # what tern migrate said after the cancel (its report, or an error line)
+                    rec["tern_migrate_exit"] = mig.returncode
+                    rec["tern_migrate_stdout"] = tail(mout, 3000)
+                    rec["tern_migrate_stderr"] = tail(merr, 2000)
+            rec["dst_exit_code"] = stop_tern_run(tern, dst, dsock, "tern destination")
+            src_rc = stop_tern_run(tern, src, ssock, "tern source")
+            rec.setdefault("src_exit_code", src_rc)
+            if rec.get("status") != "completed" or not rec.get("dst_ok"):
+                for role, path in (("src_stderr", serr), ("dst_stderr", derr),
+                                   ("src_serial", os.path.join(d, "src-serial.log")),
+                                   ("dst_serial", os.path.join(d, "dst-serial.log"))):
+                    text = tail(path, 1500)
+                    if text:
+                        rec[role] = text
+            if ctx.args.keep_tmp:
+                rec["tmp_dir"] = d
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+    return rec
+
+
+def run_qemu(ctx, case, rep, order):
+    a = ctx.args
+    c = CASES[case]
+    rec = base_record(ctx, case, rep, "qemu", order)
+    d = tempfile.mkdtemp(prefix="qemu-%s-" % case, dir=ctx.tmp)
+    out = os.path.join(d, "qemu_migrate.json")
+    cmd = [sys.executable, QEMU_SCRIPT, "--guest", ctx.guest, "--memory", str(a.memory_mib),
+           "--cmdline", c["cmdline"], "--max-downtime-ms", "%d" % a.max_downtime_ms,
+           "--timeout-s", "%g" % a.timeout_s, "--warmup-s", "%g" % a.warmup_s,
+           "--boot-timeout-s", "%g" % a.boot_timeout_s, "--qemu", a.qemu]
+    if c["bandwidth"]:
+        cmd += ["--bandwidth", str(c["bandwidth"])]
+    rec["qemu_migrate_command"] = shlex.join(cmd)
+    p = None
+    try:
+        t_start = time.monotonic()
+        p = spawn("qemu_migrate.py", cmd, stdout=out)  # its diagnostics go to our stderr
+        hard = a.boot_timeout_s + a.warmup_s + a.timeout_s + a.migrate_grace_s
+        if not reap(p, hard):
+            log("qemu_migrate.py still running after %.0f s: stopping it" % hard)
+            rec["driver_timeout"] = True
+            stop_qemu_script(p)
+        rec["wall_ms_script"] = round((time.monotonic() - t_start) * 1000, 1)
+        rec["qemu_script_exit"] = p.returncode
+        try:
+            with open(out) as f:
+                lines = [ln for ln in f.read().splitlines() if ln.strip()]
+            report = json.loads(lines[-1])
+        except (OSError, ValueError, IndexError) as e:
+            raise BenchError("qemu_migrate.py printed no JSON (exit %s): %s" % (p.returncode, e))
+        rec["qemu_report"] = report
+        for k in ("status", "total_ms", "downtime_ms", "downtime_events_ms", "setup_ms", "wall_ms",
+                  "transferred_bytes", "ram_bytes", "zero_pages", "normal_pages", "dirty_sync_count",
+                  "throughput_mbps", "dst_ok", "dst_iterations_advancing", "dst_errors",
+                  "src_iterations_before", "src_ready_s", "host_cpus", "host_loadavg_1m_before",
+                  "host_loadavg_1m_after", "qemu_version", "error"):
+            if k in report:
+                rec[k] = report[k]
+        rec["dst_ok"] = bool(report.get("dst_ok"))
+        rec["status"] = report.get("status") or "error"
+    except BenchError as e:
+        rec["status"] = rec.get("status") or "error"
+        rec["error"] = str(e)
+    except (KeyboardInterrupt, Interrupted):
+        rec["status"] = "interrupted"
+        rec["dst_ok"] = False
+        rec["error"] = "interrupted (Ctrl-C or SIGTERM)"
+    finally:
+        with blocked_signals():
+            stop_qemu_script(p)
+            if rec["status"] == "interrupted":
+                rec["qemu_script_exit"] = None if p is None else p.returncode
+                rec["qemu_script_stdout"] = tail(out, 3000)
+            if not a.keep_tmp:
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                rec["tmp_dir"] = d
+    return rec
+
+
+# ---------------------------------------------------------------- report
+
+def med(values):
+    v = [x for x in values if x is not None]
+    return statistics.median(v) if v else None
+
+
+def fmt(v, kind):
+    if v is None:
+        return "-"
+    if kind == "ms":
+        return "%.0f" % v if v >= 100 else "%.1f" % v
+    if kind == "mb":
+        return "%.0f" % v if v >= 100 else "%.1f" % v
+    if kind == "ratio":
+        return "%.2f" % v if v < 10 else "%.1f" % v
+    return "%g" % v if isinstance(v, (int, float)) else str(v)
+
+
+def counted(values):
+    seen = {}
+    for v in values:
+        seen[v] = seen.get(v, 0) + 1
+    return ", ".join(k if n == 1 and len(values) == 1 else "%s ×%d" % (k, n) for k, n in seen.items())
+
+
+def stat_cell(runs, key, kind, scale=1.0):
+    """Median over the completed runs (over all, marked *, if none completed), then every run."""
+    def val(r):
+        v = r.get(key)
+        return None if v is None else v / scale
+    done = [r for r in runs if r.get("status") == "completed"]
+    m = med([val(r) for r in done]) if done else med([val(r) for r in runs])
+    incomplete = m is not None and not done
+    cell = fmt(m, kind) + ("*" if incomplete else "")
+    if len(runs) > 1:
+        parts = [fmt(val(r), kind) + ("" if r.get("status") == "completed" or val(r) is None else "*")
+                 for r in runs]
+        cell += " (" + ", ".join(parts) + ")"
+    return cell, (m, incomplete)
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def case_table(case, runs):
+    tern = [r for r in runs if r["vmm"] == "tern"]
+    qemu = [r for r in runs if r["vmm"] == "qemu"]
+    c = CASES.get(case, {})
+    n = max(len(tern), len(qemu))
+    lines = []
+    title = "### %s: `%s`" % (case, c.get("cmdline", runs[0].get("cmdline")))
+    bw = runs[0].get("bandwidth_bytes_per_s")
+    if bw:
+        title += ", capped at %.0f MB/s (Tern `--bandwidth %d`, QEMU `max-bandwidth`)" % (bw / 1e6, bw)
+    lines.append(title)
+    lines.append("")
+    if n > 1:
+        lines.append("Median of %d runs (completed runs only), then each run in order; * = that run did "
+                     "not complete." % n)
+        lines.append("")
+    lines.append("| | Tern | QEMU 7.2 | Tern/QEMU |")
+    lines.append("| --- | ---: | ---: | ---: |")
+    lines.append("| status | %s | %s | |" % (counted([r["status"] for r in tern]) or "-",
+                                              counted([r["status"] for r in qemu]) or "-"))
+    summary = {}
+    rows = [
+        ("total ms", "total_ms", "total_ms", "ms", 1.0),
+        ("downtime ms (Tern: pause→resume; QEMU: `downtime`)", "downtime_ms", "downtime_ms", "ms", 1.0),
+        ("downtime ms (Tern: pause→resume; QEMU: STOP→RESUME events)", "downtime_ms", "downtime_events_ms",
+         "ms", 1.0),
+        ("transferred MB", "transferred_bytes", "transferred_bytes", "mb", 1e6),
+    ]
+    for label, tk, qk, kind, scale in rows:
+        tc, tm = stat_cell(tern, tk, kind, scale) if tern else ("-", (None, False))
+        qc, qm_ = stat_cell(qemu, qk, kind, scale) if qemu else ("-", (None, False))
+        r = fmt(ratio(tm[0], qm_[0]), "ratio")
+        if r != "-" and (tm[1] or qm_[1]):
+            r += "*"
+        lines.append("| %s | %s | %s | %s |" % (label, tc, qc, r))
+        summary[(tk, qk)] = (tm, qm_)
+    if tern:
+        ub, _ = stat_cell(tern, "downtime_upper_bound_ms", "ms")
+        lines.append("| Tern downtime upper bound ms (pause → `resumed` back at the source) | %s | | |" % ub)
+        rc, _ = stat_cell(tern, "rounds_count", "n")
+        lines.append("| Tern rounds (incl. stop-and-copy) | %s | | |" % rc)
+        lines.append("| Tern switch-over | %s | | |" % (counted([r.get("switchover_reason") or "-" for r in tern])))
+    if qemu:
+        sc, _ = stat_cell(qemu, "dirty_sync_count", "n")
+        lines.append("| QEMU dirty syncs | | %s | |" % sc)
+    def dst(r):
+        if r.get("dst_ok"):
+            return "ok"
+        return "FAILED" if r.get("status") == "completed" else "not migrated"
+    lines.append("| destination runs (iterations advance, errors 0) | %s | %s | |" % (
+        counted([dst(r) for r in tern]) or "-", counted([dst(r) for r in qemu]) or "-"))
+    errors = []
+    for r in runs:
+        if r.get("status") != "completed" or not r.get("dst_ok"):
+            msg = r.get("error") or r.get("tern_migrate_stderr") or ""
+            if r.get("switchover_reason") and r["vmm"] == "tern":
+                msg = (msg + "; " if msg else "") + "switch-over: " + r["switchover_reason"]
+            errors.append("- %s run %d: %s%s" % (r["vmm"], r["repeat"] + 1, r.get("status"),
+                                                ": " + msg.replace("\n", " ")[:300] if msg else ""))
+    if errors:
+        lines.append("")
+        lines.extend(errors)
+    return lines, summary
+
+
+def render_markdown(records, meta):
+    lines = [MARK_START, "## Live migration: Tern vs QEMU 7.2", ""]
+    lines.append("Generated by `bench/migration.py` (see `bench/README.md`).")
+    lines.append("")
+    lines.append("- command: `%s`" % meta.get("command"))
+    lines.append("- date: %s" % meta.get("date"))
+    m = meta.get("machine", {})
+    lines.append("- machine: %s CPUs (`nproc`), %s, kernel %s, load average %s at the start" % (
+        m.get("nproc"), m.get("cpu_model") or "unknown CPU", m.get("kernel"), m.get("loadavg")))
+    lines.append("- QEMU: %s" % m.get("qemu_version"))
+    t = m.get("tern", {})
+    lines.append("- tern: commit %s%s, %s build (`%s`, built %s)" % (
+        m.get("tern_commit"), " + uncommitted changes" if m.get("tern_tree_dirty") else "",
+        t.get("build"), t.get("path"), t.get("mtime")))
+    p = meta.get("params", {})
+    lines.append("- guest: `%s`, %d MiB; max downtime %s ms for both; no bandwidth cap unless stated "
+                 "(QEMU `max-bandwidth` 100 GB/s); migration timeout %s s (Tern `--timeout`: forces the "
+                 "switch-over; QEMU: `migrate_cancel`, status `timeout`); %s s warm-up after the guest's "
+                 "fill; order of Tern and QEMU alternates from case to case and run to run" % (
+                     p.get("guest"), p.get("memory_mib", 0), p.get("max_downtime_ms"), p.get("timeout_s"),
+                     p.get("warmup_s")))
+    lines.append("")
+    cases = []
+    for r in records:
+        if r["case"] not in cases:
+            cases.append(r["case"])
+    overview = ["| case | Tern total ms | QEMU total ms | Tern downtime ms | QEMU downtime ms "
+                "(`downtime` / STOP→RESUME) | Tern MB | QEMU MB |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    body = []
+    for case in cases:
+        runs = [r for r in records if r["case"] == case]
+        tbl, s = case_table(case, runs)
+        body.extend(tbl)
+        body.append("")
+        def f(pair, kind):
+            v, incomplete = pair
+            return fmt(v, kind) + ("*" if incomplete else "")
+        tt, qt = s[("total_ms", "total_ms")]
+        td, qd = s[("downtime_ms", "downtime_ms")]
+        _, qe = s[("downtime_ms", "downtime_events_ms")]
+        tb, qb = s[("transferred_bytes", "transferred_bytes")]
+        overview.append("| %s | %s | %s | %s | %s / %s | %s | %s |" % (
+            case, f(tt, "ms"), f(qt, "ms"), f(td, "ms"), f(qd, "ms"), f(qe, "ms"), f(tb, "mb"), f(qb, "mb")))
+    lines.append("Overview (medians of completed runs; * = no run completed: the value is up to the timeout "
+                 "or failure; details and every run below):")
+    lines.append("")
+    lines.extend(overview)
+    lines.append("")
+    lines.extend(body)
+    lines.append("What the numbers are:")
+    lines.append("")
+    lines.append("- **Tern downtime** (`downtime_ms`): from the moment the source paused the vCPUs to the "
+                 "moment the destination resumed them, both read on the host's shared monotonic clock "
+                 "(`downtime_clock: shared-monotonic`; same host, same boot). The upper bound is the "
+                 "source's pause to the destination's `resumed` message arriving back at the source.")
+    lines.append("- **QEMU `downtime`** is measured by the source alone: from just before it stops the vCPUs "
+                 "until the last RAM and device state are written to the socket; the destination's load "
+                 "and resume are not in it. **STOP→RESUME** (`downtime_events_ms`) is the source's QMP "
+                 "`STOP` event to the destination's `RESUME` event (host wall clock): the figure that "
+                 "measures the same span as Tern's downtime.")
+    lines.append("- **total**: Tern `total_ms`, from the `migrate` request (connect, handshake) to the "
+                 "destination's confirmation that the VM runs there; QEMU `total-time`, from `migrate` to "
+                 "completion, setup included.")
+    lines.append("- **transferred**: Tern, every byte it sent (page frames and headers, zero-page runs, VM "
+                 "state); QEMU, `ram.transferred` (RAM pages with their headers; device state not "
+                 "included). RAM sizes differ a little: QEMU's `ram.total` includes VGA RAM and ROMs "
+                 "(1091379200 bytes for 1 GiB) against Tern's 1073741824. MB = 10^6 bytes.")
+    lines.append("- **Tern/QEMU** is the ratio of the two medians: below 1, Tern took less time, less "
+                 "downtime or fewer bytes.")
+    lines.append("- A run that did not converge: Tern switches over anyway (after `--max-rounds`, its "
+                 "`--timeout`, or three rounds in which the dirty set stopped shrinking; the switch-over "
+                 "row says which) and its downtime grows with what is still dirty; QEMU keeps iterating "
+                 "until the timeout and is cancelled (`timeout`, statistics as of the last poll).")
+    lines.append("- 2-core host shared with other work: single runs of the same case vary up to 2x "
+                 "(see `bench/qemu/README.md`); use `--repeat 3` or more and look at the load average "
+                 "recorded in each JSON line (`host_loadavg_1m_before`).")
+    lines.append(MARK_END)
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown_file(path, section):
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = None
+    if text is None:
+        new = "# Benchmarks\n\n" + section
+    elif MARK_START in text and MARK_END in text and text.index(MARK_START) < text.index(MARK_END):
+        i = text.index(MARK_START)
+        j = text.index(MARK_END) + len(MARK_END)
+        rest = text[j:]
+        if rest.startswith("\n"):
+            rest = rest[1:]
+        new = text[:i] + section + rest
+    else:
+        new = text + ("" if text.endswith("\n") else "\n") + "\n" + section
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- main
+
+def run_out(cmd, timeout=15):
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, cwd=REPO)
+        return r.stdout.decode("utf-8", "replace").strip() if r.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def machine_facts(args, tern_info):
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name"):
+                    cpu = ln.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    qv = run_out([args.qemu, "--version"])
+    status = run_out(["git", "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "nproc": run_out(["nproc"]) or os.cpu_count(),
+        "kernel": platform.release(),
+        "cpu_model": cpu,
+        "loadavg": "%.2f" % os.getloadavg()[0],
+        "qemu_version": qv.splitlines()[0] if qv else "not found",
+        "tern_commit": run_out(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
+        "tern_tree_dirty": bool(status),
+        "tern": tern_info,
+    }
+
+
+def pick_tern(path):
+    if path:
+        p = os.path.abspath(path)
+        if not os.access(p, os.X_OK):
+            sys.exit("migration.py: --tern %s is not an executable" % path)
+        return p
+    rel = os.path.join(REPO, ".build", "release", "tern")
+    dbg = os.path.join(REPO, ".build", "debug", "tern")
+    if os.access(rel, os.X_OK):
+        if os.access(dbg, os.X_OK) and os.path.getmtime(dbg) > os.path.getmtime(rel):
+            log("warning: .build/release/tern is older than .build/debug/tern; using release anyway "
+                "(pass --tern .build/debug/tern to use the newer one)")
+        return rel
+    if os.access(dbg, os.X_OK):
+        log("warning: no .build/release/tern; using the debug build (slower)")
+        return dbg
+    sys.exit("migration.py: no tern binary (.build/release/tern or .build/debug/tern); give --tern PATH")
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help="comma-separated, from: %s (default: all)" % ", ".join(CASES))
+    ap.add_argument("--repeat", type=int, default=1, help="runs per case and VMM (default 1)")
+    ap.add_argument("--vmms", default="tern,qemu", help="which side(s) to run: tern,qemu (default both)")
+    ap.add_argument("--tern", help="tern binary (default .build/release/tern, else .build/debug/tern)")
+    ap.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary (passed to qemu_migrate.py)")
+    ap.add_argument("--guest", default=os.path.join(REPO, "guest", "build", "tern-guest.elf"))
+    ap.add_argument("--out", help="JSON lines, appended (default bench/results/migration-<date>.jsonl)")
+    ap.add_argument("--markdown", metavar="FILE",
+                    help="also write the report into FILE between %s and %s" % (MARK_START, MARK_END))
+    ap.add_argument("--memory-mib", type=int, default=1024, help="guest RAM (default 1024)")
+    ap.add_argument("--max-downtime-ms", type=int, default=300, help="downtime target (default 300)")
+    ap.add_argument("--timeout-s", type=float, default=120.0,
+                    help="migration timeout for both (Tern --timeout, QEMU --timeout-s; default 120)")
+    ap.add_argument("--migrate-grace-s", type=float, default=300.0,
+                    help="hard limit past --timeout-s before the driver cancels/kills a migration (default 300)")
+    ap.add_argument("--warmup-s", type=float, default=2.0, help="run time after the fill (default 2)")
+    ap.add_argument("--boot-timeout-s", type=float, default=120.0, help="time allowed for the fill (default 120)")
+    ap.add_argument("--pause-s", type=float, default=1.0, help="pause between migrations (default 1)")
+    ap.add_argument("--tern-max-rounds", type=int, default=None, help="tern migrate --max-rounds (default: tern's, 30)")
+    ap.add_argument("--verify", action="store_true",
+                    help="tern migrate --verify (digests both sides; adds to Tern's downtime)")
+    ap.add_argument("--no-copy", action="store_true",
+                    help="run the tern binary in place (default: copy it to the temp dir first, so a "
+                         "rebuild during the run cannot change it)")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep logs and sockets' directories")
+    ap.add_argument("--summarize", metavar="JSONL",
+                    help="no runs: print (and with --markdown write) the report of the last run_id in JSONL")
+    args = ap.parse_args()
+    args.case_list = [c.strip() for c in args.cases.split(",") if c.strip()]
+    for c in args.case_list:
+        if c not in CASES:
+            ap.error("unknown case %r (known: %s)" % (c, ", ".join(CASES)))
+    args.vmm_list = [v.strip() for v in args.vmms.split(",") if v.strip()]
+    for v in args.vmm_list:
+        if v not in ("tern", "qemu"):
+            ap.error("unknown VMM %r (tern, qemu)" % v)
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    return args
+
+
+def summarize(args):
+    with open(args.summarize) as f:
+        records = [json.loads(ln) for ln in f if ln.strip()]
+    records = [r for r in records if r.get("bench") == "migration"]
+    if not records:
+        sys.exit("migration.py: no migration records in %s" % args.summarize)
+    run_id = records[-1]["run_id"]
+    records = [r for r in records if r["run_id"] == run_id]
+    meta = records[0].get("meta", {})
+    section = render_markdown(records, meta)
+    sys.stdout.write(section)
+    if args.markdown:
+        write_markdown_file(args.markdown, section)
+        log("report written to %s" % args.markdown)
+    return 0
+
+
+class Ctx:
+    pass
+
+
+def main():
+    args = parse_args()
+    if args.summarize:
+        return summarize(args)
+
+    def on_term(signum, frame):
+        raise Interrupted("signal %d" % signum)
+    signal.signal(signal.SIGTERM, on_term)
+
+    ctx = Ctx()
+    ctx.args = args
+    ctx.guest = os.path.abspath(args.guest)
+    if not os.path.isfile(ctx.guest):
+        sys.exit("migration.py: guest not found: %s (make -C guest)" % ctx.guest)
+    tern_path = pick_tern(args.tern)
+    st = os.stat(tern_path)
+    ctx.tern_info = {
+        "path": os.path.relpath(tern_path, REPO) if tern_path.startswith(REPO + os.sep) else tern_path,
+        "build": "debug" if "/debug/" in tern_path else ("release" if "/release/" in tern_path else "unknown"),
+        "mtime": datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc).isoformat(timespec="seconds"),
+        "size": st.st_size,
+    }
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ctx.run_id = now.strftime("%Y%m%dT%H%M%SZ") + "-%d" % os.getpid()
+    out = args.out or os.path.join(REPO, "bench", "results", "migration-%s.jsonl" % now.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    meta = {
+        "command": "python3 " + shlex.join(sys.argv),
+        "date": now.isoformat(timespec="seconds"),
+        "machine": machine_facts(args, ctx.tern_info),
+        "params": {"guest": os.path.relpath(ctx.guest, REPO), "memory_mib": args.memory_mib,
+                   "max_downtime_ms": args.max_downtime_ms, "timeout_s": args.timeout_s,
+                   "warmup_s": args.warmup_s, "repeat": args.repeat, "cases": args.case_list,
+                   "vmms": args.vmm_list},
+    }
+    ctx.tmp = tempfile.mkdtemp(prefix="migbench-")
+    if args.no_copy:
+        ctx.tern = tern_path
+    else:
+        ctx.tern = os.path.join(ctx.tmp, "tern")
+        shutil.copy2(tern_path, ctx.tern)
+    log("tern %s (%s build, %s), QEMU %s, results -> %s" % (
+        ctx.tern_info["path"], ctx.tern_info["build"], ctx.tern_info["mtime"],
+        meta["machine"]["qemu_version"], out))
+
+    records = []
+    rc = 0
+    interrupted = False
+    try:
+        step = 0
+        for rep in range(args.repeat):
+            for ci, case in enumerate(args.case_list):
+                order = list(args.vmm_list)
+                if (rep + ci) % 2 == 1:
+                    order.reverse()
+                for pos, vmm in enumerate(order):
+                    if step:
+                        time.sleep(args.pause_s)
+                    step += 1
+                    log("== %s, run %d/%d, %s" % (case, rep + 1, args.repeat, vmm))
+                    fn = run_tern if vmm == "tern" else run_qemu
+                    rec = fn(ctx, case, rep, pos)
+                    rec["meta"] = meta
+                    records.append(rec)
+                    with open(out, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    log("== %s %s: %s, total %s ms, downtime %s ms%s, %s MB, destination %s%s" % (
+                        case, vmm, rec.get("status"), fmt(rec.get("total_ms"), "ms"),
+                        fmt(rec.get("downtime_ms"), "ms"),
+                        (" (STOP->RESUME %s ms)" % fmt(rec.get("downtime_events_ms"), "ms"))
+                        if vmm == "qemu" else
+                        (" (%s rounds, %s)" % (rec.get("rounds_count"), rec.get("switchover_reason") or "-")),
+                        fmt(None if rec.get("transferred_bytes") is None else rec["transferred_bytes"] / 1e6, "mb"),
+                        "ok" if rec.get("dst_ok") else "NOT OK",
+                        ("; error: " + rec["error"]) if rec.get("error") else ""))
+                    if rec.get("status") != "completed" or not rec.get("dst_ok"):
+                        rc = 1
+                    if rec.get("status") == "interrupted":
+                        raise Interrupted("interrupted during a run")
+    except (KeyboardInterrupt, Interrupted):
+        interrupted = True
+        log("interrupted: stopping; the report covers the runs that finished")
+    finally:
+        with blocked_signals():
+            kill_leftovers()
+            if args.keep_tmp:
+                if not args.no_copy:
+                    os.unlink(ctx.tern)
+                log("temp dir kept: %s" % ctx.tmp)
+            else:
+                shutil.rmtree(ctx.tmp, ignore_errors=True)
+    if records:
+        section = render_markdown(records, meta)
+        sys.stdout.write(section)
+        sys.stdout.flush()
+        if args.markdown:
+            write_markdown_file(args.markdown, section)
+            log("report written to %s" % args.markdown)
+    log("results: %s" % out)
+    return 130 if interrupted else rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
