@@ -12,9 +12,11 @@ public struct MigrateRequest: Codable, Sendable {
     public var timeoutS: Double?
     public var bandwidth: UInt64?
     public var verify: Bool?
+    public var precopyRounds: Int?
 
     public init(destination: String, mode: String? = nil, maxDowntimeMs: Double? = nil, maxRounds: Int? = nil,
-                timeoutS: Double? = nil, bandwidth: UInt64? = nil, verify: Bool? = nil) {
+                timeoutS: Double? = nil, bandwidth: UInt64? = nil, verify: Bool? = nil, precopyRounds: Int? = nil) {
+        self.precopyRounds = precopyRounds
         self.destination = destination
         self.mode = mode
         self.maxDowntimeMs = maxDowntimeMs
@@ -55,8 +57,9 @@ extension APIRouter {
         guard let request = try? APIJSON.decoder.decode(MigrateRequest.self, from: body) else {
             return .error(400, "bad_request", "expected a JSON body {\"destination\": \"tcp:HOST:PORT\", ...}")
         }
-        guard request.mode == nil || request.mode == "precopy" else {
-            return .error(400, "bad_request", "mode '\(request.mode!)' is not available yet; use precopy")
+        let mode = request.mode.flatMap(MigrationMode.init(rawValue:)) ?? .precopy
+        if let text = request.mode, MigrationMode(rawValue: text) == nil {
+            return .error(400, "bad_request", "unknown mode '\(text)' (precopy, postcopy, hybrid or auto)")
         }
         let destination: Endpoint
         do { destination = try Endpoint(parsing: request.destination) } catch {
@@ -80,6 +83,11 @@ extension APIRouter {
             parameters.bandwidth = value
         }
         parameters.verify = request.verify ?? false
+        parameters.mode = mode
+        if let value = request.precopyRounds {
+            guard value >= 1 else { return .error(400, "bad_request", "precopy_rounds must be at least 1") }
+            parameters.precopyRounds = value
+        }
         guard machine.currentState == .running || machine.currentState == .paused else {
             return .error(409, "invalid_state", "the VM is \(machine.currentState.rawValue)")
         }

@@ -54,7 +54,7 @@ public final class MigrationDestination {
     public func receive(on socket: FileDescriptor, machineCreated: (Machine) -> Void = { _ in }) throws -> (Machine, Outcome) {
         let stream = FDStream(fd: socket.rawValue)
         do {
-            return try receive(from: stream, replyTo: stream, machineCreated: machineCreated)
+            return try receive(from: stream, replyTo: stream, connection: socket, machineCreated: machineCreated)
         } catch {
             // Tell the source why, if it still listens; it keeps its VM.
             try? stream.writeFrame(.abort, payload: Array("\(error)".utf8))
@@ -63,7 +63,8 @@ public final class MigrationDestination {
     }
 
     /// The protocol proper, over any byte source (tests feed it buffers).
-    public func receive(from source: some ByteSource, replyTo sink: FDStream?,
+    /// `connection` is kept open for as long as post-copy still needs it.
+    public func receive(from source: some ByteSource, replyTo sink: FDStream?, connection: FileDescriptor? = nil,
                         machineCreated: (Machine) -> Void = { _ in }) throws -> (Machine, Outcome) {
         // 1. Hello: is this a Tern source, and can this host run its machine?
         let (helloHeader, helloPayload) = try source.readFrame()
@@ -91,6 +92,7 @@ public final class MigrationDestination {
         var sections: [StateSection] = []
         var bytes = UInt64(FrameHeader.size + helloPayload.count)
         var completion: Completion?
+        var postcopyNeeded: PageSet?
         while completion == nil {
             let header = try source.readFrameHeader()
             bytes += UInt64(FrameHeader.size) + header.length
@@ -107,6 +109,12 @@ public final class MigrationDestination {
                 let payload = try source.readExactly(Int(header.length), what: "end frame")
                 guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("end frame") }
                 completion = try Completion(decoding: payload)
+            case .postcopyStart:
+                let payload = try source.readExactly(Int(header.length), what: "post-copy start")
+                guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("post-copy start frame") }
+                let start = try PostcopyStart(decoding: payload, pageCount: Int(machine.memory.size / UInt64(PageRun.pageSize)))
+                completion = start.completion
+                postcopyNeeded = start.needed
             case .ping:
                 guard applier.dataPages + applier.zeroPages == 0, header.length <= 64 else { throw Refusal("unexpected ping") }
                 let payload = try source.readExactly(Int(header.length), what: "ping")
@@ -126,15 +134,25 @@ public final class MigrationDestination {
             kill(getpid(), SIGKILL)
         }
 
-        // 3. Everything is here: check it, load it, answer with our own digests.
-        guard applier.isComplete else { throw Refusal("\(applier.missingPages) pages of guest RAM never arrived") }
+        // 3. Everything is here (or, for post-copy, listed): check it, load it, answer with our own digests.
+        if postcopyNeeded == nil {
+            guard applier.isComplete else { throw Refusal("\(applier.missingPages) pages of guest RAM never arrived") }
+        }
         let state = try MachineStateSnapshot(sections: sections)
         guard state.description.memorySize == hello.machine.memorySize, state.description.vcpuCount == hello.machine.vcpuCount else {
             throw Refusal("the VM state does not match the machine announced in the hello")
         }
         try machine.restoreState(state)
         var ready = Verdict(accepted: true, bootID: Clocks.bootID)
-        if completion.memoryDigest != nil {
+        var postcopy: PostcopyReceiver?
+        if let needed = postcopyNeeded {
+            guard let stream = sink else { throw Refusal("post-copy needs a two-way connection") }
+            // With --verify: the digest of the pages already here; arriving pages add theirs.
+            let present = completion.memoryDigest == nil ? nil : try MemoryDigest.compute(machine.memory) { !needed.contains($0) }
+            postcopy = try PostcopyReceiver(machine: machine, source: stream, connection: connection, expected: needed,
+                                            digestOfPresentPages: present, logger: logger)
+            if completion.memoryDigest != nil { ready.stateDigest = MemoryDigest.state(sections) }
+        } else if completion.memoryDigest != nil {
             ready.memoryDigest = try MemoryDigest.compute(machine.memory)
             ready.stateDigest = MemoryDigest.state(sections)
         }
@@ -150,6 +168,7 @@ public final class MigrationDestination {
         let resumed = Resumed(monotonicNs: Clocks.monotonicNs(), realtimeNs: Clocks.realtimeNs())
         // The VM runs now whatever happens to this last message: the source may not run it too.
         try? sink?.writeFrame(.resumed, payload: resumed.encoded)
+        postcopy?.start(vmStartedNs: resumed.monotonicNs)
         let downtime = hello.bootID == Clocks.bootID ? Double(Int64(resumed.monotonicNs) - Int64(completion.pausedMonotonicNs)) / 1e6 : nil
         return (machine, Outcome(dataPages: applier.dataPages, zeroPages: applier.zeroPages, bytes: bytes, downtimeMs: downtime))
     }

@@ -2,7 +2,7 @@
 /// `--json` emits (snake_case through the API's encoder).
 public struct MigrationReport: Codable, Equatable, Sendable {
     public enum Status: String, Codable, Sendable {
-        case setup, precopy, stopAndCopy = "stop-and-copy", completing, completed, failed, cancelled
+        case setup, precopy, stopAndCopy = "stop-and-copy", postcopy, completing, completed, failed, cancelled
         public var isTerminal: Bool { self == .completed || self == .failed || self == .cancelled }
     }
 
@@ -51,8 +51,27 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     public var maxDowntimeMs: Double
     public var bandwidthLimit: UInt64?
     public var rounds: [Round] = []
+    /// Post-copy and hybrid: when execution moved to the destination, and when it held all memory (ms from the start).
+    public var executionMovedAtMs: Double?
+    public var memoryCompleteAtMs: Double?
+    /// Pages sent after execution moved (pushed or on demand); each page once.
+    public var postcopyPagesSent: UInt64?
+    /// The destination's account of post-copy: faults, fault latency, pushed vs pulled pages.
+    public var postcopy: PostcopyStatistics?
     public var verification: Verification?
     /// Live progress while running: the round being sent and how far it got.
     public var currentRound: Int?
     public var roundPercent: Double?
+}
+
+/// How a migration moves the VM (docs/MIGRATION.md).
+public enum MigrationMode: String, Codable, Sendable, CaseIterable {
+    /// Copy memory while the guest runs, then a short stop-and-copy.
+    case precopy
+    /// Move execution first, then memory (on demand and pushed).
+    case postcopy
+    /// Some pre-copy rounds, then post-copy.
+    case hybrid
+    /// Pre-copy, switching to post-copy by itself when it cannot meet the downtime target.
+    case auto
 }

@@ -21,6 +21,9 @@ public final class MigrationSource: @unchecked Sendable {
         public var timeoutSeconds: Double = 600
         public var bandwidth: UInt64?
         public var verify = false
+        public var mode = MigrationMode.precopy
+        /// Hybrid: pre-copy rounds before switching to post-copy.
+        public var precopyRounds = 2
 
         public init(destination: Endpoint) { self.destination = destination }
     }
@@ -161,7 +164,8 @@ public final class MigrationSource: @unchecked Sendable {
         var pending: PageSet?
         var switchover = "converged"
         let totalPages = machine.memory.size / UInt64(PageRun.pageSize)
-        while true {
+        var usePostcopy = parameters.mode == .postcopy
+        while parameters.mode != .postcopy {
             let roundStart = ContinuousClock.now
             let before = sender.counters
             update { $0.currentRound = round; $0.roundPercent = 0 }
@@ -195,8 +199,29 @@ public final class MigrationSource: @unchecked Sendable {
             round += 1
             if case .switchover(let reason) = decision {
                 switchover = reason
+                // Auto: pre-copy while it can meet the downtime target, post-copy when it cannot.
+                if parameters.mode == .auto && !reason.hasPrefix("converged") {
+                    usePostcopy = true
+                    switchover = reason + "; switching to post-copy"
+                }
+                if parameters.mode == .hybrid {
+                    usePostcopy = true
+                    switchover = reason + "; switching to post-copy"
+                }
                 break
             }
+            if parameters.mode == .hybrid && round >= parameters.precopyRounds {
+                switchover = "\(parameters.precopyRounds) pre-copy rounds done; switching to post-copy"
+                usePostcopy = true
+                break
+            }
+        }
+        if parameters.mode == .postcopy { switchover = "post-copy: execution moves first" }
+        if usePostcopy {
+            update { $0.switchoverReason = switchover }
+            try switchToPostcopy(stream: stream, sender: sender, rateLimit: rateLimit, pending: pending, round: round,
+                                 wasPaused: wasPaused, pausedHere: &pausedHere, committed: &committed, sameHost: sameHost, started: started)
+            return
         }
 
         // Stop-and-copy.
@@ -267,6 +292,98 @@ public final class MigrationSource: @unchecked Sendable {
             } else {
                 $0.downtimeMs = Double(Int64(resumed.realtimeNs) - Int64(pausedReal)) / 1e6
                 $0.downtimeClock = "realtime"
+            }
+        }
+    }
+
+    /// Post-copy: pause, send only the VM state and the list of pages the
+    /// destination still needs, let it start, then push those pages (and
+    /// answer its requests first) until it holds them all.
+    private func switchToPostcopy(stream: FDStream, sender: PageSender, rateLimit: RateLimiter, pending: PageSet?, round: Int,
+                                  wasPaused: Bool, pausedHere: inout Bool, committed: inout Bool, sameHost: Bool,
+                                  started: ContinuousClock.Instant) throws {
+        update { $0.status = .stopAndCopy; $0.currentRound = round; $0.mode = parameters.mode.rawValue }
+        let pausedMono = Clocks.monotonicNs(), pausedReal = Clocks.realtimeNs()
+        if !wasPaused {
+            try machine.pause()
+            pausedHere = true
+        }
+        rateLimit.lift()
+        let pageCount = Int(machine.memory.size / UInt64(PageRun.pageSize))
+        var needed = PageSet(pageCount: pageCount)
+        if let pending {
+            // Pre-copy ran: what it left dirty, plus what the guest wrote since.
+            needed.formUnion(pending)
+            needed.formUnion(try machine.memory.collectDirtyPages(from: machine.vm))
+        } else {
+            // Nothing sent yet: every page the guest ever wrote (holes are zero at both ends).
+            try machine.memory.forEachExtent { first, count, isHole in
+                if !isHole { for page in first..<first + count { needed.insert(page) } }
+            }
+        }
+        let state = try machine.captureState()
+        let sections = state.sections
+        for section in sections { try stream.writeFrame(.state, payload: section.encoded) }
+        var memoryDigest: UInt64?, stateDigest: UInt64?
+        if parameters.verify {
+            memoryDigest = try MemoryDigest.compute(machine.memory)
+            stateDigest = MemoryDigest.state(sections)
+        }
+        let start = PostcopyStart(completion: Completion(pausedMonotonicNs: pausedMono, pausedRealtimeNs: pausedReal,
+                                                         memoryDigest: memoryDigest, stateDigest: stateDigest),
+                                  needed: needed)
+        let startBytes = start.encoded
+        try stream.writeFrame(.postcopyStart, payload: startBytes)
+        let stateBytes = UInt64(sections.reduce(0) { $0 + $1.encoded.count + FrameHeader.size } + FrameHeader.size + startBytes.count)
+
+        let (_, readyPayload) = try readReply(stream, expecting: .ready, what: "the hand-over")
+        let ready = try Verdict(decoding: readyPayload)
+        guard ready.accepted else { throw Failure("the destination rejected the VM: \(ready.reason)") }
+        if parameters.verify && ready.stateDigest != stateDigest {
+            try? stream.writeFrame(.abort, payload: Array("state digests differ".utf8))
+            throw Failure("verification failed: the VM state differs between source and destination")
+        }
+        if cancelled { throw Failure("cancelled") }
+
+        committed = true
+        try stream.writeFrame(.go, payload: [UInt8]())
+        let (_, resumedPayload) = try readReply(stream, expecting: .resumed, what: "the destination's confirmation")
+        let resumed = try Resumed(decoding: resumedPayload)
+        let precopyBytes = sender.counters.bytes
+        update {
+            $0.downtimeUpperBoundMs = Double(Clocks.monotonicNs() - pausedMono) / 1e6
+            $0.downtimeMs = sameHost ? Double(Int64(resumed.monotonicNs) - Int64(pausedMono)) / 1e6
+                                     : Double(Int64(resumed.realtimeNs) - Int64(pausedReal)) / 1e6
+            $0.downtimeClock = sameHost ? "shared-monotonic" : "realtime"
+            $0.executionMovedAtMs = milliseconds(since: started)
+            $0.status = .postcopy
+            $0.transferredBytes = precopyBytes + stateBytes
+        }
+
+        // Post-copy proper: from here the VM runs at the destination and this side only serves memory.
+        let postcopy = PostcopySender(memory: machine.memory, stream: stream, needed: needed)
+        let statistics = try postcopy.run()
+        let sent = postcopy.counters
+        update {
+            $0.postcopy = statistics
+            $0.memoryCompleteAtMs = milliseconds(since: started)
+            $0.transferredBytes = precopyBytes + stateBytes + sent.bytes
+            $0.dataPages = sender.counters.dataPages + sent.dataPages
+            $0.zeroPages = sender.counters.zeroPages + sent.zeroPages
+            $0.postcopyPagesSent = sent.dataPages + sent.zeroPages
+            $0.rounds.append(MigrationReport.Round(
+                round: round, pages: sent.dataPages + sent.zeroPages, zeroPages: sent.zeroPages, bytes: sent.bytes + stateBytes,
+                dirtyPages: 0, durationMs: milliseconds(since: started) - ($0.executionMovedAtMs ?? 0), throughputMBps: 0,
+                dirtyRatePagesPerSecond: 0, predictedDowntimeMs: 0))
+        }
+        if parameters.verify {
+            let verification = MigrationReport.Verification(
+                sourceMemoryDigest: hex(memoryDigest), destinationMemoryDigest: statistics.memoryDigest ?? "",
+                sourceStateDigest: hex(stateDigest), destinationStateDigest: hex(ready.stateDigest),
+                match: hex(memoryDigest) == statistics.memoryDigest && stateDigest == ready.stateDigest)
+            update { $0.verification = verification }
+            guard verification.match else {
+                throw Failure("verification failed: the destination's memory once complete differs from the source's at the switch (the VM runs at the destination)")
             }
         }
     }

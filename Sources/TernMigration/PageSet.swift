@@ -16,6 +16,35 @@ public struct PageSet: Equatable, Sendable {
     public var isEmpty: Bool { words.allSatisfy { $0 == 0 } }
 
     public mutating func insert(_ page: Int) { words[page / 64] |= 1 << UInt64(page % 64) }
+    public mutating func remove(_ page: Int) { words[page / 64] &= ~(1 << UInt64(page % 64)) }
+
+    /// Replaces the bits wholesale (decoding); bits past `pageCount` are cleared.
+    mutating func replaceWords(_ newWords: [UInt64]) {
+        precondition(newWords.count == words.count)
+        words = newWords
+        if pageCount % 64 != 0 { words[words.count - 1] &= (1 << UInt64(pageCount % 64)) - 1 }
+    }
+
+    /// Adds every member of another set of the same size.
+    public mutating func formUnion(_ other: PageSet) {
+        for (i, word) in other.words.enumerated() where word != 0 { words[i] |= word }
+    }
+
+    /// The first member at or after `page`, if any.
+    public func next(from page: Int) -> Int? {
+        guard page < pageCount else { return nil }
+        var index = page / 64
+        var word = words[index] & (~0 << UInt64(page % 64))
+        while true {
+            if word != 0 {
+                let found = index * 64 + word.trailingZeroBitCount
+                return found < pageCount ? found : nil
+            }
+            index += 1
+            guard index < words.count else { return nil }
+            word = words[index]
+        }
+    }
     public func contains(_ page: Int) -> Bool { words[page / 64] & (1 << UInt64(page % 64)) != 0 }
 
     /// Adds a slot's dirty bitmap, whose bit 0 is the page at `firstPage`.

@@ -14,8 +14,11 @@ struct Migrate: ParsableCommand {
     @Option(help: "Destination: tcp:HOST:PORT or unix:PATH.")
     var to: String
 
-    @Option(help: "precopy (post-copy and hybrid are not available yet).")
+    @Option(help: "precopy, postcopy, hybrid (pre-copy rounds then post-copy) or auto (post-copy only if pre-copy cannot meet the downtime target).")
     var mode: String = "precopy"
+
+    @Option(help: "Hybrid mode: pre-copy rounds before switching to post-copy.")
+    var precopyRounds: Int = 2
 
     @Option(help: "Downtime target in milliseconds: switch over once the rest fits in it.")
     var maxDowntime: Double = 300
@@ -34,7 +37,8 @@ struct Migrate: ParsableCommand {
 
     func validate() throws {
         _ = try Endpoint(parsing: to)
-        guard mode == "precopy" else { throw ValidationError("--mode \(mode) is not available yet; use precopy") }
+        guard MigrationMode(rawValue: mode) != nil else { throw ValidationError("--mode must be precopy, postcopy, hybrid or auto") }
+        guard precopyRounds >= 1 else { throw ValidationError("--precopy-rounds must be at least 1") }
         guard maxDowntime > 0 else { throw ValidationError("--max-downtime must be positive") }
         guard maxRounds >= 1 else { throw ValidationError("--max-rounds must be at least 1") }
         guard timeout > 0 else { throw ValidationError("--timeout must be positive") }
@@ -52,7 +56,8 @@ struct Migrate: ParsableCommand {
 
     func run() throws {
         let request = MigrateRequest(destination: to, mode: mode, maxDowntimeMs: maxDowntime, maxRounds: maxRounds,
-                                     timeoutS: timeout, bandwidth: try bandwidth.map(Self.parseRate), verify: verify)
+                                     timeoutS: timeout, bandwidth: try bandwidth.map(Self.parseRate), verify: verify,
+                                     precopyRounds: precopyRounds)
         let body = try APIJSON.encoder.encode(request)
         let client = api.client
         let outcome = Mutex<Result<APIClient.Response, any Error>?>(nil)
@@ -152,6 +157,13 @@ enum MigrationTable {
             ("throughput", String(format: "%.0f MB/s", r.throughputMBps)),
             ("max downtime", ms(r.maxDowntimeMs)),
         ]
+        if let moved = r.executionMovedAtMs { rows.append(("execution moved", "at " + ms(moved))) }
+        if let complete = r.memoryCompleteAtMs { rows.append(("memory complete", "at " + ms(complete))) }
+        if let p = r.postcopy {
+            rows.append(("post-copy pages", "\(r.postcopyPagesSent ?? 0) sent once each: \(p.pagesPushed) pushed, \(p.pagesPulled) pulled on demand, \(p.pagesZeroFilledLocally) zero-filled at the destination"))
+            rows.append(("faults", String(format: "%llu (%llu requests); latency p50 %.3f ms, p99 %.3f ms, max %.3f ms",
+                                         p.faults, p.requests, p.faultLatencyP50Ms, p.faultLatencyP99Ms, p.faultLatencyMaxMs)))
+        }
         if let limit = r.bandwidthLimit { rows.append(("bandwidth cap", String(format: "%.1f MB/s", Double(limit) / 1e6))) }
         if let v = r.verification {
             rows.append(("verify", v.match ? "memory \(v.sourceMemoryDigest) and state \(v.sourceStateDigest) match on both sides"

@@ -10,7 +10,7 @@ import TernWire
 /// through the VMM's mapping, so computing a digest neither allocates guest
 /// memory nor faults in page tables.
 public enum MemoryDigest {
-    static let zeroPageCRC: UInt32 = {
+    public static let zeroPageCRC: UInt32 = {
         let zeros = [UInt8](repeating: 0, count: PageRun.pageSize)
         return Checksum.crc32c(zeros)
     }()
@@ -20,7 +20,11 @@ public enum MemoryDigest {
         (UInt64(crc) | UInt64(crc) << 32) ^ (page &* 0x9E37_79B9_7F4A_7C15)
     }
 
-    public static func compute(_ memory: GuestMemory) throws -> UInt64 {
+    /// One page's share of the digest (the digest is their sum), for receivers that see pages one by one.
+    public static func contribution(page: UInt64, crc: UInt32) -> UInt64 { mix(page, crc) }
+
+    /// The digest of all RAM, or of the pages for which `include` says yes (by memfd page index).
+    public static func compute(_ memory: GuestMemory, including include: ((Int) -> Bool)? = nil) throws -> UInt64 {
         let pageSize = UInt64(PageRun.pageSize)
         let fd = memory.file.rawValue
         let chunkPages = 1024
@@ -33,7 +37,10 @@ public enum MemoryDigest {
             let offset = page * pageSize
             let nextData = lseek(fd, off_t(offset), 3 /* SEEK_DATA */)
             let holeEnd = nextData < 0 ? totalPages : min(UInt64(nextData) / pageSize, totalPages)
-            while page < holeEnd { digest &+= mix(page, zeroPageCRC); page += 1 }
+            while page < holeEnd {
+                if include?(Int(page)) ?? true { digest &+= mix(page, zeroPageCRC) }
+                page += 1
+            }
             guard page < totalPages else { break }
             let nextHole = lseek(fd, off_t(page * pageSize), 4 /* SEEK_HOLE */)
             let dataEnd = nextHole < 0 ? totalPages : min((UInt64(nextHole) + pageSize - 1) / pageSize, totalPages)
@@ -47,7 +54,7 @@ public enum MemoryDigest {
                     guard n > 0 else { throw FDStream.IOError(operation: "reading guest memory", errno: errno) }
                     done += n
                 }
-                for i in 0..<count {
+                for i in 0..<count where include?(Int(page) + i) ?? true {
                     let crc = Checksum.crc32c(UnsafeRawBufferPointer(rebasing: buffer[i * PageRun.pageSize..<(i + 1) * PageRun.pageSize]))
                     digest &+= mix(page + UInt64(i), crc)
                 }

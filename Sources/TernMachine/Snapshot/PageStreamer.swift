@@ -22,7 +22,7 @@ public struct PageStreamCounters: Sendable, Equatable {
 /// the dirty log for the next round. Zero pages are found in the copy and go
 /// as markers; known holes go as markers without being read.
 public final class PageStreamer {
-    public static let framePages = 2048
+    public static let defaultFramePages = 2048
     static let maximumRunPages: UInt32 = 1024
     static let maximumRunsPerFrame = 4096
 
@@ -31,15 +31,20 @@ public final class PageStreamer {
     /// Called with a frame's size before it is written: rate limits and cancellation hook in here.
     public var beforeFrame: ((Int) throws -> Void)?
     public private(set) var counters = PageStreamCounters()
+    /// Pages per frame: large for bulk throughput, small where latency matters (post-copy).
+    public let framePages: Int
+    /// Flags of the frames written (post-copy marks demand replies).
+    public var frameFlags: UInt32 = 0
 
     private let staging: UnsafeMutableRawBufferPointer
     private var stagedPages = 0
     private var runs: [(run: PageRun, stagingPage: Int)] = []
 
-    public init(memory: GuestMemory, stream: FDStream) {
+    public init(memory: GuestMemory, stream: FDStream, framePages: Int = PageStreamer.defaultFramePages) {
         self.memory = memory
         self.stream = stream
-        staging = .allocate(byteCount: Self.framePages * PageRun.pageSize, alignment: 4096)
+        self.framePages = framePages
+        staging = .allocate(byteCount: framePages * PageRun.pageSize, alignment: 4096)
     }
 
     deinit { staging.deallocate() }
@@ -73,8 +78,8 @@ public final class PageStreamer {
         var page = firstPage
         let end = firstPage + count
         while page < end {
-            if stagedPages == Self.framePages { try flush() }
-            let n = min(end - page, Self.framePages - stagedPages)
+            if stagedPages == framePages { try flush() }
+            let n = min(end - page, framePages - stagedPages)
             let destination = staging.baseAddress! + stagedPages * PageRun.pageSize
             try readMemory(into: destination, bytes: n * PageRun.pageSize, fileOffset: page * PageRun.pageSize)
             for i in 0..<n {
@@ -132,7 +137,7 @@ public final class PageStreamer {
             }
         }
         try beforeFrame?(size)
-        try stream.writeFrame(.pages, payload: pieces)
+        try stream.writeFrame(.pages, flags: frameFlags, payload: pieces)
         counters.bytes += UInt64(size)
         counters.frames += 1
         runs.removeAll(keepingCapacity: true)

@@ -1,0 +1,115 @@
+import TernWire
+
+/// Frame types of the post-copy phase (docs/MIGRATION.md, "Post-copy").
+extension FrameType {
+    /// S→D at switch-over instead of `end`: the pages the destination must still get, and the pause time.
+    public static let postcopyStart = FrameType(rawValue: 24)
+    /// D→S: pages a vCPU (or KVM) is waiting for.
+    public static let pageRequest = FrameType(rawValue: 25)
+    /// S→D: every needed page has been sent.
+    public static let postcopyEnd = FrameType(rawValue: 26)
+    /// D→S: the destination holds all memory; with its fault statistics.
+    public static let complete = FrameType(rawValue: 27)
+}
+
+/// Flag on a `pages` frame answering a page request (the rest is background push).
+public let demandReplyFlag: UInt32 = 1
+
+/// What the destination needs after the switch: the source's pause time
+/// (for downtime), an optional memory digest taken at the pause, and the
+/// set of pages still to come. Pages outside the set are already correct at
+/// the destination (sent in pre-copy and clean since) or zero.
+public struct PostcopyStart: Equatable, Sendable {
+    public var completion: Completion
+    public var needed: PageSet
+
+    public var encoded: [UInt8] {
+        var w = WireWriter(capacity: needed.words.count * 8 + 64)
+        w.writeBlob(completion.encoded)
+        w.write(UInt64(needed.pageCount))
+        for word in needed.words { w.write(word) }
+        return w.bytes
+    }
+
+    public init(completion: Completion, needed: PageSet) {
+        self.completion = completion
+        self.needed = needed
+    }
+
+    public init(decoding bytes: [UInt8], pageCount: Int) throws(WireError) {
+        var r = WireReader(bytes, context: "post-copy start")
+        completion = try Completion(decoding: r.readBlob(maximum: 256))
+        let count = try r.read(UInt64.self)
+        guard count == UInt64(pageCount) else { throw .malformed("post-copy start: a bitmap of \(count) pages for a guest of \(pageCount)") }
+        var set = PageSet(pageCount: pageCount)
+        var words: [UInt64] = []
+        words.reserveCapacity(set.words.count)
+        for _ in 0..<set.words.count { words.append(try r.read(UInt64.self)) }
+        try r.expectEnd()
+        set.replaceWords(words)
+        needed = set
+    }
+}
+
+/// A list of page indices (memfd pages).
+public struct PageRequest: Equatable, Sendable {
+    public static let maximumPages = 4096
+    public var pages: [UInt64]
+
+    public init(pages: [UInt64]) { self.pages = pages }
+
+    public var encoded: [UInt8] {
+        var w = WireWriter(capacity: 4 + pages.count * 8)
+        w.write(UInt32(pages.count))
+        for page in pages { w.write(page) }
+        return w.bytes
+    }
+
+    public init(decoding bytes: [UInt8]) throws(WireError) {
+        var r = WireReader(bytes, context: "page request")
+        let count = Int(try r.read(UInt32.self))
+        guard count <= Self.maximumPages else { throw .tooLarge("page request for \(count) pages") }
+        var pages: [UInt64] = []
+        for _ in 0..<count { pages.append(try r.read(UInt64.self)) }
+        try r.expectEnd()
+        self.pages = pages
+    }
+}
+
+/// The destination's account of the post-copy phase, reported by the source.
+public struct PostcopyStatistics: Codable, Equatable, Sendable {
+    public var faults: UInt64 = 0
+    /// Requests sent to the source (faults on pages already requested are not counted again).
+    public var requests: UInt64 = 0
+    public var faultLatencyP50Ms: Double = 0
+    public var faultLatencyP99Ms: Double = 0
+    public var faultLatencyMaxMs: Double = 0
+    public var pagesPushed: UInt64 = 0
+    public var pagesPulled: UInt64 = 0
+    /// Pages never written at the source, zero-filled locally on first touch.
+    public var pagesZeroFilledLocally: UInt64 = 0
+    /// From the destination starting the VM to it holding every page.
+    public var memoryCompleteAfterMs: Double = 0
+    public var memoryDigest: String?
+
+    public init() {}
+
+    var encoded: [UInt8] {
+        var w = WireWriter()
+        for value in [faults, requests, pagesPushed, pagesPulled, pagesZeroFilledLocally] { w.write(value) }
+        for value in [faultLatencyP50Ms, faultLatencyP99Ms, faultLatencyMaxMs, memoryCompleteAfterMs] { w.write(value.bitPattern) }
+        w.writeString(memoryDigest ?? "")
+        return w.bytes
+    }
+
+    init(decoding bytes: [UInt8]) throws(WireError) {
+        var r = WireReader(bytes, context: "post-copy statistics")
+        faults = try r.read(); requests = try r.read(); pagesPushed = try r.read(); pagesPulled = try r.read()
+        pagesZeroFilledLocally = try r.read()
+        faultLatencyP50Ms = Double(bitPattern: try r.read()); faultLatencyP99Ms = Double(bitPattern: try r.read())
+        faultLatencyMaxMs = Double(bitPattern: try r.read()); memoryCompleteAfterMs = Double(bitPattern: try r.read())
+        let digest = try r.readString(maximum: 64)
+        memoryDigest = digest.isEmpty ? nil : digest
+        try r.expectEnd()
+    }
+}

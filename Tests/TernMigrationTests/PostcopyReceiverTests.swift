@@ -1,0 +1,112 @@
+import Foundation
+import Glibc
+import Testing
+import TernKVM
+import TernMachine
+import TernWire
+@testable import TernMigration
+
+/// A hostile post-copy source: after the hand-over it sends pages the
+/// destination must refuse. The destination pauses its VM and aborts.
+@Suite(.serialized, .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
+struct PostcopyReceiverTests {
+    let receiverTests = ReceiverTests()
+
+    /// Runs a destination on one end of a socket pair; returns the other end, already past `resumed`.
+    func handOver(needed extraPage: Int) throws -> (FDStream, FileDescriptor, ResultHolder) {
+        var fds: [Int32] = [0, 0]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
+        let ours = FileDescriptor(adopting: fds[0])
+        let theirs = FileDescriptor(adopting: fds[1])
+        let holder = ResultHolder()
+        spawnThread(named: "destination") {
+            do {
+                let (machine, _) = try MigrationDestination(expectations: .init(serial: .off)).receive(on: theirs)
+                holder.set(machine)
+            } catch {
+                holder.fail("\(error)")
+            }
+        }
+        let s = try receiverTests.stream()
+        let stream = FDStream(fd: ours.rawValue)
+        // Hello; the memory as pre-copy would have left it; the state; then post-copy with one page still needed.
+        try stream.writeAll(s.hello)
+        #expect(try stream.readFrame().0.type == .helloReply)
+        try stream.writeAll(s.pages + s.state)
+        var needed = PageSet(pageCount: (16 << 20) / 4096)
+        needed.insert(extraPage)
+        let start = PostcopyStart(completion: Completion(pausedMonotonicNs: Clocks.monotonicNs(), pausedRealtimeNs: 0,
+                                                         memoryDigest: nil, stateDigest: nil), needed: needed)
+        try stream.writeFrame(.postcopyStart, payload: start.encoded)
+        #expect(try stream.readFrame().0.type == .ready)
+        try stream.writeFrame(.go, payload: [UInt8]())
+        #expect(try stream.readFrame().0.type == .resumed)
+        return (stream, ours, holder)
+    }
+
+    func page(_ index: Int, flags: UInt32 = 0) -> [UInt8] {
+        let run = PageRun(address: GuestAddress(UInt64(index) * 4096), pageCount: 1, kind: .data)
+        let payload = run.encodedHeader + [UInt8](repeating: 0x77, count: 4096)
+        return FrameHeader(type: .pages, flags: flags, length: UInt64(payload.count), payloadCRC: Checksum.crc32c(payload)).encoded + payload
+    }
+
+    /// Reads until the destination's abort and returns its reason.
+    func abortReason(_ stream: FDStream) throws -> String {
+        while true {
+            let (header, payload) = try stream.readFrame()
+            if header.type == .abort { return String(decoding: payload, as: UTF8.self) }
+        }
+    }
+
+    func expectPausedAndStopped(_ holder: ResultHolder) {
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while holder.machine?.currentState != .paused && Date() < deadline { usleep(10_000) }
+        #expect(holder.machine?.currentState == .paused, "the VM is paused, not running on bad memory")
+        holder.machine?.requestExit(MachineExit(kind: .quit, message: "test over"))
+        _ = holder.machine?.waitForExit()
+    }
+
+    @Test func aPageSentTwiceStopsTheVM() throws {
+        let target = 0x800
+        let (stream, socket, holder) = try handOver(needed: target)
+        try stream.writeAll(page(target))
+        try stream.writeAll(page(target))
+        #expect(try abortReason(stream).contains("sent twice"))
+        expectPausedAndStopped(holder)
+        withExtendedLifetime(socket) {}
+    }
+
+    @Test func aReplyToARequestNeverMadeStopsTheVM() throws {
+        let target = 0x801
+        let (stream, socket, holder) = try handOver(needed: target)
+        try stream.writeAll(page(target, flags: demandReplyFlag))
+        #expect(try abortReason(stream).contains("never requested"))
+        expectPausedAndStopped(holder)
+        withExtendedLifetime(socket) {}
+    }
+
+    @Test func aPageNeverNeededStopsTheVM() throws {
+        let (stream, socket, holder) = try handOver(needed: 0x802)
+        try stream.writeAll(page(0x900))
+        #expect(try abortReason(stream).contains("never needed"))
+        expectPausedAndStopped(holder)
+        withExtendedLifetime(socket) {}
+    }
+
+    @Test func aPageOutsideGuestMemoryStopsTheVM() throws {
+        let (stream, socket, holder) = try handOver(needed: 0x803)
+        try stream.writeAll(page((64 << 20) / 4096))
+        #expect(try abortReason(stream).contains("outside guest RAM"))
+        expectPausedAndStopped(holder)
+        withExtendedLifetime(socket) {}
+    }
+}
+
+final class ResultHolder: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value: Machine?
+    private var error: String?
+    func set(_ machine: Machine) { lock.withLock { value = machine } }
+    func fail(_ message: String) { lock.withLock { error = message } }
+    var machine: Machine? { lock.withLock { value } }
+}
