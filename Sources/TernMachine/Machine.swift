@@ -120,9 +120,28 @@ public final class Machine: @unchecked Sendable {
         startTime = .now
         lifecycle.unlock()
         serial.start()
+        spawnThread(named: "halt-watchdog") { [weak self] in self?.watchForDeadHalt() }
         for runner in runners {
             runner.start(paused: paused, handle: { [unowned self] exit in handle(exit, on: runner.vcpu) },
                          onExit: { [unowned self] exit in requestExit(exit) })
+        }
+    }
+
+    static let haltCheckInterval: TimeInterval = 1
+
+    /// Ends the VM when every vCPU sits in HLT with interrupts disabled: no
+    /// interrupt can wake it, so it would otherwise hang silently.
+    private func watchForDeadHalt() {
+        while true {
+            Thread.sleep(forTimeInterval: Self.haltCheckInterval)
+            guard currentState != .exited else { return }
+            guard currentState == .running else { continue }
+            runners.forEach { $0.requestHaltCheck() }
+            let answers = runners.map { $0.haltCheckAnswer(timeout: 0.5) }
+            guard !answers.isEmpty, answers.allSatisfy({ $0 != nil && $0! != nil }), currentState == .running else { continue }
+            requestExit(MachineExit(kind: .halted, message: "guest halted with interrupts disabled (HLT that nothing can wake)",
+                                    vcpu: 0, registers: answers[0]!))
+            return
         }
     }
 

@@ -21,6 +21,9 @@ final class VcpuRunner: @unchecked Sendable {
     private var status = Status.notStarted
     private var thread: pthread_t?
     private var started = false
+    /// A halt check is pending / its result: halted with interrupts off (and its registers), or not.
+    private var haltCheckPending = false
+    private var haltCheckResult: RegisterDump??
 
     static let kickSignal = SIGUSR1
 
@@ -85,9 +88,55 @@ final class VcpuRunner: @unchecked Sendable {
             } catch {
                 return MachineExit(kind: .error, message: "\(error)", vcpu: vcpu.id, registers: RegisterDump.capture(vcpu))
             }
-            if case .interrupted = exit { continue }
+            if case .interrupted = exit {
+                answerHaltCheckIfAsked()
+                continue
+            }
             if let end = handle(exit) { return end }
         }
+    }
+
+    /// With the in-kernel LAPIC, HLT never leaves KVM_RUN: a guest that halts
+    /// with interrupts disabled would sleep there forever. The machine's
+    /// watchdog asks every vCPU now and then; a vCPU answers, from its own
+    /// thread (the only one allowed to read its state), whether it is halted
+    /// with IF clear, which nothing but an NMI or INIT could end.
+    private func answerHaltCheckIfAsked() {
+        condition.lock()
+        let asked = haltCheckPending
+        haltCheckPending = false
+        condition.unlock()
+        guard asked else { return }
+        var halted: RegisterDump?
+        if let mp = try? vcpu.mpState(), mp.mp_state == UInt32(KVM_MP_STATE_HALTED),
+           let regs = try? vcpu.registers(), regs.rflags & 0x200 == 0 {
+            halted = RegisterDump.capture(vcpu)
+        }
+        condition.lock()
+        haltCheckResult = .some(halted)
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    /// Starts a halt check (see `answerHaltCheckIfAsked`).
+    func requestHaltCheck() {
+        condition.lock()
+        guard status == .running, request == .run else { condition.unlock(); return }
+        haltCheckPending = true
+        haltCheckResult = nil
+        condition.unlock()
+        kick()
+    }
+
+    /// The answer to the last halt check: registers if halted for good, nil if not or no answer (yet).
+    func haltCheckAnswer(timeout: TimeInterval) -> RegisterDump?? {
+        let deadline = Date(timeIntervalSinceNow: timeout)
+        condition.lock()
+        defer { condition.unlock() }
+        while haltCheckResult == nil {
+            if !condition.wait(until: deadline) { return nil }
+        }
+        return haltCheckResult
     }
 
     private func kick() {

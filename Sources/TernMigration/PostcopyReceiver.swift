@@ -62,6 +62,9 @@ final class PostcopyReceiver: @unchecked Sendable {
             }
         }
         try uffd.registerMissing(memory.mapping.base, length: memory.mapping.length)
+        // A short receive queue: a demand reply must not wait behind megabytes of pushed pages.
+        var size: Int32 = 256 << 10
+        setsockopt(source.fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
     }
 
     deinit { bounce.deallocate() }

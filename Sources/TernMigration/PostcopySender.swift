@@ -11,7 +11,7 @@ import TernWire
 final class PostcopySender: @unchecked Sendable {
     // @unchecked Sendable: `requests`, `outcome` and `readerError` are guarded by `condition`.
     /// Pages per pushed frame: small, so a demand reply never waits behind much.
-    static let pushFramePages = 32
+    static let pushFramePages = 64
     /// Pages pushed after a fault before the push may wander off again.
     static let prepagingWindow = 256
     static let completionTimeoutSeconds = 60.0
@@ -44,7 +44,7 @@ final class PostcopySender: @unchecked Sendable {
     /// Sends every needed page, then waits for the destination to confirm it holds them all.
     func run() throws -> PostcopyStatistics {
         // Keep the socket's queue short: a demand reply should not queue behind megabytes of push.
-        var size: Int32 = 512 << 10
+        var size: Int32 = 256 << 10
         setsockopt(stream.fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
         // Requests may be minutes apart; the completion wait below has its own bound.
         var noTimeout = timeval(tv_sec: 0, tv_usec: 0)

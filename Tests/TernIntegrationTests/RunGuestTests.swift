@@ -65,12 +65,18 @@ struct RunGuestTests {
         #expect(!FileManager.default.fileExists(atPath: tern.apiSocket))
     }
 
-    @Test func guestExceptionIsVisibleInTheStatusBlock() throws {
-        let tern = try TernProcess.guest("crash=ud")
-        try tern.waitForAPI()
-        let status = try tern.waitForStatus { $0.phase == .crashed }
-        #expect(status.exceptionVector == 6)
-        #expect(status.exceptionRIP > 0x100000)
+    @Test func guestThatHaltsForGoodIsReportedWithRegisters() throws {
+        // crash=ud: the guest's #UD handler prints, records the exception, then halts with interrupts off.
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent("ud-\(getpid()).log").path
+        defer { unlink(log) }
+        let tern = try TernProcess(["run", "--kernel", TernProcess.guest, "--cmdline", "crash=ud", "--memory", "64M",
+                                    "--serial", "file:\(log)"])
+        let code = tern.waitForExit(timeout: 20)
+        #expect(code != nil && code != 0, "a halted guest ends the VM, it does not hang")
+        #expect(tern.stderr.contains("halted with interrupts disabled"))
+        #expect(tern.stderr.contains("rip=0x"))
+        #expect(((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("exception 6"))
+        #expect(!FileManager.default.fileExists(atPath: tern.apiSocket))
     }
 
     @Test func serialOutputGoesToAFile() throws {
