@@ -54,6 +54,7 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        .executableTarget(name: "tern-bench", dependencies: ["TernWire"], swiftSettings: strict),
         .testTarget(name: "TernWireTests", dependencies: ["TernWire"], swiftSettings: strict),
         .testTarget(name: "TernKVMTests", dependencies: ["TernKVM", "CKVM"], swiftSettings: strict),
         .testTarget(name: "TernMachineTests", dependencies: ["TernMachine", "TernWire", "CKVM"], swiftSettings: strict),

@@ -1,0 +1,85 @@
+import Foundation
+import TernWire
+
+// Micro-benchmarks of Tern's codecs (`swift run -c release tern-bench xbzrle`;
+// bench/xbzrle.sh). Throughput is input page bytes per second on one core.
+
+func seconds(_ body: () -> Void) -> Double {
+    let start = ContinuousClock.now
+    body()
+    let elapsed = ContinuousClock.now - start
+    return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+}
+
+func xbzrle() {
+    let pageSize = 4096, pages = 16384 // 64 MiB of pages
+    var rng = SystemRandomNumberGenerator()
+    let old = UnsafeMutableRawBufferPointer.allocate(byteCount: pages * pageSize, alignment: 4096)
+    let new = UnsafeMutableRawBufferPointer.allocate(byteCount: pages * pageSize, alignment: 4096)
+    let output = UnsafeMutableRawBufferPointer.allocate(byteCount: 2 * pageSize, alignment: 64)
+    defer { old.deallocate(); new.deallocate(); output.deallocate() }
+    for i in 0..<old.count / 8 { old.storeBytes(of: UInt64.random(in: 0...UInt64.max, using: &rng), toByteOffset: i * 8, as: UInt64.self) }
+
+    let patterns: [(String, (inout SystemRandomNumberGenerator, UnsafeMutableRawBufferPointer) -> Void)] = [
+        ("unchanged page", { _, _ in }),
+        ("64 bytes rewritten at a random offset (the guest's bytes=64 workload)", { rng, page in
+            let start = Int.random(in: 0...(pageSize - 64), using: &rng) & ~7
+            for i in start..<start + 64 { page[i] = UInt8.random(in: 0...255, using: &rng) }
+        }),
+        ("eight 8-byte words changed", { rng, page in
+            for _ in 0..<8 { page.storeBytes(of: UInt64.random(in: 0...UInt64.max, using: &rng), toByteOffset: Int.random(in: 0..<512, using: &rng) * 8, as: UInt64.self) }
+        }),
+        ("whole page rewritten (incompressible: the encoder must give up fast)", { rng, page in
+            for i in 0..<pageSize / 8 { page.storeBytes(of: UInt64.random(in: 0...UInt64.max, using: &rng), toByteOffset: i * 8, as: UInt64.self) }
+        }),
+    ]
+    print("| pattern | encode GB/s | decode GB/s | mean encoded bytes | pages compressed |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for (name, mutate) in patterns {
+        new.copyMemory(from: UnsafeRawBufferPointer(old))
+        for p in 0..<pages { mutate(&rng, UnsafeMutableRawBufferPointer(rebasing: new[p * pageSize..<(p + 1) * pageSize])) }
+        var encodedBytes = 0, compressed = 0
+        var best = Double.infinity
+        for _ in 0..<5 {
+            encodedBytes = 0; compressed = 0
+            best = min(best, seconds {
+                for p in 0..<pages {
+                    let range = p * pageSize..<(p + 1) * pageSize
+                    if let n = XBZRLE.encode(old: UnsafeRawBufferPointer(rebasing: old[range]), new: UnsafeRawBufferPointer(rebasing: new[range]),
+                                             into: output, limit: pageSize - 64) {
+                        encodedBytes += n
+                        compressed += 1
+                    }
+                }
+            })
+        }
+        // Decode: apply each page's delta to a copy of the old page.
+        var deltas: [[UInt8]] = []
+        for p in 0..<pages {
+            let range = p * pageSize..<(p + 1) * pageSize
+            if let n = XBZRLE.encode(old: UnsafeRawBufferPointer(rebasing: old[range]), new: UnsafeRawBufferPointer(rebasing: new[range]),
+                                     into: output, limit: pageSize - 64) {
+                deltas.append(Array(UnsafeRawBufferPointer(rebasing: output[0..<n])))
+            }
+        }
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: pageSize, alignment: 64)
+        defer { scratch.deallocate() }
+        var bestDecode = Double.infinity
+        for _ in 0..<5 {
+            bestDecode = min(bestDecode, seconds {
+                for delta in deltas { delta.withUnsafeBytes { try? XBZRLE.decode($0, into: scratch) } }
+            })
+        }
+        let bytes = Double(pages * pageSize)
+        let decodeRate = deltas.isEmpty ? "-" : String(format: "%.2f", Double(deltas.count * pageSize) / bestDecode / 1e9)
+        print(String(format: "| %@ | %.2f | %@ | %.0f | %d of %d |", name, bytes / best / 1e9, decodeRate,
+                     compressed == 0 ? 0 : Double(encodedBytes) / Double(compressed), compressed, pages))
+    }
+}
+
+switch CommandLine.arguments.dropFirst().first {
+case "xbzrle": xbzrle()
+default:
+    FileHandle.standardError.write(Data("usage: tern-bench xbzrle\n".utf8))
+    exit(2)
+}

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# XBZRLE encoder/decoder throughput on one core (release build), 64 MiB of pages per pattern.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+swift build -c release --product tern-bench 2>&1 | grep -E "error|warning:" || true
+.build/release/tern-bench xbzrle
