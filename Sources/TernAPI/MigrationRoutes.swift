@@ -13,10 +13,16 @@ public struct MigrateRequest: Codable, Sendable {
     public var bandwidth: UInt64?
     public var verify: Bool?
     public var precopyRounds: Int?
+    /// "none" (default) or "xbzrle".
+    public var compress: String?
+    public var xbzrleCacheBytes: UInt64?
 
     public init(destination: String, mode: String? = nil, maxDowntimeMs: Double? = nil, maxRounds: Int? = nil,
-                timeoutS: Double? = nil, bandwidth: UInt64? = nil, verify: Bool? = nil, precopyRounds: Int? = nil) {
+                timeoutS: Double? = nil, bandwidth: UInt64? = nil, verify: Bool? = nil, precopyRounds: Int? = nil,
+                compress: String? = nil, xbzrleCacheBytes: UInt64? = nil) {
         self.precopyRounds = precopyRounds
+        self.compress = compress
+        self.xbzrleCacheBytes = xbzrleCacheBytes
         self.destination = destination
         self.mode = mode
         self.maxDowntimeMs = maxDowntimeMs
@@ -25,6 +31,11 @@ public struct MigrateRequest: Codable, Sendable {
         self.bandwidth = bandwidth
         self.verify = verify
     }
+}
+
+extension MigrateRequest {
+    /// Enough for the re-sent working set of most guests; a quarter of a GiB of host memory.
+    public static let defaultXBZRLECache: UInt64 = 256 << 20
 }
 
 /// The migration a VM is in (at most one at a time), and the last one's report.
@@ -83,6 +94,17 @@ extension APIRouter {
             parameters.bandwidth = value
         }
         parameters.verify = request.verify ?? false
+        switch request.compress ?? "none" {
+        case "none": break
+        case "xbzrle":
+            let cache = request.xbzrleCacheBytes ?? MigrateRequest.defaultXBZRLECache
+            guard cache >= 1 << 20, cache <= machine.memory.size else {
+                return .error(400, "bad_request", "xbzrle_cache_bytes must be between 1 MiB and the guest's memory size")
+            }
+            parameters.xbzrleCacheBytes = cache
+        case let other:
+            return .error(400, "bad_request", "unknown compression '\(other)' (none or xbzrle)")
+        }
         parameters.mode = mode
         if let value = request.precopyRounds {
             guard value >= 1 else { return .error(400, "bad_request", "precopy_rounds must be at least 1") }
@@ -90,6 +112,9 @@ extension APIRouter {
         }
         guard machine.currentState == .running || machine.currentState == .paused else {
             return .error(409, "invalid_state", "the VM is \(machine.currentState.rawValue)")
+        }
+        guard !machine.memoryIncomplete else {
+            return .error(409, "invalid_state", "the VM's memory is still arriving from its previous host (post-copy)")
         }
         let source = MigrationSource(machine: machine, parameters: parameters)
         guard migrations.begin(source) else { return .error(409, "busy", "a migration is already in progress") }
@@ -111,7 +136,9 @@ extension APIRouter {
 
     func cancelMigration() -> APIResponse {
         guard let source = migrations.active else { return .error(404, "not_found", "no migration is in progress") }
-        source.cancel()
+        guard source.cancel() else {
+            return .error(409, "committed", "too late to cancel: the destination has been told to run the VM")
+        }
         return APIResponse(status: 202, contentType: nil, body: Data())
     }
 }

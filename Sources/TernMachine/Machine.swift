@@ -27,6 +27,9 @@ public final class Machine: @unchecked Sendable {
 
     private let lifecycle = NSCondition()
     private var state = MachineState.created
+    /// Objects that must live as long as the VM (e.g. the userfaultfd serving post-copy faults).
+    private var keptAlive: [AnyObject] = []
+    private var memoryIsIncomplete = false
     private var exit: MachineExit?
     private var startTime: ContinuousClock.Instant?
 
@@ -113,9 +116,11 @@ public final class Machine: @unchecked Sendable {
 
     // MARK: Lifecycle
 
-    public func start(paused: Bool = false) {
+    /// Starts the vCPUs; false if the VM is not in the created state (already started, or ended).
+    @discardableResult
+    public func start(paused: Bool = false) -> Bool {
         lifecycle.lock()
-        guard state == .created else { lifecycle.unlock(); return }
+        guard state == .created else { lifecycle.unlock(); return false }
         state = paused ? .paused : .running
         startTime = .now
         lifecycle.unlock()
@@ -125,6 +130,7 @@ public final class Machine: @unchecked Sendable {
             runner.start(paused: paused, handle: { [unowned self] exit in handle(exit, on: runner.vcpu) },
                          onExit: { [unowned self] exit in requestExit(exit) })
         }
+        return true
     }
 
     static let haltCheckInterval: TimeInterval = 1
@@ -165,7 +171,11 @@ public final class Machine: @unchecked Sendable {
         defer { lifecycle.unlock() }
         guard state == .running else { throw LifecycleError.notRunning(state) }
         for runner in runners { runner.requestPause() }
-        for runner in runners where !runner.waitUntilParked() { throw LifecycleError.timeout }
+        for runner in runners where !runner.waitUntilParked() {
+            // Not all parked: let every vCPU go again rather than leave the VM half paused.
+            for other in runners { other.resume() }
+            throw LifecycleError.timeout
+        }
         state = .paused
     }
 
@@ -240,6 +250,20 @@ public final class Machine: @unchecked Sendable {
         }
         cpuids = snapshot.vcpus.map(\.cpuid)
         serial.restore(snapshot.serial)
+    }
+
+    /// Keeps `object` alive as long as the machine.
+    public func keepAlive(_ object: AnyObject) {
+        lifecycle.lock()
+        keptAlive.append(object)
+        lifecycle.unlock()
+    }
+
+    /// True while some guest memory has not arrived yet (post-copy): the memfd then has
+    /// holes where pages belong, so snapshots and migrations of this VM are refused.
+    public var memoryIncomplete: Bool {
+        get { lifecycle.lock(); defer { lifecycle.unlock() }; return memoryIsIncomplete }
+        set { lifecycle.lock(); memoryIsIncomplete = newValue; lifecycle.unlock() }
     }
 
     /// The CPUID vCPU 0 runs with (what a migration destination must be able to offer).

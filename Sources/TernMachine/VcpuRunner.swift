@@ -141,15 +141,17 @@ final class VcpuRunner: @unchecked Sendable {
 
     private func kick() {
         vcpu.setImmediateExit(true)
-        if let thread { pthread_kill(thread, Self.kickSignal) }
+        condition.lock()
+        defer { condition.unlock() }
+        // Only a thread still in its loop is signalled (a finished thread's id may be reused).
+        if let thread, status != .stopped { pthread_kill(thread, Self.kickSignal) }
     }
 
     func requestPause() {
         condition.lock()
         if request == .run { request = .pause }
-        let thread = self.thread
         condition.unlock()
-        if thread != nil { kick() }
+        kick()
     }
 
     func requestStop() {

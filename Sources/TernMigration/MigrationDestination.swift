@@ -53,6 +53,8 @@ public final class MigrationDestination {
     /// Returns the started machine.
     public func receive(on socket: FileDescriptor, machineCreated: (Machine) -> Void = { _ in }) throws -> (Machine, Outcome) {
         let stream = FDStream(fd: socket.rawValue)
+        // Every wait on the source is bounded until the hand-over (post-copy lifts this for its own reads).
+        setTimeouts(socket.rawValue, seconds: MigrationSource.replyTimeoutSeconds)
         do {
             return try receive(from: stream, replyTo: stream, connection: socket, machineCreated: machineCreated)
         } catch {
@@ -164,12 +166,13 @@ public final class MigrationDestination {
             throw Refusal("the source aborted: \(String(decoding: goPayload, as: UTF8.self))")
         }
         guard goHeader.type == .go else { throw Refusal("expected the source's go-ahead, got a \(goHeader.type) frame") }
-        machine.start()
+        // The VM may have been quit meanwhile (through its API): then it must not be reported as running.
+        guard machine.start() else { throw Refusal("the VM was stopped here before it could start") }
         let resumed = Resumed(monotonicNs: Clocks.monotonicNs(), realtimeNs: Clocks.realtimeNs())
         // The VM runs now whatever happens to this last message: the source may not run it too.
         try? sink?.writeFrame(.resumed, payload: resumed.encoded)
         postcopy?.start(vmStartedNs: resumed.monotonicNs)
-        let downtime = hello.bootID == Clocks.bootID ? Double(Int64(resumed.monotonicNs) - Int64(completion.pausedMonotonicNs)) / 1e6 : nil
+        let downtime = hello.bootID == Clocks.bootID ? Clocks.milliseconds(from: completion.pausedMonotonicNs, to: resumed.monotonicNs) : nil
         return (machine, Outcome(dataPages: applier.dataPages, zeroPages: applier.zeroPages, bytes: bytes, downtimeMs: downtime))
     }
 

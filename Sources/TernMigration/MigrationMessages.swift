@@ -193,6 +193,11 @@ public enum Clocks {
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
+    /// A signed interval in milliseconds between two clock readings (one of which a peer sent: no trap on odd values).
+    public static func milliseconds(from start: UInt64, to end: UInt64) -> Double {
+        end >= start ? Double(end - start) / 1e6 : -Double(start - end) / 1e6
+    }
+
     /// Identifies this boot of this kernel: equal on both sides means one host, one monotonic clock.
     public static let bootID: String = {
         (try? String(contentsOfFile: "/proc/sys/kernel/random/boot_id", encoding: .utf8))?

@@ -1,5 +1,7 @@
 /// What a migration did, measured: the report `tern migrate` prints and
 /// `--json` emits (snake_case through the API's encoder).
+import TernMachine
+
 public struct MigrationReport: Codable, Equatable, Sendable {
     public enum Status: String, Codable, Sendable {
         case setup, precopy, stopAndCopy = "stop-and-copy", postcopy, completing, completed, failed, cancelled
@@ -51,6 +53,11 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     public var maxDowntimeMs: Double
     public var bandwidthLimit: UInt64?
     public var rounds: [Round] = []
+    /// "none" or "xbzrle".
+    public var compression: String = "none"
+    /// Pages sent as XBZRLE deltas, and the cache's account (hits, misses, overflows, bytes saved).
+    public var deltaPages: UInt64?
+    public var xbzrle: XBZRLECache.Statistics?
     /// Post-copy and hybrid: when execution moved to the destination, and when it held all memory (ms from the start).
     public var executionMovedAtMs: Double?
     public var memoryCompleteAtMs: Double?

@@ -24,6 +24,8 @@ public final class MigrationSource: @unchecked Sendable {
         public var mode = MigrationMode.precopy
         /// Hybrid: pre-copy rounds before switching to post-copy.
         public var precopyRounds = 2
+        /// XBZRLE delta encoding of re-sent pages, with a cache of this many bytes (nil: off).
+        public var xbzrleCacheBytes: UInt64?
 
         public init(destination: Endpoint) { self.destination = destination }
     }
@@ -35,6 +37,9 @@ public final class MigrationSource: @unchecked Sendable {
     private var report: MigrationReport
     private var cancelReason: String?
     private var connection: FileDescriptor?
+    /// Set once `go` is on the wire: from then on the VM may run at the destination,
+    /// so a cancel can no longer be honoured (it would lose the VM).
+    private var committedFlag = false
 
     /// Time allowed for the destination to answer a control message.
     static let replyTimeoutSeconds = 30
@@ -47,6 +52,8 @@ public final class MigrationSource: @unchecked Sendable {
         self.logger = logger
         report = MigrationReport(status: .setup, destination: parameters.destination.description, ramBytes: machine.memory.size,
                                  maxDowntimeMs: parameters.maxDowntimeMs, bandwidthLimit: parameters.bandwidth)
+        report.mode = parameters.mode.rawValue
+        report.compression = parameters.xbzrleCacheBytes == nil ? "none" : "xbzrle"
     }
 
     public var progress: MigrationReport { lock.withLock { report } }
@@ -54,16 +61,29 @@ public final class MigrationSource: @unchecked Sendable {
     /// Asks the migration to stop. Before the hand-over the VM keeps running here.
     /// The sender notices between frames and tells the destination why; if it
     /// is stuck on a peer that stopped reading, the connection is cut after a grace period.
-    public func cancel(reason: String = "cancelled by the user") {
-        let first = lock.withLock {
+    /// Returns false when it is too late: the destination was told to run the VM.
+    @discardableResult
+    public func cancel(reason: String = "cancelled by the user") -> Bool {
+        let first: Bool? = lock.withLock {
+            if committedFlag { return nil }
             guard cancelReason == nil else { return false }
             cancelReason = reason
             return true
         }
-        guard first else { return }
+        guard let first else { return false }
+        guard first else { return true }
         DispatchQueue.global().asyncAfter(deadline: .now() + Self.cancelGraceSeconds) { [weak self] in
             guard let self else { return }
-            lock.withLock { if let fd = connection?.rawValue { shutdown(fd, Int32(SHUT_RDWR)) } }
+            lock.withLock { if !committedFlag, let fd = connection?.rawValue { shutdown(fd, Int32(SHUT_RDWR)) } }
+        }
+        return true
+    }
+
+    /// Marks the point of no return, unless a cancel got in first.
+    private func commit() throws {
+        try lock.withLock {
+            if cancelReason != nil { throw Failure("cancelled") }
+            committedFlag = true
         }
     }
 
@@ -157,6 +177,8 @@ public final class MigrationSource: @unchecked Sendable {
                                         $0.transferredBytes = counters.bytes
                                     }
                                 })
+        let cache = parameters.xbzrleCacheBytes.map { XBZRLECache(bytes: $0) }
+        sender.streamer.cache = cache
         var round = 0
         let policy = SwitchoverPolicy(maxDowntimeMs: parameters.maxDowntimeMs, maxRounds: parameters.maxRounds,
                                       timeoutSeconds: parameters.timeoutSeconds)
@@ -171,6 +193,8 @@ public final class MigrationSource: @unchecked Sendable {
             update { $0.currentRound = round; $0.roundPercent = 0 }
             roundPlan.withLock { $0 = (before.dataPages + before.zeroPages, Double(pending.map { UInt64($0.count) } ?? totalPages)) }
             if let pages = pending { try sender.send(pages) } else { try sender.sendAll() }
+            // Pages re-sent from now on are likely to be re-sent again: keep them for deltas.
+            sender.streamer.cacheWholePages = true
             let duration = max(milliseconds(since: roundStart), 0.001)
             let dirty = try machine.memory.collectDirtyPages(from: machine.vm)
             let sent = sender.counters
@@ -257,6 +281,8 @@ public final class MigrationSource: @unchecked Sendable {
                 zeroPages: sent.zeroPages - before.zeroPages, bytes: sent.bytes - before.bytes + stateBytes, dirtyPages: 0,
                 durationMs: milliseconds(since: pauseInstant), throughputMBps: 0, dirtyRatePagesPerSecond: 0, predictedDowntimeMs: 0))
             $0.transferredBytes = sent.bytes + stateBytes
+            $0.deltaPages = sent.deltaPages
+            $0.xbzrle = cache?.statistics
             $0.dataPages = sent.dataPages
             $0.zeroPages = sent.zeroPages
         }
@@ -279,18 +305,19 @@ public final class MigrationSource: @unchecked Sendable {
         if cancelled { throw Failure("cancelled") }
 
         // Commit: from here the destination may run the VM.
-        committed = true
+        try commit()
         try stream.writeFrame(.go, payload: [UInt8]())
+        committed = true
         let (_, resumedPayload) = try readReply(stream, expecting: .resumed, what: "the destination's confirmation")
         let resumed = try Resumed(decoding: resumedPayload)
         let upperBound = Double(Clocks.monotonicNs() - pausedMono) / 1e6
         update {
             $0.downtimeUpperBoundMs = upperBound
             if sameHost {
-                $0.downtimeMs = Double(Int64(resumed.monotonicNs) - Int64(pausedMono)) / 1e6
+                $0.downtimeMs = Clocks.milliseconds(from: pausedMono, to: resumed.monotonicNs)
                 $0.downtimeClock = "shared-monotonic"
             } else {
-                $0.downtimeMs = Double(Int64(resumed.realtimeNs) - Int64(pausedReal)) / 1e6
+                $0.downtimeMs = Clocks.milliseconds(from: pausedReal, to: resumed.realtimeNs)
                 $0.downtimeClock = "realtime"
             }
         }
@@ -345,15 +372,16 @@ public final class MigrationSource: @unchecked Sendable {
         }
         if cancelled { throw Failure("cancelled") }
 
-        committed = true
+        try commit()
         try stream.writeFrame(.go, payload: [UInt8]())
+        committed = true
         let (_, resumedPayload) = try readReply(stream, expecting: .resumed, what: "the destination's confirmation")
         let resumed = try Resumed(decoding: resumedPayload)
         let precopyBytes = sender.counters.bytes
         update {
             $0.downtimeUpperBoundMs = Double(Clocks.monotonicNs() - pausedMono) / 1e6
-            $0.downtimeMs = sameHost ? Double(Int64(resumed.monotonicNs) - Int64(pausedMono)) / 1e6
-                                     : Double(Int64(resumed.realtimeNs) - Int64(pausedReal)) / 1e6
+            $0.downtimeMs = sameHost ? Clocks.milliseconds(from: pausedMono, to: resumed.monotonicNs)
+                                     : Clocks.milliseconds(from: pausedReal, to: resumed.realtimeNs)
             $0.downtimeClock = sameHost ? "shared-monotonic" : "realtime"
             $0.executionMovedAtMs = milliseconds(since: started)
             $0.status = .postcopy
@@ -361,7 +389,7 @@ public final class MigrationSource: @unchecked Sendable {
         }
 
         // Post-copy proper: from here the VM runs at the destination and this side only serves memory.
-        let postcopy = PostcopySender(memory: machine.memory, stream: stream, needed: needed)
+        let postcopy = PostcopySender(memory: machine.memory, connection: lock.withLock { connection }, stream: stream, needed: needed)
         let statistics = try postcopy.run()
         let sent = postcopy.counters
         update {

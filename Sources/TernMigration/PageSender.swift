@@ -11,8 +11,7 @@ struct PageSender {
     init(memory: GuestMemory, stream: FDStream, rateLimit: RateLimiter, shouldStop: @escaping () -> Bool,
          onFrame: @escaping (PageStreamCounters) -> Void = { _ in }) {
         streamer = PageStreamer(memory: memory, stream: stream)
-        let streamer = self.streamer
-        streamer.beforeFrame = { size in
+        streamer.beforeFrame = { [unowned streamer] size in
             if shouldStop() { throw Stopped() }
             rateLimit.consume(size)
             onFrame(streamer.counters)

@@ -72,6 +72,10 @@ final class PostcopyReceiver: @unchecked Sendable {
     /// Serves faults and receives pages on two threads; returns at once.
     /// `started` is the monotonic time the VM started, for "memory complete after".
     func start(vmStartedNs: UInt64) {
+        // Kept with the VM: if post-copy fails, the userfaultfd must stay open, or the
+        // kernel would fill the missing pages with zeros under the waiting vCPUs.
+        machine.keepAlive(self)
+        machine.memoryIncomplete = true
         spawnThread(named: "postcopy-faults") { [self] in serveFaults() }
         spawnThread(named: "postcopy-pages") { [self] in
             do {
@@ -118,8 +122,13 @@ final class PostcopyReceiver: @unchecked Sendable {
                 statistics.requests += UInt64(toRequest.count)
             }
             for page in toZero {
-                if (try? uffd.zero(memory.mapping.base + page * PageRun.pageSize, length: PageRun.pageSize)) == .placed {
-                    lock.withLock { statistics.pagesZeroFilledLocally += 1 }
+                do {
+                    if try uffd.zero(memory.mapping.base + page * PageRun.pageSize, length: PageRun.pageSize) == .placed {
+                        lock.withLock { statistics.pagesZeroFilledLocally += 1 }
+                    }
+                } catch {
+                    fail("cannot zero-fill page \(memory.address(ofPage: page)): \(error)")
+                    return
                 }
             }
             if !toRequest.isEmpty {
@@ -168,10 +177,10 @@ final class PostcopyReceiver: @unchecked Sendable {
             crc = Checksum.crc32c(runHeader, seed: crc)
             remaining -= PageRun.headerSize
             let run = try PageRun(decodingHeader: runHeader)
+            guard run.kind != .delta else { throw WireError.malformed("a delta page during post-copy, where each page is sent once") }
             let fileOffset = try memory.fileOffset(of: run.address, length: UInt64(run.byteCount))
             let firstPage = Int(fileOffset) / PageRun.pageSize
-            let now = Clocks.monotonicNs()
-            try accept(run, firstPage: firstPage, demandReply: demandReply, now: now)
+            try accept(run, firstPage: firstPage, demandReply: demandReply)
             let target = memory.mapping.base + Int(fileOffset)
             switch run.kind {
             case .zero:
@@ -181,6 +190,8 @@ final class PostcopyReceiver: @unchecked Sendable {
                 if digest != nil {
                     for page in firstPage..<firstPage + Int(run.pageCount) { digest! &+= MemoryDigest.contribution(page: UInt64(page), crc: MemoryDigest.zeroPageCRC) }
                 }
+            case .delta:
+                throw WireError.malformed("a delta page during post-copy")
             case .data:
                 guard remaining >= run.byteCount, run.byteCount <= bounce.count else { throw WireError.malformed("pages frame ends inside page data") }
                 let chunk = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<run.byteCount])
@@ -203,9 +214,11 @@ final class PostcopyReceiver: @unchecked Sendable {
 
     /// Checks that every page of a run is still expected (and, for a demand
     /// reply, was requested), and marks it arrived.
-    private func accept(_ run: PageRun, firstPage: Int, demandReply: Bool, now: UInt64) throws {
+    private func accept(_ run: PageRun, firstPage: Int, demandReply: Bool) throws {
         lock.lock()
         defer { lock.unlock() }
+        // Read under the lock: request times are too, so `now` is never earlier than one of them.
+        let now = Clocks.monotonicNs()
         let pages = firstPage..<firstPage + Int(run.pageCount)
         for page in pages {
             guard expected.contains(page) else {
@@ -218,12 +231,13 @@ final class PostcopyReceiver: @unchecked Sendable {
         for page in pages {
             expected.remove(page)
             if demandReply { statistics.pagesPulled += 1 } else { statistics.pagesPushed += 1 }
-            if let asked = requestTimes.removeValue(forKey: page) { latencies.append(Double(now - asked) / 1e6) }
+            if let asked = requestTimes.removeValue(forKey: page) { latencies.append(Clocks.milliseconds(from: asked, to: now)) }
         }
     }
 
     private func finish(vmStartedNs: UInt64) {
-        finished.store(true, ordering: .relaxed)
+        guard !finished.exchange(true, ordering: .relaxed) else { return } // failed meanwhile: no `complete` after an abort
+        machine.memoryIncomplete = false
         try? uffd.unregister(memory.mapping.base, length: memory.mapping.length)
         let report: PostcopyStatistics = lock.withLock {
             var result = statistics
@@ -233,7 +247,7 @@ final class PostcopyReceiver: @unchecked Sendable {
                 result.faultLatencyP99Ms = sorted[min(sorted.count - 1, Int(Double(sorted.count) * 0.99))]
                 result.faultLatencyMaxMs = sorted.last!
             }
-            result.memoryCompleteAfterMs = Double(Clocks.monotonicNs() - vmStartedNs) / 1e6
+            result.memoryCompleteAfterMs = Clocks.milliseconds(from: vmStartedNs, to: Clocks.monotonicNs())
             result.memoryDigest = digest.map { String(format: "%016llx", $0) }
             return result
         }

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import TernKVM
 import TernMachine
 import TernWire
 
@@ -18,6 +19,8 @@ final class PostcopySender: @unchecked Sendable {
 
     let memory: GuestMemory
     let stream: FDStream
+    /// Owned for as long as the reader thread may use it.
+    let connection: FileDescriptor?
     private var needed: PageSet
     private let streamer: PageStreamer
     private let condition = NSCondition()
@@ -28,7 +31,8 @@ final class PostcopySender: @unchecked Sendable {
     private(set) var pulled: UInt64 = 0
     var shouldStop: () -> Bool = { false }
 
-    init(memory: GuestMemory, stream: FDStream, needed: PageSet) {
+    init(memory: GuestMemory, connection: FileDescriptor?, stream: FDStream, needed: PageSet) {
+        self.connection = connection
         self.memory = memory
         self.stream = stream
         self.needed = needed
@@ -49,8 +53,17 @@ final class PostcopySender: @unchecked Sendable {
         // Requests may be minutes apart; the completion wait below has its own bound.
         var noTimeout = timeval(tv_sec: 0, tv_usec: 0)
         setsockopt(stream.fd, SOL_SOCKET, SO_RCVTIMEO, &noTimeout, socklen_t(MemoryLayout<timeval>.size))
-        let reader = Thread { [self] in readReplies() }
+        let readerDone = DispatchSemaphore(value: 0)
+        let reader = Thread { [self] in
+            readReplies()
+            readerDone.signal()
+        }
         reader.start()
+        // Whatever happens below, the reader must be gone before the socket can be closed.
+        defer {
+            if condition.withLock({ outcome == nil }) { shutdown(stream.fd, Int32(SHUT_RDWR)) }
+            readerDone.wait()
+        }
 
         var cursor = 0
         var prepagingLeft = 0
@@ -70,7 +83,7 @@ final class PostcopySender: @unchecked Sendable {
                 }
                 try streamer.flush()
                 streamer.frameFlags = 0
-                cursor = (demand.last ?? cursor) + 1
+                cursor = min((demand.last ?? cursor) + 1, needed.pageCount)
                 prepagingLeft = Self.prepagingWindow
                 continue
             }
@@ -108,7 +121,10 @@ final class PostcopySender: @unchecked Sendable {
                 case .pageRequest:
                     let request = try PageRequest(decoding: payload)
                     condition.withLock {
-                        requests.append(contentsOf: request.pages.map { Int(clamping: $0) })
+                        // Bounded: a well-behaved destination never has more pages outstanding than exist.
+                        if requests.count < needed.pageCount {
+                            requests.append(contentsOf: request.pages.lazy.filter { $0 < UInt64(self.needed.pageCount) }.map { Int($0) })
+                        }
                         condition.broadcast()
                     }
                 case .complete:

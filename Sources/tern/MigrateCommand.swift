@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import Synchronization
 import TernAPI
+import TernMachine
 import TernMigration
 
 struct Migrate: ParsableCommand {
@@ -32,6 +33,12 @@ struct Migrate: ParsableCommand {
     @Option(help: "Cap on bytes per second; K, M, G are decimal (100M = 100,000,000 B/s).")
     var bandwidth: String?
 
+    @Option(help: "none, or xbzrle: send re-sent pages as deltas against a cache of what was sent (pre-copy rounds).")
+    var compress: String = "none"
+
+    @Option(help: "XBZRLE cache size, e.g. 256M (binary units).")
+    var xbzrleCache: String = "256M"
+
     @Flag(help: "Compare digests of memory and device state on both sides before handing over.")
     var verify = false
 
@@ -39,6 +46,8 @@ struct Migrate: ParsableCommand {
         _ = try Endpoint(parsing: to)
         guard MigrationMode(rawValue: mode) != nil else { throw ValidationError("--mode must be precopy, postcopy, hybrid or auto") }
         guard precopyRounds >= 1 else { throw ValidationError("--precopy-rounds must be at least 1") }
+        guard compress == "none" || compress == "xbzrle" else { throw ValidationError("--compress must be none or xbzrle") }
+        do { _ = try ByteSize(parsing: xbzrleCache) } catch { throw ValidationError("--xbzrle-cache: \(error)") }
         guard maxDowntime > 0 else { throw ValidationError("--max-downtime must be positive") }
         guard maxRounds >= 1 else { throw ValidationError("--max-rounds must be at least 1") }
         guard timeout > 0 else { throw ValidationError("--timeout must be positive") }
@@ -57,7 +66,8 @@ struct Migrate: ParsableCommand {
     func run() throws {
         let request = MigrateRequest(destination: to, mode: mode, maxDowntimeMs: maxDowntime, maxRounds: maxRounds,
                                      timeoutS: timeout, bandwidth: try bandwidth.map(Self.parseRate), verify: verify,
-                                     precopyRounds: precopyRounds)
+                                     precopyRounds: precopyRounds, compress: compress,
+                                     xbzrleCacheBytes: compress == "xbzrle" ? try ByteSize(parsing: xbzrleCache).bytes : nil)
         let body = try APIJSON.encoder.encode(request)
         let client = api.client
         let outcome = Mutex<Result<APIClient.Response, any Error>?>(nil)
@@ -157,6 +167,11 @@ enum MigrationTable {
             ("throughput", String(format: "%.0f MB/s", r.throughputMBps)),
             ("max downtime", ms(r.maxDowntimeMs)),
         ]
+        rows.append(("compression", r.compression))
+        if let x = r.xbzrle {
+            rows.append(("xbzrle", String(format: "%llu delta pages; cache %.0f MB: %llu hits, %llu misses, %llu overflows; %.1f MB saved",
+                                          r.deltaPages ?? 0, Double(x.cacheBytes) / 1e6, x.hits, x.misses, x.overflows, Double(x.bytesSaved) / 1e6)))
+        }
         if let moved = r.executionMovedAtMs { rows.append(("execution moved", "at " + ms(moved))) }
         if let complete = r.memoryCompleteAtMs { rows.append(("memory complete", "at " + ms(complete))) }
         if let p = r.postcopy {

@@ -61,6 +61,8 @@ struct Run: ParsableCommand {
     }
 
     func run() throws {
+        // A peer that resets a connection must be an error on that write, not the end of the process.
+        signal(SIGPIPE, SIG_IGN)
         let logger = bootstrapLogging(level: logLevel)
         do {
             let size = try memory.map { try ByteSize(parsing: $0).bytes }
@@ -109,6 +111,15 @@ struct Run: ParsableCommand {
     }
 }
 
+/// A descriptor number shared with a signal handler.
+final class DescriptorBox: Sendable {
+    private let stored = Mutex<Int32?>(nil)
+    var value: Int32? {
+        get { stored.withLock { $0 } }
+        set { stored.withLock { $0 = newValue } }
+    }
+}
+
 /// `tern quit` on a destination that had not received a VM yet: a clean end, not an error.
 struct QuitWhileWaiting: Error {}
 
@@ -119,11 +130,15 @@ extension Run {
                           logger: Logger) throws -> Machine {
         let listener = try endpoint.listen()
         defer { if case .unix(let path) = endpoint { unlink(path) } }
+        let connectionFD = DescriptorBox()
         var sources: [any DispatchSourceSignal] = []
         for signalNumber in [SIGINT, SIGTERM] {
             signal(signalNumber, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
-            source.setEventHandler { shutdown(listener.rawValue, Int32(SHUT_RDWR)) }
+            source.setEventHandler {
+                shutdown(listener.rawValue, Int32(SHUT_RDWR))
+                if let fd = connectionFD.value { shutdown(fd, Int32(SHUT_RDWR)) }
+            }
             source.resume()
             sources.append(source)
         }
@@ -143,6 +158,7 @@ extension Run {
         }
         // One migration per process: later connections are refused rather than queued.
         shutdown(listener.rawValue, Int32(SHUT_RDWR))
+        connectionFD.value = connection.rawValue
         let destination = MigrationDestination(
             expectations: .init(memorySize: memory, vcpuCount: cpus, serial: serial, kvmPath: kvmDevice), logger: logger)
         let (machine, outcome) = try destination.receive(on: connection) { server?.attach($0) }

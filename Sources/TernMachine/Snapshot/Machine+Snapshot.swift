@@ -4,6 +4,7 @@ extension Machine {
     /// Pauses the VM if it runs, writes its state and memory to `path`, and
     /// resumes it only when asked (and only if it was running before).
     public func snapshot(to path: String, resume: Bool) throws -> SnapshotStatistics {
+        guard !memoryIncomplete else { throw ConfigurationError("the VM's memory is still arriving (post-copy): no snapshot until it is complete") }
         let wasRunning = currentState == .running
         if wasRunning { try pause() }
         let statistics: SnapshotStatistics

@@ -6,9 +6,11 @@ import TernWire
 ///
 /// Encoded inside `pages` frames as a 16-byte header
 ///     u64 guest-physical address (page-aligned) | u32 page count | u32 kind
-/// followed, for data runs, by count * 4096 bytes.
+/// followed, for data runs, by count * 4096 bytes; for a delta (always one
+/// page), by a u32 length and an XBZRLE delta against the copy the receiver
+/// already holds.
 public struct PageRun: Equatable, Sendable {
-    public enum Kind: UInt32, Sendable { case data = 0, zero = 1 }
+    public enum Kind: UInt32, Sendable { case data = 0, zero = 1, delta = 2 }
     public static let headerSize = 16
     public static let pageSize = 4096
 
@@ -23,7 +25,6 @@ public struct PageRun: Equatable, Sendable {
     }
 
     public var byteCount: Int { Int(pageCount) * Self.pageSize }
-    public var payloadSize: Int { Self.headerSize + (kind == .data ? byteCount : 0) }
 
     public var encodedHeader: [UInt8] {
         var w = WireWriter(capacity: Self.headerSize)
@@ -41,6 +42,7 @@ public struct PageRun: Equatable, Sendable {
         guard let kind = Kind(rawValue: rawKind) else { throw .malformed("page run of unknown kind \(rawKind)") }
         guard address.rawValue % UInt64(Self.pageSize) == 0 else { throw .malformed("page run at unaligned address \(address)") }
         guard pageCount > 0 else { throw .malformed("empty page run at \(address)") }
+        guard kind != .delta || pageCount == 1 else { throw .malformed("a delta run of \(pageCount) pages at \(address)") }
         self.kind = kind
     }
 }

@@ -23,6 +23,7 @@ public final class PageRunApplier {
     private(set) var coverage: PageCoverage
     public private(set) var dataPages: UInt64 = 0
     public private(set) var zeroPages: UInt64 = 0
+    public private(set) var deltaPages: UInt64 = 0
     private let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
 
     public init(memory: GuestMemory, delivery: Delivery) {
@@ -52,9 +53,31 @@ public final class PageRunApplier {
             guard memory.region(containing: run.address, length: UInt64(run.byteCount)) != nil else {
                 throw WireError.malformed("page run \(run.address)+\(run.pageCount) pages lies outside guest RAM")
             }
+            if run.kind == .delta {
+                guard delivery == .repeated else { throw WireError.malformed("a delta page in a stream that sends each page once") }
+                guard coverage.contains(run) else {
+                    throw WireError.malformed("a delta for page \(run.address), which this side never received")
+                }
+            }
             try coverage.mark(run, allowRepeats: delivery == .repeated)
             let fileOffset = try memory.fileOffset(of: run.address, length: UInt64(run.byteCount))
             switch run.kind {
+            case .delta:
+                guard remaining >= 4 else { throw WireError.malformed("pages frame ends inside a delta length") }
+                let lengthBytes = try source.readExactly(4, what: "delta length")
+                crc = Checksum.crc32c(lengthBytes, seed: crc)
+                let length = Int(UInt32(lengthBytes[0]) | UInt32(lengthBytes[1]) << 8 | UInt32(lengthBytes[2]) << 16 | UInt32(lengthBytes[3]) << 24)
+                remaining -= 4
+                guard length > 0, length < PageRun.pageSize, length <= remaining else {
+                    throw WireError.malformed("a delta of \(length) bytes for page \(run.address)")
+                }
+                let delta = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<length])
+                try source.readExactly(into: delta, what: "delta")
+                crc = Checksum.crc32c(UnsafeRawBufferPointer(delta), seed: crc)
+                remaining -= length
+                try applyDelta(UnsafeRawBufferPointer(delta), toFileOffset: fileOffset, page: run.address)
+                dataPages += 1
+                deltaPages += 1
             case .zero:
                 let result = ckvm_punch_hole(memory.file.rawValue, Int64(fileOffset), Int64(run.byteCount))
                 guard result == 0 else { throw FDStream.IOError(operation: "zeroing guest memory", errno: errno) }
@@ -67,6 +90,23 @@ public final class PageRunApplier {
             }
         }
         guard crc == header.payloadCRC else { throw WireError.checksumMismatch("pages frame (\(header.length) bytes)") }
+    }
+
+    /// Applies an XBZRLE delta to the page as this side holds it (read and
+    /// written through the memfd, like every other page).
+    private func applyDelta(_ delta: UnsafeRawBufferPointer, toFileOffset offset: UInt64, page: GuestAddress) throws {
+        let current = UnsafeMutableRawBufferPointer(rebasing: bounce[bounce.count - PageRun.pageSize..<bounce.count])
+        guard pread(memory.file.rawValue, current.baseAddress, PageRun.pageSize, off_t(offset)) == PageRun.pageSize else {
+            throw FDStream.IOError(operation: "reading guest memory", errno: errno)
+        }
+        do {
+            try XBZRLE.decode(delta, into: current)
+        } catch {
+            throw WireError.malformed("delta for page \(page): \(error)")
+        }
+        guard pwrite(memory.file.rawValue, current.baseAddress, PageRun.pageSize, off_t(offset)) == PageRun.pageSize else {
+            throw FDStream.IOError(operation: "writing guest memory", errno: errno)
+        }
     }
 
     private func copy(_ count: Int, from source: some ByteSource, toFileOffset start: UInt64, crc: UInt32) throws -> UInt32 {

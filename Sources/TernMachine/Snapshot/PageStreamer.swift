@@ -7,6 +7,9 @@ public struct PageStreamCounters: Sendable, Equatable {
     public var dataPages: UInt64 = 0
     public var zeroPages: UInt64 = 0
     public var frames: UInt64 = 0
+    /// Pages sent as XBZRLE deltas (counted in dataPages too) and their encoded bytes.
+    public var deltaPages: UInt64 = 0
+    public var deltaBytes: UInt64 = 0
     public init() {}
 }
 
@@ -39,15 +42,26 @@ public final class PageStreamer {
     private let staging: UnsafeMutableRawBufferPointer
     private var stagedPages = 0
     private var runs: [(run: PageRun, stagingPage: Int)] = []
+    /// XBZRLE (pre-copy only): pages the cache holds go as deltas against it.
+    public var cache: XBZRLECache?
+    /// Whether pages sent whole enter the cache (from the first re-send on; the
+    /// first pass would only fill it with pages that are never sent again).
+    public var cacheWholePages = false
+    private let deltas: UnsafeMutableRawBufferPointer
+    private var deltaUsed = 0
 
     public init(memory: GuestMemory, stream: FDStream, framePages: Int = PageStreamer.defaultFramePages) {
         self.memory = memory
         self.stream = stream
         self.framePages = framePages
         staging = .allocate(byteCount: framePages * PageRun.pageSize, alignment: 4096)
+        deltas = .allocate(byteCount: framePages * PageRun.pageSize, alignment: 64)
     }
 
-    deinit { staging.deallocate() }
+    deinit {
+        staging.deallocate()
+        deltas.deallocate()
+    }
 
     /// Pages known to be zero (memfd holes): markers only, nothing is read.
     public func addZeroPages(firstPage: Int, count: Int) throws {
@@ -78,16 +92,28 @@ public final class PageStreamer {
         var page = firstPage
         let end = firstPage + count
         while page < end {
-            if stagedPages == framePages { try flush() }
+            // Room for the whole batch first: a flush in the middle of it would
+            // reset the staging and delta offsets that its runs point into.
+            let batch = min(end - page, framePages)
+            if stagedPages + batch > framePages || runs.count + batch > Self.maximumRunsPerFrame { try flush() }
             let n = min(end - page, framePages - stagedPages)
             let destination = staging.baseAddress! + stagedPages * PageRun.pageSize
             try readMemory(into: destination, bytes: n * PageRun.pageSize, fileOffset: page * PageRun.pageSize)
             for i in 0..<n {
                 let bytes = UnsafeRawBufferPointer(start: destination + i * PageRun.pageSize, count: PageRun.pageSize)
                 if Checksum.isZero(bytes) {
-                    try append(.zero, page: page + i, stagingPage: -1)
+                    append(.zero, page: page + i, stagingPage: -1)
+                } else if let cache, let length = cache.encode(page: page + i, bytes: bytes,
+                                                                into: UnsafeMutableRawBufferPointer(rebasing: deltas[deltaUsed...])) {
+                    // stagingPage of a delta run: where its bytes are in `deltas`, and how many.
+                    runs.append((PageRun(address: memory.address(ofPage: page + i), pageCount: 1, kind: .delta), deltaUsed << 16 | length))
+                    deltaUsed += length
+                    counters.dataPages += 1
+                    counters.deltaPages += 1
+                    counters.deltaBytes += UInt64(length)
                 } else {
-                    try append(.data, page: page + i, stagingPage: stagedPages + i)
+                    if cacheWholePages, let cache, !cache.contains(page + i) { cache.insert(page: page + i, bytes: bytes) }
+                    append(.data, page: page + i, stagingPage: stagedPages + i)
                 }
             }
             stagedPages += n
@@ -105,14 +131,15 @@ public final class PageStreamer {
         }
     }
 
-    private func append(_ kind: PageRun.Kind, page: Int, stagingPage: Int) throws {
+    private func append(_ kind: PageRun.Kind, page: Int, stagingPage: Int) {
         let address = memory.address(ofPage: page)
         if let last = runs.last, last.run.kind == kind, last.run.pageCount < Self.maximumRunPages,
            last.run.address.rawValue + UInt64(last.run.byteCount) == address.rawValue,
            kind == .zero || last.stagingPage + Int(last.run.pageCount) == stagingPage {
             runs[runs.count - 1].run.pageCount += 1
         } else {
-            if runs.count >= Self.maximumRunsPerFrame { try flush() }
+            // addPages made room for its whole batch, so this never needs to flush.
+            precondition(runs.count < Self.maximumRunsPerFrame, "PageStreamer: no room for a run inside a batch")
             runs.append((PageRun(address: address, pageCount: 1, kind: kind), stagingPage))
         }
         if kind == .data { counters.dataPages += 1 } else { counters.zeroPages += 1 }
@@ -120,16 +147,26 @@ public final class PageStreamer {
 
     /// Writes what is pending as one frame.
     public func flush() throws {
-        guard !runs.isEmpty else { stagedPages = 0; return }
-        let headers = UnsafeMutableRawBufferPointer.allocate(byteCount: runs.count * PageRun.headerSize, alignment: 8)
+        guard !runs.isEmpty else { stagedPages = 0; deltaUsed = 0; return }
+        // Each run's header, plus a delta's u32 length right after it.
+        let slotSize = PageRun.headerSize + 4
+        let headers = UnsafeMutableRawBufferPointer.allocate(byteCount: runs.count * slotSize, alignment: 8)
         defer { headers.deallocate() }
         var pieces: [UnsafeRawBufferPointer] = []
         pieces.reserveCapacity(runs.count * 2)
         var size = FrameHeader.size
         for (index, entry) in runs.enumerated() {
-            let slot = UnsafeMutableRawBufferPointer(rebasing: headers[index * PageRun.headerSize..<(index + 1) * PageRun.headerSize])
+            let slot = UnsafeMutableRawBufferPointer(rebasing: headers[index * slotSize..<(index + 1) * slotSize])
             slot.copyBytes(from: entry.run.encodedHeader)
-            pieces.append(UnsafeRawBufferPointer(slot))
+            if entry.run.kind == .delta {
+                let offset = entry.stagingPage >> 16, length = entry.stagingPage & 0xFFFF
+                slot.storeBytes(of: UInt32(length).littleEndian, toByteOffset: PageRun.headerSize, as: UInt32.self)
+                pieces.append(UnsafeRawBufferPointer(slot))
+                pieces.append(UnsafeRawBufferPointer(rebasing: deltas[offset..<offset + length]))
+                size += slotSize + length
+                continue
+            }
+            pieces.append(UnsafeRawBufferPointer(rebasing: slot[0..<PageRun.headerSize]))
             size += PageRun.headerSize
             if entry.run.kind == .data {
                 pieces.append(UnsafeRawBufferPointer(start: staging.baseAddress! + entry.stagingPage * PageRun.pageSize, count: entry.run.byteCount))
@@ -142,6 +179,7 @@ public final class PageStreamer {
         counters.frames += 1
         runs.removeAll(keepingCapacity: true)
         stagedPages = 0
+        deltaUsed = 0
     }
 }
 
