@@ -202,7 +202,10 @@ public final class MigrationSource: @unchecked Sendable {
             // Link speed: what the whole pre-copy achieved so far (single tiny rounds are too noisy).
             let elapsedPrecopy = max(milliseconds(since: started) - progress.setupMs, 0.001)
             let throughput = Double(sent.bytes) / (elapsedPrecopy / 1000)
-            let predictedMs = Double(dirty.count * (PageRun.pageSize + PageRun.headerSize) + Self.stateBytesEstimate) / max(throughput, 1) * 1000
+            // Bytes a dirty page will cost: a whole page, or what re-sent pages cost in the last round (XBZRLE deltas are far smaller).
+            let roundPages = (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages)
+            let bytesPerPage = round > 0 && roundPages > 0 ? Double(roundBytes) / Double(roundPages) : Double(PageRun.pageSize + PageRun.headerSize)
+            let predictedMs = (Double(dirty.count) * bytesPerPage + Double(Self.stateBytesEstimate)) / max(throughput, 1) * 1000
                 + 1.5 * roundTripMs
             let record = MigrationReport.Round(
                 round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages),

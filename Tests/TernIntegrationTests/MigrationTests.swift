@@ -75,6 +75,23 @@ struct MigrationTests {
         }
     }
 
+    @Test func xbzrleSendsResentPagesAsDeltas() throws {
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=32 pattern=random rate=100 bytes=64 progress=0")
+        let before = try pair.source.waitForStatus { $0.phase == .dirty }
+        let (report, cli) = try pair.migrate(["--compress", "xbzrle", "--xbzrle-cache", "64M", "--verify", "--bandwidth", "50M"])
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.verification?.match == true, "pages rebuilt from deltas are byte-identical")
+        #expect(r.compression == "xbzrle")
+        let x = try #require(r.xbzrle)
+        #expect(x.hits > 0 && (r.deltaPages ?? 0) > 0, "re-sent pages went as deltas")
+        #expect(x.bytesSaved > 0)
+        try pair.destination.waitForAPI()
+        let moved = try pair.destination.waitForStatus { $0.iterations > before.iterations }
+        let later = try pair.destination.waitForStatus { $0.verified > moved.verified }
+        #expect(later.errors == 0)
+    }
+
     @Test func killingTheDestinationMidMigrationLeavesTheSourceRunning() throws {
         let pair = try MigrationPair(cmdline: "fill=128 dirty=16 progress=0")
         _ = try pair.source.waitForStatus { $0.phase == .dirty }

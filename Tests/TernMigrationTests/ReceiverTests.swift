@@ -82,6 +82,12 @@ struct ReceiverTests {
         #expect(throws: (any Error).self) { _ = try receive(s.hello + flipped + s.state + s.end + s.go) }
         // The source aborts instead of committing.
         #expect(throws: (any Error).self) { _ = try receive(s.hello + s.pages + s.state + s.end + frame(.abort, Array("no".utf8))) }
+        // A delta against a page never received, and a delta that runs past the page end.
+        let deltaHeader = PageRun(address: GuestAddress(0x5000), pageCount: 1, kind: .delta).encodedHeader
+        let neverReceived = frame(.pages, deltaHeader + [4, 0, 0, 0, 0, 1, 0xAA, 0])
+        #expect(throws: (any Error).self) { _ = try receive(s.hello + neverReceived + s.pages + s.state + s.end + s.go) }
+        let overrun = frame(.pages, PageRun(address: GuestAddress(0x3000), pageCount: 1, kind: .delta).encodedHeader + [4, 0, 0, 0, 0x80, 0x40, 1, 0xAA])
+        #expect(throws: (any Error).self) { _ = try receive(s.hello + s.pages + overrun + s.state + s.end + s.go) }
         // A second hello in the middle.
         #expect(throws: (any Error).self) { _ = try receive(s.hello + s.hello + s.pages + s.state + s.end + s.go) }
     }

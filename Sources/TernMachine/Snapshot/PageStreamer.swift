@@ -105,6 +105,12 @@ public final class PageStreamer {
                     append(.zero, page: page + i, stagingPage: -1)
                 } else if let cache, let length = cache.encode(page: page + i, bytes: bytes,
                                                                 into: UnsafeMutableRawBufferPointer(rebasing: deltas[deltaUsed...])) {
+                    // Identical to what the receiver holds: nothing needs to travel.
+                    if length == 0 {
+                        counters.dataPages += 1
+                        counters.deltaPages += 1
+                        continue
+                    }
                     // stagingPage of a delta run: where its bytes are in `deltas`, and how many.
                     runs.append((PageRun(address: memory.address(ofPage: page + i), pageCount: 1, kind: .delta), deltaUsed << 16 | length))
                     deltaUsed += length

@@ -12,6 +12,8 @@ public final class XBZRLECache {
         public var misses: UInt64 = 0
         /// Cached pages whose delta was not worth sending (too many changes).
         public var overflows: UInt64 = 0
+        /// Hits where the page had not changed at all: nothing was sent for them.
+        public var unchanged: UInt64 = 0
         public var encodedBytes: UInt64 = 0
         public var bytesSaved: Int64 = 0
         public init() {}
@@ -58,6 +60,11 @@ public final class XBZRLECache {
             return nil
         }
         statistics.hits += 1
+        if length == 0 {
+            statistics.unchanged += 1
+            statistics.bytesSaved += Int64(PageRun.pageSize + PageRun.headerSize)
+            return 0
+        }
         statistics.encodedBytes += UInt64(length)
         statistics.bytesSaved += Int64(PageRun.pageSize - length - 4)
         return length
