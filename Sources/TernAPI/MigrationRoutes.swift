@@ -16,10 +16,13 @@ public struct MigrateRequest: Codable, Sendable {
     /// "none" (default) or "xbzrle".
     public var compress: String?
     public var xbzrleCacheBytes: UInt64?
+    /// "sequential" (default) or "dirty-frequency".
+    public var order: String?
 
     public init(destination: String, mode: String? = nil, maxDowntimeMs: Double? = nil, maxRounds: Int? = nil,
                 timeoutS: Double? = nil, bandwidth: UInt64? = nil, verify: Bool? = nil, precopyRounds: Int? = nil,
-                compress: String? = nil, xbzrleCacheBytes: UInt64? = nil) {
+                compress: String? = nil, xbzrleCacheBytes: UInt64? = nil, order: String? = nil) {
+        self.order = order
         self.precopyRounds = precopyRounds
         self.compress = compress
         self.xbzrleCacheBytes = xbzrleCacheBytes
@@ -94,6 +97,12 @@ extension APIRouter {
             parameters.bandwidth = value
         }
         parameters.verify = request.verify ?? false
+        if let text = request.order {
+            guard let order = PageOrder(rawValue: text) else {
+                return .error(400, "bad_request", "unknown order '\(text)' (sequential or dirty-frequency)")
+            }
+            parameters.order = order
+        }
         switch request.compress ?? "none" {
         case "none": break
         case "xbzrle":

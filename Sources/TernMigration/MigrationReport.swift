@@ -55,6 +55,10 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     public var rounds: [Round] = []
     /// "none" or "xbzrle".
     public var compression: String = "none"
+    /// "sequential" or "dirty-frequency".
+    public var order: String = "sequential"
+    /// Pages sent again after the first pass (what ordering and convergence try to keep small).
+    public var resentPages: UInt64 = 0
     /// Pages sent as XBZRLE deltas, and the cache's account (hits, misses, overflows, bytes saved).
     public var deltaPages: UInt64?
     public var xbzrle: XBZRLECache.Statistics?
@@ -81,4 +85,11 @@ public enum MigrationMode: String, Codable, Sendable, CaseIterable {
     case hybrid
     /// Pre-copy, switching to post-copy by itself when it cannot meet the downtime target.
     case auto
+}
+
+/// In which order pre-copy sends pages.
+public enum PageOrder: String, Codable, Sendable, CaseIterable {
+    case sequential
+    /// Least-often dirtied pages first, hot pages last (Svärd et al., CloudCom 2011).
+    case dirtyFrequency = "dirty-frequency"
 }

@@ -26,6 +26,8 @@ public final class MigrationSource: @unchecked Sendable {
         public var precopyRounds = 2
         /// XBZRLE delta encoding of re-sent pages, with a cache of this many bytes (nil: off).
         public var xbzrleCacheBytes: UInt64?
+        /// Send rarely-dirtied pages first and hot pages last (dynamic page transfer reordering).
+        public var order = PageOrder.sequential
 
         public init(destination: Endpoint) { self.destination = destination }
     }
@@ -54,6 +56,7 @@ public final class MigrationSource: @unchecked Sendable {
                                  maxDowntimeMs: parameters.maxDowntimeMs, bandwidthLimit: parameters.bandwidth)
         report.mode = parameters.mode.rawValue
         report.compression = parameters.xbzrleCacheBytes == nil ? "none" : "xbzrle"
+        report.order = parameters.order.rawValue
     }
 
     public var progress: MigrationReport { lock.withLock { report } }
@@ -88,6 +91,9 @@ public final class MigrationSource: @unchecked Sendable {
     }
 
     static let cancelGraceSeconds = 2.0
+    /// Dirty-frequency ordering: samples of the dirty log taken before the first pass.
+    static let frequencySamples = 2
+    static let frequencySampleSeconds = 0.1
 
     private var cancelled: Bool { lock.withLock { cancelReason != nil } }
     private func update(_ change: (inout MigrationReport) -> Void) { lock.withLock { change(&report) } }
@@ -131,6 +137,7 @@ public final class MigrationSource: @unchecked Sendable {
             $0.throughputMBps = $0.totalMs > 0 ? Double($0.transferredBytes) / 1e6 / ($0.totalMs / 1000) : 0
             $0.currentRound = nil
             $0.roundPercent = nil
+            $0.resentPages = $0.rounds.dropFirst().reduce(0) { $0 + $1.pages }
         }
         return progress
     }
@@ -179,6 +186,18 @@ public final class MigrationSource: @unchecked Sendable {
                                 })
         let cache = parameters.xbzrleCacheBytes.map { XBZRLECache(bytes: $0) }
         sender.streamer.cache = cache
+        let pageCount = Int(machine.memory.size / UInt64(PageRun.pageSize))
+        var frequency = DirtyFrequency(pageCount: pageCount)
+        var heldBack: PageSet?
+        if parameters.order == .dirtyFrequency && parameters.mode != .postcopy {
+            // Learn which pages are hot before the first pass, so that it sends them last
+            // (and, with XBZRLE, keeps them in the cache for the deltas of the next rounds).
+            for _ in 0..<Self.frequencySamples {
+                Thread.sleep(forTimeInterval: Self.frequencySampleSeconds)
+                frequency.record(try machine.memory.collectDirtyPages(from: machine.vm))
+            }
+            heldBack = frequency.hot(pageCount: pageCount)
+        }
         var round = 0
         let policy = SwitchoverPolicy(maxDowntimeMs: parameters.maxDowntimeMs, maxRounds: parameters.maxRounds,
                                       timeoutSeconds: parameters.timeoutSeconds)
@@ -192,11 +211,20 @@ public final class MigrationSource: @unchecked Sendable {
             let before = sender.counters
             update { $0.currentRound = round; $0.roundPercent = 0 }
             roundPlan.withLock { $0 = (before.dataPages + before.zeroPages, Double(pending.map { UInt64($0.count) } ?? totalPages)) }
-            if let pages = pending { try sender.send(pages) } else { try sender.sendAll() }
+            if let pages = pending {
+                if parameters.order == .dirtyFrequency { try sender.send(ordered: frequency.ordered(pages)) } else { try sender.send(pages) }
+            } else if let hot = heldBack {
+                try sender.sendAll(holdingBack: hot)
+                sender.streamer.cacheWholePages = true
+                try sender.send(ordered: frequency.ordered(hot))
+            } else {
+                try sender.sendAll()
+            }
             // Pages re-sent from now on are likely to be re-sent again: keep them for deltas.
             sender.streamer.cacheWholePages = true
             let duration = max(milliseconds(since: roundStart), 0.001)
             let dirty = try machine.memory.collectDirtyPages(from: machine.vm)
+            frequency.record(dirty)
             let sent = sender.counters
             let roundBytes = sent.bytes - before.bytes
             // Link speed: what the whole pre-copy achieved so far (single tiny rounds are too noisy).

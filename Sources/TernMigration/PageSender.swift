@@ -28,9 +28,38 @@ struct PageSender {
         try streamer.flush()
     }
 
-    /// The given pages.
+    /// Every page of RAM except `held` (sent later, e.g. hot pages last); holes as zero markers.
+    func sendAll(holdingBack held: PageSet) throws {
+        try streamer.memory.forEachExtent { first, count, isHole in
+            if isHole {
+                try streamer.addZeroPages(firstPage: first, count: count)
+                return
+            }
+            var start = first
+            for page in first..<first + count where held.contains(page) {
+                if page > start { try streamer.addPages(firstPage: start, count: page - start) }
+                start = page + 1
+            }
+            if first + count > start { try streamer.addPages(firstPage: start, count: first + count - start) }
+        }
+        try streamer.flush()
+    }
+
+    /// The given pages, in address order.
     func send(_ pages: PageSet) throws {
         try pages.forEachRange { first, count in try streamer.addPages(firstPage: first, count: count) }
+        try streamer.flush()
+    }
+
+    /// The given pages in this order (consecutive pages still go as runs).
+    func send(ordered pages: [Int]) throws {
+        var index = 0
+        while index < pages.count {
+            var end = index + 1
+            while end < pages.count && pages[end] == pages[end - 1] + 1 { end += 1 }
+            try streamer.addPages(firstPage: pages[index], count: end - index)
+            index = end
+        }
         try streamer.flush()
     }
 }

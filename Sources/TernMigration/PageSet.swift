@@ -107,3 +107,34 @@ extension GuestMemory {
         return set
     }
 }
+
+/// How often each page has been found dirty, on top of the dirty log (Svärd
+/// et al., CloudCom 2011): the priority for dynamic page transfer reordering.
+public struct DirtyFrequency: Sendable {
+    public private(set) var counts: [UInt8]
+
+    public init(pageCount: Int) { counts = [UInt8](repeating: 0, count: pageCount) }
+
+    /// Counts one more sync in which these pages were dirty (saturating).
+    public mutating func record(_ dirty: PageSet) {
+        dirty.forEachRange { first, count in
+            for page in first..<first + count where counts[page] < .max { counts[page] += 1 }
+        }
+    }
+
+    /// The members of `pages` from least to most often dirtied (stable within a count).
+    public func ordered(_ pages: PageSet) -> [Int] {
+        var buckets = [[Int]](repeating: [], count: 256)
+        pages.forEachRange { first, count in
+            for page in first..<first + count { buckets[Int(counts[page])].append(page) }
+        }
+        return buckets.flatMap { $0 }
+    }
+
+    /// Pages found dirty at least once.
+    public func hot(pageCount: Int) -> PageSet {
+        var set = PageSet(pageCount: pageCount)
+        for (page, count) in counts.enumerated() where count > 0 { set.insert(page) }
+        return set
+    }
+}

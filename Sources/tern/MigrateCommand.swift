@@ -36,6 +36,9 @@ struct Migrate: ParsableCommand {
     @Option(help: "none, or xbzrle: send re-sent pages as deltas against a cache of what was sent (pre-copy rounds).")
     var compress: String = "none"
 
+    @Option(help: "sequential, or dirty-frequency: rarely-dirtied pages first, hot pages last (pre-copy).")
+    var order: String = "sequential"
+
     @Option(help: "XBZRLE cache size, e.g. 256M (binary units).")
     var xbzrleCache: String = "256M"
 
@@ -47,6 +50,7 @@ struct Migrate: ParsableCommand {
         guard MigrationMode(rawValue: mode) != nil else { throw ValidationError("--mode must be precopy, postcopy, hybrid or auto") }
         guard precopyRounds >= 1 else { throw ValidationError("--precopy-rounds must be at least 1") }
         guard compress == "none" || compress == "xbzrle" else { throw ValidationError("--compress must be none or xbzrle") }
+        guard PageOrder(rawValue: order) != nil else { throw ValidationError("--order must be sequential or dirty-frequency") }
         do { _ = try ByteSize(parsing: xbzrleCache) } catch { throw ValidationError("--xbzrle-cache: \(error)") }
         guard maxDowntime > 0 else { throw ValidationError("--max-downtime must be positive") }
         guard maxRounds >= 1 else { throw ValidationError("--max-rounds must be at least 1") }
@@ -67,7 +71,8 @@ struct Migrate: ParsableCommand {
         let request = MigrateRequest(destination: to, mode: mode, maxDowntimeMs: maxDowntime, maxRounds: maxRounds,
                                      timeoutS: timeout, bandwidth: try bandwidth.map(Self.parseRate), verify: verify,
                                      precopyRounds: precopyRounds, compress: compress,
-                                     xbzrleCacheBytes: compress == "xbzrle" ? try ByteSize(parsing: xbzrleCache).bytes : nil)
+                                     xbzrleCacheBytes: compress == "xbzrle" ? try ByteSize(parsing: xbzrleCache).bytes : nil,
+                                     order: order)
         let body = try APIJSON.encoder.encode(request)
         let client = api.client
         let outcome = Mutex<Result<APIClient.Response, any Error>?>(nil)
@@ -168,6 +173,8 @@ enum MigrationTable {
             ("max downtime", ms(r.maxDowntimeMs)),
         ]
         rows.append(("compression", r.compression))
+        rows.append(("order", r.order))
+        rows.append(("re-sent pages", "\(r.resentPages) after the first pass"))
         if let x = r.xbzrle {
             rows.append(("xbzrle", String(format: "%llu delta pages; cache %.0f MB: %llu hits, %llu misses, %llu overflows; %.1f MB saved",
                                           r.deltaPages ?? 0, Double(x.cacheBytes) / 1e6, x.hits, x.misses, x.overflows, Double(x.bytesSaved) / 1e6)))

@@ -92,6 +92,17 @@ struct MigrationTests {
         #expect(later.errors == 0)
     }
 
+    @Test func dirtyFrequencyOrderingWithXBZRLE() throws {
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=32 pattern=hotspot rate=100 bytes=64 progress=0")
+        _ = try pair.source.waitForStatus { $0.phase == .dirty }
+        let (report, cli) = try pair.migrate(["--order", "dirty-frequency", "--compress", "xbzrle", "--verify", "--bandwidth", "50M"])
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.order == "dirty-frequency")
+        #expect(r.verification?.match == true)
+        #expect(r.resentPages == r.rounds.dropFirst().reduce(0) { $0 + $1.pages })
+    }
+
     @Test func killingTheDestinationMidMigrationLeavesTheSourceRunning() throws {
         let pair = try MigrationPair(cmdline: "fill=128 dirty=16 progress=0")
         _ = try pair.source.waitForStatus { $0.phase == .dirty }

@@ -156,3 +156,19 @@ struct SwitchoverPolicyTests {
         #expect(run([(100_000, 900)], elapsed: 61) == [.switchover("timeout (60 s) reached")])
     }
 }
+
+struct DirtyFrequencyTests {
+    @Test func ordersPagesFromColdToHot() {
+        var frequency = DirtyFrequency(pageCount: 100)
+        var hot = PageSet(pageCount: 100)
+        hot.insert(5); hot.insert(7)
+        frequency.record(hot)
+        var hotter = PageSet(pageCount: 100)
+        hotter.insert(7)
+        frequency.record(hotter)
+        var pages = PageSet(pageCount: 100)
+        for page in [1, 5, 7, 9] { pages.insert(page) }
+        #expect(frequency.ordered(pages) == [1, 9, 5, 7])
+        #expect(frequency.hot(pageCount: 100).count == 2)
+    }
+}
