@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Ablation of Tern's migration optimisations, and QEMU 7.2 with xbzrle, in one run.
+
+    python3 bench/optimisations.py [--repeat N] [--tern PATH] [--timeout-s S]
+
+Workloads (1 GiB guest, max downtime 300 ms, 100 MB/s cap like the issue's):
+  random64: fill=512 dirty=256 pattern=random rate=200 bytes=64
+  hotspot64: fill=512 dirty=256 pattern=hotspot rate=200 bytes=64
+Variants: Tern plain, +xbzrle, +dirty-frequency ordering, both; QEMU plain and xbzrle
+(256 MiB cache). Prints a Markdown table (medians of --repeat runs) with bytes,
+total time, downtime and pages re-sent after the first pass (Tern).
+Tern's several-streams and zstd options do not exist yet.
+"""
+import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+GUEST = os.path.join(REPO, "guest", "build", "tern-guest.elf")
+WORKLOADS = {
+    "random64": "fill=512 dirty=256 pattern=random rate=200 bytes=64 progress=0",
+    "hotspot64": "fill=512 dirty=256 pattern=hotspot rate=200 bytes=64 progress=0",
+}
+TERN_VARIANTS = {
+    "tern plain": [],
+    "tern +xbzrle": ["--compress", "xbzrle"],
+    "tern +ordering": ["--order", "dirty-frequency"],
+    "tern +xbzrle +ordering": ["--compress", "xbzrle", "--order", "dirty-frequency"],
+}
+CAP = 100_000_000
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def status(tern, sock):
+    raw = subprocess.run([tern, "memory", "read", "--api-socket", sock, "--addr", "0x102000", "--length", "0x48", "--out", "-"],
+                         capture_output=True, timeout=10).stdout
+    if len(raw) < 0x48 or raw[:8] != b"TERNSTAT":
+        return None
+    return int.from_bytes(raw[0x0C:0x10], "little")
+
+
+def run_tern(tern, cmdline, extra, timeout_s):
+    work = tempfile.mkdtemp(prefix="tern-opt-")
+    port = free_port()
+    dst = subprocess.Popen([tern, "run", "--incoming", "tcp:127.0.0.1:%d" % port, "--api-socket", work + "/d.sock", "--serial", "off"],
+                           stderr=subprocess.DEVNULL)
+    src = subprocess.Popen([tern, "run", "--kernel", GUEST, "--memory", "1G", "--cmdline", cmdline, "--api-socket", work + "/s.sock",
+                            "--serial", "off"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if os.path.exists(work + "/s.sock") and status(tern, work + "/s.sock") in (2, 3):
+                break
+            time.sleep(0.2)
+        time.sleep(2)
+        out = subprocess.run([tern, "migrate", "--api-socket", work + "/s.sock", "--to", "tcp:127.0.0.1:%d" % port,
+                              "--max-downtime", "300", "--timeout", str(timeout_s), "--bandwidth", str(CAP), "--json"] + extra,
+                             capture_output=True, text=True, timeout=timeout_s + 300).stdout
+        r = json.loads(out)
+        return {"status": r["status"], "mb": r["transferred_bytes"] / 1e6, "total_ms": r["total_ms"],
+                "downtime_ms": r.get("downtime_ms"), "resent": r.get("resent_pages"), "switch": r.get("switchover_reason")}
+    finally:
+        for p in (src, dst):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in (src, dst):
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_qemu(cmdline, xbzrle, timeout_s):
+    cmd = [sys.executable, os.path.join(HERE, "qemu", "qemu_migrate.py"), "--guest", GUEST, "--memory", "1024", "--cmdline", cmdline,
+           "--max-downtime-ms", "300", "--timeout-s", str(timeout_s), "--bandwidth", str(CAP)]
+    if xbzrle:
+        cmd += ["--xbzrle-cache-mib", "256"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + 300).stdout
+    r = json.loads(out)
+    return {"status": r.get("status"), "mb": (r.get("transferred_bytes") or 0) / 1e6, "total_ms": r.get("total_ms"),
+            "downtime_ms": r.get("downtime_ms"), "resent": None, "switch": None}
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--tern", default=os.path.join(REPO, ".build", "release", "tern"))
+    ap.add_argument("--timeout-s", type=int, default=60)
+    ap.add_argument("--no-qemu", action="store_true")
+    a = ap.parse_args()
+    print("command: `python3 bench/optimisations.py %s`" % " ".join(sys.argv[1:]))
+    print()
+    print("| workload | variant | status | MB sent | total ms | downtime ms | pages re-sent |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for workload, cmdline in WORKLOADS.items():
+        variants = [(name, lambda extra=extra: run_tern(a.tern, cmdline, extra, a.timeout_s)) for name, extra in TERN_VARIANTS.items()]
+        if not a.no_qemu:
+            variants += [("qemu plain", lambda: run_qemu(cmdline, False, a.timeout_s)),
+                         ("qemu xbzrle", lambda: run_qemu(cmdline, True, a.timeout_s))]
+        for name, run in variants:
+            runs = []
+            for _ in range(a.repeat):
+                try:
+                    runs.append(run())
+                except Exception as e:  # a failed run is reported, not hidden
+                    runs.append({"status": "error: %s" % e, "mb": None, "total_ms": None, "downtime_ms": None, "resent": None})
+            fmt = lambda v, f="%.0f": "-" if v is None else f % v
+            states = ", ".join(sorted(set(str(r["status"]) for r in runs)))
+            print("| %s | %s | %s | %s | %s | %s | %s |" % (workload, name, states, fmt(median([r["mb"] for r in runs])),
+                  fmt(median([r["total_ms"] for r in runs])), fmt(median([r["downtime_ms"] for r in runs]), "%.1f"),
+                  fmt(median([r["resent"] for r in runs]))))
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
