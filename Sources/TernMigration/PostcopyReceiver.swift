@@ -167,19 +167,26 @@ final class PostcopyReceiver: @unchecked Sendable {
         }
     }
 
+    /// Reads a whole pages frame, checks its CRC, and only then places its
+    /// pages: a running vCPU must never see bytes that fail the check.
     private func place(_ header: FrameHeader) throws {
         let demandReply = header.flags & demandReplyFlag != 0
-        var remaining = Int(header.length)
-        var crc: UInt32 = 0
-        while remaining > 0 {
-            guard remaining >= PageRun.headerSize else { throw WireError.malformed("pages frame ends inside a run header") }
-            let runHeader = try source.readExactly(PageRun.headerSize, what: "page run header")
-            crc = Checksum.crc32c(runHeader, seed: crc)
-            remaining -= PageRun.headerSize
-            let run = try PageRun(decodingHeader: runHeader)
+        let length = Int(header.length)
+        guard length <= bounce.count else { throw WireError.tooLarge("a post-copy pages frame of \(length) bytes") }
+        let frame = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<length])
+        try source.readExactly(into: frame, what: "post-copy pages frame")
+        guard Checksum.crc32c(UnsafeRawBufferPointer(frame)) == header.payloadCRC else {
+            throw WireError.checksumMismatch("pages frame during post-copy")
+        }
+        var offset = 0
+        while offset < length {
+            guard length - offset >= PageRun.headerSize else { throw WireError.malformed("pages frame ends inside a run header") }
+            let run = try PageRun(decodingHeader: Array(UnsafeRawBufferPointer(rebasing: frame[offset..<offset + PageRun.headerSize])))
+            offset += PageRun.headerSize
             guard run.kind != .delta else { throw WireError.malformed("a delta page during post-copy, where each page is sent once") }
             let fileOffset = try memory.fileOffset(of: run.address, length: UInt64(run.byteCount))
             let firstPage = Int(fileOffset) / PageRun.pageSize
+            if run.kind == .data && length - offset < run.byteCount { throw WireError.malformed("pages frame ends inside page data") }
             try accept(run, firstPage: firstPage, demandReply: demandReply)
             let target = memory.mapping.base + Int(fileOffset)
             switch run.kind {
@@ -193,11 +200,8 @@ final class PostcopyReceiver: @unchecked Sendable {
             case .delta:
                 throw WireError.malformed("a delta page during post-copy")
             case .data:
-                guard remaining >= run.byteCount, run.byteCount <= bounce.count else { throw WireError.malformed("pages frame ends inside page data") }
-                let chunk = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<run.byteCount])
-                try source.readExactly(into: chunk, what: "page data")
-                crc = Checksum.crc32c(UnsafeRawBufferPointer(chunk), seed: crc)
-                remaining -= run.byteCount
+                let chunk = UnsafeRawBufferPointer(rebasing: frame[offset..<offset + run.byteCount])
+                offset += run.byteCount
                 guard try uffd.copy(to: target, from: chunk.baseAddress!, length: run.byteCount) == .placed else {
                     throw WireError.malformed("page run at \(run.address) is already present")
                 }
@@ -209,7 +213,6 @@ final class PostcopyReceiver: @unchecked Sendable {
                 }
             }
         }
-        guard crc == header.payloadCRC else { throw WireError.checksumMismatch("pages frame during post-copy") }
     }
 
     /// Checks that every page of a run is still expected (and, for a demand

@@ -93,6 +93,17 @@ struct PostcopyReceiverTests {
         withExtendedLifetime(socket) {}
     }
 
+    @Test func aCorruptFrameIsRefusedBeforeAnyPageIsPlaced() throws {
+        let target = 0x804
+        let (stream, socket, holder) = try handOver(needed: target)
+        var corrupt = page(target)
+        corrupt[corrupt.count - 1] ^= 0xFF   // the payload no longer matches its CRC
+        try stream.writeAll(corrupt)
+        #expect(try abortReason(stream).contains("checksum mismatch"))
+        expectPausedAndStopped(holder)
+        withExtendedLifetime(socket) {}
+    }
+
     @Test func aPageOutsideGuestMemoryStopsTheVM() throws {
         let (stream, socket, holder) = try handOver(needed: 0x803)
         try stream.writeAll(page((64 << 20) / 4096))
