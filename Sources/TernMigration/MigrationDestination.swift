@@ -40,6 +40,7 @@ public final class MigrationDestination {
 
     let expectations: Expectations
     let logger: Logger
+    static let maximumStateBytes: UInt64 = 16 << 20
     /// Devices this tern can restore, by state tag.
     static let knownDevices: Set<String> = ["UART"]
 
@@ -92,6 +93,7 @@ public final class MigrationDestination {
         // 2. Pages (any number of rounds), then state sections, then the end.
         let applier = PageRunApplier(memory: machine.memory, delivery: .repeated)
         var sections: [StateSection] = []
+        var stateBytes: UInt64 = 0
         var bytes = UInt64(FrameHeader.size + helloPayload.count)
         var completion: Completion?
         var postcopyNeeded: PageSet?
@@ -103,7 +105,9 @@ public final class MigrationDestination {
                 guard sections.isEmpty else { throw Refusal("memory arrived after the VM state") }
                 try applier.apply(header, from: source)
             case .state:
-                guard sections.count < 1024 else { throw Refusal("too many state sections") }
+                // A VM's state is tens of KiB per vCPU: cap what a hostile source can make us hold.
+                stateBytes += header.length
+                guard sections.count < 1024, stateBytes <= Self.maximumStateBytes else { throw Refusal("too much VM state (\(stateBytes) bytes)") }
                 let payload = try source.readExactly(Int(header.length), what: "state frame")
                 guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("state frame") }
                 sections.append(try StateSection(decoding: payload))

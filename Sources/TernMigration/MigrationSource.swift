@@ -336,22 +336,7 @@ public final class MigrationSource: @unchecked Sendable {
         if cancelled { throw Failure("cancelled") }
 
         // Commit: from here the destination may run the VM.
-        try commit()
-        try stream.writeFrame(.go, payload: [UInt8]())
-        committed = true
-        let (_, resumedPayload) = try readReply(stream, expecting: .resumed, what: "the destination's confirmation")
-        let resumed = try Resumed(decoding: resumedPayload)
-        let upperBound = Double(Clocks.monotonicNs() - pausedMono) / 1e6
-        update {
-            $0.downtimeUpperBoundMs = upperBound
-            if sameHost {
-                $0.downtimeMs = Clocks.milliseconds(from: pausedMono, to: resumed.monotonicNs)
-                $0.downtimeClock = "shared-monotonic"
-            } else {
-                $0.downtimeMs = Clocks.milliseconds(from: pausedReal, to: resumed.realtimeNs)
-                $0.downtimeClock = "realtime"
-            }
-        }
+        _ = try handOver(stream, pausedMono: pausedMono, pausedReal: pausedReal, sameHost: sameHost, committed: &committed)
     }
 
     /// Post-copy: pause, send only the VM state and the list of pages the
@@ -403,17 +388,9 @@ public final class MigrationSource: @unchecked Sendable {
         }
         if cancelled { throw Failure("cancelled") }
 
-        try commit()
-        try stream.writeFrame(.go, payload: [UInt8]())
-        committed = true
-        let (_, resumedPayload) = try readReply(stream, expecting: .resumed, what: "the destination's confirmation")
-        let resumed = try Resumed(decoding: resumedPayload)
+        try handOver(stream, pausedMono: pausedMono, pausedReal: pausedReal, sameHost: sameHost, committed: &committed)
         let precopyBytes = sender.counters.bytes
         update {
-            $0.downtimeUpperBoundMs = Double(Clocks.monotonicNs() - pausedMono) / 1e6
-            $0.downtimeMs = sameHost ? Clocks.milliseconds(from: pausedMono, to: resumed.monotonicNs)
-                                     : Clocks.milliseconds(from: pausedReal, to: resumed.realtimeNs)
-            $0.downtimeClock = sameHost ? "shared-monotonic" : "realtime"
             $0.executionMovedAtMs = milliseconds(since: started)
             $0.status = .postcopy
             $0.transferredBytes = precopyBytes + stateBytes
@@ -445,6 +422,28 @@ public final class MigrationSource: @unchecked Sendable {
                 throw Failure("verification failed: the destination's memory once complete differs from the source's at the switch (the VM runs at the destination)")
             }
         }
+    }
+
+    /// The commit: `go` (from here the destination may run the VM), then its
+    /// `resumed`, which gives the downtime: on the shared monotonic clock when
+    /// both ends run on one kernel, on the realtime clocks otherwise, and as an
+    /// upper bound on this side's clock either way.
+    @discardableResult
+    private func handOver(_ stream: FDStream, pausedMono: UInt64, pausedReal: UInt64, sameHost: Bool,
+                          committed: inout Bool) throws -> Resumed {
+        try commit()
+        try stream.writeFrame(.go, payload: [UInt8]())
+        committed = true
+        let (_, payload) = try readReply(stream, expecting: .resumed, what: "the destination's confirmation")
+        let resumed = try Resumed(decoding: payload)
+        let upperBound = Clocks.milliseconds(from: pausedMono, to: Clocks.monotonicNs())
+        update {
+            $0.downtimeUpperBoundMs = upperBound
+            $0.downtimeMs = sameHost ? Clocks.milliseconds(from: pausedMono, to: resumed.monotonicNs)
+                                     : Clocks.milliseconds(from: pausedReal, to: resumed.realtimeNs)
+            $0.downtimeClock = sameHost ? "shared-monotonic" : "realtime"
+        }
+        return resumed
     }
 
     /// Reads the next frame, which must be `expected`; an abort frame carries the peer's reason.
