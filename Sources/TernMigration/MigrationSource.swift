@@ -189,6 +189,7 @@ public final class MigrationSource: @unchecked Sendable {
         let pageCount = Int(machine.memory.size / UInt64(PageRun.pageSize))
         var frequency = DirtyFrequency(pageCount: pageCount)
         var heldBack: PageSet?
+        var resentAfterFirstPass: PageSet?
         if parameters.order == .dirtyFrequency && parameters.mode != .postcopy {
             // Learn which pages are hot before the first pass, so that it sends them last
             // (and, with XBZRLE, keeps them in the cache for the deltas of the next rounds).
@@ -214,17 +215,19 @@ public final class MigrationSource: @unchecked Sendable {
             if let pages = pending {
                 if parameters.order == .dirtyFrequency { try sender.send(ordered: frequency.ordered(pages)) } else { try sender.send(pages) }
             } else if let hot = heldBack {
-                try sender.sendAll(holdingBack: hot)
-                sender.streamer.cacheWholePages = true
-                try sender.send(ordered: frequency.ordered(hot))
+                resentAfterFirstPass = try firstPassLearningHotPages(sender: sender, held: hot, frequency: &frequency)
             } else {
                 try sender.sendAll()
             }
             // Pages re-sent from now on are likely to be re-sent again: keep them for deltas.
             sender.streamer.cacheWholePages = true
             let duration = max(milliseconds(since: roundStart), 0.001)
-            let dirty = try machine.memory.collectDirtyPages(from: machine.vm)
+            var dirty = try machine.memory.collectDirtyPages(from: machine.vm)
             frequency.record(dirty)
+            if let earlier = resentAfterFirstPass {
+                dirty.formUnion(earlier)
+                resentAfterFirstPass = nil
+            }
             let sent = sender.counters
             let roundBytes = sent.bytes - before.bytes
             // Link speed: what the whole pre-copy achieved so far (single tiny rounds are too noisy).
@@ -338,6 +341,61 @@ public final class MigrationSource: @unchecked Sendable {
         // Commit: from here the destination may run the VM.
         _ = try handOver(stream, pausedMono: pausedMono, pausedReal: pausedReal, sameHost: sameHost, committed: &committed)
     }
+
+    /// The first pass with dirty-frequency ordering: every 32 MiB it reads the
+    /// dirty log. Pages found dirty that it has not sent yet are held back and
+    /// sent at the end of the pass, hot-last and (with XBZRLE) into the cache;
+    /// pages found dirty after they were sent are returned, for the next round.
+    /// So the pass learns the working set as it goes, instead of sending it
+    /// twice whole.
+    private func firstPassLearningHotPages(sender: PageSender, held initial: PageSet, frequency: inout DirtyFrequency) throws -> PageSet {
+        let streamer = sender.streamer
+        let pageCount = initial.pageCount
+        var held = initial
+        var sent = PageSet(pageCount: pageCount)
+        var dirtyAfterSending = PageSet(pageCount: pageCount)
+        var sinceCheck = 0
+        func learn() throws {
+            try streamer.flush()
+            let dirty = try machine.memory.collectDirtyPages(from: machine.vm)
+            frequency.record(dirty)
+            dirty.forEachRange { first, count in
+                for page in first..<first + count {
+                    if sent.contains(page) { dirtyAfterSending.insert(page) } else { held.insert(page) }
+                }
+            }
+        }
+        try machine.memory.forEachExtent { first, count, isHole in
+            if isHole {
+                try streamer.addZeroPages(firstPage: first, count: count)
+                sent.insert(range: first..<first + count)
+                return
+            }
+            var chunkStart = first
+            while chunkStart < first + count {
+                let chunkEnd = min(first + count, chunkStart + Self.learningIntervalPages)
+                var start = chunkStart
+                for page in chunkStart..<chunkEnd where held.contains(page) {
+                    if page > start { try streamer.addPages(firstPage: start, count: page - start) }
+                    start = page + 1
+                }
+                if chunkEnd > start { try streamer.addPages(firstPage: start, count: chunkEnd - start) }
+                for page in chunkStart..<chunkEnd where !held.contains(page) { sent.insert(page) }
+                sinceCheck += chunkEnd - chunkStart
+                if sinceCheck >= Self.learningIntervalPages {
+                    try learn()
+                    sinceCheck = 0
+                }
+                chunkStart = chunkEnd
+            }
+        }
+        try streamer.flush()
+        streamer.cacheWholePages = true
+        try sender.send(ordered: frequency.ordered(held))
+        return dirtyAfterSending
+    }
+
+    static let learningIntervalPages = 8192
 
     /// Post-copy: pause, send only the VM state and the list of pages the
     /// destination still needs, let it start, then push those pages (and

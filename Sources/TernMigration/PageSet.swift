@@ -18,6 +18,19 @@ public struct PageSet: Equatable, Sendable {
     public mutating func insert(_ page: Int) { words[page / 64] |= 1 << UInt64(page % 64) }
     public mutating func remove(_ page: Int) { words[page / 64] &= ~(1 << UInt64(page % 64)) }
 
+    public mutating func insert(range: Range<Int>) {
+        var page = range.lowerBound
+        while page < range.upperBound {
+            if page % 64 == 0 && page + 64 <= range.upperBound {
+                words[page / 64] = .max
+                page += 64
+            } else {
+                insert(page)
+                page += 1
+            }
+        }
+    }
+
     /// Replaces the bits wholesale (decoding); bits past `pageCount` are cleared.
     mutating func replaceWords(_ newWords: [UInt64]) {
         precondition(newWords.count == words.count)
