@@ -21,14 +21,7 @@ public final class APIServer: Sendable {
     private let logger: Logger
 
     public static func bind(path: String, logger: Logger = Logger(label: "tern.api")) throws -> APIServer {
-        if UnixSocket.isListening(path) {
-            throw ConfigurationError("API socket \(path) is already in use by another process")
-        }
-        var info = stat()
-        if lstat(path, &info) == 0 {
-            guard (info.st_mode & S_IFMT) == S_IFSOCK else { throw ConfigurationError("\(path) exists and is not a socket") }
-            unlink(path) // a stale socket left by a process that died
-        }
+        try UnixSocket.claim(path)
         return try APIServer(path: path, logger: logger)
     }
 

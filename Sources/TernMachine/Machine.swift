@@ -273,9 +273,6 @@ public final class Machine: @unchecked Sendable {
         return cpuids[0]
     }
 
-    /// The supported CPUID of this host's KVM.
-    public func hostSupportedCPUID() throws -> [CPUIDEntry] { try kvm.supportedCPUID() }
-
     public var currentState: MachineState {
         lifecycle.lock()
         defer { lifecycle.unlock() }

@@ -47,9 +47,4 @@ public struct TestGuestStatus: Equatable, Sendable, Codable {
         exceptionVector = r.u64(at: 0x80)!
         self.exceptionRIP = exceptionRIP
     }
-
-    public init?(memory: GuestMemory) {
-        guard let bytes = try? memory.read(Self.address, count: Self.size) else { return nil }
-        self.init(bytes: bytes)
-    }
 }

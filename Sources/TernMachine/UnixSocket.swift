@@ -22,14 +22,7 @@ public enum UnixSocket {
     /// listens on is replaced; a live one is an error.
     public static func listen(path: String, backlog: Int32 = 4) throws -> FileDescriptor {
         guard var address = address(path) else { throw ConfigurationError("socket path is too long: \(path)") }
-        if isListening(path) { throw ConfigurationError("socket \(path) is already in use by another process") }
-        if access(path, F_OK) == 0 {
-            var info = stat()
-            if lstat(path, &info) == 0 && (info.st_mode & S_IFMT) != S_IFSOCK {
-                throw ConfigurationError("\(path) exists and is not a socket")
-            }
-            unlink(path)
-        }
+        try claim(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw SystemError("socket", errno: errno) }
         let owned = FileDescriptor(adopting: fd)
@@ -39,6 +32,17 @@ public enum UnixSocket {
         guard bound == 0 else { throw ConfigurationError("cannot bind socket \(path): \(String(cString: strerror(errno)))") }
         guard Glibc.listen(fd, backlog) == 0 else { throw SystemError("listen \(path)", errno: errno) }
         return owned
+    }
+
+    /// Makes `path` free to bind: refuses a socket someone listens on or a
+    /// file that is not a socket, and removes a stale socket left by a process that died.
+    public static func claim(_ path: String) throws {
+        if isListening(path) { throw ConfigurationError("socket \(path) is already in use by another process") }
+        var info = stat()
+        if lstat(path, &info) == 0 {
+            guard (info.st_mode & S_IFMT) == S_IFSOCK else { throw ConfigurationError("\(path) exists and is not a socket") }
+            unlink(path)
+        }
     }
 
     /// Connects to `path`; throws when nobody listens there.

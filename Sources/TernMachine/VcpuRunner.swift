@@ -187,10 +187,4 @@ final class VcpuRunner: @unchecked Sendable {
         while started && status != .stopped { condition.wait() }
         condition.unlock()
     }
-
-    var currentStatus: Status {
-        condition.lock()
-        defer { condition.unlock() }
-        return status
-    }
 }

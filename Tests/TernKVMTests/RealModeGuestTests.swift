@@ -16,14 +16,7 @@ struct RealModeGuestTests {
         try vm.setMemoryRegion(slot: 0, guestAddress: 0, mapping: memory, size: size)
         if irqchip { try vm.createIRQChip() }
         let vcpu = try vm.createVcpu(id: 0)
-        var sregs = try vcpu.specialRegisters()
-        sregs.cs.base = 0
-        sregs.cs.selector = 0
-        try vcpu.setSpecialRegisters(sregs)
-        var regs = kvm_regs()
-        regs.rip = 0x1000
-        regs.rflags = 0x2
-        try vcpu.setRegisters(regs)
+        try startInRealMode(vcpu, at: 0x1000)
         return (kvm, vm, vcpu, memory)
     }
 
@@ -89,4 +82,16 @@ struct RealModeGuestTests {
             #expect(error.description.contains("No such file"))
         }
     }
+}
+
+/// Points a fresh vCPU at real-mode code at `address` (CS base 0).
+func startInRealMode(_ vcpu: Vcpu, at address: UInt64) throws {
+    var sregs = try vcpu.specialRegisters()
+    sregs.cs.base = 0
+    sregs.cs.selector = 0
+    try vcpu.setSpecialRegisters(sregs)
+    var regs = kvm_regs()
+    regs.rip = address
+    regs.rflags = 0x2
+    try vcpu.setRegisters(regs)
 }

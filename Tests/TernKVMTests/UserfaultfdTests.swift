@@ -68,14 +68,7 @@ struct UserfaultfdTests {
         let vm = try kvm.createVM()
         try vm.setMemoryRegion(slot: 0, guestAddress: 0, mapping: mapping, size: size)
         let vcpu = try vm.createVcpu(id: 0)
-        var sregs = try vcpu.specialRegisters()
-        sregs.cs.base = 0
-        sregs.cs.selector = 0
-        try vcpu.setSpecialRegisters(sregs)
-        var regs = kvm_regs()
-        regs.rip = 0x1000
-        regs.rflags = 0x2
-        try vcpu.setRegisters(regs)
+        try startInRealMode(vcpu, at: 0x1000)
 
         let output = ResultBox()
         let runner = Thread {

@@ -19,8 +19,6 @@ public enum SnapshotFormat {
     public static let major: UInt32 = 1
     public static let minor: UInt32 = 0
     public static let headerSize = 32
-    /// Page data per frame: big enough to amortise headers, small enough to bound memory.
-    public static let framePageBudget = 2048
 
     static func encodeHeader() -> [UInt8] {
         var w = WireWriter(capacity: headerSize)
