@@ -3,7 +3,7 @@ import PackageDescription
 
 // Layers, top to bottom (each depends only on those below it):
 //   tern (CLI) -> TernAPI -> TernMigration -> TernMachine -> TernKVM -> CKVM (C shim)
-//                                        \-> TernWire (frames, checksums) -> CChecksum
+//                                        \-> TernWire (frames, checksums, codecs) -> CChecksum, CZstd (libzstd)
 let strict: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
 ]
@@ -22,7 +22,8 @@ let package = Package(
     targets: [
         .target(name: "CKVM"),
         .target(name: "CChecksum", cSettings: [.unsafeFlags(["-O3"])]),
-        .target(name: "TernWire", dependencies: ["CChecksum"], swiftSettings: strict),
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        .target(name: "TernWire", dependencies: ["CChecksum", "CZstd"], swiftSettings: strict),
         .target(name: "TernKVM", dependencies: ["CKVM"], swiftSettings: strict),
         .target(
             name: "TernMachine",

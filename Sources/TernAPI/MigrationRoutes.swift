@@ -13,15 +13,22 @@ public struct MigrateRequest: Codable, Sendable {
     public var bandwidth: UInt64?
     public var verify: Bool?
     public var precopyRounds: Int?
-    /// "none" (default) or "xbzrle".
+    /// "none" (default), "xbzrle", "zstd" or "xbzrle,zstd".
     public var compress: String?
     public var xbzrleCacheBytes: UInt64?
+    /// zstd level (1 to 19; default 1).
+    public var zstdLevel: Int?
+    /// Parallel page streams (1 to 16; default 1).
+    public var streams: Int?
     /// "sequential" (default) or "dirty-frequency".
     public var order: String?
 
     public init(destination: String, mode: String? = nil, maxDowntimeMs: Double? = nil, maxRounds: Int? = nil,
                 timeoutS: Double? = nil, bandwidth: UInt64? = nil, verify: Bool? = nil, precopyRounds: Int? = nil,
-                compress: String? = nil, xbzrleCacheBytes: UInt64? = nil, order: String? = nil) {
+                compress: String? = nil, xbzrleCacheBytes: UInt64? = nil, order: String? = nil,
+                zstdLevel: Int? = nil, streams: Int? = nil) {
+        self.zstdLevel = zstdLevel
+        self.streams = streams
         self.order = order
         self.precopyRounds = precopyRounds
         self.compress = compress
@@ -103,16 +110,27 @@ extension APIRouter {
             }
             parameters.order = order
         }
-        switch request.compress ?? "none" {
-        case "none": break
-        case "xbzrle":
+        let compression: CompressionChoice
+        do { compression = try CompressionChoice(parsing: request.compress ?? "none") } catch {
+            return .error(400, "bad_request", "\(error)")
+        }
+        if compression.xbzrle {
             let cache = request.xbzrleCacheBytes ?? MigrateRequest.defaultXBZRLECache
             guard cache >= 1 << 20, cache <= machine.memory.size else {
                 return .error(400, "bad_request", "xbzrle_cache_bytes must be between 1 MiB and the guest's memory size")
             }
             parameters.xbzrleCacheBytes = cache
-        case let other:
-            return .error(400, "bad_request", "unknown compression '\(other)' (none or xbzrle)")
+        }
+        if compression.zstd {
+            let level = request.zstdLevel ?? 1
+            guard (1...19).contains(level) else { return .error(400, "bad_request", "zstd_level must be between 1 and 19") }
+            parameters.zstdLevel = Int32(level)
+        }
+        if let streams = request.streams {
+            guard (1...Hello.maximumStreams).contains(streams) else {
+                return .error(400, "bad_request", "streams must be between 1 and \(Hello.maximumStreams)")
+            }
+            parameters.streams = streams
         }
         parameters.mode = mode
         if let value = request.precopyRounds {

@@ -99,8 +99,14 @@ public enum Endpoint: Equatable, Sendable, CustomStringConvertible {
         }
     }
 
-    /// Accepts the one connection a destination serves.
-    public static func accept(_ listener: FileDescriptor) throws -> FileDescriptor {
+    /// Accepts the one connection a destination serves (with a timeout: within that many seconds, or an error).
+    public static func accept(_ listener: FileDescriptor, timeoutSeconds: Int? = nil) throws -> FileDescriptor {
+        if let timeoutSeconds {
+            var entry = pollfd(fd: listener.rawValue, events: Int16(POLLIN), revents: 0)
+            var ready: Int32
+            repeat { ready = poll(&entry, 1, Int32(timeoutSeconds * 1000)) } while ready < 0 && errno == EINTR
+            guard ready > 0 else { throw ConfigurationError("no connection within \(timeoutSeconds) s") }
+        }
         while true {
             let fd = Glibc.accept(listener.rawValue, nil, nil)
             if fd >= 0 {

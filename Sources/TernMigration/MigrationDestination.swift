@@ -52,12 +52,15 @@ public final class MigrationDestination {
     /// Runs the protocol on an accepted connection. `machineCreated` is
     /// called as soon as the VM exists (paused, empty), e.g. to serve its API.
     /// Returns the started machine.
-    public func receive(on socket: FileDescriptor, machineCreated: (Machine) -> Void = { _ in }) throws -> (Machine, Outcome) {
+    /// `listener` accepts the source's extra page streams (`--streams`), if it asks for any.
+    public func receive(on socket: FileDescriptor, listener: StreamListener? = nil,
+                        machineCreated: (Machine) -> Void = { _ in }) throws -> (Machine, Outcome) {
         let stream = FDStream(fd: socket.rawValue)
         // Every wait on the source is bounded until the hand-over (post-copy lifts this for its own reads).
         setTimeouts(socket.rawValue, seconds: MigrationSource.replyTimeoutSeconds)
         do {
-            return try receive(from: stream, replyTo: stream, connection: socket, machineCreated: machineCreated)
+            return try receive(from: stream, replyTo: stream, connection: socket, listener: listener,
+                               machineCreated: machineCreated)
         } catch {
             // Tell the source why, if it still listens; it keeps its VM.
             try? stream.writeFrame(.abort, payload: Array("\(error)".utf8))
@@ -68,7 +71,23 @@ public final class MigrationDestination {
     /// The protocol proper, over any byte source (tests feed it buffers).
     /// `connection` is kept open for as long as post-copy still needs it.
     public func receive(from source: some ByteSource, replyTo sink: FDStream?, connection: FileDescriptor? = nil,
+                        listener: StreamListener? = nil,
                         machineCreated: (Machine) -> Void = { _ in }) throws -> (Machine, Outcome) {
+        var extraStreams: PageStreamReceivers?
+        do {
+            return try receive(from: source, replyTo: sink, connection: connection, listener: listener,
+                               extraStreams: &extraStreams, machineCreated: machineCreated)
+        } catch {
+            // A failed page stream cut the control connection: its error is the one that explains.
+            extraStreams?.cancel()
+            if let failure = extraStreams?.failure, failure != "cancelled" { throw Refusal(failure) }
+            throw error
+        }
+    }
+
+    private func receive(from source: some ByteSource, replyTo sink: FDStream?, connection: FileDescriptor?,
+                         listener: StreamListener?, extraStreams: inout PageStreamReceivers?,
+                         machineCreated: (Machine) -> Void) throws -> (Machine, Outcome) {
         // 1. Hello: is this a Tern source, and can this host run its machine?
         let (helloHeader, helloPayload) = try source.readFrame()
         guard helloHeader.type == .hello else {
@@ -77,8 +96,10 @@ public final class MigrationDestination {
         let hello: Hello
         do { hello = try Hello(decoding: helloPayload) } catch { throw Refusal("bad hello: \(error)") }
         let machine: Machine
+        let streams = Int(hello.streams)
         do {
             try check(hello)
+            if streams > 1 && listener == nil { throw Refusal("parallel page streams need a listening socket") }
             let configuration = MachineConfiguration(
                 kernelPath: nil, commandLine: hello.machine.commandLine, memorySize: hello.machine.memorySize,
                 vcpuCount: Int(hello.machine.vcpuCount), serial: expectations.serial, kvmPath: expectations.kvmPath)
@@ -87,16 +108,27 @@ public final class MigrationDestination {
             try sink?.writeFrame(.helloReply, payload: Verdict(accepted: false, reason: "\(error)", bootID: Clocks.bootID).encoded)
             throw Refusal("refused the incoming VM: \(error)")
         }
-        try sink?.writeFrame(.helloReply, payload: Verdict(accepted: true, bootID: Clocks.bootID).encoded)
+        let token = UInt64.random(in: 1...UInt64.max)
+        try sink?.writeFrame(.helloReply, payload: Verdict(accepted: true, bootID: Clocks.bootID, token: token).encoded)
         machineCreated(machine)
+        let compressed = hello.features & Hello.zstdFeature != 0
+        if streams > 1, let listener {
+            extraStreams = try PageStreamReceivers(streams: streams, token: token, memory: machine.memory,
+                                                   controlConnection: connection?.rawValue, decompress: compressed, accept: listener.accept)
+        }
+        // One migration per process: from here other connections are refused rather than queued.
+        listener?.close()
 
         // 2. Pages (any number of rounds), then state sections, then the end.
         let applier = PageRunApplier(memory: machine.memory, delivery: .repeated)
+        applier.decompressionAllowed = compressed
+        if streams > 1 { applier.stream = (StreamPartition(streams: streams), 0) }
         var sections: [StateSection] = []
         var stateBytes: UInt64 = 0
         var bytes = UInt64(FrameHeader.size + helloPayload.count)
         var completion: Completion?
         var postcopyNeeded: PageSet?
+        var extraCovered: UInt64 = 0
         while completion == nil {
             let header = try source.readFrameHeader()
             bytes += UInt64(FrameHeader.size) + header.length
@@ -112,10 +144,12 @@ public final class MigrationDestination {
                 guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("state frame") }
                 sections.append(try StateSection(decoding: payload))
             case .end:
+                extraCovered = try extraStreams?.join() ?? 0
                 let payload = try source.readExactly(Int(header.length), what: "end frame")
                 guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("end frame") }
                 completion = try Completion(decoding: payload)
             case .postcopyStart:
+                extraCovered = try extraStreams?.join() ?? 0
                 let payload = try source.readExactly(Int(header.length), what: "post-copy start")
                 guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("post-copy start frame") }
                 let start = try PostcopyStart(decoding: payload, pageCount: Int(machine.memory.size / UInt64(PageRun.pageSize)))
@@ -142,7 +176,8 @@ public final class MigrationDestination {
 
         // 3. Everything is here (or, for post-copy, listed): check it, load it, answer with our own digests.
         if postcopyNeeded == nil {
-            guard applier.isComplete else { throw Refusal("\(applier.missingPages) pages of guest RAM never arrived") }
+            let missing = machine.memory.size / UInt64(PageRun.pageSize) - applier.coveredPages - extraCovered
+            guard missing == 0 else { throw Refusal("\(missing) pages of guest RAM never arrived") }
         }
         let state = try MachineStateSnapshot(sections: sections)
         guard state.description.memorySize == hello.machine.memorySize, state.description.vcpuCount == hello.machine.vcpuCount else {
@@ -177,7 +212,8 @@ public final class MigrationDestination {
         try? sink?.writeFrame(.resumed, payload: resumed.encoded)
         postcopy?.start(vmStartedNs: resumed.monotonicNs)
         let downtime = hello.bootID == Clocks.bootID ? Clocks.milliseconds(from: completion.pausedMonotonicNs, to: resumed.monotonicNs) : nil
-        return (machine, Outcome(dataPages: applier.dataPages, zeroPages: applier.zeroPages, bytes: bytes, downtimeMs: downtime))
+        return (machine, Outcome(dataPages: applier.dataPages + (extraStreams?.dataPages ?? 0),
+                                 zeroPages: applier.zeroPages + (extraStreams?.zeroPages ?? 0), bytes: bytes, downtimeMs: downtime))
     }
 
     /// Can this host run the announced machine?
@@ -194,6 +230,17 @@ public final class MigrationDestination {
         if let missing = CPUCompatibility.missingFeatures(guest: hello.cpuid, host: supported) {
             throw Refusal("this host's KVM lacks CPU features the guest uses: \(missing)")
         }
+    }
+}
+
+/// Where a destination accepts the source's extra page streams, and how it stops accepting.
+public struct StreamListener {
+    public var accept: () throws -> FileDescriptor
+    public var close: () -> Void
+
+    public init(accept: @escaping () throws -> FileDescriptor, close: @escaping () -> Void) {
+        self.accept = accept
+        self.close = close
     }
 }
 

@@ -21,7 +21,11 @@ extension FrameType {
 /// about to arrive, so the destination can refuse before a byte of memory moves.
 public struct Hello: Equatable, Sendable {
     public static let magic = Array("TERNMIG\u{0}".utf8)
-    public static let protocolVersion: UInt32 = 1
+    public static let protocolVersion: UInt32 = 2
+    /// Feature bit: pages frames may be zstd-compressed (`--compress zstd`).
+    public static let zstdFeature: UInt64 = 1 << 0
+    /// At most this many parallel page streams.
+    public static let maximumStreams = 16
 
     public var protocolVersion: UInt32
     public var features: UInt64
@@ -31,14 +35,17 @@ public struct Hello: Equatable, Sendable {
     public var cpuid: [CPUIDEntry]
     /// Tags of the device state sections that will follow.
     public var devices: [String]
+    /// Page streams: the control connection plus `streams - 1` extra connections.
+    public var streams: UInt32
 
-    public init(features: UInt64 = 0, bootID: String, machine: MachineDescription, cpuid: [CPUIDEntry], devices: [String]) {
+    public init(features: UInt64 = 0, bootID: String, machine: MachineDescription, cpuid: [CPUIDEntry], devices: [String], streams: UInt32 = 1) {
         self.protocolVersion = Self.protocolVersion
         self.features = features
         self.bootID = bootID
         self.machine = machine
         self.cpuid = cpuid
         self.devices = devices
+        self.streams = streams
     }
 
     public var encoded: [UInt8] {
@@ -52,6 +59,7 @@ public struct Hello: Equatable, Sendable {
         for e in cpuid { for field in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] { w.write(field) } }
         w.write(UInt32(devices.count))
         for device in devices { w.writeString(device) }
+        w.write(streams)
         return w.bytes
     }
 
@@ -78,6 +86,8 @@ public struct Hello: Equatable, Sendable {
         var devices: [String] = []
         for _ in 0..<deviceCount { devices.append(try r.readString(maximum: 16)) }
         self.devices = devices
+        streams = try r.read()
+        guard streams >= 1, streams <= Self.maximumStreams else { throw .malformed("hello: \(streams) page streams (1 to \(Self.maximumStreams) allowed)") }
         try r.expectEnd()
     }
 }
@@ -90,8 +100,11 @@ public struct Verdict: Equatable, Sendable {
     public var memoryDigest: UInt64?
     public var stateDigest: UInt64?
     public var bootID: String
+    /// Hello reply: the token extra page streams present to join this migration.
+    public var token: UInt64 = 0
 
-    public init(accepted: Bool, reason: String = "", memoryDigest: UInt64? = nil, stateDigest: UInt64? = nil, bootID: String = "") {
+    public init(accepted: Bool, reason: String = "", memoryDigest: UInt64? = nil, stateDigest: UInt64? = nil, bootID: String = "", token: UInt64 = 0) {
+        self.token = token
         self.accepted = accepted
         self.reason = reason
         self.memoryDigest = memoryDigest
@@ -106,6 +119,7 @@ public struct Verdict: Equatable, Sendable {
         w.write(UInt8(memoryDigest == nil ? 0 : 1)); w.write(memoryDigest ?? 0)
         w.write(UInt8(stateDigest == nil ? 0 : 1)); w.write(stateDigest ?? 0)
         w.writeString(bootID)
+        w.write(token)
         return w.bytes
     }
 
@@ -118,6 +132,7 @@ public struct Verdict: Equatable, Sendable {
         memoryDigest = hasMemory ? memory : nil
         stateDigest = hasState ? state : nil
         bootID = try r.readString(maximum: 64)
+        token = try r.read()
         try r.expectEnd()
     }
 }

@@ -53,10 +53,15 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     public var maxDowntimeMs: Double
     public var bandwidthLimit: UInt64?
     public var rounds: [Round] = []
-    /// "none" or "xbzrle".
+    /// "none", "xbzrle", "zstd" or "xbzrle,zstd".
     public var compression: String = "none"
+    /// zstd: payload bytes of the frames it shrank, before and after.
+    public var zstdInputBytes: UInt64?
+    public var zstdOutputBytes: UInt64?
     /// "sequential" or "dirty-frequency".
     public var order: String = "sequential"
+    /// Parallel page streams used during pre-copy.
+    public var streams: Int = 1
     /// Pages sent again after the first pass (what ordering and convergence try to keep small).
     public var resentPages: UInt64 = 0
     /// Pages sent as XBZRLE deltas, and the cache's account (hits, misses, overflows, bytes saved).
@@ -92,4 +97,35 @@ public enum PageOrder: String, Codable, Sendable, CaseIterable {
     case sequential
     /// Least-often dirtied pages first, hot pages last (Svärd et al., CloudCom 2011).
     case dirtyFrequency = "dirty-frequency"
+}
+
+/// `--compress`: none, or any of xbzrle and zstd, comma-separated ("xbzrle,zstd").
+public struct CompressionChoice: Equatable, Sendable, CustomStringConvertible {
+    public var xbzrle = false
+    public var zstd = false
+
+    public init(xbzrle: Bool = false, zstd: Bool = false) {
+        self.xbzrle = xbzrle
+        self.zstd = zstd
+    }
+
+    public struct Invalid: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    public init(parsing text: String) throws {
+        guard text != "none" else { return }
+        for name in text.split(separator: ",", omittingEmptySubsequences: false) {
+            switch name {
+            case "xbzrle": xbzrle = true
+            case "zstd": zstd = true
+            default: throw Invalid(description: "unknown compression '\(name)' (none, xbzrle, zstd, or xbzrle,zstd)")
+            }
+        }
+    }
+
+    public var description: String {
+        let names = (xbzrle ? ["xbzrle"] : []) + (zstd ? ["zstd"] : [])
+        return names.isEmpty ? "none" : names.joined(separator: ",")
+    }
 }

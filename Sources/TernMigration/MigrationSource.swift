@@ -28,6 +28,10 @@ public final class MigrationSource: @unchecked Sendable {
         public var xbzrleCacheBytes: UInt64?
         /// Send rarely-dirtied pages first and hot pages last (dynamic page transfer reordering).
         public var order = PageOrder.sequential
+        /// Parallel page streams (connections) during pre-copy.
+        public var streams = 1
+        /// zstd on pre-copy's page frames at this level (nil: off).
+        public var zstdLevel: Int32?
 
         public init(destination: Endpoint) { self.destination = destination }
     }
@@ -39,12 +43,14 @@ public final class MigrationSource: @unchecked Sendable {
     private var report: MigrationReport
     private var cancelReason: String?
     private var connection: FileDescriptor?
+    /// Extra page streams' connections (`--streams`), cut with the control connection on cancel.
+    private var extraConnections: [FileDescriptor] = []
     /// Set once `go` is on the wire: from then on the VM may run at the destination,
     /// so a cancel can no longer be honoured (it would lose the VM).
     private var committedFlag = false
 
     /// Time allowed for the destination to answer a control message.
-    static let replyTimeoutSeconds = 30
+    public static let replyTimeoutSeconds = 30
     /// The VM state sections are small (about 20 KiB per vCPU); a fixed allowance is precise enough.
     static let stateBytesEstimate = 64 << 10
 
@@ -55,8 +61,9 @@ public final class MigrationSource: @unchecked Sendable {
         report = MigrationReport(status: .setup, destination: parameters.destination.description, ramBytes: machine.memory.size,
                                  maxDowntimeMs: parameters.maxDowntimeMs, bandwidthLimit: parameters.bandwidth)
         report.mode = parameters.mode.rawValue
-        report.compression = parameters.xbzrleCacheBytes == nil ? "none" : "xbzrle"
+        report.compression = CompressionChoice(xbzrle: parameters.xbzrleCacheBytes != nil, zstd: parameters.zstdLevel != nil).description
         report.order = parameters.order.rawValue
+        report.streams = parameters.streams
     }
 
     public var progress: MigrationReport { lock.withLock { report } }
@@ -77,7 +84,10 @@ public final class MigrationSource: @unchecked Sendable {
         guard first else { return true }
         DispatchQueue.global().asyncAfter(deadline: .now() + Self.cancelGraceSeconds) { [weak self] in
             guard let self else { return }
-            lock.withLock { if !committedFlag, let fd = connection?.rawValue { shutdown(fd, Int32(SHUT_RDWR)) } }
+            lock.withLock {
+                guard !committedFlag else { return }
+                for fd in ([connection] + extraConnections).compactMap({ $0?.rawValue }) { shutdown(fd, Int32(SHUT_RDWR)) }
+            }
         }
         return true
     }
@@ -125,13 +135,18 @@ public final class MigrationSource: @unchecked Sendable {
                     setTimeouts(fd, seconds: 1)
                     try? FDStream(fd: fd).writeFrame(.abort, payload: Array(reason.utf8))
                 }
+                // Extra streams end with the control connection, so the destination's stream readers stop.
+                lock.withLock { extraConnections.forEach { shutdown($0.rawValue, Int32(SHUT_RDWR)) } }
                 if pausedHere { try? machine.resume() }
                 update { $0.status = cancelReason != nil ? .cancelled : .failed; $0.reason = reason }
             }
             try? machine.vm.memorySlots.forEach { try machine.vm.setDirtyLogging(slot: $0.slot, enabled: false) }
             logger.error("migration \(report.status.rawValue): \(reason)")
         }
-        lock.withLock { connection = nil }
+        lock.withLock {
+            connection = nil
+            extraConnections = []
+        }
         update {
             $0.totalMs = milliseconds(since: started)
             $0.throughputMBps = $0.totalMs > 0 ? Double($0.transferredBytes) / 1e6 / ($0.totalMs / 1000) : 0
@@ -157,13 +172,25 @@ public final class MigrationSource: @unchecked Sendable {
         let state0 = machine.configuration
         let description = MachineDescription(memorySize: machine.memory.size, vcpuCount: UInt32(state0.vcpuCount),
                                              kernelPath: state0.kernelPath ?? "", commandLine: state0.commandLine)
-        let hello = Hello(bootID: Clocks.bootID, machine: description, cpuid: machine.guestCPUID, devices: ["UART"])
+        var hello = Hello(bootID: Clocks.bootID, machine: description, cpuid: machine.guestCPUID, devices: ["UART"],
+                          streams: UInt32(parameters.streams))
+        if parameters.zstdLevel != nil { hello.features |= Hello.zstdFeature }
         try stream.writeFrame(.hello, payload: hello.encoded)
         let (replyHeader, replyPayload) = try readReply(stream, expecting: .helloReply, what: "the handshake")
         _ = replyHeader
         let reply = try Verdict(decoding: replyPayload)
         guard reply.accepted else { throw Failure("the destination refused the VM: \(reply.reason)") }
         let sameHost = reply.bootID == Clocks.bootID
+        // Extra page streams join with the token the destination handed out.
+        var streamList = [stream]
+        for index in 1..<max(parameters.streams, 1) {
+            let extra = try parameters.destination.connect()
+            lock.withLock { extraConnections.append(extra) }
+            setTimeouts(extra.rawValue, seconds: Self.replyTimeoutSeconds)
+            let extraStream = FDStream(fd: extra.rawValue)
+            try extraStream.writeFrame(.streamHello, payload: StreamHello(token: reply.token, index: UInt32(index)).encoded)
+            streamList.append(extraStream)
+        }
         // The hand-over costs about one and a half round trips beyond the data (end -> ready -> go -> resumed).
         let pingStart = ContinuousClock.now
         try stream.writeFrame(.ping, payload: [UInt8]())
@@ -175,17 +202,17 @@ public final class MigrationSource: @unchecked Sendable {
         for slot in machine.vm.memorySlots { try machine.vm.setDirtyLogging(slot: slot.slot, enabled: true) }
         let roundPlan = Mutex<(pagesBefore: UInt64, planned: Double)>((0, 1))
         let rateLimit = RateLimiter(bytesPerSecond: parameters.bandwidth)
-        let sender = PageSender(memory: machine.memory, stream: stream, rateLimit: rateLimit,
-                                shouldStop: { [unowned self] in cancelled },
-                                onFrame: { [unowned self] counters in
-                                    let plan = roundPlan.withLock { $0 }
-                                    update {
-                                        $0.roundPercent = min(100, Double(counters.dataPages + counters.zeroPages - plan.pagesBefore) / max(plan.planned, 1) * 100)
-                                        $0.transferredBytes = counters.bytes
-                                    }
-                                })
-        let cache = parameters.xbzrleCacheBytes.map { XBZRLECache(bytes: $0) }
-        sender.streamer.cache = cache
+        let sender = PageStreams(memory: machine.memory, streams: streamList, rateLimit: rateLimit,
+                                 shouldStop: { [unowned self] in cancelled },
+                                 onProgress: { [unowned self] counters in
+                                     let plan = roundPlan.withLock { $0 }
+                                     update {
+                                         $0.roundPercent = min(100, Double(counters.dataPages + counters.zeroPages - plan.pagesBefore) / max(plan.planned, 1) * 100)
+                                         $0.transferredBytes = counters.bytes
+                                     }
+                                 })
+        if let cacheBytes = parameters.xbzrleCacheBytes { sender.useXBZRLE(cacheBytes: cacheBytes) }
+        if let level = parameters.zstdLevel { sender.useZstd(level: level) }
         let pageCount = Int(machine.memory.size / UInt64(PageRun.pageSize))
         var frequency = DirtyFrequency(pageCount: pageCount)
         var heldBack: PageSet?
@@ -215,12 +242,19 @@ public final class MigrationSource: @unchecked Sendable {
             if let pages = pending {
                 if parameters.order == .dirtyFrequency { try sender.send(ordered: frequency.ordered(pages)) } else { try sender.send(pages) }
             } else if let hot = heldBack {
-                resentAfterFirstPass = try firstPassLearningHotPages(sender: sender, held: hot, frequency: &frequency)
+                let learner = FirstPassLearner(memory: machine.memory, vm: machine.vm, initiallyHeld: hot, frequency: frequency,
+                                               interval: Self.learningIntervalPages)
+                try sender.firstPass(learning: learner)
+                let learnt = learner.finish()
+                frequency = learnt.frequency
+                sender.setCacheWholePages(true)
+                try sender.send(ordered: frequency.ordered(learnt.held))
+                resentAfterFirstPass = learnt.dirtyAfterSending
             } else {
                 try sender.sendAll()
             }
             // Pages re-sent from now on are likely to be re-sent again: keep them for deltas.
-            sender.streamer.cacheWholePages = true
+            sender.setCacheWholePages(true)
             let duration = max(milliseconds(since: roundStart), 0.001)
             var dirty = try machine.memory.collectDirtyPages(from: machine.vm)
             frequency.record(dirty)
@@ -296,6 +330,7 @@ public final class MigrationSource: @unchecked Sendable {
         if let pending { for (i, word) in pending.words.enumerated() where word != 0 { last.merge(bitmap: [word], firstPage: i * 64) } }
         let before = sender.counters
         try sender.send(last)
+        try sender.endExtraStreams()
         let state = try machine.captureState()
         let sections = state.sections
         for section in sections { try stream.writeFrame(.state, payload: section.encoded) }
@@ -316,7 +351,11 @@ public final class MigrationSource: @unchecked Sendable {
                 durationMs: milliseconds(since: pauseInstant), throughputMBps: 0, dirtyRatePagesPerSecond: 0, predictedDowntimeMs: 0))
             $0.transferredBytes = sent.bytes + stateBytes
             $0.deltaPages = sent.deltaPages
-            $0.xbzrle = cache?.statistics
+            $0.xbzrle = sender.xbzrleStatistics
+            if parameters.zstdLevel != nil {
+                $0.zstdInputBytes = sent.compressedInputBytes
+                $0.zstdOutputBytes = sent.compressedOutputBytes
+            }
             $0.dataPages = sent.dataPages
             $0.zeroPages = sent.zeroPages
         }
@@ -342,65 +381,12 @@ public final class MigrationSource: @unchecked Sendable {
         _ = try handOver(stream, pausedMono: pausedMono, pausedReal: pausedReal, sameHost: sameHost, committed: &committed)
     }
 
-    /// The first pass with dirty-frequency ordering: every 32 MiB it reads the
-    /// dirty log. Pages found dirty that it has not sent yet are held back and
-    /// sent at the end of the pass, hot-last and (with XBZRLE) into the cache;
-    /// pages found dirty after they were sent are returned, for the next round.
-    /// So the pass learns the working set as it goes, instead of sending it
-    /// twice whole.
-    private func firstPassLearningHotPages(sender: PageSender, held initial: PageSet, frequency: inout DirtyFrequency) throws -> PageSet {
-        let streamer = sender.streamer
-        let pageCount = initial.pageCount
-        var held = initial
-        var sent = PageSet(pageCount: pageCount)
-        var dirtyAfterSending = PageSet(pageCount: pageCount)
-        var sinceCheck = 0
-        func learn() throws {
-            try streamer.flush()
-            let dirty = try machine.memory.collectDirtyPages(from: machine.vm)
-            frequency.record(dirty)
-            dirty.forEachRange { first, count in
-                for page in first..<first + count {
-                    if sent.contains(page) { dirtyAfterSending.insert(page) } else { held.insert(page) }
-                }
-            }
-        }
-        try machine.memory.forEachExtent { first, count, isHole in
-            if isHole {
-                try streamer.addZeroPages(firstPage: first, count: count)
-                sent.insert(range: first..<first + count)
-                return
-            }
-            var chunkStart = first
-            while chunkStart < first + count {
-                let chunkEnd = min(first + count, chunkStart + Self.learningIntervalPages)
-                var start = chunkStart
-                for page in chunkStart..<chunkEnd where held.contains(page) {
-                    if page > start { try streamer.addPages(firstPage: start, count: page - start) }
-                    start = page + 1
-                }
-                if chunkEnd > start { try streamer.addPages(firstPage: start, count: chunkEnd - start) }
-                for page in chunkStart..<chunkEnd where !held.contains(page) { sent.insert(page) }
-                sinceCheck += chunkEnd - chunkStart
-                if sinceCheck >= Self.learningIntervalPages {
-                    try learn()
-                    sinceCheck = 0
-                }
-                chunkStart = chunkEnd
-            }
-        }
-        try streamer.flush()
-        streamer.cacheWholePages = true
-        try sender.send(ordered: frequency.ordered(held))
-        return dirtyAfterSending
-    }
-
     static let learningIntervalPages = 8192
 
     /// Post-copy: pause, send only the VM state and the list of pages the
     /// destination still needs, let it start, then push those pages (and
     /// answer its requests first) until it holds them all.
-    private func switchToPostcopy(stream: FDStream, sender: PageSender, rateLimit: RateLimiter, pending: PageSet?, round: Int,
+    private func switchToPostcopy(stream: FDStream, sender: PageStreams, rateLimit: RateLimiter, pending: PageSet?, round: Int,
                                   wasPaused: Bool, pausedHere: inout Bool, committed: inout Bool, sameHost: Bool,
                                   started: ContinuousClock.Instant) throws {
         update { $0.status = .stopAndCopy; $0.currentRound = round; $0.mode = parameters.mode.rawValue }
@@ -422,6 +408,8 @@ public final class MigrationSource: @unchecked Sendable {
                 if !isHole { for page in first..<first + count { needed.insert(page) } }
             }
         }
+        // Post-copy runs on the control connection alone.
+        try sender.endExtraStreams()
         let state = try machine.captureState()
         let sections = state.sections
         for section in sections { try stream.writeFrame(.state, payload: section.encoded) }

@@ -2,15 +2,20 @@ import Foundation
 import TernMachine
 import TernWire
 
-/// Sends guest pages for pre-copy through a PageStreamer, with the rate
-/// limit and the cancellation check applied before every frame.
+/// Sends one page stream's share of guest pages through a PageStreamer,
+/// with the rate limit and the cancellation check applied before every
+/// frame. `partition` and `index` say which pages are this stream's.
 struct PageSender {
     let streamer: PageStreamer
+    let partition: StreamPartition
+    let index: Int
     struct Stopped: Error {}
 
-    init(memory: GuestMemory, stream: FDStream, rateLimit: RateLimiter, shouldStop: @escaping () -> Bool,
-         onFrame: @escaping (PageStreamCounters) -> Void = { _ in }) {
+    init(memory: GuestMemory, stream: FDStream, partition: StreamPartition = StreamPartition(streams: 1), index: Int = 0,
+         rateLimit: RateLimiter, shouldStop: @escaping () -> Bool, onFrame: @escaping (PageStreamCounters) -> Void = { _ in }) {
         streamer = PageStreamer(memory: memory, stream: stream)
+        self.partition = partition
+        self.index = index
         streamer.beforeFrame = { [unowned streamer] size in
             if shouldStop() { throw Stopped() }
             rateLimit.consume(size)
@@ -20,43 +25,35 @@ struct PageSender {
 
     var counters: PageStreamCounters { streamer.counters }
 
-    /// Every page of RAM (the first pre-copy pass); never-written pages go as zero markers unread.
+    /// This stream's share of every page of RAM (the first pre-copy pass); never-written pages go as zero markers unread.
     func sendAll() throws {
         try streamer.memory.forEachExtent { first, count, isHole in
-            if isHole { try streamer.addZeroPages(firstPage: first, count: count) } else { try streamer.addPages(firstPage: first, count: count) }
+            try partition.forEachPiece(first: first, count: count, stream: index) { first, count in
+                if isHole { try streamer.addZeroPages(firstPage: first, count: count) } else { try streamer.addPages(firstPage: first, count: count) }
+            }
         }
         try streamer.flush()
     }
 
-    /// Every page of RAM except `held` (sent later, e.g. hot pages last); holes as zero markers.
-    func sendAll(holdingBack held: PageSet) throws {
-        try streamer.memory.forEachExtent { first, count, isHole in
-            if isHole {
-                try streamer.addZeroPages(firstPage: first, count: count)
-                return
-            }
-            var start = first
-            for page in first..<first + count where held.contains(page) {
-                if page > start { try streamer.addPages(firstPage: start, count: page - start) }
-                start = page + 1
-            }
-            if first + count > start { try streamer.addPages(firstPage: start, count: first + count - start) }
-        }
-        try streamer.flush()
-    }
-
-    /// The given pages, in address order.
+    /// This stream's share of the given pages, in address order.
     func send(_ pages: PageSet) throws {
-        try pages.forEachRange { first, count in try streamer.addPages(firstPage: first, count: count) }
+        try pages.forEachRange { first, count in
+            try partition.forEachPiece(first: first, count: count, stream: index) { try streamer.addPages(firstPage: $0, count: $1) }
+        }
         try streamer.flush()
     }
 
-    /// The given pages in this order (consecutive pages still go as runs).
+    /// This stream's share of the given pages, in this order (consecutive pages still go as runs).
     func send(ordered pages: [Int]) throws {
         var index = 0
         while index < pages.count {
+            guard partition.stream(ofPage: pages[index]) == self.index else {
+                index += 1
+                continue
+            }
             var end = index + 1
-            while end < pages.count && pages[end] == pages[end - 1] + 1 { end += 1 }
+            // A run stays inside one chunk: the next chunk belongs to another stream.
+            while end < pages.count && pages[end] == pages[end - 1] + 1 && pages[end] % StreamPartition.chunkPages != 0 { end += 1 }
             try streamer.addPages(firstPage: pages[index], count: end - index)
             index = end
         }

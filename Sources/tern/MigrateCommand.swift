@@ -33,8 +33,14 @@ struct Migrate: ParsableCommand {
     @Option(help: "Cap on bytes per second; K, M, G are decimal (100M = 100,000,000 B/s).")
     var bandwidth: String?
 
-    @Option(help: "none, or xbzrle: send re-sent pages as deltas against a cache of what was sent (pre-copy rounds).")
+    @Option(help: "none, xbzrle (re-sent pages as deltas against a cache of what was sent), zstd (each page frame compressed; for slow links), or xbzrle,zstd. Pre-copy rounds.")
     var compress: String = "none"
+
+    @Option(help: "zstd level, 1 (fastest) to 19.")
+    var zstdLevel: Int = 1
+
+    @Option(help: "Parallel page streams (connections) for pre-copy, 1 to 16.")
+    var streams: Int = 1
 
     @Option(help: "sequential, or dirty-frequency: rarely-dirtied pages first, hot pages last (pre-copy).")
     var order: String = "sequential"
@@ -49,7 +55,9 @@ struct Migrate: ParsableCommand {
         _ = try Endpoint(parsing: to)
         guard MigrationMode(rawValue: mode) != nil else { throw ValidationError("--mode must be precopy, postcopy, hybrid or auto") }
         guard precopyRounds >= 1 else { throw ValidationError("--precopy-rounds must be at least 1") }
-        guard compress == "none" || compress == "xbzrle" else { throw ValidationError("--compress must be none or xbzrle") }
+        do { _ = try CompressionChoice(parsing: compress) } catch { throw ValidationError("--compress: \(error)") }
+        guard (1...19).contains(zstdLevel) else { throw ValidationError("--zstd-level must be between 1 and 19") }
+        guard (1...Hello.maximumStreams).contains(streams) else { throw ValidationError("--streams must be between 1 and \(Hello.maximumStreams)") }
         guard PageOrder(rawValue: order) != nil else { throw ValidationError("--order must be sequential or dirty-frequency") }
         do { _ = try ByteSize(parsing: xbzrleCache) } catch { throw ValidationError("--xbzrle-cache: \(error)") }
         guard maxDowntime > 0 else { throw ValidationError("--max-downtime must be positive") }
@@ -71,8 +79,8 @@ struct Migrate: ParsableCommand {
         let request = MigrateRequest(destination: to, mode: mode, maxDowntimeMs: maxDowntime, maxRounds: maxRounds,
                                      timeoutS: timeout, bandwidth: try bandwidth.map(Self.parseRate), verify: verify,
                                      precopyRounds: precopyRounds, compress: compress,
-                                     xbzrleCacheBytes: compress == "xbzrle" ? try ByteSize(parsing: xbzrleCache).bytes : nil,
-                                     order: order)
+                                     xbzrleCacheBytes: try CompressionChoice(parsing: compress).xbzrle ? try ByteSize(parsing: xbzrleCache).bytes : nil,
+                                     order: order, zstdLevel: zstdLevel, streams: streams)
         let body = try APIJSON.encoder.encode(request)
         let client = api.client
         let outcome = Mutex<Result<APIClient.Response, any Error>?>(nil)

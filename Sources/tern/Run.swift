@@ -156,12 +156,15 @@ extension Run {
             if quitRequested.load(ordering: .relaxed) { throw QuitWhileWaiting() }
             throw ConfigurationError("stopped waiting for an incoming migration")
         }
-        // One migration per process: later connections are refused rather than queued.
-        shutdown(listener.rawValue, Int32(SHUT_RDWR))
         connectionFD.value = connection.rawValue
         let destination = MigrationDestination(
             expectations: .init(memorySize: memory, vcpuCount: cpus, serial: serial, kvmPath: kvmDevice), logger: logger)
-        let (machine, outcome) = try destination.receive(on: connection) { server?.attach($0) }
+        // The listener stays open for the source's extra page streams (`--streams`), then closes.
+        let streamListener = StreamListener(
+            accept: { try Endpoint.accept(listener, timeoutSeconds: MigrationSource.replyTimeoutSeconds) },
+            close: { shutdown(listener.rawValue, Int32(SHUT_RDWR)) })
+        defer { streamListener.close() }
+        let (machine, outcome) = try destination.receive(on: connection, listener: streamListener) { server?.attach($0) }
         let megabytes = Double(outcome.bytes) / 1e6
         logger.info("migration received: \(String(format: "%.1f MB, %llu data pages, %llu zero pages", megabytes, outcome.dataPages, outcome.zeroPages))\(outcome.downtimeMs.map { String(format: ", downtime %.1f ms", $0) } ?? ""); the VM runs here now")
         return machine

@@ -103,6 +103,67 @@ struct MigrationTests {
         #expect(r.resentPages == r.rounds.dropFirst().reduce(0) { $0 + $1.pages })
     }
 
+    @Test func parallelStreamsWithEveryOption() throws {
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=32 pattern=hotspot rate=100 bytes=64 progress=0")
+        let before = try pair.source.waitForStatus { $0.phase == .dirty }
+        let (report, cli) = try pair.migrate(["--streams", "4", "--compress", "xbzrle,zstd", "--order", "dirty-frequency",
+                                              "--verify", "--bandwidth", "50M"])
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.verification?.match == true, "four streams, deltas and zstd rebuild identical memory")
+        #expect(r.streams == 4 && r.compression == "xbzrle,zstd" && r.order == "dirty-frequency")
+        let zstdIn = try #require(r.zstdInputBytes), zstdOut = try #require(r.zstdOutputBytes)
+        #expect(zstdOut > 0 && zstdOut < zstdIn, "zstd shrank the frames it was used on")
+        #expect((r.deltaPages ?? 0) > 0, "re-sent pages went as deltas")
+        try pair.destination.waitForAPI()
+        let moved = try pair.destination.waitForStatus { $0.iterations > before.iterations }
+        let later = try pair.destination.waitForStatus { $0.verified > moved.verified }
+        #expect(later.errors == 0)
+    }
+
+    /// Random writes while four streams each carry their share round after round:
+    /// a page's newer copy must never be overtaken by an older one.
+    @Test func parallelStreamsKeepEveryPagesLatestCopy() throws {
+        let pair = try MigrationPair(cmdline: "fill=96 dirty=64 pattern=random rate=200 progress=0")
+        _ = try pair.source.waitForStatus { $0.phase == .dirty }
+        let (report, cli) = try pair.migrate(["--streams", "4", "--verify", "--max-downtime", "50"])
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.verification?.match == true)
+        #expect(r.rounds.count >= 2, "at least one re-send round")
+        try pair.destination.waitForAPI()
+        let moved = try #require(try pair.destination.status())
+        let later = try pair.destination.waitForStatus { $0.verified > moved.verified }
+        #expect(later.errors == 0)
+    }
+
+    @Test func strangersCannotJoinAMigrationAsStreams() throws {
+        func attempt(index: UInt32, token: (UInt64) -> UInt64, expecting text: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+            let port = freePort()
+            let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"])
+            let deadline = Date(timeIntervalSinceNow: 10)
+            while !destination.stderr.contains("waiting for an incoming") && Date() < deadline { usleep(20_000) }
+            let endpoint = Endpoint.tcp(host: "127.0.0.1", port: port)
+            let control = try endpoint.connect()
+            let controlStream = FDStream(fd: control.rawValue)
+            let hello = Hello(bootID: "test", machine: MachineDescription(memorySize: 64 << 20, vcpuCount: 1, kernelPath: "", commandLine: ""),
+                              cpuid: [], devices: ["UART"], streams: 2)
+            try controlStream.writeFrame(.hello, payload: hello.encoded)
+            let (_, reply) = try controlStream.readFrame()
+            let verdict = try Verdict(decoding: reply)
+            #expect(verdict.accepted && verdict.token != 0, sourceLocation: sourceLocation)
+            let extra = try endpoint.connect()
+            try FDStream(fd: extra.rawValue).writeFrame(.streamHello, payload: StreamHello(token: token(verdict.token), index: index).encoded)
+            let code = destination.waitForExit(timeout: 20)
+            #expect(code != nil && code != 0, sourceLocation: sourceLocation)
+            #expect(destination.stderr.contains(text), "stderr: \(destination.stderr)", sourceLocation: sourceLocation)
+            #expect(!destination.stderr.contains("the VM runs here now"), sourceLocation: sourceLocation)
+        }
+        try attempt(index: 5, token: { $0 }, expecting: "a page stream presented index 5; this migration has streams 0 to 1")
+        try attempt(index: 0, token: { $0 }, expecting: "a page stream presented index 0")
+        try attempt(index: 1, token: { $0 ^ 1 }, expecting: "wrong migration token")
+    }
+
     @Test func killingTheDestinationMidMigrationLeavesTheSourceRunning() throws {
         let pair = try MigrationPair(cmdline: "fill=128 dirty=16 progress=0")
         _ = try pair.source.waitForStatus { $0.phase == .dirty }

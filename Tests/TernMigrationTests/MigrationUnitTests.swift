@@ -96,16 +96,28 @@ struct MessageTests {
         wrongMagic[0] ^= 1
         #expect(throws: WireError.self) { try Hello(decoding: wrongMagic) }
         var newer = hello.encoded
-        newer[8] = 2 // protocol version
-        #expect(throws: WireError.unsupportedVersion("migration protocol 2; this tern speaks 1")) { try Hello(decoding: newer) }
+        newer[8] = 3 // protocol version
+        #expect(throws: WireError.unsupportedVersion("migration protocol 3; this tern speaks 2")) { try Hello(decoding: newer) }
+        for streams: UInt32 in [0, 17] {
+            var tooMany = hello
+            tooMany.streams = streams
+            #expect(throws: WireError.self) { try Hello(decoding: tooMany.encoded) }
+        }
+        var parallel = hello
+        parallel.streams = 4
+        parallel.features = Hello.zstdFeature
+        #expect(try Hello(decoding: parallel.encoded) == parallel)
         for length in 0..<hello.encoded.count {
             #expect(throws: WireError.self) { try Hello(decoding: Array(hello.encoded.prefix(length))) }
         }
     }
 
     @Test func controlMessagesRoundTrip() throws {
-        let verdict = Verdict(accepted: false, reason: "no", memoryDigest: 7, stateDigest: nil, bootID: "b")
+        let verdict = Verdict(accepted: false, reason: "no", memoryDigest: 7, stateDigest: nil, bootID: "b", token: 0xfeed)
         #expect(try Verdict(decoding: verdict.encoded) == verdict)
+        let streamHello = StreamHello(token: 42, index: 3)
+        #expect(try StreamHello(decoding: streamHello.encoded) == streamHello)
+        #expect(throws: WireError.self) { try StreamHello(decoding: Array(streamHello.encoded.dropLast())) }
         let completion = Completion(pausedMonotonicNs: 1, pausedRealtimeNs: 2, memoryDigest: nil, stateDigest: 9)
         #expect(try Completion(decoding: completion.encoded) == completion)
         let resumed = Resumed(monotonicNs: 5, realtimeNs: 6)

@@ -13,6 +13,10 @@ public struct PageRun: Equatable, Sendable {
     public enum Kind: UInt32, Sendable { case data = 0, zero = 1, delta = 2 }
     public static let headerSize = 16
     public static let pageSize = 4096
+    /// Flag on a `pages` frame whose payload is a u32 length and then one zstd frame of the runs (`--compress zstd`).
+    public static let compressedFrameFlag: UInt32 = 1 << 1
+    /// A compressed frame's runs may not decompress to more than this.
+    public static let maximumUncompressedFrame = 16 << 20
 
     public var address: GuestAddress
     public var pageCount: UInt32

@@ -25,6 +25,13 @@ public final class PageRunApplier {
     public private(set) var zeroPages: UInt64 = 0
     public private(set) var deltaPages: UInt64 = 0
     private let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
+    /// With parallel streams: the stream this applier reads, whose pages alone it accepts.
+    public var stream: (partition: StreamPartition, index: Int)?
+    /// Whether zstd-compressed frames are expected (the source announced `--compress zstd`).
+    public var decompressionAllowed = false
+    private lazy var decompressor = ZstdDecompressor()
+    private var compressedPayload: [UInt8] = []
+    private var decompressed: [UInt8] = []
 
     public init(memory: GuestMemory, delivery: Delivery) {
         self.memory = memory
@@ -37,12 +44,38 @@ public final class PageRunApplier {
     /// True once every page of RAM has arrived at least once.
     public var isComplete: Bool { coverage.isComplete }
     public var missingPages: UInt64 { coverage.missing }
+    /// Pages that have arrived at least once (appliers of parallel streams cover disjoint pages).
+    public var coveredPages: UInt64 { coverage.covered }
 
     /// Reads one pages frame's payload (its header already read) and applies it.
     /// Data lands in memory before the frame's CRC is known: a caller that
     /// sees this throw must discard the memory, never run it.
     public func apply(_ header: FrameHeader, from source: some ByteSource) throws {
-        var remaining = Int(header.length)
+        guard header.flags & PageRun.compressedFrameFlag != 0 else {
+            return try applyRuns(length: Int(header.length), from: source, expectedCRC: header.payloadCRC)
+        }
+        guard decompressionAllowed else { throw WireError.malformed("a compressed pages frame, but compression was not agreed") }
+        guard header.length > 4 else { throw WireError.malformed("a compressed pages frame of \(header.length) bytes") }
+        // The CRC covers the bytes on the wire; what zstd makes of checked bytes needs no second check.
+        compressedPayload = try source.readExactly(Int(header.length), what: "compressed pages frame")
+        guard Checksum.crc32c(compressedPayload) == header.payloadCRC else { throw WireError.checksumMismatch("compressed pages frame (\(header.length) bytes)") }
+        let length = Int(UInt32(compressedPayload[0]) | UInt32(compressedPayload[1]) << 8 | UInt32(compressedPayload[2]) << 16 | UInt32(compressedPayload[3]) << 24)
+        guard length > 0, length <= PageRun.maximumUncompressedFrame else {
+            throw WireError.malformed("a compressed pages frame announcing \(length) bytes")
+        }
+        if decompressed.count < length { decompressed = [UInt8](repeating: 0, count: length) }
+        try compressedPayload.withUnsafeBytes { packed in
+            try decompressed.withUnsafeMutableBytes { output in
+                let target = UnsafeMutableRawBufferPointer(rebasing: output[0..<length])
+                try decompressor.decompress(UnsafeRawBufferPointer(rebasing: packed[4...]), into: target)
+                try applyRuns(length: length, from: RawBufferSource(UnsafeRawBufferPointer(target)), expectedCRC: nil)
+            }
+        }
+    }
+
+    /// Reads `length` bytes of runs and applies them; checks their CRC when one is given.
+    private func applyRuns(length: Int, from source: some ByteSource, expectedCRC: UInt32?) throws {
+        var remaining = length
         var crc: UInt32 = 0
         while remaining > 0 {
             guard remaining >= PageRun.headerSize else { throw WireError.malformed("pages frame ends inside a run header") }
@@ -59,8 +92,11 @@ public final class PageRunApplier {
                     throw WireError.malformed("a delta for page \(run.address), which this side never received")
                 }
             }
-            try coverage.mark(run, allowRepeats: delivery == .repeated)
             let fileOffset = try memory.fileOffset(of: run.address, length: UInt64(run.byteCount))
+            if let stream, !stream.partition.carries(first: Int(fileOffset) / PageRun.pageSize, count: Int(run.pageCount), stream: stream.index) {
+                throw WireError.malformed("page run \(run.address)+\(run.pageCount) pages arrived on stream \(stream.index), which does not carry it")
+            }
+            try coverage.mark(run, allowRepeats: delivery == .repeated)
             switch run.kind {
             case .delta:
                 guard remaining >= 4 else { throw WireError.malformed("pages frame ends inside a delta length") }
@@ -89,7 +125,7 @@ public final class PageRunApplier {
                 dataPages += UInt64(run.pageCount)
             }
         }
-        guard crc == header.payloadCRC else { throw WireError.checksumMismatch("pages frame (\(header.length) bytes)") }
+        if let expectedCRC, crc != expectedCRC { throw WireError.checksumMismatch("pages frame (\(length) bytes)") }
     }
 
     /// Applies an XBZRLE delta to the page as this side holds it (read and

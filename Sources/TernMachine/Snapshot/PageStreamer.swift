@@ -10,6 +10,9 @@ public struct PageStreamCounters: Sendable, Equatable {
     /// Pages sent as XBZRLE deltas (counted in dataPages too) and their encoded bytes.
     public var deltaPages: UInt64 = 0
     public var deltaBytes: UInt64 = 0
+    /// zstd: payload bytes before and after compression, over the frames it made smaller.
+    public var compressedInputBytes: UInt64 = 0
+    public var compressedOutputBytes: UInt64 = 0
     public init() {}
 }
 
@@ -30,7 +33,7 @@ public final class PageStreamer {
     static let maximumRunsPerFrame = 4096
 
     public let memory: GuestMemory
-    let stream: FDStream
+    public let stream: FDStream
     /// Called with a frame's size before it is written: rate limits and cancellation hook in here.
     public var beforeFrame: ((Int) throws -> Void)?
     public private(set) var counters = PageStreamCounters()
@@ -49,6 +52,8 @@ public final class PageStreamer {
     public var cacheWholePages = false
     private let deltas: UnsafeMutableRawBufferPointer
     private var deltaUsed = 0
+    /// zstd per frame (`--compress zstd`); a frame it cannot shrink goes as it is.
+    public var compressor: ZstdCompressor?
 
     public init(memory: GuestMemory, stream: FDStream, framePages: Int = PageStreamer.defaultFramePages) {
         self.memory = memory
@@ -179,8 +184,20 @@ public final class PageStreamer {
                 size += entry.run.byteCount
             }
         }
+        var flags = frameFlags
+        if let compressor, let packed = try compressor.compress(pieces, size: size - FrameHeader.size),
+           packed.count + 4 < size - FrameHeader.size {
+            counters.compressedInputBytes += UInt64(size - FrameHeader.size)
+            counters.compressedOutputBytes += UInt64(packed.count + 4)
+            flags |= PageRun.compressedFrameFlag
+            withUnsafeBytes(of: UInt32(size - FrameHeader.size).littleEndian) { lengthBytes in
+                headers.baseAddress!.copyMemory(from: lengthBytes.baseAddress!, byteCount: 4)
+            }
+            pieces = [UnsafeRawBufferPointer(rebasing: headers[0..<4]), packed]
+            size = FrameHeader.size + 4 + packed.count
+        }
         try beforeFrame?(size)
-        try stream.writeFrame(.pages, flags: frameFlags, payload: pieces)
+        try stream.writeFrame(.pages, flags: flags, payload: pieces)
         counters.bytes += UInt64(size)
         counters.frames += 1
         runs.removeAll(keepingCapacity: true)

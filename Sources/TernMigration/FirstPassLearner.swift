@@ -1,0 +1,100 @@
+import Foundation
+import TernKVM
+import TernMachine
+
+/// The first pre-copy pass with dirty-frequency ordering, shared by all page
+/// streams: every `interval` pages claimed it reads the dirty log. Pages
+/// found dirty that no stream has sent yet are held back, to be sent at the
+/// end of the pass hot-last (and, with XBZRLE, into the cache); pages found
+/// dirty after they were sent are kept for the next round. So the pass
+/// learns the working set as it goes instead of sending it twice whole.
+///
+/// Safe against the guest's writes because every page the dirty log names
+/// lands in one of the two sets: a page claimed before a write to it is
+/// either sent again at the end of the pass or in the next round.
+final class FirstPassLearner: @unchecked Sendable {
+    // @unchecked Sendable: every field is guarded by `lock`.
+    private let lock = NSLock()
+    private let memory: GuestMemory
+    private let vm: VirtualMachine
+    private let interval: Int
+    private var held: PageSet
+    private var sent: PageSet
+    private var dirtyAfterSending: PageSet
+    private var frequency: DirtyFrequency
+    private var sinceCheck = 0
+
+    init(memory: GuestMemory, vm: VirtualMachine, initiallyHeld: PageSet, frequency: DirtyFrequency, interval: Int) {
+        self.memory = memory
+        self.vm = vm
+        self.interval = interval
+        held = initiallyHeld
+        sent = PageSet(pageCount: initiallyHeld.pageCount)
+        dirtyAfterSending = PageSet(pageCount: initiallyHeld.pageCount)
+        self.frequency = frequency
+    }
+
+    /// Holes go as zero markers; they count as sent.
+    func claimHole(first: Int, count: Int) {
+        lock.withLock { sent.insert(range: first..<first + count) }
+    }
+
+    /// The parts of first..<first+count to send now (not held back), marked as sent.
+    func claim(first: Int, count: Int) throws -> [(first: Int, count: Int)] {
+        try lock.withLock {
+            var ranges: [(first: Int, count: Int)] = []
+            var start = first
+            for page in first..<first + count where held.contains(page) {
+                if page > start { ranges.append((start, page - start)) }
+                start = page + 1
+            }
+            if first + count > start { ranges.append((start, first + count - start)) }
+            for range in ranges { sent.insert(range: range.first..<range.first + range.count) }
+            sinceCheck += count
+            if sinceCheck >= interval {
+                sinceCheck = 0
+                let dirty = try memory.collectDirtyPages(from: vm)
+                frequency.record(dirty)
+                dirty.forEachRange { first, count in
+                    for page in first..<first + count {
+                        if sent.contains(page) { dirtyAfterSending.insert(page) } else { held.insert(page) }
+                    }
+                }
+            }
+            return ranges
+        }
+    }
+
+    /// After the pass: the held pages (to send now, coldest first), the pages
+    /// to re-send in the next round, and what was learnt of each page's heat.
+    func finish() -> (held: PageSet, dirtyAfterSending: PageSet, frequency: DirtyFrequency) {
+        lock.withLock { (held, dirtyAfterSending, frequency) }
+    }
+}
+
+extension PageStreams {
+    /// The first pass with a learner: each stream claims its pages chunk by chunk.
+    func firstPass(learning learner: FirstPassLearner) throws {
+        try run { sender in
+            let streamer = sender.streamer
+            try streamer.memory.forEachExtent { first, count, isHole in
+                try sender.partition.forEachPiece(first: first, count: count, stream: sender.index) { first, count in
+                    if isHole {
+                        try streamer.addZeroPages(firstPage: first, count: count)
+                        learner.claimHole(first: first, count: count)
+                        return
+                    }
+                    var chunk = first
+                    while chunk < first + count {
+                        let chunkCount = min(first + count - chunk, StreamPartition.chunkPages)
+                        for range in try learner.claim(first: chunk, count: chunkCount) {
+                            try streamer.addPages(firstPage: range.first, count: range.count)
+                        }
+                        chunk += chunkCount
+                    }
+                }
+            }
+            try streamer.flush()
+        }
+    }
+}

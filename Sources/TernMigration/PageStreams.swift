@@ -1,0 +1,145 @@
+import Foundation
+import Synchronization
+import TernMachine
+import TernWire
+
+/// Frame types of parallel page streams (docs/MIGRATION.md, "Streams").
+extension FrameType {
+    /// S→D, first frame of each extra connection: the session token and the stream's index.
+    public static let streamHello = FrameType(rawValue: 28)
+    /// S→D on an extra connection: this stream carries no more pages.
+    public static let streamEnd = FrameType(rawValue: 29)
+}
+
+/// The first frame of an extra page stream: which migration (the token the
+/// destination handed out in its hello reply) and which stream it is.
+public struct StreamHello: Equatable, Sendable {
+    public var token: UInt64
+    public var index: UInt32
+
+    public init(token: UInt64, index: UInt32) {
+        self.token = token
+        self.index = index
+    }
+
+    public var encoded: [UInt8] {
+        var w = WireWriter()
+        w.write(token)
+        w.write(index)
+        return w.bytes
+    }
+
+    public init(decoding bytes: [UInt8]) throws(WireError) {
+        var r = WireReader(bytes, context: "stream hello")
+        token = try r.read()
+        index = try r.read()
+        try r.expectEnd()
+    }
+}
+
+/// Pre-copy's page sending over one or more streams (`--streams N`): every
+/// operation runs on all streams at once, each stream sending the pages its
+/// partition gives it, and returns when all are done, so rounds stay
+/// measurable and the dirty log is read between them.
+final class PageStreams: @unchecked Sendable {
+    // @unchecked Sendable: `senders[i]` is used only by stream i's thread during a job, and by the caller between jobs.
+    let senders: [PageSender]
+    let partition: StreamPartition
+    private let workers: StreamWorkers
+    private let perStream: StreamCounters
+
+    init(memory: GuestMemory, streams: [FDStream], rateLimit: RateLimiter, shouldStop: @escaping @Sendable () -> Bool,
+         onProgress: @escaping @Sendable (PageStreamCounters) -> Void) {
+        partition = StreamPartition(streams: streams.count)
+        let workers = StreamWorkers(count: streams.count, name: "tern-stream")
+        let perStream = StreamCounters(streams: streams.count)
+        self.workers = workers
+        self.perStream = perStream
+        senders = streams.enumerated().map { index, stream in
+            PageSender(memory: memory, stream: stream, partition: StreamPartition(streams: streams.count), index: index,
+                       rateLimit: rateLimit, shouldStop: { shouldStop() || workers.failed },
+                       onFrame: { counters in
+                           onProgress(perStream.update(stream: index, counters))
+                       })
+        }
+    }
+
+    deinit { workers.stop() }
+
+    /// What all streams sent (read it between operations).
+    var counters: PageStreamCounters { senders.reduce(into: PageStreamCounters()) { $0.add($1.counters) } }
+
+    var xbzrleStatistics: XBZRLECache.Statistics? {
+        let caches = senders.compactMap { $0.streamer.cache }
+        guard !caches.isEmpty else { return nil }
+        return caches.reduce(into: XBZRLECache.Statistics()) { $0.add($1.statistics) }
+    }
+
+    /// XBZRLE: each stream caches its own pages, in an equal share of the budget.
+    func useXBZRLE(cacheBytes: UInt64) {
+        for sender in senders { sender.streamer.cache = XBZRLECache(bytes: cacheBytes / UInt64(senders.count)) }
+    }
+
+    /// zstd on every frame of every stream.
+    func useZstd(level: Int32) {
+        for sender in senders { sender.streamer.compressor = ZstdCompressor(level: level) }
+    }
+
+    func setCacheWholePages(_ value: Bool) { for sender in senders { sender.streamer.cacheWholePages = value } }
+
+    /// Runs `body` on every stream at once.
+    func run(_ body: @escaping (PageSender) throws -> Void) throws {
+        let senders = self.senders
+        try workers.run { index in try body(senders[index]) }
+    }
+
+    func sendAll() throws { try run { try $0.sendAll() } }
+    func send(_ pages: PageSet) throws { try run { try $0.send(pages) } }
+    func send(ordered pages: [Int]) throws { try run { try $0.send(ordered: pages) } }
+
+    /// Tells the destination that the extra streams carry nothing more (the control connection goes on).
+    func endExtraStreams() throws {
+        for sender in senders.dropFirst() { try sender.streamer.stream.writeFrame(.streamEnd, payload: [UInt8]()) }
+        workers.stop()
+    }
+}
+
+/// The latest counters of each stream, summed for progress reports.
+private final class StreamCounters: Sendable {
+    private let latest: Mutex<[PageStreamCounters]>
+
+    init(streams: Int) { latest = Mutex([PageStreamCounters](repeating: PageStreamCounters(), count: streams)) }
+
+    /// Records one stream's counters; returns the sum over all streams.
+    func update(stream: Int, _ counters: PageStreamCounters) -> PageStreamCounters {
+        latest.withLock { all in
+            all[stream] = counters
+            return all.reduce(into: PageStreamCounters()) { $0.add($1) }
+        }
+    }
+}
+
+extension PageStreamCounters {
+    mutating func add(_ other: PageStreamCounters) {
+        bytes += other.bytes
+        dataPages += other.dataPages
+        zeroPages += other.zeroPages
+        frames += other.frames
+        deltaPages += other.deltaPages
+        deltaBytes += other.deltaBytes
+        compressedInputBytes += other.compressedInputBytes
+        compressedOutputBytes += other.compressedOutputBytes
+    }
+}
+
+extension XBZRLECache.Statistics {
+    mutating func add(_ other: XBZRLECache.Statistics) {
+        cacheBytes += other.cacheBytes
+        hits += other.hits
+        misses += other.misses
+        overflows += other.overflows
+        unchanged += other.unchanged
+        encodedBytes += other.encodedBytes
+        bytesSaved += other.bytesSaved
+    }
+}

@@ -1,0 +1,140 @@
+import Foundation
+import Glibc
+import Testing
+import TernMachine
+import TernWire
+@testable import TernMigration
+
+/// Page streams without a VM: guest memory (a memfd) sent through page
+/// senders into files and applied to another memory, with zstd and with
+/// parallel streams, and the receiver's checks on both.
+struct PageStreamTests {
+    static let size: UInt64 = 16 << 20
+
+    /// Memory with text-like (compressible), random (incompressible) and zero pages.
+    func sourceMemory() throws -> GuestMemory {
+        let memory = try GuestMemory(size: Self.size)
+        var generator = SystemRandomNumberGenerator()
+        for page in stride(from: 0, to: Int(Self.size / 4096), by: 3) {
+            let random = (0..<512).map { _ in generator.next() as UInt64 }.withUnsafeBytes { Array($0) }
+            let bytes: [UInt8] = page % 4 == 0 ? random
+                : Array(String(repeating: "page \(page) of a guest's memory; ", count: 120).utf8.prefix(4096))
+            try memory.write(bytes, at: GuestAddress(UInt64(page) * 4096))
+        }
+        return memory
+    }
+
+    func temporaryFile() -> FDStream {
+        var template = Array("/tmp/tern-pages-XXXXXX".utf8CString)
+        let fd = mkstemp(&template)
+        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+        return FDStream(fd: fd)
+    }
+
+    /// Sends every page on `streams` streams (into files); returns the files, rewound, and the counters.
+    func send(_ memory: GuestMemory, streams: Int, zstd: Bool) throws -> ([FDStream], PageStreamCounters) {
+        let files = (0..<streams).map { _ in temporaryFile() }
+        let partition = StreamPartition(streams: streams)
+        var total = PageStreamCounters()
+        for (index, file) in files.enumerated() {
+            let sender = PageSender(memory: memory, stream: file, partition: partition, index: index,
+                                    rateLimit: RateLimiter(bytesPerSecond: nil), shouldStop: { false })
+            if zstd { sender.streamer.compressor = ZstdCompressor(level: 1) }
+            try sender.sendAll()
+            total.add(sender.counters)
+            lseek(file.fd, 0, SEEK_SET)
+        }
+        return (files, total)
+    }
+
+    func applyAll(_ file: FDStream, to applier: PageRunApplier) throws {
+        while true {
+            let header: FrameHeader
+            do { header = try file.readFrameHeader() } catch WireError.truncated { return }
+            try applier.apply(header, from: file)
+        }
+    }
+
+    func contents(_ memory: GuestMemory) throws -> [UInt8] { try memory.read(GuestAddress(0), count: Int(Self.size)) }
+
+    @Test func zstdFramesArriveIdentical() throws {
+        let memory = try sourceMemory()
+        let (files, counters) = try send(memory, streams: 1, zstd: true)
+        defer { files.forEach { close($0.fd) } }
+        #expect(counters.compressedInputBytes > 0)
+        #expect(counters.compressedOutputBytes < counters.compressedInputBytes / 2, "text pages compress well")
+        let copy = try GuestMemory(size: Self.size)
+        let applier = PageRunApplier(memory: copy, delivery: .repeated)
+        applier.decompressionAllowed = true
+        try applyAll(files[0], to: applier)
+        #expect(applier.isComplete)
+        #expect(try contents(copy) == contents(memory))
+    }
+
+    @Test func compressedFramesNeedAgreement() throws {
+        let (files, _) = try send(try sourceMemory(), streams: 1, zstd: true)
+        defer { files.forEach { close($0.fd) } }
+        let applier = PageRunApplier(memory: try GuestMemory(size: Self.size), delivery: .repeated)
+        #expect(throws: WireError.malformed("a compressed pages frame, but compression was not agreed")) { try applyAll(files[0], to: applier) }
+    }
+
+    /// A compressed frame whose CRC is right but whose content is hostile: refused, never a crash.
+    @Test(arguments: ["bad zstd", "length too large", "length too small"])
+    func hostileCompressedFramesAreRefused(damage: String) throws {
+        let (files, _) = try send(try sourceMemory(), streams: 1, zstd: true)
+        defer { files.forEach { close($0.fd) } }
+        let header = try files[0].readFrameHeader()
+        #expect(header.flags & PageRun.compressedFrameFlag != 0)
+        var payload = try files[0].readExactly(Int(header.length), what: "payload")
+        switch damage {
+        case "bad zstd": payload[4] ^= 0xFF // the zstd frame's magic number
+        case "length too large": payload[3] = 0x7F
+        default: payload[0] = 0; payload[1] = 0x10; payload[2] = 0; payload[3] = 0
+        }
+        let forged = FrameHeader(type: .pages, flags: header.flags, length: UInt64(payload.count), payloadCRC: Checksum.crc32c(payload))
+        let applier = PageRunApplier(memory: try GuestMemory(size: Self.size), delivery: .repeated)
+        applier.decompressionAllowed = true
+        #expect(throws: WireError.self) { try applier.apply(forged, from: BufferSource(payload)) }
+    }
+
+    @Test func parallelStreamsCarryDisjointPartsAndArriveIdentical() throws {
+        let memory = try sourceMemory()
+        let (files, counters) = try send(memory, streams: 3, zstd: false)
+        defer { files.forEach { close($0.fd) } }
+        #expect(counters.dataPages + counters.zeroPages == Self.size / 4096, "each page on exactly one stream")
+        let copy = try GuestMemory(size: Self.size)
+        var covered: UInt64 = 0
+        for (index, file) in files.enumerated() {
+            let applier = PageRunApplier(memory: copy, delivery: .repeated)
+            applier.stream = (StreamPartition(streams: 3), index)
+            try applyAll(file, to: applier)
+            covered += applier.coveredPages
+        }
+        #expect(covered == Self.size / 4096)
+        #expect(try contents(copy) == contents(memory))
+    }
+
+    @Test func aPageOnTheWrongStreamIsRefused() throws {
+        let (files, _) = try send(try sourceMemory(), streams: 2, zstd: false)
+        defer { files.forEach { close($0.fd) } }
+        let applier = PageRunApplier(memory: try GuestMemory(size: Self.size), delivery: .repeated)
+        applier.stream = (StreamPartition(streams: 2), 0)
+        #expect {
+            try applyAll(files[1], to: applier)
+        } throws: { "\($0)".contains("arrived on stream 0, which does not carry it") }
+    }
+
+    @Test func partitionPiecesCoverEveryPageOnce() {
+        for streams in 1...5 {
+            let partition = StreamPartition(streams: streams)
+            var seen = [Int](repeating: 0, count: 3000)
+            for index in 0..<streams {
+                partition.forEachPiece(first: 17, count: 2900, stream: index) { first, count in
+                    #expect(partition.carries(first: first, count: count, stream: index))
+                    for page in first..<first + count { seen[page] += 1 }
+                }
+            }
+            #expect(seen[17..<2917].allSatisfy { $0 == 1 } && seen[0..<17].allSatisfy { $0 == 0 })
+        }
+    }
+}
