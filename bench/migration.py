@@ -357,6 +357,7 @@ def run_tern(ctx, case, rep, order):
             cmd += ["--verify"]
         if a.mode != "precopy":
             cmd += ["--mode", a.mode]
+        cmd += shlex.split(a.tern_args)
         rec["tern_migrate_command"] = shlex.join(cmd)
         t_start = time.monotonic()
         mig = spawn("tern migrate", cmd, stdout=mout, stderr=merr)
@@ -853,6 +854,8 @@ def parse_args():
     ap.add_argument("--tern-max-rounds", type=int, default=None, help="tern migrate --max-rounds (default: tern's, 30)")
     ap.add_argument("--mode", default="precopy", choices=["precopy", "postcopy"],
                     help="precopy (default), or postcopy for both (QEMU: postcopy-ram, migrate-start-postcopy at once)")
+    ap.add_argument("--tern-args", default="", metavar="ARGS",
+                    help="more options for tern migrate, e.g. '--streams 2' (quoted as one argument)")
     ap.add_argument("--verify", action="store_true",
                     help="tern migrate --verify (digests both sides; adds to Tern's downtime)")
     ap.add_argument("--no-copy", action="store_true",

@@ -3,13 +3,16 @@
 
     python3 bench/optimisations.py [--repeat N] [--tern PATH] [--timeout-s S]
 
-Workloads (1 GiB guest, max downtime 300 ms, 100 MB/s cap like the issue's):
+    python3 bench/optimisations.py --links line --variants "tern plain,tern +streams"
+
+Workloads (1 GiB guest, max downtime 300 ms):
   random64: fill=512 dirty=256 pattern=random rate=200 bytes=64
   hotspot64: fill=512 dirty=256 pattern=hotspot rate=200 bytes=64
-Variants: Tern plain, +xbzrle, +dirty-frequency ordering, both; QEMU plain and xbzrle
-(256 MiB cache). Prints a Markdown table (medians of --repeat runs) with bytes,
-total time, downtime and pages re-sent after the first pass (Tern).
-Tern's several-streams and zstd options do not exist yet.
+Links: cap (100 MB/s, like the issue's) and line (loopback, no cap).
+Variants: Tern plain, +xbzrle, +dirty-frequency ordering, +streams (4), +zstd,
+xbzrle+ordering, everything; QEMU plain, xbzrle (256 MiB cache) and multifd (4 channels).
+Prints a Markdown table (medians of --repeat runs) with bytes, total time,
+downtime and pages re-sent after the first pass (Tern).
 """
 import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
@@ -24,7 +27,15 @@ TERN_VARIANTS = {
     "tern plain": [],
     "tern +xbzrle": ["--compress", "xbzrle"],
     "tern +ordering": ["--order", "dirty-frequency"],
+    "tern +streams": ["--streams", "4"],
+    "tern +zstd": ["--compress", "zstd"],
     "tern +xbzrle +ordering": ["--compress", "xbzrle", "--order", "dirty-frequency"],
+    "tern all": ["--compress", "xbzrle,zstd", "--order", "dirty-frequency", "--streams", "4"],
+}
+QEMU_VARIANTS = {
+    "qemu plain": [],
+    "qemu xbzrle": ["--xbzrle-cache-mib", "256"],
+    "qemu multifd": ["--multifd", "4"],
 }
 CAP = 100_000_000
 
@@ -43,7 +54,7 @@ def status(tern, sock):
     return int.from_bytes(raw[0x0C:0x10], "little")
 
 
-def run_tern(tern, cmdline, extra, timeout_s):
+def run_tern(tern, cmdline, extra, timeout_s, cap):
     work = tempfile.mkdtemp(prefix="tern-opt-")
     port = free_port()
     dst = subprocess.Popen([tern, "run", "--incoming", "tcp:127.0.0.1:%d" % port, "--api-socket", work + "/d.sock", "--serial", "off"],
@@ -58,7 +69,8 @@ def run_tern(tern, cmdline, extra, timeout_s):
             time.sleep(0.2)
         time.sleep(2)
         out = subprocess.run([tern, "migrate", "--api-socket", work + "/s.sock", "--to", "tcp:127.0.0.1:%d" % port,
-                              "--max-downtime", "300", "--timeout", str(timeout_s), "--bandwidth", str(CAP), "--json"] + extra,
+                              "--max-downtime", "300", "--timeout", str(timeout_s), "--json"]
+                             + (["--bandwidth", str(cap)] if cap else []) + extra,
                              capture_output=True, text=True, timeout=timeout_s + 300).stdout
         r = json.loads(out)
         return {"status": r["status"], "mb": r["transferred_bytes"] / 1e6, "total_ms": r["total_ms"],
@@ -75,11 +87,9 @@ def run_tern(tern, cmdline, extra, timeout_s):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_qemu(cmdline, xbzrle, timeout_s):
+def run_qemu(cmdline, extra, timeout_s, cap):
     cmd = [sys.executable, os.path.join(HERE, "qemu", "qemu_migrate.py"), "--guest", GUEST, "--memory", "1024", "--cmdline", cmdline,
-           "--max-downtime-ms", "300", "--timeout-s", str(timeout_s), "--bandwidth", str(CAP)]
-    if xbzrle:
-        cmd += ["--xbzrle-cache-mib", "256"]
+           "--max-downtime-ms", "300", "--timeout-s", str(timeout_s)] + (["--bandwidth", str(cap)] if cap else []) + extra
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + 300).stdout
     r = json.loads(out)
     return {"status": r.get("status"), "mb": (r.get("transferred_bytes") or 0) / 1e6, "total_ms": r.get("total_ms"),
@@ -97,16 +107,23 @@ def main():
     ap.add_argument("--tern", default=os.path.join(REPO, ".build", "release", "tern"))
     ap.add_argument("--timeout-s", type=int, default=60)
     ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--links", default="cap,line", help="cap (100 MB/s), line (no cap), or both (default)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     a = ap.parse_args()
+    wanted = set(v.strip() for v in a.variants.split(",")) if a.variants else None
     print("command: `python3 bench/optimisations.py %s`" % " ".join(sys.argv[1:]))
     print()
-    print("| workload | variant | status | MB sent | total ms | downtime ms | pages re-sent |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
-    for workload, cmdline in WORKLOADS.items():
-        variants = [(name, lambda extra=extra: run_tern(a.tern, cmdline, extra, a.timeout_s)) for name, extra in TERN_VARIANTS.items()]
+    print("| link | workload | variant | status | MB sent | total ms | downtime ms | pages re-sent |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for link in a.links.split(","):
+      cap = CAP if link == "cap" else None
+      for workload in a.workloads.split(","):
+        cmdline = WORKLOADS[workload]
+        variants = [(name, lambda extra=extra: run_tern(a.tern, cmdline, extra, a.timeout_s, cap)) for name, extra in TERN_VARIANTS.items()]
         if not a.no_qemu:
-            variants += [("qemu plain", lambda: run_qemu(cmdline, False, a.timeout_s)),
-                         ("qemu xbzrle", lambda: run_qemu(cmdline, True, a.timeout_s))]
+            variants += [(name, lambda extra=extra: run_qemu(cmdline, extra, a.timeout_s, cap)) for name, extra in QEMU_VARIANTS.items()]
+        variants = [(n, r) for n, r in variants if wanted is None or n in wanted]
         for name, run in variants:
             runs = []
             for _ in range(a.repeat):
@@ -116,7 +133,7 @@ def main():
                     runs.append({"status": "error: %s" % e, "mb": None, "total_ms": None, "downtime_ms": None, "resent": None})
             fmt = lambda v, f="%.0f": "-" if v is None else f % v
             states = ", ".join(sorted(set(str(r["status"]) for r in runs)))
-            print("| %s | %s | %s | %s | %s | %s | %s |" % (workload, name, states, fmt(median([r["mb"] for r in runs])),
+            print("| %s | %s | %s | %s | %s | %s | %s | %s |" % (link, workload, name, states, fmt(median([r["mb"] for r in runs])),
                   fmt(median([r["total_ms"] for r in runs])), fmt(median([r["downtime_ms"] for r in runs]), "%.1f"),
                   fmt(median([r["resent"] for r in runs]))))
             sys.stdout.flush()
