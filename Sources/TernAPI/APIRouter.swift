@@ -12,7 +12,8 @@ import TernMachine
 ///   PUT  /v1/vm/quit                         -> 204, then the VM ends
 ///   GET  /v1/vm/memory?address=GPA&length=N  -> raw bytes (application/octet-stream)
 ///   PUT  /v1/vm/snapshot {"path", "resume"}  -> SnapshotStatistics; the VM stays paused unless resume
-///   PUT  /v1/vm/migrate {MigrateRequest}     -> MigrationReport when it ends (the process exits after a success)
+///   PUT  /v1/vm/migrate {MigrateRequest}     -> MigrationReport when it ends (the process exits after a success);
+///                                               {"resume": true} reconnects a post-copy whose connection dropped
 ///   GET  /v1/vm/migration                    -> the running (or last) migration's report, live
 ///   PUT  /v1/vm/migration/cancel             -> 202; the VM keeps running here
 public struct APIRouter: Sendable {
@@ -36,6 +37,10 @@ public struct APIRouter: Sendable {
             return lifecycle { try machine.pause() }
         case "/v1/vm/resume":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
+            // After post-copy moved execution, running the VM here too would fork it.
+            if migrations.suspended != nil {
+                return .error(409, "invalid_state", "the VM runs at the destination (post-copy, connection lost): resume the migration with `tern migrate --resume`, not the VM")
+            }
             return lifecycle { try machine.resume() }
         case "/v1/vm/quit":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }

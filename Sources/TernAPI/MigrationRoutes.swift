@@ -5,7 +5,10 @@ import TernMigration
 
 /// Body of PUT /v1/vm/migrate.
 public struct MigrateRequest: Codable, Sendable {
-    public var destination: String
+    /// Required, except with `resume` (then it defaults to the first attempt's).
+    public var destination: String?
+    /// Reconnect a post-copy whose connection dropped (no other field applies).
+    public var resume: Bool?
     public var mode: String?
     public var maxDowntimeMs: Double?
     public var maxRounds: Int?
@@ -23,7 +26,7 @@ public struct MigrateRequest: Codable, Sendable {
     /// "sequential" (default) or "dirty-frequency".
     public var order: String?
 
-    public init(destination: String, mode: String? = nil, maxDowntimeMs: Double? = nil, maxRounds: Int? = nil,
+    public init(destination: String?, resume: Bool? = nil, mode: String? = nil, maxDowntimeMs: Double? = nil, maxRounds: Int? = nil,
                 timeoutS: Double? = nil, bandwidth: UInt64? = nil, verify: Bool? = nil, precopyRounds: Int? = nil,
                 compress: String? = nil, xbzrleCacheBytes: UInt64? = nil, order: String? = nil,
                 zstdLevel: Int? = nil, streams: Int? = nil) {
@@ -34,6 +37,7 @@ public struct MigrateRequest: Codable, Sendable {
         self.compress = compress
         self.xbzrleCacheBytes = xbzrleCacheBytes
         self.destination = destination
+        self.resume = resume
         self.mode = mode
         self.maxDowntimeMs = maxDowntimeMs
         self.maxRounds = maxRounds
@@ -52,6 +56,10 @@ extension MigrateRequest {
 final class MigrationSlot: Sendable {
     private let current = Mutex<MigrationSource?>(nil)
     private let last = Mutex<MigrationReport?>(nil)
+    /// A post-copy whose connection dropped, waiting for `resume`.
+    private let paused = Mutex<MigrationSource?>(nil)
+
+    var suspended: MigrationSource? { paused.withLock { $0 } }
 
     /// Claims the slot; nil when a migration is already running.
     func begin(_ source: MigrationSource) -> Bool {
@@ -64,7 +72,10 @@ final class MigrationSlot: Sendable {
 
     func end(_ report: MigrationReport) {
         last.withLock { $0 = report }
-        current.withLock { $0 = nil }
+        current.withLock { source in
+            paused.withLock { $0 = report.status == .postcopyPaused ? source : nil }
+            source = nil
+        }
     }
 
     var progress: MigrationReport? { current.withLock { $0?.progress } ?? last.withLock { $0 } }
@@ -78,12 +89,19 @@ extension APIRouter {
         guard let request = try? APIJSON.decoder.decode(MigrateRequest.self, from: body) else {
             return .error(400, "bad_request", "expected a JSON body {\"destination\": \"tcp:HOST:PORT\", ...}")
         }
+        if request.resume == true { return resumeMigration(request) }
+        if migrations.suspended != nil {
+            return .error(409, "postcopy_paused", "a post-copy migration lost its connection and waits: `tern migrate --resume`")
+        }
+        guard let destinationText = request.destination else {
+            return .error(400, "bad_request", "destination is required (tcp:HOST:PORT or unix:PATH)")
+        }
         let mode = request.mode.flatMap(MigrationMode.init(rawValue:)) ?? .precopy
         if let text = request.mode, MigrationMode(rawValue: text) == nil {
             return .error(400, "bad_request", "unknown mode '\(text)' (precopy, postcopy, hybrid or auto)")
         }
         let destination: Endpoint
-        do { destination = try Endpoint(parsing: request.destination) } catch {
+        do { destination = try Endpoint(parsing: destinationText) } catch {
             return .error(400, "bad_request", "\(error)")
         }
         var parameters = MigrationSource.Parameters(destination: destination)
@@ -151,6 +169,27 @@ extension APIRouter {
         if report.status == .completed {
             return APIResponse(status: 200, contentType: "application/json", body: (try? APIJSON.encoder.encode(report)) ?? Data()) {
                 machine.requestExit(MachineExit(kind: .migrated, message: "migrated to \(destination)"))
+            }
+        }
+        return .json(report)
+    }
+
+    /// Reconnects the post-copy that lost its connection; the process ends once it completes.
+    private func resumeMigration(_ request: MigrateRequest) -> APIResponse {
+        guard let source = migrations.suspended else {
+            return .error(409, "invalid_state", "no post-copy migration is waiting to resume")
+        }
+        var destination: Endpoint?
+        if let text = request.destination {
+            do { destination = try Endpoint(parsing: text) } catch { return .error(400, "bad_request", "\(error)") }
+        }
+        guard migrations.begin(source) else { return .error(409, "busy", "a migration is already in progress") }
+        let report = source.resume(destination: destination)
+        migrations.end(report)
+        let machine = self.machine
+        if report.status == .completed {
+            return APIResponse(status: 200, contentType: "application/json", body: (try? APIJSON.encoder.encode(report)) ?? Data()) {
+                machine.requestExit(MachineExit(kind: .migrated, message: "migrated to \(report.destination) (post-copy resumed)"))
             }
         }
         return .json(report)

@@ -16,8 +16,12 @@ public final class MigrationDestination {
         public var vcpuCount: Int?
         public var serial: SerialTarget
         public var kvmPath: String
+        /// Where to wait for the source if post-copy's connection drops (`tern migrate --resume`); nil: a drop fails the migration.
+        public var recoveryEndpoint: Endpoint?
 
-        public init(memorySize: UInt64? = nil, vcpuCount: Int? = nil, serial: SerialTarget = .stdout, kvmPath: String = "/dev/kvm") {
+        public init(memorySize: UInt64? = nil, vcpuCount: Int? = nil, serial: SerialTarget = .stdout, kvmPath: String = "/dev/kvm",
+                    recoveryEndpoint: Endpoint? = nil) {
+            self.recoveryEndpoint = recoveryEndpoint
             self.memorySize = memorySize
             self.vcpuCount = vcpuCount
             self.serial = serial
@@ -191,7 +195,8 @@ public final class MigrationDestination {
             // With --verify: the digest of the pages already here; arriving pages add theirs.
             let present = completion.memoryDigest == nil ? nil : try MemoryDigest.compute(machine.memory) { !needed.contains($0) }
             postcopy = try PostcopyReceiver(machine: machine, source: stream, connection: connection, expected: needed,
-                                            digestOfPresentPages: present, logger: logger)
+                                            digestOfPresentPages: present, recovery: expectations.recoveryEndpoint, token: token,
+                                            logger: logger)
             if completion.memoryDigest != nil { ready.stateDigest = MemoryDigest.state(sections) }
         } else if completion.memoryDigest != nil {
             ready.memoryDigest = try MemoryDigest.compute(machine.memory)

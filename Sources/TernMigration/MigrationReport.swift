@@ -5,7 +5,9 @@ import TernMachine
 public struct MigrationReport: Codable, Equatable, Sendable {
     public enum Status: String, Codable, Sendable {
         case setup, precopy, stopAndCopy = "stop-and-copy", postcopy, completing, completed, failed, cancelled
-        public var isTerminal: Bool { self == .completed || self == .failed || self == .cancelled }
+        /// Post-copy's connection dropped: the VM runs at the destination, its missing pages are here; `--resume` goes on.
+        case postcopyPaused = "postcopy-paused"
+        public var isTerminal: Bool { self == .completed || self == .failed || self == .cancelled || self == .postcopyPaused }
     }
 
     public struct Round: Codable, Equatable, Sendable {

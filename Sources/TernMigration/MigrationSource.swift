@@ -126,7 +126,12 @@ public final class MigrationSource: @unchecked Sendable {
         } catch {
             let cancelReason = lock.withLock { self.cancelReason }
             let reason = cancelReason ?? "\(error)"
-            if committed {
+            if error is PostcopyInterrupted {
+                update {
+                    $0.status = .postcopyPaused
+                    $0.reason = "\(reason); the VM runs at the destination, which waits for the pages still here: `tern migrate --resume` reconnects and finishes"
+                }
+            } else if committed {
                 // The destination may already be running the VM: running it here too would fork it.
                 update { $0.status = .failed; $0.reason = "\(reason); the destination was told to start, so the VM stays paused here (resume it only if the destination is known dead)" }
             } else {
@@ -311,7 +316,7 @@ public final class MigrationSource: @unchecked Sendable {
         if parameters.mode == .postcopy { switchover = "post-copy: execution moves first" }
         if usePostcopy {
             update { $0.switchoverReason = switchover }
-            try switchToPostcopy(stream: stream, sender: sender, rateLimit: rateLimit, pending: pending, round: round,
+            try switchToPostcopy(stream: stream, sender: sender, rateLimit: rateLimit, pending: pending, round: round, token: reply.token,
                                  wasPaused: wasPaused, pausedHere: &pausedHere, committed: &committed, sameHost: sameHost, started: started)
             return
         }
@@ -386,7 +391,7 @@ public final class MigrationSource: @unchecked Sendable {
     /// Post-copy: pause, send only the VM state and the list of pages the
     /// destination still needs, let it start, then push those pages (and
     /// answer its requests first) until it holds them all.
-    private func switchToPostcopy(stream: FDStream, sender: PageStreams, rateLimit: RateLimiter, pending: PageSet?, round: Int,
+    private func switchToPostcopy(stream: FDStream, sender: PageStreams, rateLimit: RateLimiter, pending: PageSet?, round: Int, token: UInt64,
                                   wasPaused: Bool, pausedHere: inout Bool, committed: inout Bool, sameHost: Bool,
                                   started: ContinuousClock.Instant) throws {
         update { $0.status = .stopAndCopy; $0.currentRound = round; $0.mode = parameters.mode.rawValue }
@@ -435,39 +440,127 @@ public final class MigrationSource: @unchecked Sendable {
         if cancelled { throw Failure("cancelled") }
 
         try handOver(stream, pausedMono: pausedMono, pausedReal: pausedReal, sameHost: sameHost, committed: &committed)
-        let precopyBytes = sender.counters.bytes
+        let precopy = sender.counters
         update {
             $0.executionMovedAtMs = milliseconds(since: started)
             $0.status = .postcopy
-            $0.transferredBytes = precopyBytes + stateBytes
+            $0.transferredBytes = precopy.bytes + stateBytes
         }
 
         // Post-copy proper: from here the VM runs at the destination and this side only serves memory.
+        var context = PostcopyContext(neededAtSwitch: needed, token: token, precopy: precopy, stateBytes: stateBytes,
+                                      memoryDigest: memoryDigest, stateDigest: stateDigest, destinationStateDigest: ready.stateDigest,
+                                      started: started, round: round)
+        try servePostcopy(stream: stream, needed: needed, context: &context)
+    }
+
+    /// What post-copy needs to go on after its connection dropped; kept until it completes.
+    private struct PostcopyContext {
+        let neededAtSwitch: PageSet
+        let token: UInt64
+        let precopy: PageStreamCounters
+        let stateBytes: UInt64
+        let memoryDigest: UInt64?
+        let stateDigest: UInt64?
+        let destinationStateDigest: UInt64?
+        let started: ContinuousClock.Instant
+        let round: Int
+        /// What earlier connections carried.
+        var earlier = PageStreamCounters()
+    }
+
+    /// Post-copy's connection dropped: the destination runs the VM and waits; `resume` goes on.
+    private struct PostcopyInterrupted: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    private var postcopyContext: PostcopyContext?
+
+    /// Serves `needed` until the destination confirms it holds everything; a
+    /// dropped connection keeps the context for `resume`.
+    private func servePostcopy(stream: FDStream, needed: PageSet, context: inout PostcopyContext) throws {
         let postcopy = PostcopySender(memory: machine.memory, connection: lock.withLock { connection }, stream: stream, needed: needed)
-        let statistics = try postcopy.run()
-        let sent = postcopy.counters
+        let statistics: PostcopyStatistics
+        do {
+            statistics = try postcopy.run()
+        } catch let failure as PostcopySender.Failure where failure.connectionLost {
+            context.earlier.add(postcopy.counters)
+            let saved = context
+            lock.withLock { postcopyContext = saved }
+            throw PostcopyInterrupted(description: failure.description)
+        }
+        lock.withLock { postcopyContext = nil }
+        var sent = context.earlier
+        sent.add(postcopy.counters)
+        let c = context
         update {
             $0.postcopy = statistics
-            $0.memoryCompleteAtMs = milliseconds(since: started)
-            $0.transferredBytes = precopyBytes + stateBytes + sent.bytes
-            $0.dataPages = sender.counters.dataPages + sent.dataPages
-            $0.zeroPages = sender.counters.zeroPages + sent.zeroPages
+            $0.memoryCompleteAtMs = milliseconds(since: c.started)
+            $0.transferredBytes = c.precopy.bytes + c.stateBytes + sent.bytes
+            $0.dataPages = c.precopy.dataPages + sent.dataPages
+            $0.zeroPages = c.precopy.zeroPages + sent.zeroPages
             $0.postcopyPagesSent = sent.dataPages + sent.zeroPages
             $0.rounds.append(MigrationReport.Round(
-                round: round, pages: sent.dataPages + sent.zeroPages, zeroPages: sent.zeroPages, bytes: sent.bytes + stateBytes,
-                dirtyPages: 0, durationMs: milliseconds(since: started) - ($0.executionMovedAtMs ?? 0), throughputMBps: 0,
+                round: c.round, pages: sent.dataPages + sent.zeroPages, zeroPages: sent.zeroPages, bytes: sent.bytes + c.stateBytes,
+                dirtyPages: 0, durationMs: milliseconds(since: c.started) - ($0.executionMovedAtMs ?? 0), throughputMBps: 0,
                 dirtyRatePagesPerSecond: 0, predictedDowntimeMs: 0))
         }
         if parameters.verify {
             let verification = MigrationReport.Verification(
-                sourceMemoryDigest: hex(memoryDigest), destinationMemoryDigest: statistics.memoryDigest ?? "",
-                sourceStateDigest: hex(stateDigest), destinationStateDigest: hex(ready.stateDigest),
-                match: hex(memoryDigest) == statistics.memoryDigest && stateDigest == ready.stateDigest)
+                sourceMemoryDigest: hex(c.memoryDigest), destinationMemoryDigest: statistics.memoryDigest ?? "",
+                sourceStateDigest: hex(c.stateDigest), destinationStateDigest: hex(c.destinationStateDigest),
+                match: hex(c.memoryDigest) == statistics.memoryDigest && c.stateDigest == c.destinationStateDigest)
             update { $0.verification = verification }
             guard verification.match else {
                 throw Failure("verification failed: the destination's memory once complete differs from the source's at the switch (the VM runs at the destination)")
             }
         }
+    }
+
+    /// Whether a post-copy waits for `resume` (its connection dropped).
+    public var isPostcopyPaused: Bool { lock.withLock { postcopyContext != nil } }
+
+    /// Reconnects a post-copy whose connection dropped (`tern migrate --resume`):
+    /// the destination says which pages it still waits for, and post-copy goes on.
+    /// Any failure short of a verification mismatch leaves it resumable again.
+    public func resume(destination: Endpoint? = nil) -> MigrationReport {
+        guard var context = lock.withLock({ postcopyContext }) else {
+            var report = progress
+            report.reason = "no post-copy is waiting to resume"
+            return report
+        }
+        let target = destination ?? parameters.destination
+        update {
+            $0.status = .postcopy
+            $0.reason = nil
+            $0.destination = target.description
+        }
+        do {
+            let socket = try target.connect()
+            lock.withLock { connection = socket }
+            setTimeouts(socket.rawValue, seconds: Self.replyTimeoutSeconds)
+            let stream = FDStream(fd: socket.rawValue)
+            try stream.writeFrame(.postcopyResume, payload: PostcopyResume(token: context.token).encoded)
+            let (_, payload) = try readReply(stream, expecting: .postcopyResumeReply, what: "the post-copy resume")
+            let reply = try PostcopyResumeReply(decoding: payload, pageCount: context.neededAtSwitch.pageCount)
+            // Only pages that were needed at the switch can still be owed.
+            var needed = PageSet(pageCount: reply.expected.pageCount)
+            reply.expected.forEachRange { first, count in
+                for page in first..<first + count where context.neededAtSwitch.contains(page) { needed.insert(page) }
+            }
+            logger.info("post-copy resumed on \(target): \(needed.count) pages still owed")
+            try servePostcopy(stream: stream, needed: needed, context: &context)
+            update { $0.status = .completed }
+        } catch let error as Failure where error.description.hasPrefix("verification failed") {
+            update { $0.status = .failed; $0.reason = "\(error)" }
+        } catch {
+            lock.withLock { if postcopyContext == nil { postcopyContext = context } }
+            update { $0.status = .postcopyPaused; $0.reason = "\(error); `tern migrate --resume` tries again" }
+            logger.error("post-copy resume failed: \(error)")
+        }
+        lock.withLock { connection = nil }
+        update { $0.totalMs = milliseconds(since: context.started) }
+        return progress
     }
 
     /// The commit: `go` (from here the destination may run the VM), then its

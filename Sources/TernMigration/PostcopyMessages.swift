@@ -10,6 +10,10 @@ extension FrameType {
     public static let postcopyEnd = FrameType(rawValue: 26)
     /// D→S: the destination holds all memory; with its fault statistics.
     public static let complete = FrameType(rawValue: 27)
+    /// S→D, first frame of a new connection after post-copy's connection dropped: the migration's token.
+    public static let postcopyResume = FrameType(rawValue: 30)
+    /// D→S: the pages the destination still waits for (a bitmap, as in `postcopyStart`).
+    public static let postcopyResumeReply = FrameType(rawValue: 31)
 }
 
 /// Flag on a `pages` frame answering a page request (the rest is background push).
@@ -26,8 +30,7 @@ public struct PostcopyStart: Equatable, Sendable {
     public var encoded: [UInt8] {
         var w = WireWriter(capacity: needed.words.count * 8 + 64)
         w.writeBlob(completion.encoded)
-        w.write(UInt64(needed.pageCount))
-        for word in needed.words { w.write(word) }
+        needed.write(to: &w)
         return w.bytes
     }
 
@@ -39,15 +42,70 @@ public struct PostcopyStart: Equatable, Sendable {
     public init(decoding bytes: [UInt8], pageCount: Int) throws(WireError) {
         var r = WireReader(bytes, context: "post-copy start")
         completion = try Completion(decoding: r.readBlob(maximum: 256))
-        let count = try r.read(UInt64.self)
-        guard count == UInt64(pageCount) else { throw .malformed("post-copy start: a bitmap of \(count) pages for a guest of \(pageCount)") }
-        var set = PageSet(pageCount: pageCount)
-        var words: [UInt64] = []
-        words.reserveCapacity(set.words.count)
-        for _ in 0..<set.words.count { words.append(try r.read(UInt64.self)) }
+        needed = try PageSet(reading: &r, pageCount: pageCount)
         try r.expectEnd()
-        set.replaceWords(words)
-        needed = set
+    }
+}
+
+extension PageSet {
+    /// As a page count and then the bitmap's words.
+    func write(to w: inout WireWriter) {
+        w.write(UInt64(pageCount))
+        for word in words { w.write(word) }
+    }
+
+    init(reading r: inout WireReader, pageCount: Int) throws(WireError) {
+        let count = try r.read(UInt64.self)
+        guard count == UInt64(pageCount) else { throw .malformed("a bitmap of \(count) pages for a guest of \(pageCount)") }
+        self.init(pageCount: pageCount)
+        var words: [UInt64] = []
+        words.reserveCapacity(self.words.count)
+        for _ in 0..<self.words.count { words.append(try r.read(UInt64.self)) }
+        // Bits past the last page would make pages up.
+        if pageCount % 64 != 0, let last = words.last, last >> UInt64(pageCount % 64) != 0 {
+            throw .malformed("a bitmap with pages beyond the guest's \(pageCount)")
+        }
+        replaceWords(words)
+    }
+}
+
+/// The opening of a post-copy resume: which migration the new connection continues.
+public struct PostcopyResume: Equatable, Sendable {
+    public var token: UInt64
+
+    public init(token: UInt64) { self.token = token }
+
+    public var encoded: [UInt8] {
+        var w = WireWriter()
+        w.write(Hello.magic)
+        w.write(token)
+        return w.bytes
+    }
+
+    public init(decoding bytes: [UInt8]) throws(WireError) {
+        var r = WireReader(bytes, context: "post-copy resume")
+        guard try r.readBytes(8) == Hello.magic else { throw .badMagic("the peer is not a Tern migration source") }
+        token = try r.read()
+        try r.expectEnd()
+    }
+}
+
+/// The destination's answer to a resume: what it still waits for.
+public struct PostcopyResumeReply: Equatable, Sendable {
+    public var expected: PageSet
+
+    public init(expected: PageSet) { self.expected = expected }
+
+    public var encoded: [UInt8] {
+        var w = WireWriter(capacity: expected.words.count * 8 + 16)
+        expected.write(to: &w)
+        return w.bytes
+    }
+
+    public init(decoding bytes: [UInt8], pageCount: Int) throws(WireError) {
+        var r = WireReader(bytes, context: "post-copy resume reply")
+        expected = try PageSet(reading: &r, pageCount: pageCount)
+        try r.expectEnd()
     }
 }
 
@@ -91,12 +149,14 @@ public struct PostcopyStatistics: Codable, Equatable, Sendable {
     /// From the destination starting the VM to it holding every page.
     public var memoryCompleteAfterMs: Double = 0
     public var memoryDigest: String?
+    /// Times the source reconnected after post-copy's connection dropped (`tern migrate --resume`).
+    public var reconnections: UInt64 = 0
 
     public init() {}
 
     var encoded: [UInt8] {
         var w = WireWriter()
-        for value in [faults, requests, pagesPushed, pagesPulled, pagesZeroFilledLocally] { w.write(value) }
+        for value in [faults, requests, pagesPushed, pagesPulled, pagesZeroFilledLocally, reconnections] { w.write(value) }
         for value in [faultLatencyP50Ms, faultLatencyP99Ms, faultLatencyMaxMs, memoryCompleteAfterMs] { w.write(value.bitPattern) }
         w.writeString(memoryDigest ?? "")
         return w.bytes
@@ -106,6 +166,7 @@ public struct PostcopyStatistics: Codable, Equatable, Sendable {
         var r = WireReader(bytes, context: "post-copy statistics")
         faults = try r.read(); requests = try r.read(); pagesPushed = try r.read(); pagesPulled = try r.read()
         pagesZeroFilledLocally = try r.read()
+        reconnections = try r.read()
         faultLatencyP50Ms = Double(bitPattern: try r.read()); faultLatencyP99Ms = Double(bitPattern: try r.read())
         faultLatencyMaxMs = Double(bitPattern: try r.read()); memoryCompleteAfterMs = Double(bitPattern: try r.read())
         let digest = try r.readString(maximum: 64)

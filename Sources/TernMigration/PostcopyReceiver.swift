@@ -16,12 +16,23 @@ import TernWire
 /// Pages are accepted only if they are still expected: a page sent twice, a
 /// page outside guest RAM, or a demand reply to a request never made stops
 /// the VM (paused, not running on corrupted memory) and ends the migration.
+///
+/// If the connection drops, nothing is lost: vCPUs touching missing pages
+/// wait in the kernel, the others run on, and this side listens again on
+/// the incoming address for the source's `tern migrate --resume`, tells it
+/// which pages it still waits for, asks again for the ones vCPUs wait on,
+/// and carries on.
 final class PostcopyReceiver: @unchecked Sendable {
-    // @unchecked Sendable: `expected`, `requested`, `requestTimes`, `latencies` and the counters are guarded by `lock`.
+    // @unchecked Sendable: `expected`, `requested`, `requestTimes`, `latencies` and the counters are guarded by `lock`;
+    // `source`, `connection` and `connected` by `writeLock` (only the pages thread replaces them).
     let machine: Machine
     let memory: GuestMemory
-    let source: FDStream
+    private var source: FDStream
     let logger: Logger
+    /// Where to wait for the source after the connection drops (nil: a drop is a failure), and the token it must present.
+    let recovery: Endpoint?
+    let token: UInt64
+    private var connected = true
     let uffd: Userfaultfd
     private let lock = NSLock()
     /// Every page the source will send (fixed at the switch). Touching any
@@ -41,11 +52,13 @@ final class PostcopyReceiver: @unchecked Sendable {
     private let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
 
     /// The socket, owned here: post-copy outlives the call that accepted it.
-    let connection: FileDescriptor?
+    private var connection: FileDescriptor?
 
     init(machine: Machine, source: FDStream, connection: FileDescriptor?, expected: PageSet, digestOfPresentPages: UInt64?,
-         logger: Logger) throws {
+         recovery: Endpoint? = nil, token: UInt64 = 0, logger: Logger) throws {
         self.connection = connection
+        self.recovery = recovery
+        self.token = token
         self.machine = machine
         memory = machine.memory
         self.source = source
@@ -132,26 +145,140 @@ final class PostcopyReceiver: @unchecked Sendable {
                 }
             }
             if !toRequest.isEmpty {
-                let request = PageRequest(pages: toRequest)
                 do {
-                    try writeLock.withLock { try source.writeFrame(.pageRequest, payload: request.encoded) }
+                    try sendRequests(toRequest)
                 } catch {
-                    // The vCPUs keep waiting for these pages; the connection is gone.
-                    fail("cannot request pages from the source: \(error)")
-                    return
+                    // The vCPUs keep waiting for these pages; they are asked for again after a resume.
+                    guard recovery != nil else {
+                        fail("cannot request pages from the source: \(error)")
+                        return
+                    }
+                    disconnect()
                 }
             }
         }
+    }
+
+    /// Sends page requests (in pieces a request frame can hold); a no-op while disconnected.
+    private func sendRequests(_ pages: [UInt64]) throws {
+        try writeLock.withLock {
+            guard connected else { return }
+            for start in stride(from: 0, to: pages.count, by: PageRequest.maximumPages) {
+                let request = PageRequest(pages: Array(pages[start..<min(pages.count, start + PageRequest.maximumPages)]))
+                try source.writeFrame(.pageRequest, payload: request.encoded)
+            }
+        }
+    }
+
+    /// Marks the connection lost and cuts it, so the pages thread notices at once.
+    private func disconnect() {
+        writeLock.withLock {
+            connected = false
+            shutdown(source.fd, Int32(SHUT_RDWR))
+        }
+    }
+
+    // MARK: Recovery
+
+    static let resumeOpeningSeconds = 2
+
+    /// Whether an error means the connection is gone (then a resume can repair it), not that the source misbehaved.
+    private static func isConnectionLoss(_ error: any Error) -> Bool {
+        if error is FDStream.IOError { return true }
+        if case WireError.truncated = error { return true }
+        return false
+    }
+
+    /// Waits on the incoming address for the source to come back with the
+    /// migration's token, and switches to the new connection.
+    private func awaitResume(after error: any Error) throws {
+        guard let endpoint = recovery else { throw error }
+        disconnect()
+        let waiting = lock.withLock { expected.count }
+        logger.warning("post-copy connection lost (\(error)); \(waiting) pages still at the source, vCPUs that touch them wait. Listening on \(endpoint) for `tern migrate --resume`")
+        let listener = try listenAgain(on: endpoint)
+        defer { if case .unix(let path) = endpoint { unlink(path) } }
+        while true {
+            if finished.load(ordering: .relaxed) { throw error }
+            let candidate: FileDescriptor
+            do { candidate = try Endpoint.accept(listener, timeoutSeconds: 1) } catch { continue }
+            do {
+                try adopt(candidate)
+                return
+            } catch {
+                // A stranger or a stale source: turned away, the wait goes on.
+                logger.warning("refused a connection while waiting for the resume: \(error)")
+                try? FDStream(fd: candidate.rawValue).writeFrame(.abort, payload: Array("\(error)".utf8))
+            }
+        }
+    }
+
+    /// The incoming address may be held for a moment by the socket just closed; retry for a while.
+    private func listenAgain(on endpoint: Endpoint) throws -> FileDescriptor {
+        var attempts = 0
+        while true {
+            do { return try endpoint.listen() } catch {
+                attempts += 1
+                if attempts >= 50 { throw error }
+                if case .unix(let path) = endpoint { unlink(path) }
+                Thread.sleep(forTimeInterval: 0.1)
+            }
+        }
+    }
+
+    /// Checks the resume, tells the source what is still missing, and re-asks for what vCPUs wait on.
+    private func adopt(_ candidate: FileDescriptor) throws {
+        // A source sends its resume at once: a peer that stays silent must not hold up the real one for long.
+        setTimeouts(candidate.rawValue, seconds: Self.resumeOpeningSeconds)
+        let stream = FDStream(fd: candidate.rawValue)
+        let header = try stream.readFrameHeader()
+        guard header.type == .postcopyResume, header.length <= 64 else {
+            throw MigrationDestination.Refusal("expected a post-copy resume, got a \(header.type) frame")
+        }
+        let payload = try stream.readExactly(Int(header.length), what: "post-copy resume")
+        guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("post-copy resume") }
+        guard try PostcopyResume(decoding: payload).token == token else {
+            throw MigrationDestination.Refusal("a resume for another migration (wrong token)")
+        }
+        setTimeouts(candidate.rawValue, seconds: MigrationSource.replyTimeoutSeconds)
+        var size: Int32 = 256 << 10
+        setsockopt(candidate.rawValue, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        let (stillExpected, waitedOn): (PageSet, [UInt64]) = lock.withLock {
+            var waited: [UInt64] = []
+            var page = 0
+            while let next = requested.next(from: page) {
+                if expected.contains(next) { waited.append(UInt64(next)) }
+                page = next + 1
+                if page >= requested.pageCount { break }
+            }
+            statistics.reconnections += 1
+            return (expected, waited)
+        }
+        try writeLock.withLock {
+            try stream.writeFrame(.postcopyResumeReply, payload: PostcopyResumeReply(expected: stillExpected).encoded)
+            source = stream
+            connection = candidate
+            connected = true
+        }
+        try sendRequests(waitedOn)
+        logger.info("post-copy resumed: \(stillExpected.count) pages to come, \(waitedOn.count) of them waited on")
     }
 
     // MARK: Pages
 
     private func receivePages(vmStartedNs: UInt64) throws {
         while true {
-            let header = try source.readFrameHeader()
+            let header: FrameHeader
+            do { header = try source.readFrameHeader() } catch where Self.isConnectionLoss(error) {
+                try awaitResume(after: error)
+                continue
+            }
             switch header.type {
             case .pages:
-                try place(header)
+                do { try place(header) } catch where Self.isConnectionLoss(error) {
+                    // A frame cut short is dropped whole: its pages are placed only after its CRC checks out.
+                    try awaitResume(after: error)
+                }
             case .postcopyEnd:
                 _ = try source.readExactly(Int(header.length), what: "post-copy end")
                 let missing = lock.withLock { expected.count }

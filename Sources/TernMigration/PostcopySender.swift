@@ -27,6 +27,8 @@ final class PostcopySender: @unchecked Sendable {
     private var requests: [Int] = []
     private var outcome: PostcopyStatistics?
     private var readerError: String?
+    /// Whether the reader stopped because the connection broke (not because the destination refused).
+    private var readerLostConnection = false
     private(set) var pushed: UInt64 = 0
     private(set) var pulled: UInt64 = 0
     var shouldStop: () -> Bool = { false }
@@ -43,10 +45,20 @@ final class PostcopySender: @unchecked Sendable {
 
     struct Failure: Error, CustomStringConvertible {
         let description: String
+        /// The connection broke: the destination may be waiting for a resume.
+        var connectionLost = false
     }
 
     /// Sends every needed page, then waits for the destination to confirm it holds them all.
     func run() throws -> PostcopyStatistics {
+        do {
+            return try serve()
+        } catch let error as FDStream.IOError {
+            throw Failure(description: "lost the destination during post-copy: \(error)", connectionLost: true)
+        }
+    }
+
+    private func serve() throws -> PostcopyStatistics {
         // Keep the socket's queue short: a demand reply should not queue behind megabytes of push.
         var size: Int32 = 256 << 10
         setsockopt(stream.fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
@@ -69,7 +81,9 @@ final class PostcopySender: @unchecked Sendable {
         var prepagingLeft = 0
         while true {
             if shouldStop() { throw Failure(description: "cancelled during post-copy") }
-            if let error = condition.withLock({ readerError }) { throw Failure(description: error) }
+            if let error = condition.withLock({ readerError }) {
+                throw Failure(description: error, connectionLost: condition.withLock { readerLostConnection })
+            }
             let demand: [Int] = condition.withLock {
                 defer { requests.removeAll(keepingCapacity: true) }
                 return requests
@@ -106,9 +120,11 @@ final class PostcopySender: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         while outcome == nil && readerError == nil {
-            guard condition.wait(until: deadline) else { throw Failure(description: "the destination did not confirm it holds all memory") }
+            guard condition.wait(until: deadline) else {
+                throw Failure(description: "the destination did not confirm it holds all memory", connectionLost: true)
+            }
         }
-        if let error = readerError { throw Failure(description: error) }
+        if let error = readerError { throw Failure(description: error, connectionLost: readerLostConnection) }
         return outcome!
     }
 
@@ -141,7 +157,10 @@ final class PostcopySender: @unchecked Sendable {
                 }
             } catch {
                 condition.withLock {
-                    if outcome == nil { readerError = "lost the destination during post-copy: \(error)" }
+                    if outcome == nil {
+                        readerError = error is Failure ? "\(error)" : "lost the destination during post-copy: \(error)"
+                        readerLostConnection = !(error is Failure)
+                    }
                     condition.broadcast()
                 }
                 return

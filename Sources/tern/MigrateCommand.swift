@@ -12,8 +12,11 @@ struct Migrate: ParsableCommand {
         discussion: "Progress goes to stderr while it runs; the report to stdout at the end. Ctrl-C cancels (the VM keeps running here).")
     @OptionGroup var api: APIOptions
 
-    @Option(help: "Destination: tcp:HOST:PORT or unix:PATH.")
-    var to: String
+    @Option(help: "Destination: tcp:HOST:PORT or unix:PATH (with --resume: where the destination waits, if not where it was).")
+    var to: String?
+
+    @Flag(help: "Reconnect a post-copy migration whose connection dropped, and finish it.")
+    var resume = false
 
     @Option(help: "precopy, postcopy, hybrid (pre-copy rounds then post-copy) or auto (post-copy only if pre-copy cannot meet the downtime target).")
     var mode: String = "precopy"
@@ -52,7 +55,7 @@ struct Migrate: ParsableCommand {
     var verify = false
 
     func validate() throws {
-        _ = try Endpoint(parsing: to)
+        if let to { _ = try Endpoint(parsing: to) } else if !resume { throw ValidationError("--to is required (tcp:HOST:PORT or unix:PATH)") }
         guard MigrationMode(rawValue: mode) != nil else { throw ValidationError("--mode must be precopy, postcopy, hybrid or auto") }
         guard precopyRounds >= 1 else { throw ValidationError("--precopy-rounds must be at least 1") }
         do { _ = try CompressionChoice(parsing: compress) } catch { throw ValidationError("--compress: \(error)") }
@@ -76,7 +79,7 @@ struct Migrate: ParsableCommand {
     }
 
     func run() throws {
-        let request = MigrateRequest(destination: to, mode: mode, maxDowntimeMs: maxDowntime, maxRounds: maxRounds,
+        let request = MigrateRequest(destination: to, resume: resume ? true : nil, mode: mode, maxDowntimeMs: maxDowntime, maxRounds: maxRounds,
                                      timeoutS: timeout, bandwidth: try bandwidth.map(Self.parseRate), verify: verify,
                                      precopyRounds: precopyRounds, compress: compress,
                                      xbzrleCacheBytes: try CompressionChoice(parsing: compress).xbzrle ? try ByteSize(parsing: xbzrleCache).bytes : nil,

@@ -158,7 +158,8 @@ extension Run {
         }
         connectionFD.value = connection.rawValue
         let destination = MigrationDestination(
-            expectations: .init(memorySize: memory, vcpuCount: cpus, serial: serial, kvmPath: kvmDevice), logger: logger)
+            expectations: .init(memorySize: memory, vcpuCount: cpus, serial: serial, kvmPath: kvmDevice, recoveryEndpoint: endpoint),
+            logger: logger)
         // The listener stays open for the source's extra page streams (`--streams`), then closes.
         let streamListener = StreamListener(
             accept: { try Endpoint.accept(listener, timeoutSeconds: MigrationSource.replyTimeoutSeconds) },

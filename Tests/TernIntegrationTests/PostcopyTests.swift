@@ -60,3 +60,78 @@ struct PostcopyTests {
         #expect(r.switchoverReason?.hasPrefix("converged") == true)
     }
 }
+
+/// Post-copy whose connection is cut (a relay between the two processes is
+/// killed) and then resumed with `tern migrate --resume`.
+@Suite(.serialized, .enabled(if: FileManager.default.isWritableFile(atPath: "/dev/kvm"), "needs /dev/kvm"))
+struct PostcopyRecoveryTests {
+    /// A rate-limited relay, so post-copy lasts long enough to be cut.
+    func startRelay(from port: UInt16, to destination: UInt16, rateMbit: Int) throws -> Process {
+        let ready = FileManager.default.temporaryDirectory.appendingPathComponent("tern-relay-\(port)").path
+        let relay = Process()
+        relay.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        relay.arguments = ["python3", TernProcess.repository.appendingPathComponent("tools/delay_relay.py").path,
+                           "--listen", "127.0.0.1:\(port)", "--connect", "127.0.0.1:\(destination)", "--delay-ms", "0",
+                           "--rate-mbit", "\(rateMbit)", "--ready-file", ready, "--quiet"]
+        try relay.run()
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while !FileManager.default.fileExists(atPath: ready) && Date() < deadline { usleep(20_000) }
+        return relay
+    }
+
+    func migrationStatus(_ source: TernProcess) -> MigrationReport? {
+        guard let response = try? source.client.request(.GET, "/v1/vm/migration"), response.status == 200 else { return nil }
+        return try? APIJSON.decoder.decode(MigrationReport.self, from: response.body)
+    }
+
+    @Test func aCutConnectionIsResumedAndTheMemoryIsIdentical() throws {
+        let destinationPort = freePort(), relayPort = freePort()
+        let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(destinationPort)", "--serial", "off"])
+        let source = try TernProcess.guest("fill=64 dirty=32 progress=0", memory: "256M")
+        try source.waitForAPI()
+        let before = try source.waitForStatus { $0.phase == .dirty }
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
+        let relay = try startRelay(from: relayPort, to: destinationPort, rateMbit: 200)
+        defer { if relay.isRunning { relay.terminate() } }
+
+        let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", "tcp:127.0.0.1:\(relayPort)", "--json",
+                                   "--mode", "postcopy", "--verify"], withAPI: false)
+        // Cut the link once execution has moved and pages are still flowing.
+        let cutBy = Date(timeIntervalSinceNow: 30)
+        while migrationStatus(source)?.status != .postcopy && Date() < cutBy { usleep(20_000) }
+        usleep(300_000)
+        kill(relay.processIdentifier, SIGKILL)
+        relay.waitUntilExit()
+        #expect(cli.waitForExit(timeout: 60) == 1)
+        let paused = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8)), "\(cli.stderr)")
+        #expect(paused.status == .postcopyPaused, "\(paused.reason ?? "")")
+        #expect(paused.reason?.contains("--resume") == true)
+
+        // Both ends wait: the source keeps its pages and refuses to run the VM too; the destination serves its API.
+        #expect(try source.client.request(.PUT, "/v1/vm/resume").status == 409)
+        try destination.waitForAPI()
+        let waiting = Date(timeIntervalSinceNow: 10)
+        while !destination.stderr.contains("tern migrate --resume") && Date() < waiting { usleep(20_000) }
+        #expect(destination.stderr.contains("post-copy connection lost"))
+
+        // A stranger on the incoming address is turned away; the wait goes on.
+        let stranger = try Endpoint.tcp(host: "127.0.0.1", port: destinationPort).connect()
+        _ = Array("GET / HTTP/1.0\r\n\r\n".utf8).withUnsafeBytes { write(stranger.rawValue, $0.baseAddress, $0.count) }
+        usleep(200_000)
+
+        let resume = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--resume", "--to", "tcp:127.0.0.1:\(destinationPort)",
+                                      "--json"], withAPI: false)
+        #expect(resume.waitForExit(timeout: 60) == 0, "\(resume.stderr)")
+        let r = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(resume.stdout.utf8)), "\(resume.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.verification?.match == true, "memory after the resume is identical to the source's at the switch")
+        let p = try #require(r.postcopy)
+        #expect(p.reconnections == 1)
+        #expect(destination.stderr.contains("refused a connection while waiting for the resume"))
+        #expect(source.waitForExit(timeout: 10) == 0)
+        let moved = try destination.waitForStatus { $0.iterations > before.iterations }
+        let later = try destination.waitForStatus { $0.verified > moved.verified }
+        #expect(later.errors == 0)
+    }
+}
