@@ -91,7 +91,9 @@ struct Run: ParsableCommand {
                 throw error
             }
             server?.attach(machine)
-            installTerminationHandlers(machine)
+            TerminationSignals.shared.onSignal { signalNumber in
+                machine.requestExit(MachineExit(kind: .quit, message: "stopped by signal \(signalNumber)"))
+            }
             machine.start(paused: paused) // no-op for a migrated VM, which is already running
             let exit = machine.waitForExit()
             server?.shutdown()
@@ -131,18 +133,10 @@ extension Run {
         let listener = try endpoint.listen()
         defer { if case .unix(let path) = endpoint { unlink(path) } }
         let connectionFD = DescriptorBox()
-        var sources: [any DispatchSourceSignal] = []
-        for signalNumber in [SIGINT, SIGTERM] {
-            signal(signalNumber, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
-            source.setEventHandler {
-                shutdown(listener.rawValue, Int32(SHUT_RDWR))
-                if let fd = connectionFD.value { shutdown(fd, Int32(SHUT_RDWR)) }
-            }
-            source.resume()
-            sources.append(source)
+        TerminationSignals.shared.onSignal { _ in
+            shutdown(listener.rawValue, Int32(SHUT_RDWR))
+            if let fd = connectionFD.value { shutdown(fd, Int32(SHUT_RDWR)) }
         }
-        defer { sources.forEach { $0.cancel() } }
         let quitRequested = Atomic<Bool>(false)
         server?.setWaiting("waiting for an incoming migration on \(endpoint)") {
             quitRequested.store(true, ordering: .relaxed)
@@ -172,20 +166,33 @@ extension Run {
     }
 }
 
-/// SIGINT/SIGTERM end the VM cleanly (socket removed, threads joined) instead of killing the process mid-write.
-private func installTerminationHandlers(_ machine: Machine) {
-    for signalNumber in [SIGINT, SIGTERM] {
-        signal(signalNumber, SIG_IGN)
-        let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
-        source.setEventHandler {
-            machine.requestExit(MachineExit(kind: .quit, message: "stopped by signal \(signalNumber)"))
-        }
-        source.resume()
-        retainedSignalSources.append(source)
-    }
-}
+/// SIGINT/SIGTERM end the VM cleanly (socket removed, threads joined)
+/// instead of killing the process mid-write. The signal sources are made
+/// once per process and their action swapped as the process moves on
+/// (waiting for a migration, then running the VM): a signal source made
+/// again for a signal whose earlier source was cancelled never fires here.
+final class TerminationSignals: @unchecked Sendable {
+    // @unchecked Sendable: `sources` is set once in init and only kept alive; `action` is a Mutex.
+    static let shared = TerminationSignals()
+    private let action = Mutex<(@Sendable (Int32) -> Void)?>(nil)
+    private let sources: [any DispatchSourceSignal]
 
-nonisolated(unsafe) private var retainedSignalSources: [any DispatchSourceSignal] = []
+    private init() {
+        var sources: [any DispatchSourceSignal] = []
+        for signalNumber in [SIGINT, SIGTERM] {
+            signal(signalNumber, SIG_IGN)
+            sources.append(DispatchSource.makeSignalSource(signal: signalNumber, queue: .global()))
+        }
+        self.sources = sources
+        for (source, signalNumber) in zip(sources, [SIGINT, SIGTERM]) {
+            source.setEventHandler { [unowned self] in action.withLock { $0 }?(signalNumber) }
+            source.resume()
+        }
+    }
+
+    /// What SIGINT and SIGTERM do from now on.
+    func onSignal(_ body: @escaping @Sendable (Int32) -> Void) { action.withLock { $0 = body } }
+}
 
 func bootstrapLogging(level: String) -> Logger {
     let parsed = Logger.Level(rawValue: level) ?? .info

@@ -75,6 +75,18 @@ struct MigrationTests {
         }
     }
 
+    /// A migrated VM ends cleanly on SIGTERM, like any other (the signal handling moves from waiting to running).
+    @Test func aMigratedVMStopsOnSIGTERM() throws {
+        let pair = try MigrationPair(cmdline: "progress=0")
+        let (report, cli) = try pair.migrate()
+        #expect(try #require(report, "no report: \(cli.stderr)").status == .completed)
+        try pair.destination.waitForAPI()
+        kill(pair.destination.process.processIdentifier, SIGTERM)
+        #expect(pair.destination.waitForExit(timeout: 5) == 0, "\(pair.destination.stderr)")
+        #expect(pair.destination.stderr.contains("stopped by signal 15"))
+        #expect(!FileManager.default.fileExists(atPath: pair.destination.apiSocket))
+    }
+
     @Test func xbzrleSendsResentPagesAsDeltas() throws {
         let pair = try MigrationPair(cmdline: "fill=64 dirty=32 pattern=random rate=100 bytes=64 progress=0")
         let before = try pair.source.waitForStatus { $0.phase == .dirty }
