@@ -56,7 +56,7 @@ let package = Package(
             swiftSettings: strict
         ),
         .executableTarget(name: "tern-bench", dependencies: ["TernWire"], swiftSettings: strict),
-        .testTarget(name: "TernWireTests", dependencies: ["TernWire"], swiftSettings: strict),
+        .testTarget(name: "TernWireTests", dependencies: ["TernWire", "CChecksum"], swiftSettings: strict),
         .testTarget(name: "TernKVMTests", dependencies: ["TernKVM", "CKVM"], swiftSettings: strict),
         .testTarget(name: "TernMachineTests", dependencies: ["TernMachine", "TernWire", "CKVM"], swiftSettings: strict),
         .testTarget(name: "TernMigrationTests", dependencies: ["TernMigration", "TernMachine", "TernWire"], swiftSettings: strict),

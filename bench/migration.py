@@ -296,8 +296,9 @@ def run_tern(ctx, case, rep, order):
             port = qm.free_port()
             dst = spawn("tern destination", [
                 tern, "run", "--incoming", "tcp:127.0.0.1:%d" % port, "--api-socket", dsock,
-                "--serial", "file:" + os.path.join(d, "dst-serial.log")], stderr=derr)
-            state = wait_for_line(dst, derr, "waiting for an incoming migration", 30)
+                "--serial", "file:" + os.path.join(d, "dst-serial.log")]
+                + (["--memory", "%dM" % a.memory_mib, "--prealloc"] if a.prealloc else []), stderr=derr)
+            state = wait_for_line(dst, derr, "waiting for an incoming migration", 60)
             if state == "ok":
                 break
             text = tail(derr, 800)
@@ -484,6 +485,8 @@ def run_qemu(ctx, case, rep, order):
            "--boot-timeout-s", "%g" % a.boot_timeout_s, "--qemu", a.qemu]
     if c["bandwidth"]:
         cmd += ["--bandwidth", str(c["bandwidth"])]
+    if a.prealloc:
+        cmd += ["--dst-prealloc"]
     if a.mode == "postcopy":
         # Switch to post-copy at once, before any pre-copy pass: the same as Tern's --mode postcopy.
         cmd += ["--mode", "postcopy", "--postcopy-after-syncs", "0"]
@@ -854,6 +857,9 @@ def parse_args():
     ap.add_argument("--tern-max-rounds", type=int, default=None, help="tern migrate --max-rounds (default: tern's, 30)")
     ap.add_argument("--mode", default="precopy", choices=["precopy", "postcopy"],
                     help="precopy (default), or postcopy for both (QEMU: postcopy-ram, migrate-start-postcopy at once)")
+    ap.add_argument("--prealloc", action="store_true",
+                    help="destinations allocate and touch guest RAM before the migration "
+                         "(tern run --memory M --prealloc; QEMU -mem-prealloc)")
     ap.add_argument("--tern-args", default="", metavar="ARGS",
                     help="more options for tern migrate, e.g. '--streams 2' (quoted as one argument)")
     ap.add_argument("--verify", action="store_true",

@@ -33,7 +33,9 @@ public final class Machine: @unchecked Sendable {
     private var exit: MachineExit?
     private var startTime: ContinuousClock.Instant?
 
-    public init(configuration: MachineConfiguration, logger: Logger = Logger(label: "tern.machine")) throws {
+    /// `memory`: guest RAM made (and perhaps preallocated) beforehand, e.g. while a destination waits for its migration.
+    public init(configuration: MachineConfiguration, memory preparedMemory: GuestMemory? = nil,
+                logger: Logger = Logger(label: "tern.machine")) throws {
         self.configuration = configuration
         self.logger = logger
         guard (1...MachineConfiguration.maximumVcpus).contains(configuration.vcpuCount) else {
@@ -49,7 +51,15 @@ public final class Machine: @unchecked Sendable {
             throw ConfigurationError("cannot use KVM (\(configuration.kvmPath)): \(String(cString: strerror(error.errno)))")
         }
         vm = try kvm.createVM()
-        memory = try GuestMemory(size: configuration.memorySize)
+        if let preparedMemory {
+            guard preparedMemory.size == configuration.memorySize else {
+                throw ConfigurationError("prepared guest RAM is \(ByteSize(bytes: preparedMemory.size)), the VM needs \(ByteSize(bytes: configuration.memorySize))")
+            }
+            memory = preparedMemory
+        } else {
+            memory = try GuestMemory(size: configuration.memorySize)
+            if configuration.preallocate { try memory.preallocate() }
+        }
         // Intel needs these three pages (for real-mode emulation) somewhere outside RAM.
         try vm.setTSSAddress(0xFFFB_D000)
         try memory.register(with: vm)

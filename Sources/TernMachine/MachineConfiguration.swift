@@ -7,11 +7,14 @@ public struct MachineConfiguration: Sendable, Equatable {
     public var vcpuCount: Int
     public var serial: SerialTarget
     public var kvmPath: String
+    /// Allocate and touch all guest RAM before the VM starts (`--prealloc`).
+    public var preallocate: Bool
 
     public static let maximumVcpus = 64
 
     public init(kernelPath: String?, commandLine: String = "", memorySize: UInt64, vcpuCount: Int = 1,
-                serial: SerialTarget = .stdout, kvmPath: String = "/dev/kvm") {
+                serial: SerialTarget = .stdout, kvmPath: String = "/dev/kvm", preallocate: Bool = false) {
+        self.preallocate = preallocate
         self.kernelPath = kernelPath
         self.commandLine = commandLine
         self.memorySize = memorySize

@@ -44,11 +44,14 @@ public final class MigrationDestination {
 
     let expectations: Expectations
     let logger: Logger
+    /// Guest RAM prepared (preallocated) while waiting, used if the VM that arrives has its size.
+    let preparedMemory: GuestMemory?
     static let maximumStateBytes: UInt64 = 16 << 20
     /// Devices this tern can restore, by state tag.
     static let knownDevices: Set<String> = ["UART"]
 
-    public init(expectations: Expectations, logger: Logger = Logger(label: "tern.incoming")) {
+    public init(expectations: Expectations, preparedMemory: GuestMemory? = nil, logger: Logger = Logger(label: "tern.incoming")) {
+        self.preparedMemory = preparedMemory
         self.expectations = expectations
         self.logger = logger
     }
@@ -107,7 +110,7 @@ public final class MigrationDestination {
             let configuration = MachineConfiguration(
                 kernelPath: nil, commandLine: hello.machine.commandLine, memorySize: hello.machine.memorySize,
                 vcpuCount: Int(hello.machine.vcpuCount), serial: expectations.serial, kvmPath: expectations.kvmPath)
-            machine = try Machine(configuration: configuration, logger: logger)
+            machine = try Machine(configuration: configuration, memory: preparedMemory, logger: logger)
         } catch {
             try sink?.writeFrame(.helloReply, payload: Verdict(accepted: false, reason: "\(error)", bootID: Clocks.bootID).encoded)
             throw Refusal("refused the incoming VM: \(error)")

@@ -38,6 +38,9 @@ struct Run: ParsableCommand {
     @Flag(help: "Create the VM but leave its vCPUs paused.")
     var paused = false
 
+    @Flag(help: "Allocate and touch all guest RAM up front (like QEMU's -mem-prealloc). With --incoming it needs --memory, and is done while waiting, so the migration writes into memory that is already there.")
+    var prealloc = false
+
     @Option(help: ArgumentHelp("KVM device node (for testing).", visibility: .hidden))
     var kvmDevice: String = "/dev/kvm"
 
@@ -47,6 +50,9 @@ struct Run: ParsableCommand {
     func validate() throws {
         if let incoming {
             _ = try Endpoint(parsing: incoming)
+            if prealloc && memory == nil {
+                throw ValidationError("--prealloc with --incoming needs --memory (the memory is prepared before the source connects)")
+            }
             guard kernel == nil, restore == nil, cmdline.isEmpty, !paused else {
                 throw ValidationError("--incoming takes the VM from the source: no --kernel, --restore, --cmdline or --paused")
             }
@@ -77,13 +83,13 @@ struct Run: ParsableCommand {
                 } else if let restore {
                     let statistics: SnapshotStatistics
                     (machine, statistics) = try Machine.restoring(from: restore, expectedMemory: size, expectedVcpus: cpus,
-                                                                  serial: serialTarget, kvmPath: kvmDevice)
+                                                                  serial: serialTarget, kvmPath: kvmDevice, preallocate: prealloc)
                     let megabytes = Double(statistics.fileBytes) / 1e6
                     logger.info("restored \(restore): \(String(format: "%.1f MB in %.3f s (%.0f MB/s)", megabytes, statistics.seconds, megabytes / max(statistics.seconds, 1e-9)))")
                 } else {
                     let configuration = MachineConfiguration(
                         kernelPath: kernel, commandLine: cmdline, memorySize: size ?? 512 << 20, vcpuCount: cpus ?? 1,
-                        serial: serialTarget, kvmPath: kvmDevice)
+                        serial: serialTarget, kvmPath: kvmDevice, preallocate: prealloc)
                     machine = try Machine(configuration: configuration, logger: logger)
                 }
             } catch {
@@ -132,6 +138,16 @@ extension Run {
                           logger: Logger) throws -> Machine {
         let listener = try endpoint.listen()
         defer { if case .unix(let path) = endpoint { unlink(path) } }
+        var preparedMemory: GuestMemory?
+        if prealloc, let memory {
+            let started = ContinuousClock.now
+            let prepared = try GuestMemory(size: memory)
+            try prepared.preallocate()
+            let elapsed = ContinuousClock.now - started
+            let milliseconds = Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15
+            logger.info("preallocated \(ByteSize(bytes: memory)) of guest RAM in \(String(format: "%.0f", milliseconds)) ms")
+            preparedMemory = prepared
+        }
         let connectionFD = DescriptorBox()
         TerminationSignals.shared.onSignal { _ in
             shutdown(listener.rawValue, Int32(SHUT_RDWR))
@@ -153,7 +169,7 @@ extension Run {
         connectionFD.value = connection.rawValue
         let destination = MigrationDestination(
             expectations: .init(memorySize: memory, vcpuCount: cpus, serial: serial, kvmPath: kvmDevice, recoveryEndpoint: endpoint),
-            logger: logger)
+            preparedMemory: preparedMemory, logger: logger)
         // The listener stays open for the source's extra page streams (`--streams`), then closes.
         let streamListener = StreamListener(
             accept: { try Endpoint.accept(listener, timeoutSeconds: MigrationSource.replyTimeoutSeconds) },

@@ -87,6 +87,28 @@ struct MigrationTests {
         #expect(!FileManager.default.fileExists(atPath: pair.destination.apiSocket))
     }
 
+    /// A destination that prepared its RAM while waiting (pages land in place), with two streams.
+    @Test func preallocatedDestinationReceivesIdenticalMemory() throws {
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=32 pattern=random rate=100 progress=0",
+                                     destinationArguments: ["--memory", "256M", "--prealloc"])
+        #expect(pair.destination.stderr.contains("preallocated 256M of guest RAM"), "\(pair.destination.stderr)")
+        let before = try pair.source.waitForStatus { $0.phase == .dirty }
+        let (report, cli) = try pair.migrate(["--verify", "--streams", "2"])
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.verification?.match == true)
+        try pair.destination.waitForAPI()
+        let moved = try pair.destination.waitForStatus { $0.iterations > before.iterations }
+        let later = try pair.destination.waitForStatus { $0.verified > moved.verified }
+        #expect(later.errors == 0)
+    }
+
+    @Test func preallocOnAnIncomingVMNeedsItsSize() throws {
+        let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(freePort())", "--prealloc"])
+        #expect(destination.waitForExit() != 0)
+        #expect(destination.stderr.contains("--prealloc with --incoming needs --memory"))
+    }
+
     @Test func xbzrleSendsResentPagesAsDeltas() throws {
         let pair = try MigrationPair(cmdline: "fill=64 dirty=32 pattern=random rate=100 bytes=64 progress=0")
         let before = try pair.source.waitForStatus { $0.phase == .dirty }

@@ -1,3 +1,4 @@
+import CChecksum
 import Glibc
 import Testing
 @testable import TernWire
@@ -16,6 +17,19 @@ struct ChecksumTests {
         let whole = Checksum.crc32c(data)
         for split in [0, 1, 7, 8, 9, 4096, 9999, 10_000] {
             #expect(Checksum.crc32c(data[split...], seed: Checksum.crc32c(data[..<split])) == whole)
+        }
+    }
+
+    /// The three-lane hardware path (pieces of 4080 bytes and more) against the table-driven code.
+    @Test func hardwareLanesMatchThePortableCode() {
+        var generator = SystemRandomNumberGenerator()
+        let data = (0..<20_000).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        for length in [0, 1, 7, 4079, 4080, 4081, 4096, 8160, 8161, 12_240, 19_999, 20_000] {
+            for seed: UInt32 in [0, 0xDEAD_BEEF] {
+                let fast = data.withUnsafeBytes { tern_crc32c(seed, $0.baseAddress, length) }
+                let portable = data.withUnsafeBytes { tern_crc32c_portable(seed, $0.baseAddress, length) }
+                #expect(fast == portable, "length \(length)")
+            }
         }
     }
 

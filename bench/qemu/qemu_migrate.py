@@ -183,6 +183,9 @@ def qemu_cmd(args, tmp, role, incoming=False):
         # its migration capabilities (multifd, postcopy-ram) and parameters
         # (multifd-channels) can be set first; multifd requires that.
         cmd += ["-incoming", "defer"]
+        if args.dst_prealloc:
+            # Guest RAM allocated and touched before the migration starts (tern run --prealloc).
+            cmd += ["-mem-prealloc"]
     return cmd
 
 
@@ -254,6 +257,8 @@ def parse_args():
                     help="enable QEMU's auto-converge (vCPU throttling) capability")
     ap.add_argument("--xbzrle-cache-mib", type=int, default=0,
                     help="enable XBZRLE with this cache size in MiB (0 = off)")
+    ap.add_argument("--dst-prealloc", action="store_true",
+                    help="destination QEMU with -mem-prealloc (RAM touched before the migration)")
     ap.add_argument("--multifd", type=int, default=0,
                     help="enable multifd with N channels (0 = off)")
     ap.add_argument("--warmup-s", type=float, default=2.0,

@@ -98,6 +98,11 @@ static inline int ckvm_userfaultfd(int flags) {
 
 static const unsigned int CKVM_MFD_CLOEXEC = MFD_CLOEXEC;
 
+/// fallocate(0): allocates (zeroed) pages for a range of a memfd, so later writes find them present.
+static inline int ckvm_allocate(int fd, int64_t offset, int64_t length) {
+    return (int)syscall(SYS_fallocate, fd, 0, offset, length);
+}
+
 /// fallocate(PUNCH_HOLE | KEEP_SIZE): frees a range of a memfd, which then reads as zeros.
 static inline int ckvm_punch_hole(int fd, int64_t offset, int64_t length) {
     return (int)syscall(SYS_fallocate, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);

@@ -96,6 +96,8 @@ public final class PageRunApplier {
             if let stream, !stream.partition.carries(first: Int(fileOffset) / PageRun.pageSize, count: Int(run.pageCount), stream: stream.index) {
                 throw WireError.malformed("page run \(run.address)+\(run.pageCount) pages arrived on stream \(stream.index), which does not carry it")
             }
+            // Pages never received are still as the fresh memory made them: zero.
+            let wasCovered = run.kind == .zero && coverage.containsAny(run)
             try coverage.mark(run, allowRepeats: delivery == .repeated)
             switch run.kind {
             case .delta:
@@ -115,9 +117,10 @@ public final class PageRunApplier {
                 dataPages += 1
                 deltaPages += 1
             case .zero:
+                zeroPages += UInt64(run.pageCount)
+                if !wasCovered { continue }
                 let result = ckvm_punch_hole(memory.file.rawValue, Int64(fileOffset), Int64(run.byteCount))
                 guard result == 0 else { throw FDStream.IOError(operation: "zeroing guest memory", errno: errno) }
-                zeroPages += UInt64(run.pageCount)
             case .data:
                 guard remaining >= run.byteCount else { throw WireError.malformed("pages frame ends inside page data") }
                 crc = try copy(run.byteCount, from: source, toFileOffset: fileOffset, crc: crc)
@@ -146,6 +149,12 @@ public final class PageRunApplier {
     }
 
     private func copy(_ count: Int, from source: some ByteSource, toFileOffset start: UInt64, crc: UInt32) throws -> UInt32 {
+        if memory.isPreallocated {
+            // Straight into guest RAM, one copy fewer; checked where it landed (a bad frame fails the whole transfer).
+            let target = UnsafeMutableRawBufferPointer(start: memory.mapping.base + Int(start), count: count)
+            try source.readExactly(into: target, what: "page data")
+            return Checksum.crc32c(UnsafeRawBufferPointer(target), seed: crc)
+        }
         var crc = crc
         var fileOffset = start
         var left = count

@@ -115,6 +115,12 @@ struct PageCoverage {
         return (first..<first + UInt64(run.pageCount)).allSatisfy { bits[Int($0 / 64)] & (UInt64(1) << ($0 % 64)) != 0 }
     }
 
+    /// Whether any page of the run has arrived before.
+    func containsAny(_ run: PageRun) -> Bool {
+        guard let first = try? memory.fileOffset(of: run.address, length: UInt64(run.byteCount)) / UInt64(PageRun.pageSize) else { return true }
+        return (first..<first + UInt64(run.pageCount)).contains { bits[Int($0 / 64)] & (UInt64(1) << ($0 % 64)) != 0 }
+    }
+
     /// Marks a run's pages; a page delivered twice is an error unless repeats are expected.
     mutating func mark(_ run: PageRun, allowRepeats: Bool = false) throws {
         let first = try memory.fileOffset(of: run.address, length: UInt64(run.byteCount)) / UInt64(PageRun.pageSize)
