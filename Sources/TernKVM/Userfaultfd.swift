@@ -15,13 +15,14 @@ public final class Userfaultfd: @unchecked Sendable {
     }
 
     /// Opens a userfaultfd (non-blocking, so a reader can poll it alongside a stop signal)
-    /// and negotiates the API, requiring missing-page faults on shared memory (memfd).
-    public init() throws(SystemError) {
+    /// and negotiates the API, requiring missing-page faults on shared memory (memfd),
+    /// and with `minorFaults` also minor faults on it (pages in the file but not mapped).
+    public init(minorFaults: Bool = false) throws(SystemError) {
         let raw = try check("userfaultfd") { ckvm_userfaultfd(O_CLOEXEC | O_NONBLOCK) }
         fd = FileDescriptor(adopting: raw)
         var api = uffdio_api()
         api.api = UInt64(UFFD_API)
-        api.features = UInt64(UFFD_FEATURE_MISSING_SHMEM)
+        api.features = UInt64(UFFD_FEATURE_MISSING_SHMEM) | (minorFaults ? UInt64(UFFD_FEATURE_MINOR_SHMEM) : 0)
         _ = try check("UFFDIO_API") { ckvm_ioctl_ptr(raw, CKVM_UFFDIO_API, &api) }
     }
 
@@ -32,6 +33,25 @@ public final class Userfaultfd: @unchecked Sendable {
         register.range.len = UInt64(length)
         register.mode = UInt64(UFFDIO_REGISTER_MODE_MISSING)
         _ = try check("UFFDIO_REGISTER") { ckvm_ioctl_ptr(fd.rawValue, CKVM_UFFDIO_REGISTER, &register) }
+    }
+
+    /// Registers [start, start + length) for minor faults: an access to a page the
+    /// file holds but the mapping does not map waits until `continueMapping` maps it.
+    public func registerMinor(_ start: UnsafeMutableRawPointer, length: Int) throws(SystemError) {
+        var register = uffdio_register()
+        register.range.start = UInt64(UInt(bitPattern: start))
+        register.range.len = UInt64(length)
+        register.mode = UInt64(UFFDIO_REGISTER_MODE_MINOR)
+        _ = try check("UFFDIO_REGISTER") { ckvm_ioctl_ptr(fd.rawValue, CKVM_UFFDIO_REGISTER, &register) }
+    }
+
+    /// UFFDIO_CONTINUE: maps the file's pages (already written) and wakes the faulting threads.
+    public func continueMapping(_ start: UnsafeMutableRawPointer, length: Int) throws(SystemError) -> Placement {
+        var request = uffdio_continue()
+        request.range.start = UInt64(UInt(bitPattern: start))
+        request.range.len = UInt64(length)
+        request.mode = 0
+        return try place("UFFDIO_CONTINUE") { ckvm_ioctl_ptr(fd.rawValue, CKVM_UFFDIO_CONTINUE, &request) }
     }
 
     public func unregister(_ start: UnsafeMutableRawPointer, length: Int) throws(SystemError) {

@@ -69,8 +69,9 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// Allocates and touches every page now (`--prealloc`, like QEMU's
     /// -mem-prealloc): the first write to memory the host never used costs
-    /// about 10 µs a page on these machines (docs/PLATFORM-NOTES), which
-    /// would otherwise be paid while a migration streams pages in.
+    /// about 10 µs a page on these machines (docs/MIGRATION.md, "Preallocated
+    /// destinations"), which would otherwise be paid while pages stream in.
+    /// The pages are mapped here too, so incoming pages land in place.
     public func preallocate() throws {
         guard madvise(mapping.base, mapping.length, 23 /* MADV_POPULATE_WRITE */) == 0 else {
             throw SystemError("preallocating \(ByteSize(bytes: size)) of guest RAM", errno: errno)
@@ -78,9 +79,18 @@ public final class GuestMemory: @unchecked Sendable {
         isPreallocated = true
     }
 
-    /// Every page is allocated and mapped here (`preallocate`): writing through
-    /// the mapping costs a copy and nothing more, so incoming pages land in place.
+    /// Every page is allocated (`preallocate`) and stays so (zeroed pages are
+    /// written, not punched out): writing through the mapping costs a copy
+    /// and nothing more, so incoming pages land in place.
     public private(set) var isPreallocated = false
+
+    /// Unmaps every page here, keeping them in the memfd (preallocated memory about to
+    /// receive a post-copy: its pages must fault until their contents arrive).
+    public func unmapAll() throws {
+        guard madvise(mapping.base, mapping.length, MADV_DONTNEED) == 0 else {
+            throw SystemError("unmapping guest RAM", errno: errno)
+        }
+    }
 
     /// Registers every region as a KVM memory slot (slot numbers from 0).
     public func register(with vm: VirtualMachine, logDirtyPages: Bool = false) throws {

@@ -111,6 +111,9 @@ public final class MigrationDestination {
                 kernelPath: nil, commandLine: hello.machine.commandLine, memorySize: hello.machine.memorySize,
                 vcpuCount: Int(hello.machine.vcpuCount), serial: expectations.serial, kvmPath: expectations.kvmPath)
             machine = try Machine(configuration: configuration, memory: preparedMemory, logger: logger)
+            // Post-copy from the start into preallocated memory: unmap it now, before the source
+            // pauses, so that the switch need not (its pages then wait for their contents by minor faults).
+            if hello.features & Hello.postcopyFirstFeature != 0 && machine.memory.isPreallocated { try machine.memory.unmapAll() }
         } catch {
             try sink?.writeFrame(.helloReply, payload: Verdict(accepted: false, reason: "\(error)", bootID: Clocks.bootID).encoded)
             throw Refusal("refused the incoming VM: \(error)")

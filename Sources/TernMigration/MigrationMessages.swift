@@ -24,6 +24,8 @@ public struct Hello: Equatable, Sendable {
     public static let protocolVersion: UInt32 = 2
     /// Feature bit: pages frames may be zstd-compressed (`--compress zstd`).
     public static let zstdFeature: UInt64 = 1 << 0
+    /// Feature bit: post-copy from the start (`--mode postcopy`): no pre-copy pages will come.
+    public static let postcopyFirstFeature: UInt64 = 1 << 1
     /// At most this many parallel page streams.
     public static let maximumStreams = 16
 

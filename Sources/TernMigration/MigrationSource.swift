@@ -180,6 +180,7 @@ public final class MigrationSource: @unchecked Sendable {
         var hello = Hello(bootID: Clocks.bootID, machine: description, cpuid: machine.guestCPUID, devices: ["UART"],
                           streams: UInt32(parameters.streams))
         if parameters.zstdLevel != nil { hello.features |= Hello.zstdFeature }
+        if parameters.mode == .postcopy { hello.features |= Hello.postcopyFirstFeature }
         try stream.writeFrame(.hello, payload: hello.encoded)
         let (replyHeader, replyPayload) = try readReply(stream, expecting: .helloReply, what: "the handshake")
         _ = replyHeader

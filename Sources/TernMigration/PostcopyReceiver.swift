@@ -34,6 +34,12 @@ final class PostcopyReceiver: @unchecked Sendable {
     let token: UInt64
     private var connected = true
     let uffd: Userfaultfd
+    /// Preallocated memory (`--prealloc`): pages stay in the memfd and are only
+    /// unmapped; an arriving page is written into the file (no allocation, the
+    /// costly part on fresh memory) and mapped with UFFDIO_CONTINUE.
+    let minorFaults: Bool
+    /// The source of zero runs written into the file (minor-fault mode).
+    private let zeros: UnsafeMutableRawBufferPointer
     private let lock = NSLock()
     /// Every page the source will send (fixed at the switch). Touching any
     /// other page means zero: the source never wrote it.
@@ -67,20 +73,40 @@ final class PostcopyReceiver: @unchecked Sendable {
         requested = PageSet(pageCount: expected.pageCount)
         digest = digestOfPresentPages
         self.logger = logger
-        uffd = try Userfaultfd()
-        // Pages still expected may hold stale pre-copy contents: drop them so that touching them faults.
-        try expected.forEachRange { first, count in
-            guard ckvm_punch_hole(memory.file.rawValue, Int64(first * PageRun.pageSize), Int64(count * PageRun.pageSize)) == 0 else {
-                throw SystemError("punching stale pages", errno: errno)
+        let minorUffd = memory.isPreallocated ? try? Userfaultfd(minorFaults: true) : nil
+        minorFaults = minorUffd != nil
+        zeros = .allocate(byteCount: minorFaults ? PageStreamer.maximumRunBytes : 0, alignment: 4096)
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        uffd = try minorUffd ?? Userfaultfd()
+        let memory = self.memory
+        if minorFaults {
+            // Expected pages stay in the file (preallocated memory is never punched) but must not be mapped,
+            // so that touching them is a minor fault until their contents arrive. Only pages a hybrid's
+            // pre-copy wrote are mapped; for the rest this is a cheap no-op.
+            try expected.forEachRange { first, count in
+                guard madvise(memory.mapping.base + first * PageRun.pageSize, count * PageRun.pageSize, MADV_DONTNEED) == 0 else {
+                    throw SystemError("unmapping pages still to come", errno: errno)
+                }
             }
+            try uffd.registerMinor(memory.mapping.base, length: memory.mapping.length)
+        } else {
+            // Pages still expected may hold stale pre-copy contents: drop them so that touching them faults.
+            try expected.forEachRange { first, count in
+                guard ckvm_punch_hole(memory.file.rawValue, Int64(first * PageRun.pageSize), Int64(count * PageRun.pageSize)) == 0 else {
+                    throw SystemError("punching stale pages", errno: errno)
+                }
+            }
+            try uffd.registerMissing(memory.mapping.base, length: memory.mapping.length)
         }
-        try uffd.registerMissing(memory.mapping.base, length: memory.mapping.length)
         // A short receive queue: a demand reply must not wait behind megabytes of pushed pages.
         var size: Int32 = 256 << 10
         setsockopt(source.fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
     }
 
-    deinit { bounce.deallocate() }
+    deinit {
+        bounce.deallocate()
+        zeros.deallocate()
+    }
 
     /// Serves faults and receives pages on two threads; returns at once.
     /// `started` is the monotonic time the VM started, for "memory complete after".
@@ -89,6 +115,7 @@ final class PostcopyReceiver: @unchecked Sendable {
         // kernel would fill the missing pages with zeros under the waiting vCPUs.
         machine.keepAlive(self)
         machine.memoryIncomplete = true
+        logger.info("post-copy: \(needed.count) pages to come, placed by \(minorFaults ? "minor faults (UFFDIO_CONTINUE) on preallocated memory" : "missing faults (UFFDIO_COPY)")")
         spawnThread(named: "postcopy-faults") { [self] in serveFaults() }
         spawnThread(named: "postcopy-pages") { [self] in
             do {
@@ -136,7 +163,11 @@ final class PostcopyReceiver: @unchecked Sendable {
             }
             for page in toZero {
                 do {
-                    if try uffd.zero(memory.mapping.base + page * PageRun.pageSize, length: PageRun.pageSize) == .placed {
+                    // Minor faults: a page not needed is right in the file already (zero or sent before); it only needs mapping.
+                    let target = memory.mapping.base + page * PageRun.pageSize
+                    let placement = minorFaults ? try uffd.continueMapping(target, length: PageRun.pageSize)
+                                                : try uffd.zero(target, length: PageRun.pageSize)
+                    if placement == .placed {
                         lock.withLock { statistics.pagesZeroFilledLocally += 1 }
                     }
                 } catch {
@@ -318,7 +349,8 @@ final class PostcopyReceiver: @unchecked Sendable {
             let target = memory.mapping.base + Int(fileOffset)
             switch run.kind {
             case .zero:
-                guard try uffd.zero(target, length: run.byteCount) == .placed else {
+                if minorFaults { try write(UnsafeRawBufferPointer(rebasing: zeros[0..<run.byteCount]), at: fileOffset) }
+                guard try (minorFaults ? uffd.continueMapping(target, length: run.byteCount) : uffd.zero(target, length: run.byteCount)) == .placed else {
                     throw WireError.malformed("page run at \(run.address) is already present")
                 }
                 if digest != nil {
@@ -329,7 +361,9 @@ final class PostcopyReceiver: @unchecked Sendable {
             case .data:
                 let chunk = UnsafeRawBufferPointer(rebasing: frame[offset..<offset + run.byteCount])
                 offset += run.byteCount
-                guard try uffd.copy(to: target, from: chunk.baseAddress!, length: run.byteCount) == .placed else {
+                if minorFaults { try write(chunk, at: fileOffset) }
+                guard try (minorFaults ? uffd.continueMapping(target, length: run.byteCount)
+                                       : uffd.copy(to: target, from: chunk.baseAddress!, length: run.byteCount)) == .placed else {
                     throw WireError.malformed("page run at \(run.address) is already present")
                 }
                 if digest != nil {
@@ -339,6 +373,17 @@ final class PostcopyReceiver: @unchecked Sendable {
                     }
                 }
             }
+        }
+    }
+
+    /// Writes a run's contents into the memfd (minor-fault mode), where no vCPU can see them before they are mapped.
+    private func write(_ bytes: UnsafeRawBufferPointer, at fileOffset: UInt64) throws {
+        var done = 0
+        while done < bytes.count {
+            let n = pwrite(memory.file.rawValue, bytes.baseAddress! + done, bytes.count - done, off_t(fileOffset) + off_t(done))
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw FDStream.IOError(operation: "writing guest memory", errno: errno) }
+            done += n
         }
     }
 

@@ -9,8 +9,8 @@ import TernMigration
 @Suite(.serialized, .enabled(if: FileManager.default.isWritableFile(atPath: "/dev/kvm"), "needs /dev/kvm"))
 struct PostcopyTests {
     /// Migrates and checks what every mode must give: completion, identical memory, a guest that goes on.
-    func migrateAndCheck(cmdline: String, arguments: [String]) throws -> MigrationReport {
-        let pair = try MigrationPair(cmdline: cmdline)
+    func migrateAndCheck(cmdline: String, arguments: [String], destinationArguments: [String] = []) throws -> MigrationReport {
+        let pair = try MigrationPair(cmdline: cmdline, destinationArguments: destinationArguments)
         let before = try pair.source.waitForStatus { $0.phase == .dirty }
         let (report, cli) = try pair.migrate(arguments + ["--verify"])
         let r = try #require(report, "no report: \(cli.stderr)")
@@ -37,6 +37,16 @@ struct PostcopyTests {
         #expect(Double(r.transferredBytes) <= payload * 1.02 + 1_000_000)
         #expect(r.rounds.count == 1, "no pre-copy round")
         #expect(try #require(r.downtimeMs) < 300)
+    }
+
+    /// A preallocated destination places pages by minor faults (written into the file, then mapped).
+    @Test(arguments: [["--mode", "postcopy"], ["--mode", "hybrid", "--precopy-rounds", "2"]])
+    func postcopyIntoPreallocatedMemory(arguments: [String]) throws {
+        let r = try migrateAndCheck(cmdline: "fill=64 dirty=32 pattern=random rate=100 progress=0", arguments: arguments,
+                                    destinationArguments: ["--memory", "256M", "--prealloc"])
+        let p = try #require(r.postcopy)
+        #expect(p.pagesPushed + p.pagesPulled == r.postcopyPagesSent)
+        #expect(p.faults > 0)
     }
 
     @Test func hybridRunsPrecopyRoundsThenPostcopy() throws {

@@ -75,6 +75,7 @@ static const unsigned long CKVM_UFFDIO_UNREGISTER = UFFDIO_UNREGISTER;
 static const unsigned long CKVM_UFFDIO_COPY = UFFDIO_COPY;
 static const unsigned long CKVM_UFFDIO_ZEROPAGE = UFFDIO_ZEROPAGE;
 static const unsigned long CKVM_UFFDIO_WAKE = UFFDIO_WAKE;
+static const unsigned long CKVM_UFFDIO_CONTINUE = UFFDIO_CONTINUE;
 
 /// ioctl with a pointer argument (most KVM requests).
 static inline int ckvm_ioctl_ptr(int fd, unsigned long request, void *arg) {

@@ -119,6 +119,12 @@ public final class PageRunApplier {
             case .zero:
                 zeroPages += UInt64(run.pageCount)
                 if !wasCovered { continue }
+                if memory.isPreallocated {
+                    // Keep preallocated pages allocated: zero them in place.
+                    UnsafeMutableRawBufferPointer(start: memory.mapping.base + Int(fileOffset), count: run.byteCount)
+                        .initializeMemory(as: UInt8.self, repeating: 0)
+                    continue
+                }
                 let result = ckvm_punch_hole(memory.file.rawValue, Int64(fileOffset), Int64(run.byteCount))
                 guard result == 0 else { throw FDStream.IOError(operation: "zeroing guest memory", errno: errno) }
             case .data:

@@ -30,6 +30,8 @@ public struct PageStreamCounters: Sendable, Equatable {
 public final class PageStreamer {
     public static let defaultFramePages = 2048
     static let maximumRunPages: UInt32 = 1024
+    /// The most bytes one run covers.
+    public static let maximumRunBytes = Int(maximumRunPages) * PageRun.pageSize
     static let maximumRunsPerFrame = 4096
 
     public let memory: GuestMemory
