@@ -44,10 +44,17 @@ public struct APIRouter: Sendable {
             return lifecycle { try machine.resume() }
         case "/v1/vm/quit":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
+            // The pages a waiting post-copy still owes exist only here: quitting would lose the VM.
+            if migrations.suspended != nil {
+                return .error(409, "postcopy_paused", "a post-copy migration waits to resume and this process holds the pages the destination still needs: `tern migrate --resume` (SIGTERM ends it regardless)")
+            }
             let machine = self.machine
             return .noContent { machine.requestExit(MachineExit(kind: .quit, message: "quit requested through the API")) }
         case "/v1/vm/snapshot":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
+            if migrations.suspended != nil {
+                return .error(409, "postcopy_paused", "the VM runs at the destination (post-copy waiting to resume): a snapshot here would be stale")
+            }
             return snapshot(body)
         case "/v1/vm/migrate":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }

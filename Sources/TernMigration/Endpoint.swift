@@ -119,10 +119,17 @@ public enum Endpoint: Equatable, Sendable, CustomStringConvertible {
         }
     }
 
-    /// Large buffers for bulk page traffic; no Nagle delay for the small control frames.
+    /// Large buffers for bulk page traffic; no Nagle delay for the small control frames;
+    /// keepalive probes, so a peer whose host vanished is noticed within about 25 s
+    /// even on a connection that waits without a read timeout.
     static func tune(_ fd: Int32) {
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, socklen_t(MemoryLayout<Int32>.size))
+        for (option, value) in [(TCP_KEEPIDLE, Int32(10)), (TCP_KEEPINTVL, Int32(5)), (TCP_KEEPCNT, Int32(3))] {
+            var value = value
+            setsockopt(fd, Int32(IPPROTO_TCP), option, &value, socklen_t(MemoryLayout<Int32>.size))
+        }
         var size: Int32 = 8 << 20
         setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))

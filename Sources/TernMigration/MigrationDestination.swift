@@ -106,7 +106,9 @@ public final class MigrationDestination {
         let streams = Int(hello.streams)
         do {
             try check(hello)
-            if streams > 1 && listener == nil { throw Refusal("parallel page streams need a listening socket") }
+            if (streams > 1 || hello.features & Hello.postcopyUrgentFeature != 0) && listener == nil {
+                throw Refusal("parallel page streams need a listening socket")
+            }
             let configuration = MachineConfiguration(
                 kernelPath: nil, commandLine: hello.machine.commandLine, memorySize: hello.machine.memorySize,
                 vcpuCount: Int(hello.machine.vcpuCount), serial: expectations.serial, kvmPath: expectations.kvmPath)
@@ -122,9 +124,18 @@ public final class MigrationDestination {
         try sink?.writeFrame(.helloReply, payload: Verdict(accepted: true, bootID: Clocks.bootID, token: token).encoded)
         machineCreated(machine)
         let compressed = hello.features & Hello.zstdFeature != 0
-        if streams > 1, let listener {
-            extraStreams = try PageStreamReceivers(streams: streams, token: token, memory: machine.memory,
-                                                   controlConnection: connection?.rawValue, decompress: compressed, accept: listener.accept)
+        var urgentConnection: FileDescriptor?
+        let wantsUrgent = hello.features & Hello.postcopyUrgentFeature != 0
+        if streams > 1 || wantsUrgent, let listener {
+            let accepted = try PageStreamReceivers.acceptConnections(streams: streams, urgent: wantsUrgent, token: token,
+                                                                     accept: listener.accept)
+            if streams > 1 {
+                extraStreams = PageStreamReceivers(connections: accepted.pages, memory: machine.memory,
+                                                   controlConnection: connection, decompress: compressed)
+                // Likewise the control stream, which carries only stream 0's share of the pages.
+                if let connection { setTimeouts(connection.rawValue, seconds: 0) }
+            }
+            urgentConnection = accepted.urgent
         }
         // One migration per process: from here other connections are refused rather than queued.
         listener?.close()
@@ -201,8 +212,8 @@ public final class MigrationDestination {
             // With --verify: the digest of the pages already here; arriving pages add theirs.
             let present = completion.memoryDigest == nil ? nil : try MemoryDigest.compute(machine.memory) { !needed.contains($0) }
             postcopy = try PostcopyReceiver(machine: machine, source: stream, connection: connection, expected: needed,
-                                            digestOfPresentPages: present, recovery: expectations.recoveryEndpoint, token: token,
-                                            logger: logger)
+                                            digestOfPresentPages: present, urgent: urgentConnection,
+                                            recovery: expectations.recoveryEndpoint, token: token, logger: logger)
             if completion.memoryDigest != nil { ready.stateDigest = MemoryDigest.state(sections) }
         } else if completion.memoryDigest != nil {
             ready.memoryDigest = try MemoryDigest.compute(machine.memory)

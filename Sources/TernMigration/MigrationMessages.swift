@@ -26,6 +26,8 @@ public struct Hello: Equatable, Sendable {
     public static let zstdFeature: UInt64 = 1 << 0
     /// Feature bit: post-copy from the start (`--mode postcopy`): no pre-copy pages will come.
     public static let postcopyFirstFeature: UInt64 = 1 << 1
+    /// Feature bit: the source may switch to post-copy and opens a connection for demand replies alone.
+    public static let postcopyUrgentFeature: UInt64 = 1 << 2
     /// At most this many parallel page streams.
     public static let maximumStreams = 16
 

@@ -181,6 +181,8 @@ public final class MigrationSource: @unchecked Sendable {
                           streams: UInt32(parameters.streams))
         if parameters.zstdLevel != nil { hello.features |= Hello.zstdFeature }
         if parameters.mode == .postcopy { hello.features |= Hello.postcopyFirstFeature }
+        // Any mode that may end in post-copy gets a demand channel for page requests' replies.
+        if parameters.mode != .precopy { hello.features |= Hello.postcopyUrgentFeature }
         try stream.writeFrame(.hello, payload: hello.encoded)
         let (replyHeader, replyPayload) = try readReply(stream, expecting: .helloReply, what: "the handshake")
         _ = replyHeader
@@ -196,6 +198,15 @@ public final class MigrationSource: @unchecked Sendable {
             let extraStream = FDStream(fd: extra.rawValue)
             try extraStream.writeFrame(.streamHello, payload: StreamHello(token: reply.token, index: UInt32(index)).encoded)
             streamList.append(extraStream)
+        }
+        var urgent: FDStream?
+        if parameters.mode != .precopy {
+            let connection = try parameters.destination.connect()
+            lock.withLock { extraConnections.append(connection) }
+            setTimeouts(connection.rawValue, seconds: Self.replyTimeoutSeconds)
+            let channel = FDStream(fd: connection.rawValue)
+            try channel.writeFrame(.streamHello, payload: StreamHello(token: reply.token, index: StreamHello.urgentIndex).encoded)
+            urgent = channel
         }
         // The hand-over costs about one and a half round trips beyond the data (end -> ready -> go -> resumed).
         let pingStart = ContinuousClock.now
@@ -317,7 +328,7 @@ public final class MigrationSource: @unchecked Sendable {
         if parameters.mode == .postcopy { switchover = "post-copy: execution moves first" }
         if usePostcopy {
             update { $0.switchoverReason = switchover }
-            try switchToPostcopy(stream: stream, sender: sender, rateLimit: rateLimit, pending: pending, round: round, token: reply.token,
+            try switchToPostcopy(stream: stream, urgent: urgent, sender: sender, rateLimit: rateLimit, pending: pending, round: round, token: reply.token,
                                  wasPaused: wasPaused, pausedHere: &pausedHere, committed: &committed, sameHost: sameHost, started: started)
             return
         }
@@ -392,7 +403,7 @@ public final class MigrationSource: @unchecked Sendable {
     /// Post-copy: pause, send only the VM state and the list of pages the
     /// destination still needs, let it start, then push those pages (and
     /// answer its requests first) until it holds them all.
-    private func switchToPostcopy(stream: FDStream, sender: PageStreams, rateLimit: RateLimiter, pending: PageSet?, round: Int, token: UInt64,
+    private func switchToPostcopy(stream: FDStream, urgent: FDStream?, sender: PageStreams, rateLimit: RateLimiter, pending: PageSet?, round: Int, token: UInt64,
                                   wasPaused: Bool, pausedHere: inout Bool, committed: inout Bool, sameHost: Bool,
                                   started: ContinuousClock.Instant) throws {
         update { $0.status = .stopAndCopy; $0.currentRound = round; $0.mode = parameters.mode.rawValue }
@@ -440,8 +451,20 @@ public final class MigrationSource: @unchecked Sendable {
         }
         if cancelled { throw Failure("cancelled") }
 
-        try handOver(stream, pausedMono: pausedMono, pausedReal: pausedReal, sameHost: sameHost, committed: &committed)
         let precopy = sender.counters
+        var context = PostcopyContext(neededAtSwitch: needed, token: token, precopy: precopy, stateBytes: stateBytes,
+                                      memoryDigest: memoryDigest, stateDigest: stateDigest, destinationStateDigest: ready.stateDigest,
+                                      started: started, round: round)
+        do {
+            try handOver(stream, pausedMono: pausedMono, pausedReal: pausedReal, sameHost: sameHost, committed: &committed)
+        } catch where committed {
+            // `go` is out: the destination may be running the VM and waiting for its pages. A lost
+            // `resumed` is a dropped post-copy connection like any other, to be resumed.
+            let saved = context
+            lock.withLock { postcopyContext = saved }
+            if let urgent { shutdown(urgent.fd, Int32(SHUT_RDWR)) }
+            throw PostcopyInterrupted(description: "lost the destination right after the hand-over: \(error)")
+        }
         update {
             $0.executionMovedAtMs = milliseconds(since: started)
             $0.status = .postcopy
@@ -449,10 +472,7 @@ public final class MigrationSource: @unchecked Sendable {
         }
 
         // Post-copy proper: from here the VM runs at the destination and this side only serves memory.
-        var context = PostcopyContext(neededAtSwitch: needed, token: token, precopy: precopy, stateBytes: stateBytes,
-                                      memoryDigest: memoryDigest, stateDigest: stateDigest, destinationStateDigest: ready.stateDigest,
-                                      started: started, round: round)
-        try servePostcopy(stream: stream, needed: needed, context: &context)
+        try servePostcopy(stream: stream, urgent: urgent, needed: needed, context: &context)
     }
 
     /// What post-copy needs to go on after its connection dropped; kept until it completes.
@@ -479,12 +499,15 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// Serves `needed` until the destination confirms it holds everything; a
     /// dropped connection keeps the context for `resume`.
-    private func servePostcopy(stream: FDStream, needed: PageSet, context: inout PostcopyContext) throws {
-        let postcopy = PostcopySender(memory: machine.memory, connection: lock.withLock { connection }, stream: stream, needed: needed)
+    private func servePostcopy(stream: FDStream, urgent: FDStream? = nil, needed: PageSet, context: inout PostcopyContext) throws {
+        let postcopy = PostcopySender(memory: machine.memory, connection: lock.withLock { connection }, stream: stream,
+                                      urgent: urgent, needed: needed)
         let statistics: PostcopyStatistics
         do {
             statistics = try postcopy.run()
         } catch let failure as PostcopySender.Failure where failure.connectionLost {
+            // The demand channel goes with the control connection: a resume runs on one new connection.
+            if let urgent { shutdown(urgent.fd, Int32(SHUT_RDWR)) }
             context.earlier.add(postcopy.counters)
             let saved = context
             lock.withLock { postcopyContext = saved }

@@ -16,14 +16,16 @@ final class PageStreamReceivers: @unchecked Sendable {
     private let appliers: [PageRunApplier]
     private let state = Mutex<(finished: Int, error: String?)>((0, nil))
     private let done = DispatchSemaphore(value: 0)
-    private let controlConnection: Int32?
+    /// Held (not just its number) so that a late-failing stream can never cut a socket that reused the number.
+    private let controlConnection: FileDescriptor?
 
-    /// Accepts the `streams - 1` extra connections, checks each one's stream hello, and starts reading them.
-    init(streams: Int, token: UInt64, memory: GuestMemory, controlConnection: Int32?, decompress: Bool,
-         accept: () throws -> FileDescriptor) throws {
-        let partition = StreamPartition(streams: streams)
-        var byIndex: [Int: FileDescriptor] = [:]
-        for _ in 1..<streams {
+    /// Accepts the extra connections the hello announced — page streams 1 to
+    /// `streams - 1`, and with `urgent` post-copy's demand channel — checking
+    /// each one's stream hello (the token and an index that exists, once).
+    static func acceptConnections(streams: Int, urgent: Bool, token: UInt64,
+                                  accept: () throws -> FileDescriptor) throws -> (pages: [FileDescriptor], urgent: FileDescriptor?) {
+        var byIndex: [UInt32: FileDescriptor] = [:]
+        for _ in 0..<(streams - 1 + (urgent ? 1 : 0)) {
             let connection = try accept()
             setTimeouts(connection.rawValue, seconds: MigrationSource.replyTimeoutSeconds)
             let stream = FDStream(fd: connection.rawValue)
@@ -35,13 +37,23 @@ final class PageStreamReceivers: @unchecked Sendable {
             guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("stream hello") }
             let hello = try StreamHello(decoding: payload)
             guard hello.token == token else { throw MigrationDestination.Refusal("a page stream presented the wrong migration token") }
-            guard hello.index >= 1, Int(hello.index) < streams else {
+            guard (hello.index >= 1 && Int(hello.index) < streams) || (urgent && hello.index == StreamHello.urgentIndex) else {
                 throw MigrationDestination.Refusal("a page stream presented index \(hello.index); this migration has streams 0 to \(streams - 1)")
             }
-            guard byIndex[Int(hello.index)] == nil else { throw MigrationDestination.Refusal("two page streams presented index \(hello.index)") }
-            byIndex[Int(hello.index)] = connection
+            guard byIndex[hello.index] == nil else { throw MigrationDestination.Refusal("two page streams presented index \(hello.index)") }
+            // A stream may carry nothing for a long time (the dirty pages of a round can all be other
+            // streams'): no read timeout; TCP keepalive finds a source that vanished.
+            setTimeouts(connection.rawValue, seconds: 0)
+            byIndex[hello.index] = connection
         }
-        connections = (1..<streams).map { byIndex[$0]! }
+        return ((1..<streams).map { byIndex[UInt32($0)]! }, urgent ? byIndex[StreamHello.urgentIndex] : nil)
+    }
+
+    /// Starts reading the extra page streams (`connections[i]` is stream i + 1).
+    init(connections: [FileDescriptor], memory: GuestMemory, controlConnection: FileDescriptor?, decompress: Bool) {
+        let streams = connections.count + 1
+        let partition = StreamPartition(streams: streams)
+        self.connections = connections
         appliers = (1..<streams).map { index in
             let applier = PageRunApplier(memory: memory, delivery: .repeated)
             applier.stream = (partition, index)
@@ -58,7 +70,7 @@ final class PageStreamReceivers: @unchecked Sendable {
                     state.finished += 1
                     return state.finished == connections.count
                 }
-                if failure != nil, let control = controlConnection { shutdown(control, Int32(SHUT_RD)) }
+                if failure != nil, let control = controlConnection { shutdown(control.rawValue, Int32(SHUT_RD)) }
                 if last { done.signal() }
             }
         }

@@ -14,6 +14,8 @@ extension FrameType {
 /// The first frame of an extra page stream: which migration (the token the
 /// destination handed out in its hello reply) and which stream it is.
 public struct StreamHello: Equatable, Sendable {
+    /// The index of post-copy's demand channel (not a page stream of pre-copy).
+    public static let urgentIndex = UInt32.max
     public var token: UInt64
     public var index: UInt32
 

@@ -23,7 +23,7 @@ import TernWire
 /// which pages it still waits for, asks again for the ones vCPUs wait on,
 /// and carries on.
 final class PostcopyReceiver: @unchecked Sendable {
-    // @unchecked Sendable: `expected`, `requested`, `requestTimes`, `latencies` and the counters are guarded by `lock`;
+    // @unchecked Sendable: `expected`, `requested`, `requestTimes`, `latencies`, `digest` and the counters are guarded by `lock`;
     // `source`, `connection` and `connected` by `writeLock` (only the pages thread replaces them).
     let machine: Machine
     let memory: GuestMemory
@@ -55,14 +55,23 @@ final class PostcopyReceiver: @unchecked Sendable {
     private let writeLock = NSLock()
     private let finished = Atomic<Bool>(false)
     private var digest: UInt64?
+    /// With --verify: arriving pages add to `digest`.
+    private let verifying: Bool
     private let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
+    /// Post-copy's demand channel (QEMU calls it the preempt channel): replies to
+    /// page requests arrive here, never queued behind the background push.
+    private let urgent: FileDescriptor?
+    private let urgentBounce: UnsafeMutableRawBufferPointer
+    private let urgentDone = DispatchSemaphore(value: 0)
 
     /// The socket, owned here: post-copy outlives the call that accepted it.
     private var connection: FileDescriptor?
 
     init(machine: Machine, source: FDStream, connection: FileDescriptor?, expected: PageSet, digestOfPresentPages: UInt64?,
-         recovery: Endpoint? = nil, token: UInt64 = 0, logger: Logger) throws {
+         urgent: FileDescriptor? = nil, recovery: Endpoint? = nil, token: UInt64 = 0, logger: Logger) throws {
         self.connection = connection
+        self.urgent = urgent
+        urgentBounce = .allocate(byteCount: urgent == nil ? 0 : 1 << 20, alignment: 4096)
         self.recovery = recovery
         self.token = token
         self.machine = machine
@@ -72,6 +81,7 @@ final class PostcopyReceiver: @unchecked Sendable {
         needed = expected
         requested = PageSet(pageCount: expected.pageCount)
         digest = digestOfPresentPages
+        verifying = digestOfPresentPages != nil
         self.logger = logger
         let minorUffd = memory.isPreallocated ? try? Userfaultfd(minorFaults: true) : nil
         minorFaults = minorUffd != nil
@@ -105,6 +115,7 @@ final class PostcopyReceiver: @unchecked Sendable {
 
     deinit {
         bounce.deallocate()
+        urgentBounce.deallocate()
         zeros.deallocate()
     }
 
@@ -117,6 +128,14 @@ final class PostcopyReceiver: @unchecked Sendable {
         machine.memoryIncomplete = true
         logger.info("post-copy: \(needed.count) pages to come, placed by \(minorFaults ? "minor faults (UFFDIO_CONTINUE) on preallocated memory" : "missing faults (UFFDIO_COPY)")")
         spawnThread(named: "postcopy-faults") { [self] in serveFaults() }
+        if let urgent {
+            var noTimeout = timeval(tv_sec: 0, tv_usec: 0)
+            setsockopt(urgent.rawValue, SOL_SOCKET, SO_RCVTIMEO, &noTimeout, socklen_t(MemoryLayout<timeval>.size))
+            spawnThread(named: "postcopy-urgent") { [self] in
+                receiveDemandReplies(from: FDStream(fd: urgent.rawValue))
+                urgentDone.signal()
+            }
+        }
         spawnThread(named: "postcopy-pages") { [self] in
             do {
                 try receivePages(vmStartedNs: vmStartedNs)
@@ -179,12 +198,12 @@ final class PostcopyReceiver: @unchecked Sendable {
                 do {
                     try sendRequests(toRequest)
                 } catch {
-                    // The vCPUs keep waiting for these pages; they are asked for again after a resume.
+                    // The vCPUs keep waiting for these pages; they are asked for again after a resume
+                    // (the failed connection is already cut, so the pages thread notices).
                     guard recovery != nil else {
                         fail("cannot request pages from the source: \(error)")
                         return
                     }
-                    disconnect()
                 }
             }
         }
@@ -192,12 +211,22 @@ final class PostcopyReceiver: @unchecked Sendable {
 
     /// Sends page requests (in pieces a request frame can hold); a no-op while disconnected.
     private func sendRequests(_ pages: [UInt64]) throws {
-        try writeLock.withLock {
-            guard connected else { return }
+        try writeLock.withLock { try sendRequestsLocked(pages) }
+    }
+
+    /// `sendRequests` with `writeLock` held. A failed write marks this very
+    /// connection lost (never one adopted since) and cuts it.
+    private func sendRequestsLocked(_ pages: [UInt64]) throws {
+        guard connected else { return }
+        do {
             for start in stride(from: 0, to: pages.count, by: PageRequest.maximumPages) {
                 let request = PageRequest(pages: Array(pages[start..<min(pages.count, start + PageRequest.maximumPages)]))
                 try source.writeFrame(.pageRequest, payload: request.encoded)
             }
+        } catch {
+            connected = false
+            shutdown(source.fd, Int32(SHUT_RDWR))
+            throw error
         }
     }
 
@@ -207,6 +236,8 @@ final class PostcopyReceiver: @unchecked Sendable {
             connected = false
             shutdown(source.fd, Int32(SHUT_RDWR))
         }
+        // The demand channel goes with it: after a resume everything comes on the new connection.
+        if let urgent { shutdown(urgent.rawValue, Int32(SHUT_RDWR)) }
     }
 
     // MARK: Recovery
@@ -274,25 +305,34 @@ final class PostcopyReceiver: @unchecked Sendable {
         setTimeouts(candidate.rawValue, seconds: MigrationSource.replyTimeoutSeconds)
         var size: Int32 = 256 << 10
         setsockopt(candidate.rawValue, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
-        let (stillExpected, waitedOn): (PageSet, [UInt64]) = lock.withLock {
-            var waited: [UInt64] = []
-            var page = 0
-            while let next = requested.next(from: page) {
-                if expected.contains(next) { waited.append(UInt64(next)) }
-                page = next + 1
-                if page >= requested.pageCount { break }
-            }
-            statistics.reconnections += 1
-            return (expected, waited)
+        // The demand channel's thread has stopped (it was cut with the connection): no frame of the old
+        // connection can be placed after the list of pages still expected is taken.
+        if urgent != nil {
+            urgentDone.wait()
+            urgentDone.signal()
         }
+        // Under one writeLock: a fault noted meanwhile is either in this list or sent on the new connection.
+        var stillCount = 0, waitedCount = 0
         try writeLock.withLock {
+            let (stillExpected, waitedOn): (PageSet, [UInt64]) = lock.withLock {
+                var waited: [UInt64] = []
+                var page = 0
+                while page < requested.pageCount, let next = requested.next(from: page) {
+                    if expected.contains(next) { waited.append(UInt64(next)) }
+                    page = next + 1
+                }
+                statistics.reconnections += 1
+                return (expected, waited)
+            }
             try stream.writeFrame(.postcopyResumeReply, payload: PostcopyResumeReply(expected: stillExpected).encoded)
             source = stream
             connection = candidate
             connected = true
+            try sendRequestsLocked(waitedOn)
+            stillCount = stillExpected.count
+            waitedCount = waitedOn.count
         }
-        try sendRequests(waitedOn)
-        logger.info("post-copy resumed: \(stillExpected.count) pages to come, \(waitedOn.count) of them waited on")
+        logger.info("post-copy resumed: \(stillCount) pages to come, \(waitedCount) of them waited on")
     }
 
     // MARK: Pages
@@ -306,12 +346,14 @@ final class PostcopyReceiver: @unchecked Sendable {
             }
             switch header.type {
             case .pages:
-                do { try place(header) } catch where Self.isConnectionLoss(error) {
+                do { try place(header, from: source, bounce: bounce) } catch where Self.isConnectionLoss(error) {
                     // A frame cut short is dropped whole: its pages are placed only after its CRC checks out.
                     try awaitResume(after: error)
                 }
             case .postcopyEnd:
                 _ = try source.readExactly(Int(header.length), what: "post-copy end")
+                // The demand channel ends too (or ended with a dropped connection): its last replies are placed first.
+                if urgent != nil { urgentDone.wait() }
                 let missing = lock.withLock { expected.count }
                 guard missing == 0 else { throw WireError.malformed("the source finished with \(missing) pages never sent") }
                 finish(vmStartedNs: vmStartedNs)
@@ -325,14 +367,38 @@ final class PostcopyReceiver: @unchecked Sendable {
         }
     }
 
+    /// The demand channel's replies, until the source's `postcopyEnd` on it. A
+    /// dropped channel just ends this thread: replies then come on the control
+    /// connection (after a resume, post-copy runs on that alone).
+    private func receiveDemandReplies(from stream: FDStream) {
+        do {
+            while true {
+                let header = try stream.readFrameHeader()
+                switch header.type {
+                case .pages:
+                    guard header.flags & demandReplyFlag != 0 else { throw WireError.malformed("a pushed page on the demand channel") }
+                    try place(header, from: stream, bounce: urgentBounce)
+                case .postcopyEnd:
+                    return
+                default:
+                    throw WireError.malformed("unexpected \(header.type) frame on the demand channel")
+                }
+            }
+        } catch where Self.isConnectionLoss(error) {
+            logger.debug("post-copy demand channel closed: \(error)")
+        } catch {
+            fail("\(error)")
+        }
+    }
+
     /// Reads a whole pages frame, checks its CRC, and only then places its
     /// pages: a running vCPU must never see bytes that fail the check.
-    private func place(_ header: FrameHeader) throws {
+    private func place(_ header: FrameHeader, from stream: FDStream, bounce: UnsafeMutableRawBufferPointer) throws {
         let demandReply = header.flags & demandReplyFlag != 0
         let length = Int(header.length)
         guard length <= bounce.count else { throw WireError.tooLarge("a post-copy pages frame of \(length) bytes") }
         let frame = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<length])
-        try source.readExactly(into: frame, what: "post-copy pages frame")
+        try stream.readExactly(into: frame, what: "post-copy pages frame")
         guard Checksum.crc32c(UnsafeRawBufferPointer(frame)) == header.payloadCRC else {
             throw WireError.checksumMismatch("pages frame during post-copy")
         }
@@ -349,12 +415,22 @@ final class PostcopyReceiver: @unchecked Sendable {
             let target = memory.mapping.base + Int(fileOffset)
             switch run.kind {
             case .zero:
-                if minorFaults { try write(UnsafeRawBufferPointer(rebasing: zeros[0..<run.byteCount]), at: fileOffset) }
+                if minorFaults {
+                    // A run may be longer than the zero buffer (runs are bounded by the region only).
+                    var done = 0
+                    while done < run.byteCount {
+                        let piece = min(zeros.count, run.byteCount - done)
+                        try write(UnsafeRawBufferPointer(rebasing: zeros[0..<piece]), at: fileOffset + UInt64(done))
+                        done += piece
+                    }
+                }
                 guard try (minorFaults ? uffd.continueMapping(target, length: run.byteCount) : uffd.zero(target, length: run.byteCount)) == .placed else {
                     throw WireError.malformed("page run at \(run.address) is already present")
                 }
-                if digest != nil {
-                    for page in firstPage..<firstPage + Int(run.pageCount) { digest! &+= MemoryDigest.contribution(page: UInt64(page), crc: MemoryDigest.zeroPageCRC) }
+                if verifying {
+                    var sum: UInt64 = 0
+                    for page in firstPage..<firstPage + Int(run.pageCount) { sum &+= MemoryDigest.contribution(page: UInt64(page), crc: MemoryDigest.zeroPageCRC) }
+                    lock.withLock { digest! &+= sum }
                 }
             case .delta:
                 throw WireError.malformed("a delta page during post-copy")
@@ -366,11 +442,13 @@ final class PostcopyReceiver: @unchecked Sendable {
                                        : uffd.copy(to: target, from: chunk.baseAddress!, length: run.byteCount)) == .placed else {
                     throw WireError.malformed("page run at \(run.address) is already present")
                 }
-                if digest != nil {
+                if verifying {
+                    var sum: UInt64 = 0
                     for i in 0..<Int(run.pageCount) {
                         let page = UnsafeRawBufferPointer(rebasing: chunk[i * PageRun.pageSize..<(i + 1) * PageRun.pageSize])
-                        digest! &+= MemoryDigest.contribution(page: UInt64(firstPage + i), crc: Checksum.crc32c(page))
+                        sum &+= MemoryDigest.contribution(page: UInt64(firstPage + i), crc: Checksum.crc32c(page))
                     }
+                    lock.withLock { digest! &+= sum }
                 }
             }
         }
@@ -382,7 +460,8 @@ final class PostcopyReceiver: @unchecked Sendable {
         while done < bytes.count {
             let n = pwrite(memory.file.rawValue, bytes.baseAddress! + done, bytes.count - done, off_t(fileOffset) + off_t(done))
             if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw FDStream.IOError(operation: "writing guest memory", errno: errno) }
+            // A local failure, not a lost connection: it must not send post-copy into waiting for a resume.
+            guard n > 0 else { throw SystemError("writing guest memory", errno: errno) }
             done += n
         }
     }

@@ -9,13 +9,22 @@ import TernWire
 /// because it asked (a fault: sent at once, ahead of everything else) or by
 /// the background push, which jumps to the neighbourhood of the latest
 /// fault (pre-paging) so that nearby accesses find their pages already there.
+///
+/// With a demand channel (a connection of its own, QEMU's "preempt channel"),
+/// requests are answered by the reader thread the moment they arrive, on that
+/// connection, so a reply never waits behind pushed pages in either socket.
+/// Without one (after a resume), replies go between pushed frames.
 final class PostcopySender: @unchecked Sendable {
-    // @unchecked Sendable: `requests`, `outcome` and `readerError` are guarded by `condition`.
+    // @unchecked Sendable: `needed`, `requests`, `hint`, `repliesInFlight`, `outcome`, `readerError`,
+    // `readerLostConnection` and `pulled` are guarded by `condition`; `streamer` is the push loop's,
+    // `urgentStreamer` the reader's.
     /// Pages per pushed frame: small, so a demand reply never waits behind much.
     static let pushFramePages = 64
     /// Pages pushed after a fault before the push may wander off again.
     static let prepagingWindow = 256
     static let completionTimeoutSeconds = 60.0
+    /// Pages per demand-channel frame (the destination reads them into a 1 MiB buffer).
+    static let demandFramePages = 128
 
     let memory: GuestMemory
     let stream: FDStream
@@ -23,25 +32,37 @@ final class PostcopySender: @unchecked Sendable {
     let connection: FileDescriptor?
     private var needed: PageSet
     private let streamer: PageStreamer
+    private let urgentStreamer: PageStreamer?
     private let condition = NSCondition()
     private var requests: [Int] = []
+    /// Where the push should go next after a demand reply (pre-paging), set by the reader.
+    private var hint: Int?
+    private var repliesInFlight = 0
     private var outcome: PostcopyStatistics?
     private var readerError: String?
     /// Whether the reader stopped because the connection broke (not because the destination refused).
     private var readerLostConnection = false
     private(set) var pushed: UInt64 = 0
-    private(set) var pulled: UInt64 = 0
+    private var pulledPages: UInt64 = 0
+    var pulled: UInt64 { condition.withLock { pulledPages } }
     var shouldStop: () -> Bool = { false }
 
-    init(memory: GuestMemory, connection: FileDescriptor?, stream: FDStream, needed: PageSet) {
+    init(memory: GuestMemory, connection: FileDescriptor?, stream: FDStream, urgent: FDStream? = nil, needed: PageSet) {
         self.connection = connection
         self.memory = memory
         self.stream = stream
         self.needed = needed
         streamer = PageStreamer(memory: memory, stream: stream, framePages: Self.pushFramePages)
+        urgentStreamer = urgent.map { PageStreamer(memory: memory, stream: $0, framePages: Self.demandFramePages) }
+        urgentStreamer?.frameFlags = demandReplyFlag
     }
 
-    var counters: PageStreamCounters { streamer.counters }
+    /// What went on the wire (read after `run`).
+    var counters: PageStreamCounters {
+        var total = streamer.counters
+        if let urgentStreamer { total.add(urgentStreamer.counters) }
+        return total
+    }
 
     struct Failure: Error, CustomStringConvertible {
         let description: String
@@ -59,7 +80,7 @@ final class PostcopySender: @unchecked Sendable {
     }
 
     private func serve() throws -> PostcopyStatistics {
-        // Keep the socket's queue short: a demand reply should not queue behind megabytes of push.
+        // Keep the sockets' queues short: a demand reply should not queue behind megabytes of push.
         var size: Int32 = 256 << 10
         setsockopt(stream.fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
         // Requests may be minutes apart; the completion wait below has its own bound.
@@ -73,47 +94,59 @@ final class PostcopySender: @unchecked Sendable {
         reader.start()
         // Whatever happens below, the reader must be gone before the socket can be closed.
         defer {
-            if condition.withLock({ outcome == nil }) { shutdown(stream.fd, Int32(SHUT_RDWR)) }
+            if condition.withLock({ outcome == nil }) {
+                shutdown(stream.fd, Int32(SHUT_RDWR))
+                if let urgent = urgentStreamer?.stream { shutdown(urgent.fd, Int32(SHUT_RDWR)) }
+            }
             readerDone.wait()
         }
 
         var cursor = 0
-        var prepagingLeft = 0
         while true {
             if shouldStop() { throw Failure(description: "cancelled during post-copy") }
-            if let error = condition.withLock({ readerError }) {
-                throw Failure(description: error, connectionLost: condition.withLock { readerLostConnection })
+            if let failure = condition.withLock({ readerError.map { Failure(description: $0, connectionLost: readerLostConnection) } }) {
+                throw failure
             }
+            // Without a demand channel, requests are answered here, ahead of the next pushed frame.
             let demand: [Int] = condition.withLock {
                 defer { requests.removeAll(keepingCapacity: true) }
-                return requests
+                return requests.filter { needed.contains($0) }.map { page in
+                    needed.remove(page)
+                    return page
+                }
             }
             if !demand.isEmpty {
                 streamer.frameFlags = demandReplyFlag
-                for page in demand where page < needed.pageCount && needed.contains(page) {
-                    needed.remove(page)
-                    try streamer.addPages(firstPage: page, count: 1)
-                    pulled += 1
-                }
+                for page in demand { try streamer.addPages(firstPage: page, count: 1) }
                 try streamer.flush()
                 streamer.frameFlags = 0
-                cursor = min((demand.last ?? cursor) + 1, needed.pageCount)
-                prepagingLeft = Self.prepagingWindow
+                condition.withLock { pulledPages += UInt64(demand.count) }
+                cursor = min(demand.last! + 1, needed.pageCount)
                 continue
             }
-            guard let first = needed.next(from: cursor) ?? needed.next(from: 0) else { break }
-            if prepagingLeft > 0 && first != cursor { prepagingLeft = 0 }
-            var count = 0
-            while count < Self.pushFramePages, first + count < needed.pageCount, needed.contains(first + count) {
-                needed.remove(first + count)
-                count += 1
+            // The next pushed frame: near the latest fault if there was one (pre-paging), else onward.
+            let run: (first: Int, count: Int)? = condition.withLock {
+                if let next = hint {
+                    cursor = next
+                    hint = nil
+                }
+                guard let first = needed.next(from: cursor) ?? needed.next(from: 0) else { return nil }
+                var count = 0
+                while count < Self.pushFramePages, first + count < needed.pageCount, needed.contains(first + count) {
+                    needed.remove(first + count)
+                    count += 1
+                }
+                return (first, count)
             }
-            try streamer.addPages(firstPage: first, count: count)
+            guard let run else { break }
+            try streamer.addPages(firstPage: run.first, count: run.count)
             try streamer.flush()
-            pushed += UInt64(count)
-            prepagingLeft = max(0, prepagingLeft - count)
-            cursor = first + count
+            pushed += UInt64(run.count)
+            cursor = run.first + run.count
         }
+        // Every page is on its way; demand replies still being written finish first.
+        condition.withLock { while repliesInFlight > 0 { condition.wait() } }
+        if let urgent = urgentStreamer?.stream { try urgent.writeFrame(.postcopyEnd, payload: [UInt8]()) }
         try stream.writeFrame(.postcopyEnd, payload: [UInt8]())
 
         let deadline = Date(timeIntervalSinceNow: Self.completionTimeoutSeconds)
@@ -128,6 +161,28 @@ final class PostcopySender: @unchecked Sendable {
         return outcome!
     }
 
+    /// Answers a request on the demand channel at once: the pages still owed,
+    /// taken out of the push's way, in one frame.
+    private func reply(to pages: [Int], on urgent: PageStreamer) throws {
+        let owed: [Int] = condition.withLock {
+            let owed = pages.filter { needed.contains($0) }
+            for page in owed { needed.remove(page) }
+            if let last = owed.last { hint = min(last + 1, needed.pageCount) }
+            repliesInFlight += 1
+            return owed
+        }
+        defer {
+            condition.withLock {
+                repliesInFlight -= 1
+                condition.broadcast()
+            }
+        }
+        guard !owed.isEmpty else { return }
+        for page in owed { try urgent.addPages(firstPage: page, count: 1) }
+        try urgent.flush()
+        condition.withLock { pulledPages += UInt64(owed.count) }
+    }
+
     /// The destination's requests and its final confirmation, on their own thread.
     private func readReplies() {
         while true {
@@ -136,12 +191,15 @@ final class PostcopySender: @unchecked Sendable {
                 switch header.type {
                 case .pageRequest:
                     let request = try PageRequest(decoding: payload)
-                    condition.withLock {
-                        // Bounded: a well-behaved destination never has more pages outstanding than exist.
-                        if requests.count < needed.pageCount {
-                            requests.append(contentsOf: request.pages.lazy.filter { $0 < UInt64(self.needed.pageCount) }.map { Int($0) })
+                    let pages = request.pages.lazy.filter { $0 < UInt64(self.memory.size) / UInt64(PageRun.pageSize) }.map { Int($0) }
+                    if let urgentStreamer {
+                        try reply(to: Array(pages), on: urgentStreamer)
+                    } else {
+                        condition.withLock {
+                            // Bounded: a well-behaved destination never has more pages outstanding than exist.
+                            if requests.count < needed.pageCount { requests.append(contentsOf: pages) }
+                            condition.broadcast()
                         }
-                        condition.broadcast()
                     }
                 case .complete:
                     let statistics = try PostcopyStatistics(decoding: payload)

@@ -124,6 +124,31 @@ struct PageStreamTests {
         } throws: { "\($0)".contains("arrived on stream 0, which does not carry it") }
     }
 
+    /// A cached page that becomes zero and then returns to its old contents must
+    /// arrive as those contents, not as "unchanged" against the stale cache.
+    @Test func xbzrleCacheFollowsAPageThroughZero() throws {
+        let memory = try GuestMemory(size: Self.size)
+        let file = temporaryFile()
+        defer { close(file.fd) }
+        let sender = PageSender(memory: memory, stream: file, rateLimit: RateLimiter(bytesPerSecond: nil), shouldStop: { false })
+        sender.streamer.cache = XBZRLECache(bytes: 1 << 20)
+        sender.streamer.cacheWholePages = true
+        var generator = SystemRandomNumberGenerator()
+        let contents = (0..<512).map { _ in generator.next() as UInt64 }.withUnsafeBytes { Array($0) }
+        let page = GuestAddress(5 * 4096)
+        var one = PageSet(pageCount: Int(Self.size / 4096))
+        one.insert(5)
+        for bytes in [contents, [UInt8](repeating: 0, count: 4096), contents] {
+            try memory.write(bytes, at: page)
+            try sender.send(one)
+        }
+        lseek(file.fd, 0, SEEK_SET)
+        let copy = try GuestMemory(size: Self.size)
+        let applier = PageRunApplier(memory: copy, delivery: .repeated)
+        try applyAll(file, to: applier)
+        #expect(try copy.read(page, count: 4096) == contents)
+    }
+
     @Test func partitionPiecesCoverEveryPageOnce() {
         for streams in 1...5 {
             let partition = StreamPartition(streams: streams)

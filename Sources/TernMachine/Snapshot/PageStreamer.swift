@@ -109,6 +109,9 @@ public final class PageStreamer {
             for i in 0..<n {
                 let bytes = UnsafeRawBufferPointer(start: destination + i * PageRun.pageSize, count: PageRun.pageSize)
                 if Checksum.isZero(bytes) {
+                    // The receiver's copy becomes zero: so must the cached one, or a later delta
+                    // (or "unchanged") would be computed against contents the receiver no longer has.
+                    if let cache, cache.contains(page + i) { cache.insert(page: page + i, bytes: bytes) }
                     append(.zero, page: page + i, stagingPage: -1)
                 } else if let cache, let length = cache.encode(page: page + i, bytes: bytes,
                                                                 into: UnsafeMutableRawBufferPointer(rebasing: deltas[deltaUsed...])) {
