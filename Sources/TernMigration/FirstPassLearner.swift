@@ -23,6 +23,9 @@ final class FirstPassLearner: @unchecked Sendable {
     private var dirtyAfterSending: PageSet
     private var frequency: DirtyFrequency
     private var sinceCheck = 0
+    /// 1 MiB chunks in which the guest has been seen writing: with XBZRLE, the
+    /// pass caches their pages, since the next round will likely send them again.
+    private var hotChunks: [Bool]
 
     init(memory: GuestMemory, vm: VirtualMachine, initiallyHeld: PageSet, frequency: DirtyFrequency, interval: Int) {
         self.memory = memory
@@ -32,6 +35,15 @@ final class FirstPassLearner: @unchecked Sendable {
         sent = PageSet(pageCount: initiallyHeld.pageCount)
         dirtyAfterSending = PageSet(pageCount: initiallyHeld.pageCount)
         self.frequency = frequency
+        hotChunks = [Bool](repeating: false, count: (initiallyHeld.pageCount + StreamPartition.chunkPages - 1) / StreamPartition.chunkPages)
+        initiallyHeld.forEachRange { first, count in
+            for chunk in first / StreamPartition.chunkPages...(first + count - 1) / StreamPartition.chunkPages { hotChunks[chunk] = true }
+        }
+    }
+
+    /// Whether the guest has been seen writing near `page` (its 1 MiB chunk).
+    func isInHotChunk(_ page: Int) -> Bool {
+        lock.withLock { hotChunks[page / StreamPartition.chunkPages] }
     }
 
     /// Holes go as zero markers; they count as sent.
@@ -59,6 +71,7 @@ final class FirstPassLearner: @unchecked Sendable {
                     for page in first..<first + count {
                         if sent.contains(page) { dirtyAfterSending.insert(page) } else { held.insert(page) }
                     }
+                    for chunk in first / StreamPartition.chunkPages...(first + count - 1) / StreamPartition.chunkPages { hotChunks[chunk] = true }
                 }
             }
             return ranges
@@ -77,6 +90,8 @@ extension PageStreams {
     func firstPass(learning learner: FirstPassLearner) throws {
         try run { sender in
             let streamer = sender.streamer
+            streamer.shouldCache = { learner.isInHotChunk($0) }
+            defer { streamer.shouldCache = nil }
             try streamer.memory.forEachExtent { first, count, isHole in
                 try sender.partition.forEachPiece(first: first, count: count, stream: sender.index) { first, count in
                     if isHole {

@@ -341,13 +341,16 @@ public final class MigrationSource: @unchecked Sendable {
             pausedHere = true
         }
         let pauseInstant = ContinuousClock.now
+        logger.debug("stop-and-copy: the vCPUs stopped \(Int(Clocks.milliseconds(from: pausedMono, to: Clocks.monotonicNs()))) ms after the pause began")
         // The cap shares the link during pre-copy; while the VM is paused, every byte it holds back is downtime.
         rateLimit.lift()
         var last = try machine.memory.collectDirtyPages(from: machine.vm)
         if let pending { for (i, word) in pending.words.enumerated() where word != 0 { last.merge(bitmap: [word], firstPage: i * 64) } }
         let before = sender.counters
+        let lastPages = last.count
         try sender.send(last)
         try sender.endExtraStreams()
+        logger.debug("stop-and-copy: \(lastPages) pages sent \(Int(milliseconds(since: pauseInstant))) ms after the pause")
         let state = try machine.captureState()
         let sections = state.sections
         for section in sections { try stream.writeFrame(.state, payload: section.encoded) }
@@ -358,6 +361,7 @@ public final class MigrationSource: @unchecked Sendable {
         }
         let completion = Completion(pausedMonotonicNs: pausedMono, pausedRealtimeNs: pausedReal, memoryDigest: memoryDigest, stateDigest: stateDigest)
         try stream.writeFrame(.end, payload: completion.encoded)
+        logger.debug("stop-and-copy: state and end sent \(Int(milliseconds(since: pauseInstant))) ms after the pause")
         let stateBytes = UInt64(sections.reduce(0) { $0 + $1.encoded.count + FrameHeader.size }) + UInt64(FrameHeader.size + completion.encoded.count)
         let sent = sender.counters
         update {
@@ -379,6 +383,7 @@ public final class MigrationSource: @unchecked Sendable {
 
         // The destination holds everything and says whether it accepts it.
         let (_, readyPayload) = try readReply(stream, expecting: .ready, what: "the hand-over")
+        logger.debug("stop-and-copy: the destination was ready \(Int(milliseconds(since: pauseInstant))) ms after the pause")
         let ready = try Verdict(decoding: readyPayload)
         guard ready.accepted else { throw Failure("the destination rejected the VM: \(ready.reason)") }
         if parameters.verify {

@@ -32,6 +32,8 @@ public final class PageStreamer {
     static let maximumRunPages: UInt32 = 1024
     /// The most bytes one run covers.
     public static let maximumRunBytes = Int(maximumRunPages) * PageRun.pageSize
+    /// Runs up to this size are read through the mapping rather than with pread.
+    static let mappedReadLimit = 4 * PageRun.pageSize
     static let maximumRunsPerFrame = 4096
 
     public let memory: GuestMemory
@@ -52,6 +54,9 @@ public final class PageStreamer {
     /// Whether pages sent whole enter the cache (from the first re-send on; the
     /// first pass would only fill it with pages that are never sent again).
     public var cacheWholePages = false
+    /// Otherwise, which pages sent whole enter the cache anyway (the first pass caches the
+    /// neighbourhoods it has seen the guest write, whose pages are likely to come again).
+    public var shouldCache: ((Int) -> Bool)?
     private let deltas: UnsafeMutableRawBufferPointer
     private var deltaUsed = 0
     /// zstd per frame (`--compress zstd`); a frame it cannot shrink goes as it is.
@@ -128,7 +133,9 @@ public final class PageStreamer {
                     counters.deltaPages += 1
                     counters.deltaBytes += UInt64(length)
                 } else {
-                    if cacheWholePages, let cache, !cache.contains(page + i) { cache.insert(page: page + i, bytes: bytes) }
+                    if let cache, cacheWholePages || shouldCache?(page + i) == true, !cache.contains(page + i) {
+                        cache.insert(page: page + i, bytes: bytes)
+                    }
                     append(.data, page: page + i, stagingPage: stagedPages + i)
                 }
             }
@@ -138,6 +145,13 @@ public final class PageStreamer {
     }
 
     private func readMemory(into destination: UnsafeMutableRawPointer, bytes: Int, fileOffset: Int) throws {
+        // Short runs (the scattered dirty pages of later rounds) are copied through the mapping:
+        // they are in the memfd (the guest wrote them), so this costs at most a minor fault, where
+        // a pread per page costs a syscall. Long runs go by pread, which never faults pages in.
+        if bytes <= Self.mappedReadLimit {
+            destination.copyMemory(from: memory.mapping.base + fileOffset, byteCount: bytes)
+            return
+        }
         var done = 0
         while done < bytes {
             let n = pread(memory.file.rawValue, destination + done, bytes - done, off_t(fileOffset + done))
