@@ -257,10 +257,11 @@ public final class MigrationDestination {
 
 /// Where a destination accepts the source's extra page streams, and how it stops accepting.
 public struct StreamListener {
-    public var accept: () throws -> FileDescriptor
+    /// Accepts one connection within the given number of seconds, or throws.
+    public var accept: (_ timeoutSeconds: Int) throws -> FileDescriptor
     public var close: () -> Void
 
-    public init(accept: @escaping () throws -> FileDescriptor, close: @escaping () -> Void) {
+    public init(accept: @escaping (_ timeoutSeconds: Int) throws -> FileDescriptor, close: @escaping () -> Void) {
         self.accept = accept
         self.close = close
     }

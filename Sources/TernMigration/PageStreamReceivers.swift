@@ -19,34 +19,62 @@ final class PageStreamReceivers: @unchecked Sendable {
     /// Held (not just its number) so that a late-failing stream can never cut a socket that reused the number.
     private let controlConnection: FileDescriptor?
 
+    /// A source opens its streams right after the hello: they all have this long to join.
+    static let joinSeconds = 5
+    /// A candidate must say which stream it is this quickly.
+    static let openingSeconds = 2
+
     /// Accepts the extra connections the hello announced — page streams 1 to
     /// `streams - 1`, and with `urgent` post-copy's demand channel — checking
-    /// each one's stream hello (the token and an index that exists, once).
+    /// each one's stream hello (the token and an index that exists, once). A
+    /// connection that fails the check is turned away and the wait goes on
+    /// (a port scanner must not end a migration); if the streams have not all
+    /// joined within `joinSeconds`, the migration fails, naming what was turned away.
     static func acceptConnections(streams: Int, urgent: Bool, token: UInt64,
-                                  accept: () throws -> FileDescriptor) throws -> (pages: [FileDescriptor], urgent: FileDescriptor?) {
+                                  accept: (Int) throws -> FileDescriptor) throws -> (pages: [FileDescriptor], urgent: FileDescriptor?) {
         var byIndex: [UInt32: FileDescriptor] = [:]
-        for _ in 0..<(streams - 1 + (urgent ? 1 : 0)) {
-            let connection = try accept()
-            setTimeouts(connection.rawValue, seconds: MigrationSource.replyTimeoutSeconds)
-            let stream = FDStream(fd: connection.rawValue)
-            let header = try stream.readFrameHeader()
-            guard header.type == .streamHello, header.length <= 64 else {
-                throw MigrationDestination.Refusal("an extra connection did not open as a page stream (first frame is \(header.type))")
+        let wanted = streams - 1 + (urgent ? 1 : 0)
+        let deadline = ContinuousClock.now + .seconds(joinSeconds)
+        var turnedAway: [String] = []
+        while byIndex.count < wanted {
+            let left = deadline - ContinuousClock.now
+            guard left > .zero, let connection = try? accept(max(1, Int(left.components.seconds) + 1)) else {
+                let missing = wanted - byIndex.count
+                throw MigrationDestination.Refusal("\(missing) page stream\(missing == 1 ? "" : "s") did not join within \(joinSeconds) s"
+                    + (turnedAway.isEmpty ? "" : " (turned away: \(turnedAway.joined(separator: "; ")))"))
             }
-            let payload = try stream.readExactly(Int(header.length), what: "stream hello")
-            guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("stream hello") }
-            let hello = try StreamHello(decoding: payload)
-            guard hello.token == token else { throw MigrationDestination.Refusal("a page stream presented the wrong migration token") }
-            guard (hello.index >= 1 && Int(hello.index) < streams) || (urgent && hello.index == StreamHello.urgentIndex) else {
-                throw MigrationDestination.Refusal("a page stream presented index \(hello.index); this migration has streams 0 to \(streams - 1)")
+            do {
+                let index = try streamIndex(of: connection, streams: streams, urgent: urgent, token: token, taken: byIndex)
+                // A stream may carry nothing for a long time (the dirty pages of a round can all be other
+                // streams'): no read timeout; TCP keepalive finds a source that vanished.
+                setTimeouts(connection.rawValue, seconds: 0)
+                byIndex[index] = connection
+            } catch {
+                turnedAway.append("\(error)")
+                try? FDStream(fd: connection.rawValue).writeFrame(.abort, payload: Array("\(error)".utf8))
             }
-            guard byIndex[hello.index] == nil else { throw MigrationDestination.Refusal("two page streams presented index \(hello.index)") }
-            // A stream may carry nothing for a long time (the dirty pages of a round can all be other
-            // streams'): no read timeout; TCP keepalive finds a source that vanished.
-            setTimeouts(connection.rawValue, seconds: 0)
-            byIndex[hello.index] = connection
         }
         return ((1..<streams).map { byIndex[UInt32($0)]! }, urgent ? byIndex[StreamHello.urgentIndex] : nil)
+    }
+
+    /// Reads a candidate's stream hello and returns its index, or throws why it is not one of ours.
+    private static func streamIndex(of connection: FileDescriptor, streams: Int, urgent: Bool, token: UInt64,
+                                    taken: [UInt32: FileDescriptor]) throws -> UInt32 {
+        setTimeouts(connection.rawValue, seconds: openingSeconds)
+        let stream = FDStream(fd: connection.rawValue)
+        let header = try stream.readFrameHeader()
+        guard header.type == .streamHello, header.length <= 64 else {
+            throw MigrationDestination.Refusal("an extra connection did not open as a page stream (first frame is \(header.type))")
+        }
+        let payload = try stream.readExactly(Int(header.length), what: "stream hello")
+        guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("stream hello") }
+        let hello = try StreamHello(decoding: payload)
+        guard hello.token == token else { throw MigrationDestination.Refusal("a page stream presented the wrong migration token") }
+        guard (hello.index >= 1 && Int(hello.index) < streams) || (urgent && hello.index == StreamHello.urgentIndex) else {
+            throw MigrationDestination.Refusal("a page stream presented index \(hello.index); this migration has streams 0 to \(streams - 1)")
+        }
+        guard taken[hello.index] == nil else { throw MigrationDestination.Refusal("two page streams presented index \(hello.index)") }
+        return hello.index
     }
 
     /// Starts reading the extra page streams (`connections[i]` is stream i + 1).

@@ -172,7 +172,7 @@ extension Run {
             preparedMemory: preparedMemory, logger: logger)
         // The listener stays open for the source's extra page streams (`--streams`), then closes.
         let streamListener = StreamListener(
-            accept: { try Endpoint.accept(listener, timeoutSeconds: MigrationSource.replyTimeoutSeconds) },
+            accept: { try Endpoint.accept(listener, timeoutSeconds: $0) },
             close: { shutdown(listener.rawValue, Int32(SHUT_RDWR)) })
         defer { streamListener.close() }
         let (machine, outcome) = try destination.receive(on: connection, listener: streamListener) { server?.attach($0) }

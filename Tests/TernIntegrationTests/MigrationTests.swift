@@ -172,30 +172,45 @@ struct MigrationTests {
     }
 
     @Test func strangersCannotJoinAMigrationAsStreams() throws {
-        func attempt(index: UInt32, token: (UInt64) -> UInt64, expecting text: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        /// A fake source asks for two streams, then presents `joins` as extra connections (index, token transform).
+        func attempt(_ joins: [(index: UInt32, token: (UInt64) -> UInt64)], expecting text: String,
+                     sourceLocation: SourceLocation = #_sourceLocation) throws {
             let port = freePort()
             let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"])
             let deadline = Date(timeIntervalSinceNow: 10)
             while !destination.stderr.contains("waiting for an incoming") && Date() < deadline { usleep(20_000) }
             let endpoint = Endpoint.tcp(host: "127.0.0.1", port: port)
-            let control = try endpoint.connect()
-            let controlStream = FDStream(fd: control.rawValue)
+            var control = Optional(try endpoint.connect())
+            let controlStream = FDStream(fd: control!.rawValue)
             let hello = Hello(bootID: "test", machine: MachineDescription(memorySize: 64 << 20, vcpuCount: 1, kernelPath: "", commandLine: ""),
                               cpuid: [], devices: ["UART"], streams: 2)
             try controlStream.writeFrame(.hello, payload: hello.encoded)
             let (_, reply) = try controlStream.readFrame()
             let verdict = try Verdict(decoding: reply)
             #expect(verdict.accepted && verdict.token != 0, sourceLocation: sourceLocation)
-            let extra = try endpoint.connect()
-            try FDStream(fd: extra.rawValue).writeFrame(.streamHello, payload: StreamHello(token: token(verdict.token), index: index).encoded)
+            var extras: [AnyObject] = []
+            for join in joins {
+                let extra = try endpoint.connect()
+                try FDStream(fd: extra.rawValue).writeFrame(.streamHello, payload: StreamHello(token: join.token(verdict.token), index: join.index).encoded)
+                extras.append(extra)
+                usleep(100_000)
+            }
+            // The fake source gives up: a destination whose streams all joined sees its control stream end.
+            usleep(300_000)
+            control = nil
             let code = destination.waitForExit(timeout: 20)
             #expect(code != nil && code != 0, sourceLocation: sourceLocation)
             #expect(destination.stderr.contains(text), "stderr: \(destination.stderr)", sourceLocation: sourceLocation)
             #expect(!destination.stderr.contains("the VM runs here now"), sourceLocation: sourceLocation)
+            _ = extras
         }
-        try attempt(index: 5, token: { $0 }, expecting: "a page stream presented index 5; this migration has streams 0 to 1")
-        try attempt(index: 0, token: { $0 }, expecting: "a page stream presented index 0")
-        try attempt(index: 1, token: { $0 ^ 1 }, expecting: "wrong migration token")
+        // Strangers are turned away, and the migration fails only when its streams have not joined in time.
+        try attempt([(5, { $0 })], expecting: "a page stream presented index 5; this migration has streams 0 to 1")
+        try attempt([(0, { $0 })], expecting: "a page stream presented index 0")
+        try attempt([(1, { $0 ^ 1 })], expecting: "wrong migration token")
+        try attempt([(1, { $0 ^ 1 })], expecting: "1 page stream did not join within 5 s")
+        // A stranger first, then the real stream: the migration goes on (and ends with its source, not the stranger).
+        try attempt([(7, { $0 }), (1, { $0 })], expecting: "input ended")
     }
 
     @Test func killingTheDestinationMidMigrationLeavesTheSourceRunning() throws {
