@@ -78,9 +78,15 @@ struct BadInputTests {
         let tern = try TernProcess(["run", "--kernel", TernProcess.guest, "--memory", "64M", "--serial", "off",
                                     "--api-socket", path], withAPI: false)
         defer { _ = try? APIClient(socketPath: path).request(.PUT, "/v1/vm/quit") }
+        // The socket listens before the VM exists (requests then get 503 "starting"): wait for the VM.
         let deadline = Date(timeIntervalSinceNow: 10)
-        while !UnixSocket.isListening(path) && Date() < deadline { usleep(20_000) }
-        #expect(try APIClient(socketPath: path).request(.GET, "/v1/vm").status == 200)
+        var status: Int?
+        while Date() < deadline {
+            status = try? APIClient(socketPath: path).request(.GET, "/v1/vm").status
+            if status == 200 { break }
+            usleep(20_000)
+        }
+        #expect(status == 200, "the API on the replaced socket never answered")
         _ = tern
     }
 
