@@ -165,13 +165,16 @@ extension APIRouter {
         guard migrations.begin(source) else { return .error(409, "busy", "a migration is already in progress") }
         let report = source.run()
         migrations.end(report)
+        return ended(report, exitMessage: "migrated to \(destination)")
+    }
+
+    /// The report of a migration that ended; after a completed one, this process's VM ends once it is sent.
+    private func ended(_ report: MigrationReport, exitMessage: String) -> APIResponse {
+        guard report.status == .completed else { return .json(report) }
         let machine = self.machine
-        if report.status == .completed {
-            return APIResponse(status: 200, contentType: "application/json", body: (try? APIJSON.encoder.encode(report)) ?? Data()) {
-                machine.requestExit(MachineExit(kind: .migrated, message: "migrated to \(destination)"))
-            }
+        return APIResponse(status: 200, contentType: "application/json", body: (try? APIJSON.encoder.encode(report)) ?? Data()) {
+            machine.requestExit(MachineExit(kind: .migrated, message: exitMessage))
         }
-        return .json(report)
     }
 
     /// Reconnects the post-copy that lost its connection; the process ends once it completes.
@@ -186,13 +189,7 @@ extension APIRouter {
         guard migrations.begin(source) else { return .error(409, "busy", "a migration is already in progress") }
         let report = source.resume(destination: destination)
         migrations.end(report)
-        let machine = self.machine
-        if report.status == .completed {
-            return APIResponse(status: 200, contentType: "application/json", body: (try? APIJSON.encoder.encode(report)) ?? Data()) {
-                machine.requestExit(MachineExit(kind: .migrated, message: "migrated to \(report.destination) (post-copy resumed)"))
-            }
-        }
-        return .json(report)
+        return ended(report, exitMessage: "migrated to \(report.destination) (post-copy resumed)")
     }
 
     func migrationProgress() -> APIResponse {

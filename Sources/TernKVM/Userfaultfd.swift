@@ -28,21 +28,21 @@ public final class Userfaultfd: @unchecked Sendable {
 
     /// Registers [start, start + length) for missing-page faults.
     public func registerMissing(_ start: UnsafeMutableRawPointer, length: Int) throws(SystemError) {
+        try register(start, length: length, mode: UInt64(UFFDIO_REGISTER_MODE_MISSING))
+    }
+
+    private func register(_ start: UnsafeMutableRawPointer, length: Int, mode: UInt64) throws(SystemError) {
         var register = uffdio_register()
         register.range.start = UInt64(UInt(bitPattern: start))
         register.range.len = UInt64(length)
-        register.mode = UInt64(UFFDIO_REGISTER_MODE_MISSING)
+        register.mode = mode
         _ = try check("UFFDIO_REGISTER") { ckvm_ioctl_ptr(fd.rawValue, CKVM_UFFDIO_REGISTER, &register) }
     }
 
     /// Registers [start, start + length) for minor faults: an access to a page the
     /// file holds but the mapping does not map waits until `continueMapping` maps it.
     public func registerMinor(_ start: UnsafeMutableRawPointer, length: Int) throws(SystemError) {
-        var register = uffdio_register()
-        register.range.start = UInt64(UInt(bitPattern: start))
-        register.range.len = UInt64(length)
-        register.mode = UInt64(UFFDIO_REGISTER_MODE_MINOR)
-        _ = try check("UFFDIO_REGISTER") { ckvm_ioctl_ptr(fd.rawValue, CKVM_UFFDIO_REGISTER, &register) }
+        try register(start, length: length, mode: UInt64(UFFDIO_REGISTER_MODE_MINOR))
     }
 
     /// UFFDIO_CONTINUE: maps the file's pages (already written) and wakes the faulting threads.

@@ -60,14 +60,8 @@ final class PageStreamReceivers: @unchecked Sendable {
     /// Reads a candidate's stream hello and returns its index, or throws why it is not one of ours.
     private static func streamIndex(of connection: FileDescriptor, streams: Int, urgent: Bool, token: UInt64,
                                     taken: [UInt32: FileDescriptor]) throws -> UInt32 {
-        setTimeouts(connection.rawValue, seconds: openingSeconds)
-        let stream = FDStream(fd: connection.rawValue)
-        let header = try stream.readFrameHeader()
-        guard header.type == .streamHello, header.length <= 64 else {
-            throw MigrationDestination.Refusal("an extra connection did not open as a page stream (first frame is \(header.type))")
-        }
-        let payload = try stream.readExactly(Int(header.length), what: "stream hello")
-        guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("stream hello") }
+        let payload = try readOpeningFrame(of: connection, type: .streamHello, within: openingSeconds,
+                                           otherwise: "an extra connection did not open as a page stream")
         let hello = try StreamHello(decoding: payload)
         guard hello.token == token else { throw MigrationDestination.Refusal("a page stream presented the wrong migration token") }
         guard (hello.index >= 1 && Int(hello.index) < streams) || (urgent && hello.index == StreamHello.urgentIndex) else {
@@ -147,4 +141,19 @@ final class PageStreamReceivers: @unchecked Sendable {
         state.withLock { if $0.error == nil { $0.error = "cancelled" } }
         for connection in connections { shutdown(connection.rawValue, Int32(SHUT_RDWR)) }
     }
+}
+
+/// The small first frame an extra connection must open with (a stream hello,
+/// a post-copy resume), read within a short time so that a silent peer cannot
+/// hold up the real one, with its type, size and CRC checked.
+func readOpeningFrame(of connection: FileDescriptor, type: FrameType, within seconds: Int, otherwise refusal: String) throws -> [UInt8] {
+    setTimeouts(connection.rawValue, seconds: seconds)
+    let stream = FDStream(fd: connection.rawValue)
+    let header = try stream.readFrameHeader()
+    guard header.type == type, header.length <= 64 else {
+        throw MigrationDestination.Refusal("\(refusal) (first frame is \(header.type))")
+    }
+    let payload = try stream.readExactly(Int(header.length), what: "\(type) frame")
+    guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("\(type) frame") }
+    return payload
 }

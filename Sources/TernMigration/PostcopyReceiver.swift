@@ -291,14 +291,9 @@ final class PostcopyReceiver: @unchecked Sendable {
     /// Checks the resume, tells the source what is still missing, and re-asks for what vCPUs wait on.
     private func adopt(_ candidate: FileDescriptor) throws {
         // A source sends its resume at once: a peer that stays silent must not hold up the real one for long.
-        setTimeouts(candidate.rawValue, seconds: Self.resumeOpeningSeconds)
+        let payload = try readOpeningFrame(of: candidate, type: .postcopyResume, within: Self.resumeOpeningSeconds,
+                                           otherwise: "expected a post-copy resume")
         let stream = FDStream(fd: candidate.rawValue)
-        let header = try stream.readFrameHeader()
-        guard header.type == .postcopyResume, header.length <= 64 else {
-            throw MigrationDestination.Refusal("expected a post-copy resume, got a \(header.type) frame")
-        }
-        let payload = try stream.readExactly(Int(header.length), what: "post-copy resume")
-        guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("post-copy resume") }
         guard try PostcopyResume(decoding: payload).token == token else {
             throw MigrationDestination.Refusal("a resume for another migration (wrong token)")
         }
