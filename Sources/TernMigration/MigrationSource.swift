@@ -351,14 +351,7 @@ public final class MigrationSource: @unchecked Sendable {
         try sender.send(last)
         try sender.endExtraStreams()
         logger.debug("stop-and-copy: \(lastPages) pages sent \(Int(milliseconds(since: pauseInstant))) ms after the pause")
-        let state = try machine.captureState()
-        let sections = state.sections
-        for section in sections { try stream.writeFrame(.state, payload: section.encoded) }
-        var memoryDigest: UInt64?, stateDigest: UInt64?
-        if parameters.verify {
-            memoryDigest = try MemoryDigest.compute(machine.memory)
-            stateDigest = MemoryDigest.state(sections)
-        }
+        let (sections, memoryDigest, stateDigest) = try sendState(on: stream)
         let completion = Completion(pausedMonotonicNs: pausedMono, pausedRealtimeNs: pausedReal, memoryDigest: memoryDigest, stateDigest: stateDigest)
         try stream.writeFrame(.end, payload: completion.encoded)
         logger.debug("stop-and-copy: state and end sent \(Int(milliseconds(since: pauseInstant))) ms after the pause")
@@ -432,14 +425,7 @@ public final class MigrationSource: @unchecked Sendable {
         }
         // Post-copy runs on the control connection alone.
         try sender.endExtraStreams()
-        let state = try machine.captureState()
-        let sections = state.sections
-        for section in sections { try stream.writeFrame(.state, payload: section.encoded) }
-        var memoryDigest: UInt64?, stateDigest: UInt64?
-        if parameters.verify {
-            memoryDigest = try MemoryDigest.compute(machine.memory)
-            stateDigest = MemoryDigest.state(sections)
-        }
+        let (sections, memoryDigest, stateDigest) = try sendState(on: stream)
         let start = PostcopyStart(completion: Completion(pausedMonotonicNs: pausedMono, pausedRealtimeNs: pausedReal,
                                                          memoryDigest: memoryDigest, stateDigest: stateDigest),
                                   needed: needed)
@@ -590,6 +576,15 @@ public final class MigrationSource: @unchecked Sendable {
         lock.withLock { connection = nil }
         update { $0.totalMs = milliseconds(since: context.started) }
         return progress
+    }
+
+    /// Captures the paused VM's state and sends its sections; with --verify, the
+    /// digests of memory (as it is now, paused) and of the state.
+    private func sendState(on stream: FDStream) throws -> (sections: [StateSection], memoryDigest: UInt64?, stateDigest: UInt64?) {
+        let sections = try machine.captureState().sections
+        for section in sections { try stream.writeFrame(.state, payload: section.encoded) }
+        guard parameters.verify else { return (sections, nil, nil) }
+        return (sections, try MemoryDigest.compute(machine.memory), MemoryDigest.state(sections))
     }
 
     /// The commit: `go` (from here the destination may run the VM), then its

@@ -1,7 +1,7 @@
 import Foundation
 import TernWire
 
-// Micro-benchmarks of Tern's codecs (`swift run -c release tern-bench xbzrle`;
+// Micro-benchmarks of Tern's codecs (`swift run -c release tern-bench xbzrle|crc32c`;
 // bench/xbzrle.sh). Throughput is input page bytes per second on one core.
 
 func seconds(_ body: () -> Void) -> Double {
@@ -77,9 +77,34 @@ func xbzrle() {
     }
 }
 
+/// CRC32C in 4 KiB pages and 4 MiB pieces, over a buffer that stays in cache
+/// (a frame just staged) and over 64 MiB (from memory).
+func crc32c() {
+    let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 20, alignment: 4096)
+    defer { bytes.deallocate() }
+    var rng = SystemRandomNumberGenerator()
+    for i in 0..<bytes.count / 8 { bytes.storeBytes(of: UInt64.random(in: 0...UInt64.max, using: &rng), toByteOffset: i * 8, as: UInt64.self) }
+    print("| buffer | piece | CRC32C GB/s |")
+    print("| --- | --- | ---: |")
+    var crc: UInt32 = 0
+    for (buffer, piece) in [(4 << 20, 4096), (4 << 20, 4 << 20), (64 << 20, 4096), (64 << 20, 4 << 20)] {
+        let repeats = (1 << 30) / buffer
+        let time = seconds {
+            for _ in 0..<repeats {
+                for offset in stride(from: 0, to: buffer, by: piece) {
+                    crc = Checksum.crc32c(UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + piece]), seed: crc)
+                }
+            }
+        }
+        print("| \(buffer >> 20) MiB | \(piece) bytes | \(String(format: "%.1f", Double(repeats * buffer) / 1e9 / time)) |")
+    }
+    if crc == 0x1234_5678 { print("(unlikely CRC)") } // keeps the loop from being optimised away
+}
+
 switch CommandLine.arguments.dropFirst().first {
 case "xbzrle": xbzrle()
+case "crc32c": crc32c()
 default:
-    FileHandle.standardError.write(Data("usage: tern-bench xbzrle\n".utf8))
+    FileHandle.standardError.write(Data("usage: tern-bench xbzrle|crc32c\n".utf8))
     exit(2)
 }

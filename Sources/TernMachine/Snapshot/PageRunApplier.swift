@@ -76,11 +76,12 @@ public final class PageRunApplier {
     /// Reads `length` bytes of runs and applies them; checks their CRC when one is given.
     private func applyRuns(length: Int, from source: some ByteSource, expectedCRC: UInt32?) throws {
         var remaining = length
-        var crc: UInt32 = 0
+        // A decompressed frame was checked on the wire: no second pass over its bytes.
+        var crc: UInt32? = expectedCRC == nil ? nil : 0
         while remaining > 0 {
             guard remaining >= PageRun.headerSize else { throw WireError.malformed("pages frame ends inside a run header") }
             let runHeader = try source.readExactly(PageRun.headerSize, what: "page run header")
-            crc = Checksum.crc32c(runHeader, seed: crc)
+            crc = crc.map { Checksum.crc32c(runHeader, seed: $0) }
             remaining -= PageRun.headerSize
             let run = try PageRun(decodingHeader: runHeader)
             guard memory.region(containing: run.address, length: UInt64(run.byteCount)) != nil else {
@@ -103,7 +104,7 @@ public final class PageRunApplier {
             case .delta:
                 guard remaining >= 4 else { throw WireError.malformed("pages frame ends inside a delta length") }
                 let lengthBytes = try source.readExactly(4, what: "delta length")
-                crc = Checksum.crc32c(lengthBytes, seed: crc)
+                crc = crc.map { Checksum.crc32c(lengthBytes, seed: $0) }
                 let length = Int(UInt32(lengthBytes[0]) | UInt32(lengthBytes[1]) << 8 | UInt32(lengthBytes[2]) << 16 | UInt32(lengthBytes[3]) << 24)
                 remaining -= 4
                 guard length > 0, length < PageRun.pageSize, length <= remaining else {
@@ -111,7 +112,7 @@ public final class PageRunApplier {
                 }
                 let delta = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<length])
                 try source.readExactly(into: delta, what: "delta")
-                crc = Checksum.crc32c(UnsafeRawBufferPointer(delta), seed: crc)
+                crc = crc.map { Checksum.crc32c(UnsafeRawBufferPointer(delta), seed: $0) }
                 remaining -= length
                 try applyDelta(UnsafeRawBufferPointer(delta), toFileOffset: fileOffset, page: run.address)
                 dataPages += 1
@@ -153,12 +154,12 @@ public final class PageRunApplier {
         }
     }
 
-    private func copy(_ count: Int, from source: some ByteSource, toFileOffset start: UInt64, crc: UInt32) throws -> UInt32 {
+    private func copy(_ count: Int, from source: some ByteSource, toFileOffset start: UInt64, crc: UInt32?) throws -> UInt32? {
         if memory.isPreallocated {
             // Straight into guest RAM, one copy fewer; checked where it landed (a bad frame fails the whole transfer).
             let target = UnsafeMutableRawBufferPointer(start: memory.mapping.base + Int(start), count: count)
             try source.readExactly(into: target, what: "page data")
-            return Checksum.crc32c(UnsafeRawBufferPointer(target), seed: crc)
+            return crc.map { Checksum.crc32c(UnsafeRawBufferPointer(target), seed: $0) }
         }
         var crc = crc
         var fileOffset = start
@@ -166,7 +167,7 @@ public final class PageRunApplier {
         while left > 0 {
             let chunk = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<min(left, bounce.count)])
             try source.readExactly(into: chunk, what: "page data")
-            crc = Checksum.crc32c(UnsafeRawBufferPointer(chunk), seed: crc)
+            crc = crc.map { Checksum.crc32c(UnsafeRawBufferPointer(chunk), seed: $0) }
             var written = 0
             while written < chunk.count {
                 let n = pwrite(memory.file.rawValue, chunk.baseAddress! + written, chunk.count - written, off_t(fileOffset) + off_t(written))
