@@ -177,8 +177,10 @@ public final class MigrationDestination {
                 completion = start.completion
                 postcopyNeeded = start.needed
             case .ping:
-                guard applier.dataPages + applier.zeroPages == 0, header.length <= 64 else { throw Refusal("unexpected ping") }
+                // The latency probe before the pages, and each round's sync: answered once everything before it is applied.
+                guard sections.isEmpty, header.length <= 64 else { throw Refusal("unexpected ping") }
                 let payload = try source.readExactly(Int(header.length), what: "ping")
+                guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("ping frame") }
                 try sink?.writeFrame(.pong, payload: payload)
             case .abort:
                 let payload = try source.readExactly(Int(header.length), what: "abort frame")
@@ -188,6 +190,8 @@ public final class MigrationDestination {
             }
         }
         guard let completion else { throw Refusal("no end frame") }
+        let sinceSourcePaused = { hello.bootID == Clocks.bootID ? "\(Int(Clocks.milliseconds(from: completion.pausedMonotonicNs, to: Clocks.monotonicNs()))) ms" : "?" }
+        logger.debug("the end frame arrived \(sinceSourcePaused()) after the source paused")
 
         // Fault injection for tests of the source's guarantees (docs/MIGRATION.md).
         if ProcessInfo.processInfo.environment["TERN_MIGRATION_FAULT"] == "die-before-ready" {
@@ -220,6 +224,7 @@ public final class MigrationDestination {
             ready.stateDigest = MemoryDigest.state(sections)
         }
         try sink?.writeFrame(.ready, payload: ready.encoded)
+        logger.debug("ready sent \(sinceSourcePaused()) after the source paused")
 
         // 4. Start only on the source's commit.
         let (goHeader, goPayload) = try source.readFrame()

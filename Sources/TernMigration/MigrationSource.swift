@@ -108,7 +108,7 @@ public final class MigrationSource: @unchecked Sendable {
     private var cancelled: Bool { lock.withLock { cancelReason != nil } }
     private func update(_ change: (inout MigrationReport) -> Void) { lock.withLock { change(&report) } }
 
-    private struct Failure: Error, CustomStringConvertible {
+    struct Failure: Error, CustomStringConvertible {
         let description: String
         init(_ description: String) { self.description = description }
     }
@@ -254,6 +254,7 @@ public final class MigrationSource: @unchecked Sendable {
         while parameters.mode != .postcopy {
             let roundStart = ContinuousClock.now
             let before = sender.counters
+            let waitedBefore = rateLimit.waitedSeconds
             update { $0.currentRound = round; $0.roundPercent = 0 }
             roundPlan.withLock { $0 = (before.dataPages + before.zeroPages, Double(pending.map { UInt64($0.count) } ?? totalPages)) }
             if let pages = pending {
@@ -272,6 +273,7 @@ public final class MigrationSource: @unchecked Sendable {
             }
             // Pages re-sent from now on are likely to be re-sent again: keep them for deltas.
             sender.setCacheWholePages(true)
+            try sender.synchronise(round: round) { [unowned self] in try readReply($0, expecting: .pong, what: "the sync after a round").1 }
             let duration = max(milliseconds(since: roundStart), 0.001)
             var dirty = try machine.memory.collectDirtyPages(from: machine.vm)
             frequency.record(dirty)
@@ -287,8 +289,12 @@ public final class MigrationSource: @unchecked Sendable {
             // Bytes a dirty page will cost: a whole page, or what re-sent pages cost in the last round (XBZRLE deltas are far smaller).
             let roundPages = (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages)
             let bytesPerPage = round > 0 && roundPages > 0 ? Double(roundBytes) / Double(roundPages) : Double(PageRun.pageSize + PageRun.headerSize)
-            let predictedMs = (Double(dirty.count) * bytesPerPage + Double(Self.stateBytesEstimate)) / max(throughput, 1) * 1000
-                + 1.5 * roundTripMs
+            // A page's end-to-end cost counts unless the cap set the pace (its senders waited for tokens a tenth of the round or more).
+            let throttled = (rateLimit.waitedSeconds - waitedBefore) * 1000 / Double(sender.senders.count) > 0.1 * duration
+            let predictedMs = DowntimePrediction(
+                dirtyPages: dirty.count, wireBytesPerPage: bytesPerPage, throughputBytesPerSecond: throughput,
+                stateBytes: Self.stateBytesEstimate, roundTripMs: roundTripMs,
+                pageCostMs: round > 0 && roundPages > 0 && !throttled ? duration / Double(roundPages) : nil).milliseconds
             let record = MigrationReport.Round(
                 round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages),
                 zeroPages: sent.zeroPages - before.zeroPages, bytes: roundBytes, dirtyPages: UInt64(dirty.count),

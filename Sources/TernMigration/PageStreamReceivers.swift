@@ -107,6 +107,12 @@ final class PageStreamReceivers: @unchecked Sendable {
                 switch header.type {
                 case .pages:
                     try applier.apply(header, from: stream)
+                case .ping:
+                    // A round's sync: answered once everything before it is applied.
+                    guard header.length <= 64 else { return "a ping of \(header.length) bytes on a page stream" }
+                    let payload = try stream.readExactly(Int(header.length), what: "ping")
+                    guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("ping frame") }
+                    try stream.writeFrame(.pong, payload: payload)
                 case .streamEnd:
                     _ = try stream.readExactly(Int(min(header.length, 64)), what: "stream end")
                     return nil

@@ -99,6 +99,24 @@ final class PageStreams: @unchecked Sendable {
     func send(_ pages: PageSet) throws { try run { try $0.send(pages) } }
     func send(ordered pages: [Int]) throws { try run { try $0.send(ordered: pages) } }
 
+    /// Waits, on every stream, until the destination has applied everything
+    /// sent so far (a ping it answers once it has read up to it): socket
+    /// buffers hold megabytes, so "sent" is not "arrived", and a round's
+    /// duration must include the destination's share for the downtime
+    /// prediction to be honest.
+    func synchronise(round: Int, expectReply: @escaping @Sendable (FDStream) throws -> [UInt8]) throws {
+        var writer = WireWriter()
+        writer.write(UInt64(round))
+        let marker = writer.bytes
+        try run { sender in
+            let stream = sender.streamer.stream
+            try stream.writeFrame(.ping, payload: marker)
+            guard try expectReply(stream) == marker else {
+                throw MigrationSource.Failure("the destination answered a round-\(round) sync with another round's marker")
+            }
+        }
+    }
+
     /// Tells the destination that the extra streams carry nothing more (the control connection goes on).
     func endExtraStreams() throws {
         for sender in senders.dropFirst() { try sender.streamer.stream.writeFrame(.streamEnd, payload: [UInt8]()) }

@@ -4,7 +4,7 @@
 /// stop-and-copy fits it, more rounds are still worth their (short) time
 /// while each one shrinks the dirty set a lot, because every round takes
 /// downtime off the switch. So the policy switches over when the prediction
-/// fits and either it is already small (a tenth of the target) or the last
+/// fits and either it is already small (3% of the target) or the last
 /// round shrank the dirty set by less than a quarter. When it does not fit,
 /// it gives up on converging after three rounds that each keep 90% or more
 /// of the smallest dirty set seen, and in any case at the round or time limit.
@@ -13,7 +13,7 @@ public struct SwitchoverPolicy: Sendable {
     public var maxRounds: Int
     public var timeoutSeconds: Double
 
-    static let smallFraction = 0.1
+    static let smallFraction = 0.03
     static let worthwhileShrink = 0.75
     static let stallRatio = 0.9
     static let stallRoundsAllowed = 3

@@ -31,16 +31,23 @@ public struct TokenBucket: Sendable {
 
 /// A token bucket shared by a sender's frames that can be lifted (for the stop-and-copy).
 final class RateLimiter: @unchecked Sendable {
-    // @unchecked: `bucket` is guarded by `lock`.
+    // @unchecked: `bucket` and `waited` are guarded by `lock`.
     private let lock = NSLock()
     private var bucket: TokenBucket?
+    private var waited = 0.0
 
     init(bytesPerSecond: UInt64?) { bucket = bytesPerSecond.map { TokenBucket(bytesPerSecond: $0) } }
 
     func consume(_ bytes: Int) {
         let wait: Duration = lock.withLock { bucket?.reserve(bytes) ?? .zero }
-        if wait > .zero { Thread.sleep(forTimeInterval: Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18) }
+        guard wait > .zero else { return }
+        let seconds = Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18
+        lock.withLock { waited += seconds }
+        Thread.sleep(forTimeInterval: seconds)
     }
+
+    /// Seconds senders have spent waiting for tokens (summed over streams).
+    var waitedSeconds: Double { lock.withLock { waited } }
 
     func lift() { lock.withLock { bucket = nil } }
 }

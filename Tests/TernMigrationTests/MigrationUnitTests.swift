@@ -169,6 +169,24 @@ struct SwitchoverPolicyTests {
     }
 }
 
+struct DowntimePredictionTests {
+    @Test func wholePagesArePricedByTheLink() {
+        // 10 000 pages of 4 KiB at 100 MB/s: 410 ms, plus 1.5 round trips of 2 ms.
+        let p = DowntimePrediction(dirtyPages: 10_000, wireBytesPerPage: 4096, throughputBytesPerSecond: 100e6,
+                                   stateBytes: 0, roundTripMs: 2, pageCostMs: 0.002)
+        #expect(abs(p.milliseconds - 412.6) < 0.01)
+    }
+
+    @Test func smallDeltasArePricedByWhatAPageCostLastRound() {
+        // 10 000 deltas of 80 bytes are 8 ms on the wire, but a page took 4 µs to make and apply: 40 ms.
+        var p = DowntimePrediction(dirtyPages: 10_000, wireBytesPerPage: 80, throughputBytesPerSecond: 100e6,
+                                   stateBytes: 0, roundTripMs: 0, pageCostMs: 0.004)
+        #expect(abs(p.milliseconds - 40) < 0.01)
+        p.pageCostMs = nil
+        #expect(abs(p.milliseconds - 8) < 0.01, "without a page cost (a capped round) only the wire counts")
+    }
+}
+
 struct DirtyFrequencyTests {
     @Test func ordersPagesFromColdToHot() {
         var frequency = DirtyFrequency(pageCount: 100)

@@ -128,3 +128,46 @@ struct WireCodingTests {
         #expect(throws: WireError.self) { try reader.readBlob() }
     }
 }
+
+struct FramePayloadReaderTests {
+    /// Counts what the reader takes from the underlying source.
+    final class CountingSource: ByteSource {
+        let inner: BufferSource
+        var reads = 0
+        init(_ bytes: [UInt8]) { inner = BufferSource(bytes) }
+        var offset: Int { inner.offset }
+        func readExactly(into buffer: UnsafeMutableRawBufferPointer, what: @autoclosure () -> String) throws {
+            reads += 1
+            try inner.readExactly(into: buffer, what: what())
+        }
+    }
+
+    @Test func smallAndLargeReadsReturnTheFrameInOrderAndStopAtItsEnd() throws {
+        var generator = SystemRandomNumberGenerator()
+        let frame = (0..<200_000).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        let next = [UInt8](repeating: 0xEE, count: 100)
+        let source = CountingSource(frame + next)
+        let reader = FramePayloadReader(capacity: 4096)
+        reader.begin(source, length: frame.count)
+        var got: [UInt8] = []
+        var sizes = [16, 4, 70, 1, 40_000, 3, 4096, 5000, 17_000]
+        while reader.remaining > 0 {
+            let size = min(sizes.removeFirst(), reader.remaining)
+            sizes.append(size)
+            got += try reader.readExactly(size, what: "piece")
+        }
+        #expect(got == frame)
+        #expect(source.offset == frame.count, "the next frame's bytes stay in the source")
+        #expect(source.reads < 200, "small reads are batched (\(source.reads) reads of the source)")
+        #expect(throws: WireError.self) { _ = try reader.readExactly(1, what: "past the end") }
+    }
+
+    @Test func aReadLongerThanTheFrameIsTruncatedWithoutTouchingTheSource() throws {
+        let source = CountingSource([UInt8](repeating: 1, count: 64))
+        let reader = FramePayloadReader()
+        reader.begin(source, length: 10)
+        #expect(throws: WireError.self) { _ = try reader.readExactly(11, what: "too much") }
+        #expect(source.offset == 0)
+        #expect(try reader.readExactly(10, what: "all") == [UInt8](repeating: 1, count: 10))
+    }
+}

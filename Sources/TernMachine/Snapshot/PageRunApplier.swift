@@ -32,6 +32,10 @@ public final class PageRunApplier {
     private lazy var decompressor = ZstdDecompressor()
     private var compressedPayload: [UInt8] = []
     private var decompressed: [UInt8] = []
+    /// Batches a frame's small reads (run headers, delta lengths, deltas) into few large ones.
+    private let frameReader = FramePayloadReader()
+    private var runHeaderBytes = [UInt8](repeating: 0, count: PageRun.headerSize)
+    private var deltaLengthBytes = [UInt8](repeating: 0, count: 4)
 
     public init(memory: GuestMemory, delivery: Delivery) {
         self.memory = memory
@@ -52,7 +56,8 @@ public final class PageRunApplier {
     /// sees this throw must discard the memory, never run it.
     public func apply(_ header: FrameHeader, from source: some ByteSource) throws {
         guard header.flags & PageRun.compressedFrameFlag != 0 else {
-            return try applyRuns(length: Int(header.length), from: source, expectedCRC: header.payloadCRC)
+            frameReader.begin(source, length: Int(header.length))
+            return try applyRuns(length: Int(header.length), from: frameReader, expectedCRC: header.payloadCRC)
         }
         guard decompressionAllowed else { throw WireError.malformed("a compressed pages frame, but compression was not agreed") }
         guard header.length > 4 else { throw WireError.malformed("a compressed pages frame of \(header.length) bytes") }
@@ -80,10 +85,10 @@ public final class PageRunApplier {
         var crc: UInt32? = expectedCRC == nil ? nil : 0
         while remaining > 0 {
             guard remaining >= PageRun.headerSize else { throw WireError.malformed("pages frame ends inside a run header") }
-            let runHeader = try source.readExactly(PageRun.headerSize, what: "page run header")
-            crc = crc.map { Checksum.crc32c(runHeader, seed: $0) }
+            try runHeaderBytes.withUnsafeMutableBytes { try source.readExactly(into: $0, what: "page run header") }
+            crc = crc.map { Checksum.crc32c(runHeaderBytes, seed: $0) }
             remaining -= PageRun.headerSize
-            let run = try PageRun(decodingHeader: runHeader)
+            let run = try PageRun(decodingHeader: runHeaderBytes)
             guard memory.region(containing: run.address, length: UInt64(run.byteCount)) != nil else {
                 throw WireError.malformed("page run \(run.address)+\(run.pageCount) pages lies outside guest RAM")
             }
@@ -103,9 +108,9 @@ public final class PageRunApplier {
             switch run.kind {
             case .delta:
                 guard remaining >= 4 else { throw WireError.malformed("pages frame ends inside a delta length") }
-                let lengthBytes = try source.readExactly(4, what: "delta length")
-                crc = crc.map { Checksum.crc32c(lengthBytes, seed: $0) }
-                let length = Int(UInt32(lengthBytes[0]) | UInt32(lengthBytes[1]) << 8 | UInt32(lengthBytes[2]) << 16 | UInt32(lengthBytes[3]) << 24)
+                try deltaLengthBytes.withUnsafeMutableBytes { try source.readExactly(into: $0, what: "delta length") }
+                crc = crc.map { Checksum.crc32c(deltaLengthBytes, seed: $0) }
+                let length = deltaLengthBytes.withUnsafeBytes { Int(UInt32(littleEndian: $0.loadUnaligned(as: UInt32.self))) }
                 remaining -= 4
                 guard length > 0, length < PageRun.pageSize, length <= remaining else {
                     throw WireError.malformed("a delta of \(length) bytes for page \(run.address)")
