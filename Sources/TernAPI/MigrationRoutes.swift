@@ -25,11 +25,14 @@ public struct MigrateRequest: Codable, Sendable {
     public var streams: Int?
     /// "sequential" (default) or "dirty-frequency".
     public var order: String?
+    /// With dirty-frequency ordering, hold the hottest pages back for the stop-and-copy (default true).
+    public var holdBack: Bool?
 
     public init(destination: String?, resume: Bool? = nil, mode: String? = nil, maxDowntimeMs: Double? = nil, maxRounds: Int? = nil,
                 timeoutS: Double? = nil, bandwidth: UInt64? = nil, verify: Bool? = nil, precopyRounds: Int? = nil,
-                compress: String? = nil, xbzrleCacheBytes: UInt64? = nil, order: String? = nil,
+                compress: String? = nil, xbzrleCacheBytes: UInt64? = nil, order: String? = nil, holdBack: Bool? = nil,
                 zstdLevel: Int? = nil, streams: Int? = nil) {
+        self.holdBack = holdBack
         self.zstdLevel = zstdLevel
         self.streams = streams
         self.order = order
@@ -128,6 +131,7 @@ extension APIRouter {
             }
             parameters.order = order
         }
+        parameters.holdBackHot = request.holdBack ?? true
         let compression: CompressionChoice
         do { compression = try CompressionChoice(parsing: request.compress ?? "none") } catch {
             return .error(400, "bad_request", "\(error)")

@@ -66,6 +66,8 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     public var streams: Int = 1
     /// Pages sent again after the first pass (what ordering and convergence try to keep small).
     public var resentPages: UInt64 = 0
+    /// Dirty-frequency ordering: hot pages held back from the last pre-copy round for the stop-and-copy.
+    public var heldBackPages: UInt64?
     /// Pages sent as XBZRLE deltas, and the cache's account (hits, misses, overflows, bytes saved).
     public var deltaPages: UInt64?
     public var xbzrle: XBZRLECache.Statistics?

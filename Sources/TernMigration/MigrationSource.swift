@@ -28,6 +28,8 @@ public final class MigrationSource: @unchecked Sendable {
         public var xbzrleCacheBytes: UInt64?
         /// Send rarely-dirtied pages first and hot pages last (dynamic page transfer reordering).
         public var order = PageOrder.sequential
+        /// With dirty-frequency ordering: the hottest pages wait for the stop-and-copy instead of going every round.
+        public var holdBackHot = true
         /// Parallel page streams (connections) during pre-copy.
         public var streams = 1
         /// zstd on pre-copy's page frames at this level (nil: off).
@@ -234,6 +236,7 @@ public final class MigrationSource: @unchecked Sendable {
         var frequency = DirtyFrequency(pageCount: pageCount)
         var heldBack: PageSet?
         var resentAfterFirstPass: PageSet?
+        var heldOver: PageSet?
         if parameters.order == .dirtyFrequency && parameters.mode != .postcopy {
             // Learn which pages are hot before the first pass, so that it sends them last
             // (and, with XBZRLE, keeps them in the cache for the deltas of the next rounds).
@@ -258,7 +261,15 @@ public final class MigrationSource: @unchecked Sendable {
             update { $0.currentRound = round; $0.roundPercent = 0 }
             roundPlan.withLock { $0 = (before.dataPages + before.zeroPages, Double(pending.map { UInt64($0.count) } ?? totalPages)) }
             if let pages = pending {
-                if parameters.order == .dirtyFrequency { try sender.send(ordered: frequency.ordered(pages)) } else { try sender.send(pages) }
+                if parameters.order == .dirtyFrequency && parameters.holdBackHot {
+                    let split = frequency.holdingBackHottest(pages)
+                    try sender.send(ordered: split.send)
+                    heldOver = split.held
+                } else if parameters.order == .dirtyFrequency {
+                    try sender.send(ordered: frequency.ordered(pages))
+                } else {
+                    try sender.send(pages)
+                }
             } else if let hot = heldBack {
                 let learner = FirstPassLearner(memory: machine.memory, vm: machine.vm, initiallyHeld: hot, frequency: frequency,
                                                interval: Self.learningIntervalPages)
@@ -280,6 +291,12 @@ public final class MigrationSource: @unchecked Sendable {
             if let earlier = resentAfterFirstPass {
                 dirty.formUnion(earlier)
                 resentAfterFirstPass = nil
+            }
+            // Held-back pages are still owed: they count in the prediction and go at the switch at the latest.
+            if let held = heldOver {
+                dirty.formUnion(held)
+                update { $0.heldBackPages = UInt64(held.count) }
+                heldOver = nil
             }
             let sent = sender.counters
             let roundBytes = sent.bytes - before.bytes

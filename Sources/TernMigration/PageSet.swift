@@ -125,11 +125,14 @@ extension GuestMemory {
 /// et al., CloudCom 2011): the priority for dynamic page transfer reordering.
 public struct DirtyFrequency: Sendable {
     public private(set) var counts: [UInt8]
+    /// Syncs recorded so far.
+    public private(set) var syncs = 0
 
     public init(pageCount: Int) { counts = [UInt8](repeating: 0, count: pageCount) }
 
     /// Counts one more sync in which these pages were dirty (saturating).
     public mutating func record(_ dirty: PageSet) {
+        syncs += 1
         dirty.forEachRange { first, count in
             for page in first..<first + count where counts[page] < .max { counts[page] += 1 }
         }
@@ -142,6 +145,23 @@ public struct DirtyFrequency: Sendable {
             for page in first..<first + count { buckets[Int(counts[page])].append(page) }
         }
         return buckets.flatMap { $0 }
+    }
+
+    /// Splits `pages` into those to send now, least often dirtied first, and
+    /// the hottest, held back: dirtied in at least half of the syncs so far
+    /// (and in two at least). Those would be dirty again before the switch
+    /// anyway; re-sending them every round is what ordering alone cannot
+    /// avoid, since hot pages sent last are still sent.
+    public func holdingBackHottest(_ pages: PageSet) -> (send: [Int], held: PageSet) {
+        let threshold = max(2, (syncs + 1) / 2)
+        var held = PageSet(pageCount: counts.count)
+        var buckets = [[Int]](repeating: [], count: 256)
+        pages.forEachRange { first, count in
+            for page in first..<first + count {
+                if Int(counts[page]) >= threshold { held.insert(page) } else { buckets[Int(counts[page])].append(page) }
+            }
+        }
+        return (buckets.flatMap { $0 }, held)
     }
 
     /// Pages found dirty at least once.

@@ -48,6 +48,9 @@ struct Migrate: ParsableCommand {
     @Option(help: "sequential, or dirty-frequency: rarely-dirtied pages first, hot pages last (pre-copy).")
     var order: String = "sequential"
 
+    @Flag(help: "With --order dirty-frequency: re-send hot pages every round instead of holding them back for the stop-and-copy.")
+    var noHoldBack = false
+
     @Option(help: "XBZRLE cache size, e.g. 256M (binary units).")
     var xbzrleCache: String = "256M"
 
@@ -83,7 +86,7 @@ struct Migrate: ParsableCommand {
                                      timeoutS: timeout, bandwidth: try bandwidth.map(Self.parseRate), verify: verify,
                                      precopyRounds: precopyRounds, compress: compress,
                                      xbzrleCacheBytes: try CompressionChoice(parsing: compress).xbzrle ? try ByteSize(parsing: xbzrleCache).bytes : nil,
-                                     order: order, zstdLevel: zstdLevel, streams: streams)
+                                     order: order, holdBack: noHoldBack ? false : nil, zstdLevel: zstdLevel, streams: streams)
         let body = try APIJSON.encoder.encode(request)
         let client = api.client
         let outcome = Mutex<Result<APIClient.Response, any Error>?>(nil)
@@ -186,6 +189,7 @@ enum MigrationTable {
         rows.append(("compression", r.compression))
         rows.append(("order", r.order))
         rows.append(("re-sent pages", "\(r.resentPages) after the first pass"))
+        if let held = r.heldBackPages { rows.append(("held back", "\(held) hot pages, sent once in the stop-and-copy")) }
         if let x = r.xbzrle {
             rows.append(("xbzrle", String(format: "%llu delta pages; cache %.0f MB: %llu hits, %llu misses, %llu overflows; %.1f MB saved",
                                           r.deltaPages ?? 0, Double(x.cacheBytes) / 1e6, x.hits, x.misses, x.overflows, Double(x.bytesSaved) / 1e6)))

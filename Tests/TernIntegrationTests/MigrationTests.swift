@@ -137,6 +137,20 @@ struct MigrationTests {
         #expect(r.resentPages == r.rounds.dropFirst().reduce(0) { $0 + $1.pages })
     }
 
+    /// Ordering alone holds the hot pages back for the stop-and-copy; memory still arrives whole.
+    @Test func dirtyFrequencyOrderingHoldsHotPagesBack() throws {
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=32 pattern=hotspot rate=100 bytes=64 progress=0")
+        _ = try pair.source.waitForStatus { $0.phase == .dirty }
+        let (report, cli) = try pair.migrate(["--order", "dirty-frequency", "--verify", "--bandwidth", "50M", "--max-downtime", "50"])
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.verification?.match == true)
+        #expect(r.rounds.count >= 3, "a re-send round between the first pass and the switch")
+        #expect((r.heldBackPages ?? 0) > 0, "the hot spot's pages waited for the stop-and-copy")
+        let last = try #require(r.rounds.last)
+        #expect(last.pages >= r.heldBackPages ?? 0, "held-back pages went in the stop-and-copy")
+    }
+
     @Test func parallelStreamsWithEveryOption() throws {
         let pair = try MigrationPair(cmdline: "fill=64 dirty=32 pattern=hotspot rate=100 bytes=64 progress=0")
         let before = try pair.source.waitForStatus { $0.phase == .dirty }

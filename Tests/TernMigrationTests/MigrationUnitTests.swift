@@ -188,6 +188,26 @@ struct DowntimePredictionTests {
 }
 
 struct DirtyFrequencyTests {
+    @Test func holdsBackPagesDirtiedInHalfTheSyncsOrMore() {
+        var frequency = DirtyFrequency(pageCount: 64)
+        var always = PageSet(pageCount: 64)
+        for page in [3, 40] { always.insert(page) }
+        var once = always
+        once.insert(10)
+        once.insert(20)
+        frequency.record(once)
+        for _ in 0..<3 { frequency.record(always) }
+        var twice = always
+        twice.insert(20)
+        frequency.record(twice)
+        // Five syncs: 3 and 40 dirty in all, 20 in two, 10 in one; threshold max(2, 3) = 3.
+        var pending = PageSet(pageCount: 64)
+        for page in [3, 10, 20, 40, 50] { pending.insert(page) }
+        let split = frequency.holdingBackHottest(pending)
+        #expect(split.send == [50, 10, 20], "cold to warm, the hot ones left out")
+        #expect(split.held.count == 2 && split.held.contains(3) && split.held.contains(40))
+    }
+
     @Test func ordersPagesFromColdToHot() {
         var frequency = DirtyFrequency(pageCount: 100)
         var hot = PageSet(pageCount: 100)
