@@ -25,7 +25,7 @@ public struct MigrateRequest: Codable, Sendable {
     public var streams: Int?
     /// "sequential" (default) or "dirty-frequency".
     public var order: String?
-    /// With dirty-frequency ordering, hold the hottest pages back for the stop-and-copy (default true).
+    /// With dirty-frequency ordering, hold the hottest pages back for the stop-and-copy (default: only without XBZRLE).
     public var holdBack: Bool?
 
     public init(destination: String?, resume: Bool? = nil, mode: String? = nil, maxDowntimeMs: Double? = nil, maxRounds: Int? = nil,
@@ -131,7 +131,7 @@ extension APIRouter {
             }
             parameters.order = order
         }
-        parameters.holdBackHot = request.holdBack ?? true
+        parameters.holdBackHot = request.holdBack
         let compression: CompressionChoice
         do { compression = try CompressionChoice(parsing: request.compress ?? "none") } catch {
             return .error(400, "bad_request", "\(error)")

@@ -2,7 +2,7 @@ import Foundation
 import TernKVM
 import TernMachine
 
-/// The first pre-copy pass with dirty-frequency ordering, shared by all page
+/// The first pre-copy pass with dirty-frequency ordering or XBZRLE, shared by all page
 /// streams: every `interval` pages claimed it reads the dirty log. Pages
 /// found dirty that no stream has sent yet are held back, to be sent at the
 /// end of the pass hot-last (and, with XBZRLE, into the cache); pages found

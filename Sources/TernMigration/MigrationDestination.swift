@@ -209,6 +209,7 @@ public final class MigrationDestination {
             throw Refusal("the VM state does not match the machine announced in the hello")
         }
         try machine.restoreState(state)
+        logger.debug("the VM state was loaded \(sinceSourcePaused()) after the source paused")
         var ready = Verdict(accepted: true, bootID: Clocks.bootID)
         var postcopy: PostcopyReceiver?
         if let needed = postcopyNeeded {
@@ -219,6 +220,7 @@ public final class MigrationDestination {
                                             digestOfPresentPages: present, urgent: urgentConnection,
                                             recovery: expectations.recoveryEndpoint, token: token, logger: logger)
             if completion.memoryDigest != nil { ready.stateDigest = MemoryDigest.state(sections) }
+            logger.debug("post-copy's userfaultfd was ready \(sinceSourcePaused()) after the source paused")
         } else if completion.memoryDigest != nil {
             ready.memoryDigest = try MemoryDigest.compute(machine.memory)
             ready.stateDigest = MemoryDigest.state(sections)

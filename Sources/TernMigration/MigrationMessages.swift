@@ -12,7 +12,7 @@ extension FrameType {
     public static let go = FrameType(rawValue: 19)
     public static let resumed = FrameType(rawValue: 20)
     public static let abort = FrameType(rawValue: 21)
-    /// Round-trip probe before the first page (the downtime prediction needs the link's latency).
+    /// Round-trip probe before the first page (the downtime prediction needs the link's latency), and each round's sync.
     public static let ping = FrameType(rawValue: 22)
     public static let pong = FrameType(rawValue: 23)
 }

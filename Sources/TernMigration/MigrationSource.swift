@@ -28,8 +28,11 @@ public final class MigrationSource: @unchecked Sendable {
         public var xbzrleCacheBytes: UInt64?
         /// Send rarely-dirtied pages first and hot pages last (dynamic page transfer reordering).
         public var order = PageOrder.sequential
-        /// With dirty-frequency ordering: the hottest pages wait for the stop-and-copy instead of going every round.
-        public var holdBackHot = true
+        /// With dirty-frequency ordering: the hottest pages wait for the stop-and-copy instead of going every
+        /// round. nil: only without XBZRLE, where a re-sent hot page costs a whole page. With XBZRLE it costs a
+        /// small delta and keeps the cached copy fresh; held back, its stop-and-copy delta is against the first
+        /// pass's copy, nearly a whole page (capped hot spot: 40 ms of downtime instead of 10).
+        public var holdBackHot: Bool?
         /// Parallel page streams (connections) during pre-copy.
         public var streams = 1
         /// zstd on pre-copy's page frames at this level (nil: off).
@@ -245,6 +248,10 @@ public final class MigrationSource: @unchecked Sendable {
                 frequency.record(try machine.memory.collectDirtyPages(from: machine.vm))
             }
             heldBack = frequency.hot(pageCount: pageCount)
+        } else if parameters.xbzrleCacheBytes != nil && parameters.mode != .postcopy {
+            // XBZRLE alone: the first pass still learns where the guest writes, to cache those chunks
+            // for the deltas of the next round (without the samples before it, which serve the ordering).
+            heldBack = PageSet(pageCount: pageCount)
         }
         var round = 0
         let policy = SwitchoverPolicy(maxDowntimeMs: parameters.maxDowntimeMs, maxRounds: parameters.maxRounds,
@@ -261,7 +268,7 @@ public final class MigrationSource: @unchecked Sendable {
             update { $0.currentRound = round; $0.roundPercent = 0 }
             roundPlan.withLock { $0 = (before.dataPages + before.zeroPages, Double(pending.map { UInt64($0.count) } ?? totalPages)) }
             if let pages = pending {
-                if parameters.order == .dirtyFrequency && parameters.holdBackHot {
+                if parameters.order == .dirtyFrequency && (parameters.holdBackHot ?? (parameters.xbzrleCacheBytes == nil)) {
                     let split = frequency.holdingBackHottest(pages)
                     try sender.send(ordered: split.send)
                     heldOver = split.held
@@ -277,7 +284,7 @@ public final class MigrationSource: @unchecked Sendable {
                 let learnt = learner.finish()
                 frequency = learnt.frequency
                 sender.setCacheWholePages(true)
-                try sender.send(ordered: frequency.ordered(learnt.held))
+                if parameters.order == .dirtyFrequency { try sender.send(ordered: frequency.ordered(learnt.held)) } else { try sender.send(learnt.held) }
                 resentAfterFirstPass = learnt.dirtyAfterSending
             } else {
                 try sender.sendAll()

@@ -10,6 +10,8 @@ extension FrameType {
     public static let postcopyEnd = FrameType(rawValue: 26)
     /// D→S: the destination holds all memory; with its fault statistics.
     public static let complete = FrameType(rawValue: 27)
+    /// S→D: the source has the destination's `complete` and ends; until then the destination stays resumable.
+    public static let completeAck = FrameType(rawValue: 32)
     /// S→D, first frame of a new connection after post-copy's connection dropped: the migration's token.
     public static let postcopyResume = FrameType(rawValue: 30)
     /// D→S: the pages the destination still waits for (a bitmap, as in `postcopyStart`).

@@ -53,7 +53,13 @@ final class PostcopyReceiver: @unchecked Sendable {
     private var latencies: [Double] = []
     private var statistics = PostcopyStatistics()
     private let writeLock = NSLock()
+    /// Set when post-copy completes or fails; then faults are no longer served.
     private let finished = Atomic<Bool>(false)
+    /// The `complete` report once all memory is here (guarded by `writeLock`): sent again if the
+    /// source resumes because the first one was lost with the connection.
+    private var completion: PostcopyStatistics?
+    /// How long a completed destination still waits for a source that lost its `complete`.
+    static let completedResumeWaitSeconds = 600.0
     private var digest: UInt64?
     /// With --verify: arriving pages add to `digest`.
     private let verifying: Bool
@@ -231,6 +237,8 @@ final class PostcopyReceiver: @unchecked Sendable {
     }
 
     /// Marks the connection lost and cuts it, so the pages thread notices at once.
+    private var isComplete: Bool { writeLock.withLock { completion != nil } }
+
     private func disconnect() {
         writeLock.withLock {
             connected = false
@@ -257,11 +265,23 @@ final class PostcopyReceiver: @unchecked Sendable {
         guard let endpoint = recovery else { throw error }
         disconnect()
         let waiting = lock.withLock { expected.count }
-        logger.warning("post-copy connection lost (\(error)); \(waiting) pages still at the source, vCPUs that touch them wait. Listening on \(endpoint) for `tern migrate --resume`")
+        if isComplete {
+            logger.warning("post-copy connection lost (\(error)) before the source confirmed it had `complete`; all memory is here. Listening on \(endpoint) for `tern migrate --resume`, for up to \(Int(Self.completedResumeWaitSeconds)) s")
+        } else {
+            logger.warning("post-copy connection lost (\(error)); \(waiting) pages still at the source, vCPUs that touch them wait. Listening on \(endpoint) for `tern migrate --resume`")
+        }
         let listener = try listenAgain(on: endpoint)
         defer { if case .unix(let path) = endpoint { unlink(path) } }
+        let waitStarted = Date()
         while true {
-            if finished.load(ordering: .relaxed) { throw error }
+            if finished.load(ordering: .relaxed) {
+                // Failed meanwhile: nothing to resume. Complete: wait a while for a source that missed it.
+                guard isComplete else { throw error }
+                if Date().timeIntervalSince(waitStarted) >= Self.completedResumeWaitSeconds {
+                    logger.warning("no resume came within \(Int(Self.completedResumeWaitSeconds)) s; the VM runs here with all its memory")
+                    throw error
+                }
+            }
             let candidate: FileDescriptor
             do { candidate = try Endpoint.accept(listener, timeoutSeconds: 1) } catch { continue }
             do {
@@ -348,10 +368,18 @@ final class PostcopyReceiver: @unchecked Sendable {
             case .postcopyEnd:
                 _ = try source.readExactly(Int(header.length), what: "post-copy end")
                 // The demand channel ends too (or ended with a dropped connection): its last replies are placed first.
-                if urgent != nil { urgentDone.wait() }
+                if urgent != nil {
+                    urgentDone.wait()
+                    urgentDone.signal()
+                }
                 let missing = lock.withLock { expected.count }
                 guard missing == 0 else { throw WireError.malformed("the source finished with \(missing) pages never sent") }
                 finish(vmStartedNs: vmStartedNs)
+                // The source's acknowledgement (or, if the connection drops first, its resume) follows.
+            case .completeAck:
+                guard isComplete else { throw WireError.malformed("a completion acknowledgement before memory was complete") }
+                _ = try source.readExactly(Int(min(header.length, 64)), what: "completion acknowledgement")
+                disconnect()
                 return
             case .abort:
                 let payload = try source.readExactly(Int(header.length), what: "abort")
@@ -484,7 +512,14 @@ final class PostcopyReceiver: @unchecked Sendable {
         }
     }
 
+    /// Sends `complete`: the first time with the statistics, after a resume the same report again.
     private func finish(vmStartedNs: UInt64) {
+        if var again = writeLock.withLock({ completion }) {
+            again.reconnections = lock.withLock { statistics.reconnections }
+            writeLock.withLock { _ = try? source.writeFrame(.complete, payload: again.encoded) }
+            logger.info("post-copy: `complete` sent again after the resume")
+            return
+        }
         guard !finished.exchange(true, ordering: .relaxed) else { return } // failed meanwhile: no `complete` after an abort
         machine.memoryIncomplete = false
         try? uffd.unregister(memory.mapping.base, length: memory.mapping.length)
@@ -500,7 +535,17 @@ final class PostcopyReceiver: @unchecked Sendable {
             result.memoryDigest = digest.map { String(format: "%016llx", $0) }
             return result
         }
-        writeLock.withLock { _ = try? source.writeFrame(.complete, payload: report.encoded) }
+        writeLock.withLock {
+            completion = report
+            if ProcessInfo.processInfo.environment["TERN_MIGRATION_FAULT"] == "lose-complete" {
+                // Fault injection (tests): the connection drops just as `complete` would have gone.
+                logger.warning("TERN_MIGRATION_FAULT=lose-complete: dropping the connection instead of sending `complete`")
+                connected = false
+                shutdown(source.fd, Int32(SHUT_RDWR))
+            } else {
+                _ = try? source.writeFrame(.complete, payload: report.encoded)
+            }
+        }
         logger.info("post-copy complete: \(report.pagesPushed) pages pushed, \(report.pagesPulled) pulled, \(report.faults) faults, fault latency p50 \(String(format: "%.3f", report.faultLatencyP50Ms)) ms p99 \(String(format: "%.3f", report.faultLatencyP99Ms)) ms; all memory here after \(String(format: "%.0f", report.memoryCompleteAfterMs)) ms")
     }
 }

@@ -150,15 +150,19 @@ final class PostcopySender: @unchecked Sendable {
         try stream.writeFrame(.postcopyEnd, payload: [UInt8]())
 
         let deadline = Date(timeIntervalSinceNow: Self.completionTimeoutSeconds)
-        condition.lock()
-        defer { condition.unlock() }
-        while outcome == nil && readerError == nil {
-            guard condition.wait(until: deadline) else {
-                throw Failure(description: "the destination did not confirm it holds all memory", connectionLost: true)
+        let statistics: PostcopyStatistics = try condition.withLock {
+            while outcome == nil && readerError == nil {
+                guard condition.wait(until: deadline) else {
+                    throw Failure(description: "the destination did not confirm it holds all memory", connectionLost: true)
+                }
             }
+            if let error = readerError { throw Failure(description: error, connectionLost: readerLostConnection) }
+            return outcome!
         }
-        if let error = readerError { throw Failure(description: error, connectionLost: readerLostConnection) }
-        return outcome!
+        // The destination stays resumable until it knows `complete` arrived here. If this
+        // acknowledgement is lost, it waits a while for a resume that never comes, and runs on.
+        try? stream.writeFrame(.completeAck, payload: [UInt8]())
+        return statistics
     }
 
     /// Answers a request on the demand channel at once: the pages still owed,

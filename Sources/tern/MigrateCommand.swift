@@ -48,8 +48,9 @@ struct Migrate: ParsableCommand {
     @Option(help: "sequential, or dirty-frequency: rarely-dirtied pages first, hot pages last (pre-copy).")
     var order: String = "sequential"
 
-    @Flag(help: "With --order dirty-frequency: re-send hot pages every round instead of holding them back for the stop-and-copy.")
-    var noHoldBack = false
+    @Flag(inversion: .prefixedNo,
+          help: "With --order dirty-frequency: hold the hottest pages back for the stop-and-copy instead of re-sending them every round (default: on without XBZRLE, off with it).")
+    var holdBack: Bool?
 
     @Option(help: "XBZRLE cache size, e.g. 256M (binary units).")
     var xbzrleCache: String = "256M"
@@ -86,7 +87,7 @@ struct Migrate: ParsableCommand {
                                      timeoutS: timeout, bandwidth: try bandwidth.map(Self.parseRate), verify: verify,
                                      precopyRounds: precopyRounds, compress: compress,
                                      xbzrleCacheBytes: try CompressionChoice(parsing: compress).xbzrle ? try ByteSize(parsing: xbzrleCache).bytes : nil,
-                                     order: order, holdBack: noHoldBack ? false : nil, zstdLevel: zstdLevel, streams: streams)
+                                     order: order, holdBack: holdBack, zstdLevel: zstdLevel, streams: streams)
         let body = try APIJSON.encoder.encode(request)
         let client = api.client
         let outcome = Mutex<Result<APIClient.Response, any Error>?>(nil)

@@ -150,4 +150,38 @@ struct PostcopyRecoveryTests {
         let later = try destination.waitForStatus { $0.verified > moved.verified }
         #expect(later.errors == 0)
     }
+
+    /// The destination holds all memory but its `complete` never reaches the source: the source
+    /// pauses, the destination stays resumable, and `--resume` ends the migration on both sides.
+    @Test func aLostCompleteIsResumedAndBothSidesEnd() throws {
+        let port = freePort()
+        let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"],
+                                          environment: ["TERN_MIGRATION_FAULT": "lose-complete"])
+        let source = try TernProcess.guest("fill=32 dirty=16 progress=0", memory: "128M")
+        try source.waitForAPI()
+        let before = try source.waitForStatus { $0.phase == .dirty }
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
+
+        let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", "tcp:127.0.0.1:\(port)", "--json",
+                                   "--mode", "postcopy", "--verify"], withAPI: false)
+        #expect(cli.waitForExit(timeout: 60) == 1)
+        let paused = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8)), "\(cli.stderr)")
+        #expect(paused.status == .postcopyPaused, "\(paused.reason ?? "")")
+        let waiting = Date(timeIntervalSinceNow: 10)
+        while !destination.stderr.contains("before the source confirmed") && Date() < waiting { usleep(20_000) }
+        #expect(destination.stderr.contains("all memory is here"))
+
+        let resume = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--resume", "--json"], withAPI: false)
+        #expect(resume.waitForExit(timeout: 60) == 0, "\(resume.stderr)")
+        let r = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(resume.stdout.utf8)), "\(resume.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.verification?.match == true)
+        #expect(r.postcopy?.reconnections == 1)
+        #expect(source.waitForExit(timeout: 10) == 0)
+        #expect(destination.stderr.contains("`complete` sent again after the resume"))
+        let moved = try destination.waitForStatus { $0.iterations > before.iterations }
+        let later = try destination.waitForStatus { $0.verified > moved.verified }
+        #expect(later.errors == 0)
+    }
 }
