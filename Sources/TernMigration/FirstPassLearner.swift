@@ -2,7 +2,7 @@ import Foundation
 import TernKVM
 import TernMachine
 
-/// The first pre-copy pass with dirty-frequency ordering or XBZRLE, shared by all page
+/// The first pre-copy pass, shared by all page
 /// streams: every `interval` pages claimed it reads the dirty log. Pages
 /// found dirty that no stream has sent yet are held back, to be sent at the
 /// end of the pass hot-last (and, with XBZRLE, into the cache); pages found
@@ -23,14 +23,22 @@ final class FirstPassLearner: @unchecked Sendable {
     private var dirtyAfterSending: PageSet
     private var frequency: DirtyFrequency
     private var sinceCheck = 0
+    /// Pages between dirty-log reads: short at first, so that the chunks the guest writes in
+    /// are known (and cached) before much of the pass has gone by, then doubling up to `interval`.
+    private var checkAfter: Int
+    static let firstCheckPages = 256
     /// 1 MiB chunks in which the guest has been seen writing: with XBZRLE, the
     /// pass caches their pages, since the next round will likely send them again.
     private var hotChunks: [Bool]
+    /// Each dirty-log read: milliseconds since the previous one (or the pass's start) and the pages it found.
+    private var samples: [(milliseconds: Double, pages: Int)] = []
+    private var lastCheck = ContinuousClock.now
 
     init(memory: GuestMemory, vm: VirtualMachine, initiallyHeld: PageSet, frequency: DirtyFrequency, interval: Int) {
         self.memory = memory
         self.vm = vm
         self.interval = interval
+        checkAfter = min(Self.firstCheckPages, interval)
         held = initiallyHeld
         sent = PageSet(pageCount: initiallyHeld.pageCount)
         dirtyAfterSending = PageSet(pageCount: initiallyHeld.pageCount)
@@ -63,9 +71,13 @@ final class FirstPassLearner: @unchecked Sendable {
             if first + count > start { ranges.append((start, first + count - start)) }
             for range in ranges { sent.insert(range: range.first..<range.first + range.count) }
             sinceCheck += count
-            if sinceCheck >= interval {
+            if sinceCheck >= checkAfter {
                 sinceCheck = 0
+                checkAfter = min(checkAfter * 2, interval)
                 let dirty = try memory.collectDirtyPages(from: vm)
+                let now = ContinuousClock.now
+                samples.append((Double((now - lastCheck) / .microseconds(1)) / 1000, dirty.count))
+                lastCheck = now
                 frequency.record(dirty)
                 dirty.forEachRange { first, count in
                     for page in first..<first + count {
@@ -79,9 +91,11 @@ final class FirstPassLearner: @unchecked Sendable {
     }
 
     /// After the pass: the held pages (to send now, coldest first), the pages
-    /// to re-send in the next round, and what was learnt of each page's heat.
-    func finish() -> (held: PageSet, dirtyAfterSending: PageSet, frequency: DirtyFrequency) {
-        lock.withLock { (held, dirtyAfterSending, frequency) }
+    /// to re-send in the next round, what was learnt of each page's heat, and
+    /// how many pages the guest dirtied in each interval between reads.
+    func finish() -> (held: PageSet, dirtyAfterSending: PageSet, frequency: DirtyFrequency,
+                      samples: [(milliseconds: Double, pages: Int)]) {
+        lock.withLock { (held, dirtyAfterSending, frequency, samples) }
     }
 }
 

@@ -240,6 +240,7 @@ public final class MigrationSource: @unchecked Sendable {
         var heldBack: PageSet?
         var resentAfterFirstPass: PageSet?
         var heldOver: PageSet?
+        var firstPassSamples: [(milliseconds: Double, pages: Int)] = []
         if parameters.order == .dirtyFrequency && parameters.mode != .postcopy {
             // Learn which pages are hot before the first pass, so that it sends them last
             // (and, with XBZRLE, keeps them in the cache for the deltas of the next rounds).
@@ -248,9 +249,10 @@ public final class MigrationSource: @unchecked Sendable {
                 frequency.record(try machine.memory.collectDirtyPages(from: machine.vm))
             }
             heldBack = frequency.hot(pageCount: pageCount)
-        } else if parameters.xbzrleCacheBytes != nil && parameters.mode != .postcopy {
-            // XBZRLE alone: the first pass still learns where the guest writes, to cache those chunks
-            // for the deltas of the next round (without the samples before it, which serve the ordering).
+        } else if parameters.mode != .postcopy {
+            // Without ordering the first pass still learns as it goes (without the samples before it, which
+            // serve the ordering): where the guest writes, to cache those chunks for XBZRLE's deltas, and
+            // how fast it re-dirties memory, for the switch-over policy.
             heldBack = PageSet(pageCount: pageCount)
         }
         var round = 0
@@ -286,6 +288,7 @@ public final class MigrationSource: @unchecked Sendable {
                 sender.setCacheWholePages(true)
                 if parameters.order == .dirtyFrequency { try sender.send(ordered: frequency.ordered(learnt.held)) } else { try sender.send(learnt.held) }
                 resentAfterFirstPass = learnt.dirtyAfterSending
+                firstPassSamples = learnt.samples
             } else {
                 try sender.sendAll()
             }
@@ -333,8 +336,14 @@ public final class MigrationSource: @unchecked Sendable {
             }
             logger.debug("round \(round): \(record.pages) pages in \(Int(duration)) ms, \(dirty.count) dirty, predicted downtime \(Int(predictedMs)) ms")
             pending = dirty
+            // A dirty-log read of the first pass that came no longer after the one before it than the next
+            // round would take, yet found three quarters of the dirty set: that round could not shrink it.
+            let rewritesFaster = round == 0 && firstPassSamples.contains {
+                $0.milliseconds <= predictedMs && Double($0.pages) >= SwitchoverPolicy.worthwhileShrink * Double(dirty.count)
+            }
             let decision = policy.decide(afterRound: round, dirtyPages: dirty.count, predictedMs: predictedMs,
-                                         elapsedSeconds: milliseconds(since: started) / 1000, history: &history)
+                                         elapsedSeconds: milliseconds(since: started) / 1000,
+                                         dirtySetRewrittenWithinARound: rewritesFaster, history: &history)
             round += 1
             if case .switchover(let reason) = decision {
                 switchover = reason
@@ -435,27 +444,29 @@ public final class MigrationSource: @unchecked Sendable {
                                   wasPaused: Bool, pausedHere: inout Bool, committed: inout Bool, sameHost: Bool,
                                   started: ContinuousClock.Instant) throws {
         update { $0.status = .stopAndCopy; $0.currentRound = round; $0.mode = parameters.mode.rawValue }
+        let pageCount = Int(machine.memory.size / UInt64(PageRun.pageSize))
+        // Pre-copy ran: what it left dirty. Otherwise every page the guest ever wrote (holes are zero at
+        // both ends), listed before the pause, since walking 1 GiB of extents took milliseconds of downtime:
+        // dirty logging has been on since before the walk, so what the guest writes meanwhile is in the log.
+        var needed = pending ?? PageSet(pageCount: pageCount)
+        if pending == nil {
+            try machine.memory.forEachExtent { first, count, isHole in
+                if !isHole { needed.insert(range: first..<first + count) }
+            }
+        }
         let pausedMono = Clocks.monotonicNs(), pausedReal = Clocks.realtimeNs()
         if !wasPaused {
             try machine.pause()
             pausedHere = true
         }
         rateLimit.lift()
-        let pageCount = Int(machine.memory.size / UInt64(PageRun.pageSize))
-        var needed = PageSet(pageCount: pageCount)
-        if let pending {
-            // Pre-copy ran: what it left dirty, plus what the guest wrote since.
-            needed.formUnion(pending)
-            needed.formUnion(try machine.memory.collectDirtyPages(from: machine.vm))
-        } else {
-            // Nothing sent yet: every page the guest ever wrote (holes are zero at both ends).
-            try machine.memory.forEachExtent { first, count, isHole in
-                if !isHole { for page in first..<first + count { needed.insert(page) } }
-            }
-        }
+        // Plus what the guest wrote since.
+        needed.formUnion(try machine.memory.collectDirtyPages(from: machine.vm))
+        logger.debug("post-copy switch: \(needed.count) pages still needed, known \(Int(Clocks.milliseconds(from: pausedMono, to: Clocks.monotonicNs()))) ms after the pause")
         // Post-copy runs on the control connection alone.
         try sender.endExtraStreams()
         let (sections, memoryDigest, stateDigest) = try sendState(on: stream)
+        logger.debug("post-copy switch: state captured and sent \(Int(Clocks.milliseconds(from: pausedMono, to: Clocks.monotonicNs()))) ms after the pause")
         let start = PostcopyStart(completion: Completion(pausedMonotonicNs: pausedMono, pausedRealtimeNs: pausedReal,
                                                          memoryDigest: memoryDigest, stateDigest: stateDigest),
                                   needed: needed)

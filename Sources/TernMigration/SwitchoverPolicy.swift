@@ -14,7 +14,7 @@ public struct SwitchoverPolicy: Sendable {
     public var timeoutSeconds: Double
 
     static let smallFraction = 0.03
-    static let worthwhileShrink = 0.75
+    public static let worthwhileShrink = 0.75
     static let stallRatio = 0.9
     static let stallRoundsAllowed = 3
 
@@ -38,14 +38,20 @@ public struct SwitchoverPolicy: Sendable {
     }
 
     /// Called after round `round` (0-based) with the dirty pages it left and the predicted downtime.
+    /// `dirtySetRewrittenWithinARound`: the guest was seen dirtying as many pages as a round would
+    /// leave (three quarters of `dirtyPages`) in less time than that round would take, so no round
+    /// can shrink the set: the first pass tells what the first re-send round would otherwise find out.
     public func decide(afterRound round: Int, dirtyPages: Int, predictedMs: Double, elapsedSeconds: Double,
-                       history: inout History) -> Decision {
+                       dirtySetRewrittenWithinARound: Bool = false, history: inout History) -> Decision {
         defer {
             history.previousDirty = dirtyPages
             history.smallestDirty = min(history.smallestDirty, dirtyPages)
         }
         if predictedMs <= maxDowntimeMs {
             if predictedMs <= maxDowntimeMs * Self.smallFraction || dirtyPages == 0 { return .switchover("converged") }
+            if dirtySetRewrittenWithinARound {
+                return .switchover("converged (the guest re-dirties its working set faster than a round could send it)")
+            }
             if let previous = history.previousDirty, Double(dirtyPages) > Self.worthwhileShrink * Double(previous) {
                 return .switchover("converged (further rounds would shrink the dirty set too little)")
             }

@@ -50,7 +50,9 @@ struct PostcopyTests {
     }
 
     @Test func hybridRunsPrecopyRoundsThenPostcopy() throws {
-        let r = try migrateAndCheck(cmdline: "fill=64 dirty=32 progress=0", arguments: ["--mode", "hybrid", "--precopy-rounds", "2"])
+        // Random writes, which rounds do shrink (a set rewritten flat out would end pre-copy after its first pass).
+        let r = try migrateAndCheck(cmdline: "fill=64 dirty=32 pattern=random rate=100 progress=0",
+                                    arguments: ["--mode", "hybrid", "--precopy-rounds", "2", "--max-downtime", "1"])
         #expect(r.rounds.count == 3, "two pre-copy rounds and the post-copy phase")
         #expect(r.switchoverReason?.contains("post-copy") == true)
         #expect(r.postcopy != nil)

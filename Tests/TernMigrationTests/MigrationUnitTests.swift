@@ -156,6 +156,17 @@ struct SwitchoverPolicyTests {
         #expect(decisions[2] == .switchover("converged (further rounds would shrink the dirty set too little)"))
     }
 
+    @Test func switchesAfterTheFirstPassWhenTheGuestRewritesItsSetFasterThanARound() {
+        var history = SwitchoverPolicy.History()
+        #expect(policy.decide(afterRound: 0, dirtyPages: 16_384, predictedMs: 90, elapsedSeconds: 1,
+                              dirtySetRewrittenWithinARound: true, history: &history)
+                == .switchover("converged (the guest re-dirties its working set faster than a round could send it)"))
+        history = SwitchoverPolicy.History()
+        #expect(policy.decide(afterRound: 0, dirtyPages: 16_384, predictedMs: 400, elapsedSeconds: 1,
+                              dirtySetRewrittenWithinARound: true, history: &history) == .iterate,
+                "a prediction over the target still iterates")
+    }
+
     @Test func givesUpWhenTheDirtySetStopsShrinking() {
         let decisions = run([(100_000, 900), (99_000, 890), (98_000, 880), (99_500, 895)])
         #expect(decisions[0...2] == [.iterate, .iterate, .iterate])
