@@ -28,7 +28,12 @@ public struct PageStreamCounters: Sendable, Equatable {
 /// the dirty log for the next round. Zero pages are found in the copy and go
 /// as markers; known holes go as markers without being read.
 public final class PageStreamer {
-    public static let defaultFramePages = 2048
+    /// 512 KiB frames: the staged bytes are still in the CPU's cache when they
+    /// are checksummed and written to the socket (and, at the destination,
+    /// read, checked and written to memory). 8 MiB frames went through memory
+    /// three times at each end: the same 64 MiB stop-and-copy took 45 ms
+    /// instead of 23-25.
+    public static let defaultFramePages = 128
     static let maximumRunPages: UInt32 = 1024
     /// The most bytes one run covers.
     public static let maximumRunBytes = Int(maximumRunPages) * PageRun.pageSize
