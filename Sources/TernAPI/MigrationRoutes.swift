@@ -131,6 +131,9 @@ extension APIRouter {
             }
             parameters.order = order
         }
+        if request.holdBack != nil && parameters.order != .dirtyFrequency {
+            return .error(400, "bad_request", "hold_back needs order dirty-frequency")
+        }
         parameters.holdBackHot = request.holdBack
         let compression: CompressionChoice
         do { compression = try CompressionChoice(parsing: request.compress ?? "none") } catch {

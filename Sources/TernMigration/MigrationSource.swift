@@ -241,6 +241,8 @@ public final class MigrationSource: @unchecked Sendable {
         var resentAfterFirstPass: PageSet?
         var heldOver: PageSet?
         var firstPassSamples: [(milliseconds: Double, pages: Int)] = []
+        /// The dirty log read at the end of the last round, before held-back pages join it.
+        var latestDirty: PageSet?
         if parameters.order == .dirtyFrequency && parameters.mode != .postcopy {
             // Learn which pages are hot before the first pass, so that it sends them last
             // (and, with XBZRLE, keeps them in the cache for the deltas of the next rounds).
@@ -271,7 +273,7 @@ public final class MigrationSource: @unchecked Sendable {
             roundPlan.withLock { $0 = (before.dataPages + before.zeroPages, Double(pending.map { UInt64($0.count) } ?? totalPages)) }
             if let pages = pending {
                 if parameters.order == .dirtyFrequency && (parameters.holdBackHot ?? (parameters.xbzrleCacheBytes == nil)) {
-                    let split = frequency.holdingBackHottest(pages)
+                    let split = frequency.holdingBackHottest(pages, stillHot: latestDirty ?? pages)
                     try sender.send(ordered: split.send)
                     heldOver = split.held
                 } else if parameters.order == .dirtyFrequency {
@@ -298,6 +300,7 @@ public final class MigrationSource: @unchecked Sendable {
             let duration = max(milliseconds(since: roundStart), 0.001)
             var dirty = try machine.memory.collectDirtyPages(from: machine.vm)
             frequency.record(dirty)
+            latestDirty = dirty
             if let earlier = resentAfterFirstPass {
                 dirty.formUnion(earlier)
                 resentAfterFirstPass = nil
@@ -321,7 +324,8 @@ public final class MigrationSource: @unchecked Sendable {
             let predictedMs = DowntimePrediction(
                 dirtyPages: dirty.count, wireBytesPerPage: bytesPerPage, throughputBytesPerSecond: throughput,
                 stateBytes: Self.stateBytesEstimate, roundTripMs: roundTripMs,
-                pageCostMs: round > 0 && roundPages > 0 && !throttled ? duration / Double(roundPages) : nil).milliseconds
+                pageCostMs: round > 0 && roundPages >= Self.pagesToMeasureCost && !throttled
+                    ? max(duration - roundTripMs, 0) / Double(roundPages) : nil).milliseconds
             let record = MigrationReport.Round(
                 round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages),
                 zeroPages: sent.zeroPages - before.zeroPages, bytes: roundBytes, dirtyPages: UInt64(dirty.count),
@@ -436,6 +440,8 @@ public final class MigrationSource: @unchecked Sendable {
     }
 
     static let learningIntervalPages = 8192
+    /// A round of fewer pages says little about what a page costs (its sync's round trip and fixed costs dominate).
+    static let pagesToMeasureCost: UInt64 = 256
 
     /// Post-copy: pause, send only the VM state and the list of pages the
     /// destination still needs, let it start, then push those pages (and

@@ -127,6 +127,7 @@ public struct DirtyFrequency: Sendable {
     public private(set) var counts: [UInt8]
     /// Syncs recorded so far.
     public private(set) var syncs = 0
+    static let holdBackCountCeiling = 128
 
     public init(pageCount: Int) { counts = [UInt8](repeating: 0, count: pageCount) }
 
@@ -148,17 +149,20 @@ public struct DirtyFrequency: Sendable {
     }
 
     /// Splits `pages` into those to send now, least often dirtied first, and
-    /// the hottest, held back: dirtied in at least half of the syncs so far
-    /// (and in two at least). Those would be dirty again before the switch
-    /// anyway; re-sending them every round is what ordering alone cannot
-    /// avoid, since hot pages sent last are still sent.
-    public func holdingBackHottest(_ pages: PageSet) -> (send: [Int], held: PageSet) {
-        let threshold = max(2, (syncs + 1) / 2)
+    /// the hottest, held back: dirty in the latest sync (`stillHot`) and in at
+    /// least half of the syncs so far (two at least; at most 128, below the
+    /// counter's ceiling, for guests whose first pass read the log hundreds of
+    /// times). Those would be dirty again before the switch anyway;
+    /// re-sending them every round is what ordering alone cannot avoid, since
+    /// hot pages sent last are still sent. A held page the latest sync did not
+    /// find dirty has cooled down and goes now.
+    public func holdingBackHottest(_ pages: PageSet, stillHot: PageSet) -> (send: [Int], held: PageSet) {
+        let threshold = min(max(2, (syncs + 1) / 2), Self.holdBackCountCeiling)
         var held = PageSet(pageCount: counts.count)
         var buckets = [[Int]](repeating: [], count: 256)
         pages.forEachRange { first, count in
             for page in first..<first + count {
-                if Int(counts[page]) >= threshold { held.insert(page) } else { buckets[Int(counts[page])].append(page) }
+                if Int(counts[page]) >= threshold && stillHot.contains(page) { held.insert(page) } else { buckets[Int(counts[page])].append(page) }
             }
         }
         return (buckets.flatMap { $0 }, held)

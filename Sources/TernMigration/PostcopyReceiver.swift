@@ -59,7 +59,7 @@ final class PostcopyReceiver: @unchecked Sendable {
     /// source resumes because the first one was lost with the connection.
     private var completion: PostcopyStatistics?
     /// How long a completed destination still waits for a source that lost its `complete`.
-    static let completedResumeWaitSeconds = 600.0
+    static let completedResumeWaitSeconds = 120.0
     private var digest: UInt64?
     /// With --verify: arriving pages add to `digest`.
     private let verifying: Bool
@@ -236,9 +236,10 @@ final class PostcopyReceiver: @unchecked Sendable {
         }
     }
 
-    /// Marks the connection lost and cuts it, so the pages thread notices at once.
+    /// Whether all memory is here and `complete` was sent (or lost with the connection).
     private var isComplete: Bool { writeLock.withLock { completion != nil } }
 
+    /// Marks the connection lost and cuts it, so the pages thread notices at once.
     private func disconnect() {
         writeLock.withLock {
             connected = false

@@ -19,6 +19,7 @@ public final class FramePayloadReader: ByteSource {
     static let directReadThreshold = 16 << 10
 
     public init(capacity: Int = 64 << 10) {
+        precondition(capacity > 0, "FramePayloadReader needs a buffer")
         buffer = .allocate(byteCount: capacity, alignment: 64)
     }
 

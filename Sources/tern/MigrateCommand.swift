@@ -66,6 +66,9 @@ struct Migrate: ParsableCommand {
         guard (1...19).contains(zstdLevel) else { throw ValidationError("--zstd-level must be between 1 and 19") }
         guard (1...Hello.maximumStreams).contains(streams) else { throw ValidationError("--streams must be between 1 and \(Hello.maximumStreams)") }
         guard PageOrder(rawValue: order) != nil else { throw ValidationError("--order must be sequential or dirty-frequency") }
+        if holdBack != nil && order != PageOrder.dirtyFrequency.rawValue {
+            throw ValidationError("--hold-back and --no-hold-back need --order dirty-frequency")
+        }
         do { _ = try ByteSize(parsing: xbzrleCache) } catch { throw ValidationError("--xbzrle-cache: \(error)") }
         guard maxDowntime > 0 else { throw ValidationError("--max-downtime must be positive") }
         guard maxRounds >= 1 else { throw ValidationError("--max-rounds must be at least 1") }

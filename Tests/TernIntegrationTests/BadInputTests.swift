@@ -51,6 +51,12 @@ struct BadInputTests {
         try expectFailure(["--kernel", TernProcess.guest, "--cpus", "0"], mentioning: "--cpus")
     }
 
+    @Test func migrateFlagsThatDoNotGoTogether() throws {
+        let migrate = try TernProcess(["migrate", "--api-socket", "/nonexistent.sock", "--to", "tcp:127.0.0.1:1", "--hold-back"], withAPI: false)
+        #expect(migrate.waitForExit() != 0)
+        #expect(migrate.stderr.contains("need --order dirty-frequency"), "stderr: \(migrate.stderr)")
+    }
+
     @Test func noKVMDevice() throws {
         try expectFailure(["--kernel", TernProcess.guest, "--kvm-device", "/nonexistent/kvm"], mentioning: "cannot use KVM")
     }

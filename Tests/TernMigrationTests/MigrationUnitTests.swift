@@ -96,8 +96,8 @@ struct MessageTests {
         wrongMagic[0] ^= 1
         #expect(throws: WireError.self) { try Hello(decoding: wrongMagic) }
         var newer = hello.encoded
-        newer[8] = 3 // protocol version
-        #expect(throws: WireError.unsupportedVersion("migration protocol 3; this tern speaks 2")) { try Hello(decoding: newer) }
+        newer[8] = 2 // protocol version: 2 had no round syncs and no complete-ack
+        #expect(throws: WireError.unsupportedVersion("migration protocol 2; this tern speaks 3")) { try Hello(decoding: newer) }
         for streams: UInt32 in [0, 17] {
             var tooMany = hello
             tooMany.streams = streams
@@ -214,9 +214,15 @@ struct DirtyFrequencyTests {
         // Five syncs: 3 and 40 dirty in all, 20 in two, 10 in one; threshold max(2, 3) = 3.
         var pending = PageSet(pageCount: 64)
         for page in [3, 10, 20, 40, 50] { pending.insert(page) }
-        let split = frequency.holdingBackHottest(pending)
+        let split = frequency.holdingBackHottest(pending, stillHot: pending)
         #expect(split.send == [50, 10, 20], "cold to warm, the hot ones left out")
         #expect(split.held.count == 2 && split.held.contains(3) && split.held.contains(40))
+        // Page 40 was not dirty in the latest sync: it has cooled down and goes now.
+        var latest = PageSet(pageCount: 64)
+        latest.insert(3)
+        let cooled = frequency.holdingBackHottest(pending, stillHot: latest)
+        #expect(cooled.held.count == 1 && cooled.held.contains(3))
+        #expect(cooled.send.contains(40))
     }
 
     @Test func ordersPagesFromColdToHot() {
