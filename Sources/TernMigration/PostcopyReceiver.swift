@@ -143,8 +143,6 @@ final class PostcopyReceiver: @unchecked Sendable {
             }
         }
         spawnThread(named: "postcopy-pages") { [self] in
-            // The bulk of the pages: behind the fault and demand threads when the cores are busy.
-            lowerCurrentThreadPriority(by: 5)
             do {
                 try receivePages(vmStartedNs: vmStartedNs)
             } catch {
