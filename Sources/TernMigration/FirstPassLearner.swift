@@ -2,11 +2,12 @@ import Foundation
 import TernKVM
 import TernMachine
 
-/// The first pre-copy pass, shared by all page
-/// streams: every `interval` pages claimed it reads the dirty log. Pages
-/// found dirty that no stream has sent yet are held back, to be sent at the
-/// end of the pass hot-last (and, with XBZRLE, into the cache); pages found
-/// dirty after they were sent are kept for the next round. So the pass
+/// The first pre-copy pass, shared by all page streams: it reads the dirty
+/// log after a few pages claimed, then at doubling intervals up to every
+/// `interval` pages. Pages found dirty that no stream has sent yet are held
+/// back, to be sent at the end of the pass (hot-last with ordering; with
+/// XBZRLE, into the cache); pages found dirty after they were sent are kept
+/// for the next round. So the pass
 /// learns the working set as it goes instead of sending it twice whole.
 ///
 /// Safe against the guest's writes because every page the dirty log names

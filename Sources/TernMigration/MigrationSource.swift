@@ -237,7 +237,8 @@ public final class MigrationSource: @unchecked Sendable {
         if let level = parameters.zstdLevel { sender.useZstd(level: level) }
         let pageCount = Int(machine.memory.size / UInt64(PageRun.pageSize))
         var frequency = DirtyFrequency(pageCount: pageCount)
-        var heldBack: PageSet?
+        // Pages the first pass holds back to its end: the hot ones (ordering), or none yet.
+        var firstPassHeld = PageSet(pageCount: pageCount)
         var resentAfterFirstPass: PageSet?
         var heldOver: PageSet?
         var firstPassSamples: [(milliseconds: Double, pages: Int)] = []
@@ -250,13 +251,12 @@ public final class MigrationSource: @unchecked Sendable {
                 Thread.sleep(forTimeInterval: Self.frequencySampleSeconds)
                 frequency.record(try machine.memory.collectDirtyPages(from: machine.vm))
             }
-            heldBack = frequency.hot(pageCount: pageCount)
-        } else if parameters.mode != .postcopy {
-            // Without ordering the first pass still learns as it goes (without the samples before it, which
-            // serve the ordering): where the guest writes, to cache those chunks for XBZRLE's deltas, and
-            // how fast it re-dirties memory, for the switch-over policy.
-            heldBack = PageSet(pageCount: pageCount)
+            firstPassHeld = frequency.hot(pageCount: pageCount)
         }
+        // Without ordering the first pass still learns as it goes (without the samples before it, which
+        // serve the ordering): where the guest writes, to cache those chunks for XBZRLE's deltas, and
+        // how fast it re-dirties memory, for the switch-over policy.
+        let holdBackHot = parameters.order == .dirtyFrequency && (parameters.holdBackHot ?? (parameters.xbzrleCacheBytes == nil))
         var round = 0
         let policy = SwitchoverPolicy(maxDowntimeMs: parameters.maxDowntimeMs, maxRounds: parameters.maxRounds,
                                       timeoutSeconds: parameters.timeoutSeconds)
@@ -272,7 +272,7 @@ public final class MigrationSource: @unchecked Sendable {
             update { $0.currentRound = round; $0.roundPercent = 0 }
             roundPlan.withLock { $0 = (before.dataPages + before.zeroPages, Double(pending.map { UInt64($0.count) } ?? totalPages)) }
             if let pages = pending {
-                if parameters.order == .dirtyFrequency && (parameters.holdBackHot ?? (parameters.xbzrleCacheBytes == nil)) {
+                if holdBackHot {
                     let split = frequency.holdingBackHottest(pages, stillHot: latestDirty ?? pages)
                     try sender.send(ordered: split.send)
                     heldOver = split.held
@@ -281,8 +281,8 @@ public final class MigrationSource: @unchecked Sendable {
                 } else {
                     try sender.send(pages)
                 }
-            } else if let hot = heldBack {
-                let learner = FirstPassLearner(memory: machine.memory, vm: machine.vm, initiallyHeld: hot, frequency: frequency,
+            } else {
+                let learner = FirstPassLearner(memory: machine.memory, vm: machine.vm, initiallyHeld: firstPassHeld, frequency: frequency,
                                                interval: Self.learningIntervalPages)
                 try sender.firstPass(learning: learner)
                 let learnt = learner.finish()
@@ -291,8 +291,6 @@ public final class MigrationSource: @unchecked Sendable {
                 if parameters.order == .dirtyFrequency { try sender.send(ordered: frequency.ordered(learnt.held)) } else { try sender.send(learnt.held) }
                 resentAfterFirstPass = learnt.dirtyAfterSending
                 firstPassSamples = learnt.samples
-            } else {
-                try sender.sendAll()
             }
             // Pages re-sent from now on are likely to be re-sent again: keep them for deltas.
             sender.setCacheWholePages(true)
@@ -388,7 +386,7 @@ public final class MigrationSource: @unchecked Sendable {
         // The cap shares the link during pre-copy; while the VM is paused, every byte it holds back is downtime.
         rateLimit.lift()
         var last = try machine.memory.collectDirtyPages(from: machine.vm)
-        if let pending { for (i, word) in pending.words.enumerated() where word != 0 { last.merge(bitmap: [word], firstPage: i * 64) } }
+        if let pending { last.formUnion(pending) }
         let before = sender.counters
         let lastPages = last.count
         try sender.send(last)

@@ -25,16 +25,6 @@ struct PageSender {
 
     var counters: PageStreamCounters { streamer.counters }
 
-    /// This stream's share of every page of RAM (the first pre-copy pass); never-written pages go as zero markers unread.
-    func sendAll() throws {
-        try streamer.memory.forEachExtent { first, count, isHole in
-            try partition.forEachPiece(first: first, count: count, stream: index) { first, count in
-                if isHole { try streamer.addZeroPages(firstPage: first, count: count) } else { try streamer.addPages(firstPage: first, count: count) }
-            }
-        }
-        try streamer.flush()
-    }
-
     /// This stream's share of the given pages, in address order.
     func send(_ pages: PageSet) throws {
         try pages.forEachRange { first, count in

@@ -141,11 +141,19 @@ public struct DirtyFrequency: Sendable {
 
     /// The members of `pages` from least to most often dirtied (stable within a count).
     public func ordered(_ pages: PageSet) -> [Int] {
+        coldestFirst(pages) { _ in false }.send
+    }
+
+    /// The members of `pages` that `hold` does not keep, coldest first, and those it keeps.
+    private func coldestFirst(_ pages: PageSet, hold: (Int) -> Bool) -> (send: [Int], held: PageSet) {
+        var held = PageSet(pageCount: counts.count)
         var buckets = [[Int]](repeating: [], count: 256)
         pages.forEachRange { first, count in
-            for page in first..<first + count { buckets[Int(counts[page])].append(page) }
+            for page in first..<first + count {
+                if hold(page) { held.insert(page) } else { buckets[Int(counts[page])].append(page) }
+            }
         }
-        return buckets.flatMap { $0 }
+        return (buckets.flatMap { $0 }, held)
     }
 
     /// Splits `pages` into those to send now, least often dirtied first, and
@@ -158,14 +166,7 @@ public struct DirtyFrequency: Sendable {
     /// find dirty has cooled down and goes now.
     public func holdingBackHottest(_ pages: PageSet, stillHot: PageSet) -> (send: [Int], held: PageSet) {
         let threshold = min(max(2, (syncs + 1) / 2), Self.holdBackCountCeiling)
-        var held = PageSet(pageCount: counts.count)
-        var buckets = [[Int]](repeating: [], count: 256)
-        pages.forEachRange { first, count in
-            for page in first..<first + count {
-                if Int(counts[page]) >= threshold && stillHot.contains(page) { held.insert(page) } else { buckets[Int(counts[page])].append(page) }
-            }
-        }
-        return (buckets.flatMap { $0 }, held)
+        return coldestFirst(pages) { Int(counts[$0]) >= threshold && stillHot.contains($0) }
     }
 
     /// Pages found dirty at least once.

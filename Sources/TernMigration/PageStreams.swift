@@ -95,7 +95,6 @@ final class PageStreams: @unchecked Sendable {
         try workers.run { index in try body(senders[index]) }
     }
 
-    func sendAll() throws { try run { try $0.sendAll() } }
     func send(_ pages: PageSet) throws { try run { try $0.send(pages) } }
     func send(ordered pages: [Int]) throws { try run { try $0.send(ordered: pages) } }
 

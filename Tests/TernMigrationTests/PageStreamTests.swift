@@ -163,3 +163,15 @@ struct PageStreamTests {
         }
     }
 }
+
+extension PageSender {
+    /// This stream's share of every page of RAM, never-written pages as zero markers unread.
+    func sendAll() throws {
+        try streamer.memory.forEachExtent { first, count, isHole in
+            try partition.forEachPiece(first: first, count: count, stream: index) { first, count in
+                if isHole { try streamer.addZeroPages(firstPage: first, count: count) } else { try streamer.addPages(firstPage: first, count: count) }
+            }
+        }
+        try streamer.flush()
+    }
+}
