@@ -31,8 +31,9 @@ public final class PageStreamer {
     /// 512 KiB frames: the staged bytes are still in the CPU's cache when they
     /// are checksummed and written to the socket (and, at the destination,
     /// read, checked and written to memory). 8 MiB frames went through memory
-    /// three times at each end: the same 64 MiB stop-and-copy took 45 ms
-    /// instead of 23-25.
+    /// three times at each end, and the 64 MiB stop-and-copy of a guest that
+    /// rewrites 64 MiB took about 45 ms instead of 23-25 in side-by-side runs
+    /// (`bash bench/stop_and_copy.sh` shows the split; this host's noise is large).
     public static let defaultFramePages = 128
     static let maximumRunPages: UInt32 = 1024
     /// The most bytes one run covers.
