@@ -5,5 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh debug
 swift build --build-tests 2>&1 | grep -E "error|warning:" && { echo "test: the build has errors or warnings" >&2; exit 1; }
-swift test 2>&1 | grep -v "^\[" 
-exit "${PIPESTATUS[0]}"
+# The suite takes a few minutes; a test that hangs must fail the run, not stall it.
+limit=${TERN_TEST_TIMEOUT_S:-1200}
+set +e
+timeout --kill-after=10 "$limit" swift test 2>&1 | grep -v "^\["
+status=${PIPESTATUS[0]}
+set -e
+if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+    echo "test: the suite did not finish within $limit s (a test hangs); stopped" >&2
+fi
+exit "$status"

@@ -8,21 +8,25 @@ public final class Userfaultfd: @unchecked Sendable {
     // Sendable: the fd is immutable; the kernel serialises the ioctls.
     public let fd: FileDescriptor
 
-    /// A fault waiting to be resolved: the faulting address and whether it was a write.
+    /// A fault waiting to be resolved: the faulting address, whether it was a write,
+    /// and the thread that waits (UFFD_FEATURE_THREAD_ID).
     public struct Fault: Equatable, Sendable {
         public var address: UInt64
         public var isWrite: Bool
+        public var threadID: Int32
     }
 
     /// Opens a userfaultfd (non-blocking, so a reader can poll it alongside a stop signal)
     /// and negotiates the API, requiring missing-page faults on shared memory (memfd),
     /// and with `minorFaults` also minor faults on it (pages in the file but not mapped).
+    /// Every fault names its thread, so a caller can tell which threads wait on it.
     public init(minorFaults: Bool = false) throws(SystemError) {
         let raw = try check("userfaultfd") { ckvm_userfaultfd(O_CLOEXEC | O_NONBLOCK) }
         fd = FileDescriptor(adopting: raw)
         var api = uffdio_api()
         api.api = UInt64(UFFD_API)
-        api.features = UInt64(UFFD_FEATURE_MISSING_SHMEM) | (minorFaults ? UInt64(UFFD_FEATURE_MINOR_SHMEM) : 0)
+        api.features = UInt64(UFFD_FEATURE_MISSING_SHMEM) | UInt64(UFFD_FEATURE_THREAD_ID)
+            | (minorFaults ? UInt64(UFFD_FEATURE_MINOR_SHMEM) : 0)
         _ = try check("UFFDIO_API") { ckvm_ioctl_ptr(raw, CKVM_UFFDIO_API, &api) }
     }
 
@@ -112,7 +116,8 @@ public final class Userfaultfd: @unchecked Sendable {
         }
         for message in messages.prefix(n / size) where message.event == UInt8(UFFD_EVENT_PAGEFAULT) {
             faults.append(Fault(address: message.arg.pagefault.address,
-                                isWrite: message.arg.pagefault.flags & UInt64(UFFD_PAGEFAULT_FLAG_WRITE) != 0))
+                                isWrite: message.arg.pagefault.flags & UInt64(UFFD_PAGEFAULT_FLAG_WRITE) != 0,
+                                threadID: Int32(bitPattern: message.arg.pagefault.feat.ptid)))
         }
         return faults
     }

@@ -62,8 +62,7 @@ public final class Vcpu: @unchecked Sendable {
             let length = Int(min(r.pointee.mmio.len, 8))
             let address = r.pointee.mmio.phys_addr
             // The data bytes live inside kvm_run itself; take their address there.
-            let offset = MemoryLayout<kvm_run>.offset(of: \kvm_run.mmio)! + MemoryLayout.offset(of: \kvm_run.mmio.data)!
-            let data = runArea.base + offset
+            let data = runArea.base + ckvm_run_mmio_data_offset()
             if r.pointee.mmio.is_write != 0 {
                 return .mmioWrite(address: address, data: UnsafeRawBufferPointer(start: data, count: length))
             }

@@ -31,6 +31,7 @@ public final class Machine: @unchecked Sendable {
     private var keptAlive: [AnyObject] = []
     private var memoryIsIncomplete = false
     private var exit: MachineExit?
+    private var exitActions: [@Sendable () -> Void] = []
     private var startTime: ContinuousClock.Instant?
 
     /// `memory`: guest RAM made (and perhaps preallocated) beforehand, e.g. while a destination waits for its migration.
@@ -151,7 +152,9 @@ public final class Machine: @unchecked Sendable {
         while true {
             Thread.sleep(forTimeInterval: Self.haltCheckInterval)
             guard currentState != .exited else { return }
-            guard currentState == .running else { continue }
+            // While post-copy memory is missing, a check's kick could set a vCPU waiting for a page
+            // spinning in the kernel (see `pauseForGood`); a dead halt can wait until memory is here.
+            guard currentState == .running, !memoryIncomplete else { continue }
             runners.forEach { $0.requestHaltCheck() }
             let answers = runners.map { $0.haltCheckAnswer(timeout: 0.5) }
             guard !answers.isEmpty, answers.allSatisfy({ $0 != nil && $0! != nil }), currentState == .running else { continue }
@@ -189,6 +192,47 @@ public final class Machine: @unchecked Sendable {
         state = .paused
     }
 
+    /// Stops the guest for good after a failure that leaves its memory incomplete (post-copy):
+    /// unlike `pause()`, no vCPU is ever let go, and the VM counts as paused even if some
+    /// vCPU has not parked.
+    ///
+    /// The vCPUs in `waitingForMemory` (kernel thread ids) sit inside KVM_RUN waiting on a
+    /// userfaultfd for a page that will not come: they cannot run guest code, and they are
+    /// not signalled, because a pending signal turns some of those waits (a fault taken
+    /// while KVM reads guest memory itself, e.g. to emulate an instruction) into a busy loop
+    /// in the kernel. They park if they ever leave KVM_RUN.
+    /// Returns how many vCPUs did not park within `timeout`.
+    @discardableResult
+    public func pauseForGood(waitingForMemory: Set<Int32>, timeout: TimeInterval = 2) -> Int {
+        lifecycle.lock()
+        defer { lifecycle.unlock() }
+        guard state == .running || state == .paused else { return 0 }
+        var spared: [VcpuRunner] = []
+        for runner in runners {
+            let waits = runner.threadID.map { waitingForMemory.contains($0) } ?? false
+            runner.requestPause(kicking: !waits)
+            if waits { spared.append(runner) }
+        }
+        let unparked = runners.filter { runner in
+            !runner.waitUntilParked(timeout: spared.contains { $0 === runner } ? 0 : timeout)
+        }.count
+        state = .paused
+        return unparked
+    }
+
+    /// Runs `action` once the VM is asked to end (after every vCPU has been told to stop).
+    /// For whoever holds vCPUs in a wait only it can end, such as post-copy's userfaultfd.
+    public func onExit(_ action: @escaping @Sendable () -> Void) {
+        lifecycle.lock()
+        let ended = exit != nil
+        if !ended { exitActions.append(action) }
+        lifecycle.unlock()
+        if ended { action() }
+    }
+
+    /// The kernel thread ids of the vCPUs' threads (those started so far), in vCPU order.
+    public var vcpuThreadIDs: [Int32] { runners.compactMap(\.threadID) }
+
     public func resume() throws {
         lifecycle.lock()
         defer { lifecycle.unlock() }
@@ -209,9 +253,12 @@ public final class Machine: @unchecked Sendable {
                 logger.info("guest stopped: \(reason.message)")
             }
         }
+        let actions = exitActions
+        exitActions = []
         lifecycle.broadcast()
         lifecycle.unlock()
         for runner in runners { runner.requestStop() }
+        for action in actions { action() }
     }
 
     /// Blocks until the VM has ended and every vCPU thread has left KVM_RUN.

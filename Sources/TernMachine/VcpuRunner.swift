@@ -20,6 +20,7 @@ final class VcpuRunner: @unchecked Sendable {
     private var request = Request.run
     private var status = Status.notStarted
     private var thread: pthread_t?
+    private var kernelThreadID: Int32?
     private var started = false
     /// A halt check is pending / its result: halted with interrupts off (and its registers), or not.
     private var haltCheckPending = false
@@ -57,6 +58,7 @@ final class VcpuRunner: @unchecked Sendable {
             pthread_sigmask(SIG_UNBLOCK, &kickSet, nil)
             condition.lock()
             thread = pthread_self()
+            kernelThreadID = ckvm_gettid()
             condition.unlock()
             if let exit = loop(handle) { onExit(exit) }
             condition.lock()
@@ -147,11 +149,20 @@ final class VcpuRunner: @unchecked Sendable {
         if let thread, status != .stopped { pthread_kill(thread, Self.kickSignal) }
     }
 
-    func requestPause() {
+    /// The kernel's id of the vCPU's thread (what a userfaultfd fault names); nil before it starts.
+    var threadID: Int32? {
+        condition.lock()
+        defer { condition.unlock() }
+        return kernelThreadID
+    }
+
+    /// Asks the vCPU to park. Without `kicking`, a vCPU inside KVM_RUN parks only when
+    /// it next leaves it on its own (see `Machine.pauseForGood`).
+    func requestPause(kicking: Bool = true) {
         condition.lock()
         if request == .run { request = .pause }
         condition.unlock()
-        kick()
+        if kicking { kick() }
     }
 
     func requestStop() {

@@ -53,8 +53,13 @@ final class PostcopyReceiver: @unchecked Sendable {
     private var latencies: [Double] = []
     private var statistics = PostcopyStatistics()
     private let writeLock = NSLock()
-    /// Set when post-copy completes or fails; then faults are no longer served.
+    /// Set when post-copy completes or fails; then no page is requested or accepted any more.
     private let finished = Atomic<Bool>(false)
+    /// Set when all memory is here or the VM ends: then faults are no longer served. After a
+    /// failure they still are, for pages the source never wrote, so that vCPUs can park.
+    private let faultsReleased = Atomic<Bool>(false)
+    /// vCPU threads (kernel ids) waiting for a page still expected, and the page.
+    private var waitingThreads: [Int32: Int] = [:]
     /// The `complete` report once all memory is here (guarded by `writeLock`): sent again if the
     /// source resumes because the first one was lost with the connection.
     private var completion: PostcopyStatistics?
@@ -132,6 +137,8 @@ final class PostcopyReceiver: @unchecked Sendable {
         // kernel would fill the missing pages with zeros under the waiting vCPUs.
         machine.keepAlive(self)
         machine.memoryIncomplete = true
+        // When the VM ends, vCPUs still waiting for pages are let go, or their threads could never end.
+        machine.onExit { [weak self] in self?.releaseFaults() }
         logger.info("post-copy: \(needed.count) pages to come, placed by \(minorFaults ? "minor faults (UFFDIO_CONTINUE) on preallocated memory" : "missing faults (UFFDIO_COPY)")")
         spawnThread(named: "postcopy-faults") { [self] in serveFaults() }
         if let urgent {
@@ -154,20 +161,33 @@ final class PostcopyReceiver: @unchecked Sendable {
     private func fail(_ reason: String) {
         guard !finished.exchange(true, ordering: .relaxed) else { return }
         logger.error("post-copy failed: \(reason); the VM is paused rather than run on incomplete memory")
-        try? machine.pause()
+        let waiting = lock.withLock { Set(waitingThreads.keys) }
+        let unparked = machine.pauseForGood(waitingForMemory: waiting)
+        if unparked > 0 {
+            logger.warning("\(unparked) vCPU(s) wait for guest memory that will not come; they stay stopped until the VM ends")
+        }
         writeLock.withLock { _ = try? source.writeFrame(.abort, payload: Array(reason.utf8)) }
+    }
+
+    /// The VM is ending: stop serving faults and unregister guest memory, which wakes any
+    /// vCPU still waiting for a page (it then sees a zero page, and stops at once).
+    private func releaseFaults() {
+        guard !faultsReleased.exchange(true, ordering: .relaxed) else { return }
+        try? uffd.unregister(memory.mapping.base, length: memory.mapping.length)
     }
 
     // MARK: Faults
 
     private func serveFaults() {
         let base = UInt64(UInt(bitPattern: memory.mapping.base))
-        while !finished.load(ordering: .relaxed) {
+        while !faultsReleased.load(ordering: .relaxed) {
             let faults: [Userfaultfd.Fault]
             do { faults = try uffd.waitForFaults(timeoutMs: 100) } catch {
                 fail("\(error)")
                 return
             }
+            // After a failure nothing is asked for: the pages will not come, their vCPUs stay waiting.
+            let failed = finished.load(ordering: .relaxed)
             var toRequest: [UInt64] = []
             var toZero: [Int] = []
             let now = Clocks.monotonicNs()
@@ -178,7 +198,10 @@ final class PostcopyReceiver: @unchecked Sendable {
                     statistics.faults += 1
                     if !needed.contains(page) {
                         toZero.append(page)        // never written at the source: zero, no need to ask
-                    } else if !requested.contains(page) {
+                        continue
+                    }
+                    if expected.contains(page) { waitingThreads[fault.threadID] = page }
+                    if !failed && !requested.contains(page) {
                         requested.insert(page)
                         requestTimes[page] = now
                         toRequest.append(UInt64(page))
@@ -495,6 +518,8 @@ final class PostcopyReceiver: @unchecked Sendable {
     private func accept(_ run: PageRun, firstPage: Int, demandReply: Bool) throws {
         lock.lock()
         defer { lock.unlock() }
+        // After a failure no page is placed: a vCPU woken by one would run while the VM counts as paused.
+        guard !finished.load(ordering: .relaxed) else { throw WireError.malformed("a page after post-copy ended") }
         // Read under the lock: request times are too, so `now` is never earlier than one of them.
         let now = Clocks.monotonicNs()
         let pages = firstPage..<firstPage + Int(run.pageCount)
@@ -506,6 +531,7 @@ final class PostcopyReceiver: @unchecked Sendable {
                 throw WireError.malformed("a reply for page \(memory.address(ofPage: page)), which was never requested")
             }
         }
+        if !waitingThreads.isEmpty { waitingThreads = waitingThreads.filter { !pages.contains($0.value) } }
         for page in pages {
             expected.remove(page)
             if demandReply { statistics.pagesPulled += 1 } else { statistics.pagesPushed += 1 }
@@ -523,7 +549,7 @@ final class PostcopyReceiver: @unchecked Sendable {
         }
         guard !finished.exchange(true, ordering: .relaxed) else { return } // failed meanwhile: no `complete` after an abort
         machine.memoryIncomplete = false
-        try? uffd.unregister(memory.mapping.base, length: memory.mapping.length)
+        releaseFaults()
         let report: PostcopyStatistics = lock.withLock {
             var result = statistics
             let sorted = latencies.sorted()

@@ -44,6 +44,23 @@ struct RealModeGuestTests {
         #expect(memory.base.load(fromByteOffset: 0x2000, as: UInt8.self) == 0x5A)
     }
 
+    @Test func mmioWriteAndReadOutsideMemory() throws {
+        // mov ax,0x2000 ; mov ds,ax ; mov byte [0x10],0x42 ; mov al,[0x20] ; out 0x80,al ; hlt
+        // (0x20010 and 0x20020 lie beyond the 64 KiB slot: MMIO exits)
+        let (_, _, vcpu, _) = try makeGuest([0xB8, 0x00, 0x20, 0x8E, 0xD8, 0xC6, 0x06, 0x10, 0x00, 0x42,
+                                             0xA0, 0x20, 0x00, 0xE6, 0x80, 0xF4])
+        guard case .mmioWrite(let address, let written) = try vcpu.run() else { Issue.record("expected an MMIO write"); return }
+        #expect(address == 0x20010)
+        #expect(Array(written) == [0x42])
+        guard case .mmioRead(let readAddress, let reply) = try vcpu.run() else { Issue.record("expected an MMIO read"); return }
+        #expect(readAddress == 0x20020)
+        #expect(reply.count == 1)
+        reply[0] = 0x5A
+        guard case .ioOut(let port, _, _, let data) = try vcpu.run() else { Issue.record("expected io-out"); return }
+        #expect(port == 0x80)
+        #expect(data[0] == 0x5A, "the guest read the byte the MMIO reply supplied")
+    }
+
     @Test func dirtyLogReportsWrittenPages() throws {
         // mov byte [0x3000],1 ; mov byte [0x5000],1 ; hlt
         let (_, vm, vcpu, _) = try makeGuest([0xC6, 0x06, 0x00, 0x30, 0x01, 0xC6, 0x06, 0x00, 0x50, 0x01, 0xF4])

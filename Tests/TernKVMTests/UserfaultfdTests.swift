@@ -21,7 +21,9 @@ struct UserfaultfdTests {
         try uffd.registerMissing(mapping.base, length: mapping.length)
         let base = UInt(bitPattern: mapping.base)
         let result = ResultBox()
+        let readerThread = ResultBox()
         let reader = Thread {
+            readerThread.set(UInt64(ckvm_gettid()), 0)
             let pointer = UnsafeMutableRawPointer(bitPattern: base)!
             let first = pointer.load(fromByteOffset: 4096 + 8, as: UInt64.self)   // faults: page 1
             let second = pointer.load(fromByteOffset: 3 * 4096, as: UInt64.self)  // faults: page 3
@@ -33,6 +35,7 @@ struct UserfaultfdTests {
         while resolved < 2 && Date() < deadline {
             for fault in try uffd.waitForFaults(timeoutMs: 100) {
                 let page = (fault.address - UInt64(base)) / 4096
+                #expect(UInt64(fault.threadID) == readerThread.get()?.0, "the fault names the thread that waits")
                 let target = mapping.base + Int(page) * 4096
                 if page == 1 {
                     var source = [UInt64](repeating: 0x1122_3344_5566_7788, count: 512)

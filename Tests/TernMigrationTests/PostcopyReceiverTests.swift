@@ -62,8 +62,29 @@ struct PostcopyReceiverTests {
         let deadline = Date(timeIntervalSinceNow: 10)
         while holder.machine?.currentState != .paused && Date() < deadline { usleep(10_000) }
         #expect(holder.machine?.currentState == .paused, "the VM is paused, not running on bad memory")
-        holder.machine?.requestExit(MachineExit(kind: .quit, message: "test over"))
-        _ = holder.machine?.waitForExit()
+        expectEnds(holder.machine)
+    }
+
+    /// Quits the VM and expects it to end within seconds (a vCPU left waiting for a page must not hang it).
+    func expectEnds(_ machine: Machine?) {
+        guard let machine else { return }
+        machine.requestExit(MachineExit(kind: .quit, message: "test over"))
+        let ended = DispatchSemaphore(value: 0)
+        spawnThread(named: "wait-for-exit") {
+            _ = machine.waitForExit()
+            ended.signal()
+        }
+        #expect(ended.wait(timeout: .now() + 10) == .success, "the VM ends although a vCPU waited for a page")
+    }
+
+    /// CPU time (user + system, in clock ticks) a thread of this process has used.
+    func cpuTicks(ofThread id: Int32) -> Int? {
+        guard let stat = try? String(contentsOfFile: "/proc/self/task/\(id)/stat", encoding: .utf8),
+              let afterName = stat.range(of: ") ", options: .backwards) else { return nil }
+        // Fields from the third (state) on; utime and stime are the 14th and 15th.
+        let fields = stat[afterName.upperBound...].split(separator: " ")
+        guard fields.count > 12, let user = Int(fields[11]), let system = Int(fields[12]) else { return nil }
+        return user + system
     }
 
     @Test func aPageSentTwiceStopsTheVM() throws {
@@ -104,8 +125,30 @@ struct PostcopyReceiverTests {
         withExtendedLifetime(socket) {}
     }
 
+    /// The vCPU starts on a page still at the source, so it waits for it; then the source
+    /// misbehaves. The waiting vCPU stays stopped without burning a CPU, and the VM can still end.
+    @Test func aVcpuWaitingForAPageStaysStoppedWhenPostcopyFails() throws {
+        let entryPage = 0x100000 / 4096
+        let (stream, socket, holder) = try handOver(needed: entryPage)
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while holder.machine?.vcpuThreadIDs.isEmpty ?? true && Date() < deadline { usleep(10_000) }
+        usleep(200_000)   // the vCPU reaches its first instruction and waits for the page
+        try stream.writeAll(page(0x900))
+        #expect(try abortReason(stream).contains("never needed"))
+        while holder.machine?.currentState != .paused && Date() < deadline { usleep(10_000) }
+        #expect(holder.machine?.currentState == .paused)
+        let vcpu = try #require(holder.machine?.vcpuThreadIDs.first)
+        let before = try #require(cpuTicks(ofThread: vcpu))
+        usleep(500_000)
+        let after = try #require(cpuTicks(ofThread: vcpu))
+        #expect(after - before < 10, "the waiting vCPU sleeps (\(after - before) ticks in 0.5 s)")
+        expectEnds(holder.machine)
+        withExtendedLifetime(socket) {}
+    }
+
     @Test func aPageOutsideGuestMemoryStopsTheVM() throws {
-        let (stream, socket, holder) = try handOver(needed: 0x803)
+        let (stream, socket, holder) = try handOver(needed: 0x100)
+        usleep(300_000)
         try stream.writeAll(page((64 << 20) / 4096))
         #expect(try abortReason(stream).contains("outside guest RAM"))
         expectPausedAndStopped(holder)

@@ -15,6 +15,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <stdint.h>
+#include <stddef.h>
 
 // System ioctls (on the /dev/kvm fd).
 static const unsigned long CKVM_GET_API_VERSION = KVM_GET_API_VERSION;
@@ -115,6 +116,12 @@ static inline int ckvm_gettid(void) {
 
 /// KVM's flexible-array structs: sizes for a given entry count, so Swift can
 /// allocate them without guessing at padding.
+/* Where an MMIO exit's data bytes sit inside kvm_run: the field is in an anonymous
+   union, which Swift imports without a stored-property offset. */
+static inline size_t ckvm_run_mmio_data_offset(void) {
+    return offsetof(struct kvm_run, mmio.data);
+}
+
 static inline size_t ckvm_cpuid2_size(unsigned n) {
     return sizeof(struct kvm_cpuid2) + n * sizeof(struct kvm_cpuid_entry2);
 }
