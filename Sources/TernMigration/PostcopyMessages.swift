@@ -53,16 +53,14 @@ extension PageSet {
     /// As a page count and then the bitmap's words.
     func write(to w: inout WireWriter) {
         w.write(UInt64(pageCount))
-        for word in words { w.write(word) }
+        w.write(words: words)
     }
 
     init(reading r: inout WireReader, pageCount: Int) throws(WireError) {
         let count = try r.read(UInt64.self)
         guard count == UInt64(pageCount) else { throw .malformed("a bitmap of \(count) pages for a guest of \(pageCount)") }
         self.init(pageCount: pageCount)
-        var words: [UInt64] = []
-        words.reserveCapacity(self.words.count)
-        for _ in 0..<self.words.count { words.append(try r.read(UInt64.self)) }
+        let words = try r.readWords(self.words.count)
         // Bits past the last page would make pages up.
         if pageCount % 64 != 0, let last = words.last, last >> UInt64(pageCount % 64) != 0 {
             throw .malformed("a bitmap with pages beyond the guest's \(pageCount)")
@@ -121,7 +119,7 @@ public struct PageRequest: Equatable, Sendable {
     public var encoded: [UInt8] {
         var w = WireWriter(capacity: 4 + pages.count * 8)
         w.write(UInt32(pages.count))
-        for page in pages { w.write(page) }
+        w.write(words: pages)
         return w.bytes
     }
 
@@ -129,10 +127,8 @@ public struct PageRequest: Equatable, Sendable {
         var r = WireReader(bytes, context: "page request")
         let count = Int(try r.read(UInt32.self))
         guard count <= Self.maximumPages else { throw .tooLarge("page request for \(count) pages") }
-        var pages: [UInt64] = []
-        for _ in 0..<count { pages.append(try r.read(UInt64.self)) }
+        pages = try r.readWords(count)
         try r.expectEnd()
-        self.pages = pages
     }
 }
 

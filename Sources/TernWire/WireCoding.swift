@@ -31,6 +31,15 @@ public struct WireWriter: Sendable {
         withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) }
     }
 
+    /// Many u64s at once (bitmaps, page lists): one append, not a generic call per word.
+    public mutating func write(words: [UInt64]) {
+        #if _endian(little)
+        words.withUnsafeBytes { bytes.append(contentsOf: $0) }
+        #else
+        for word in words { write(word) }
+        #endif
+    }
+
     public mutating func write(_ data: [UInt8]) { bytes.append(contentsOf: data) }
     public mutating func write(_ data: UnsafeRawBufferPointer) { bytes.append(contentsOf: data) }
 
@@ -71,6 +80,26 @@ public struct WireReader: Sendable {
         for i in (0..<size).reversed() { value = value << 8 | T(bytes[offset + i]) }
         offset += size
         return value
+    }
+
+    /// `count` little-endian u64s (bitmaps, page lists) with one bounds check. Reading them one
+    /// by one with the generic `read` is not specialised across modules: a 32 KiB bitmap took
+    /// 2.4 ms that way, inside a post-copy switch's downtime.
+    public mutating func readWords(_ count: Int) throws(WireError) -> [UInt64] {
+        guard count >= 0, count <= remaining / 8 else {
+            throw .truncated("\(context) ends inside a list of \(count) 8-byte words at offset \(offset)")
+        }
+        let start = offset
+        let words = bytes.withUnsafeBytes { raw in
+            [UInt64](unsafeUninitializedCapacity: count) { buffer, initialized in
+                for i in 0..<count {
+                    buffer[i] = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: start + i * 8, as: UInt64.self))
+                }
+                initialized = count
+            }
+        }
+        offset += count * 8
+        return words
     }
 
     public mutating func readBytes(_ count: Int) throws(WireError) -> [UInt8] {

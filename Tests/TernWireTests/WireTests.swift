@@ -121,6 +121,28 @@ struct WireCodingTests {
         }
     }
 
+    @Test func wordListsRoundTripAndAreBoundsChecked() throws {
+        let words: [UInt64] = [0, 1, 0x0102_0304_0506_0708, .max]
+        var writer = WireWriter()
+        writer.write(UInt8(9))                     // the words start unaligned
+        writer.write(words: words)
+        #expect(writer.bytes.count == 1 + 32)
+        #expect(Array(writer.bytes[17..<25]) == [8, 7, 6, 5, 4, 3, 2, 1], "little-endian, as `write` writes one word")
+        var reader = WireReader(writer.bytes)
+        #expect(try reader.read(UInt8.self) == 9)
+        #expect(try reader.readWords(4) == words)
+        #expect(reader.isAtEnd)
+        var empty = WireReader(writer.bytes)
+        #expect(try empty.readWords(0) == [])
+        var short = WireReader(Array(writer.bytes.prefix(32)))
+        _ = try short.read(UInt8.self)
+        #expect(throws: WireError.self) { try short.readWords(4) }
+        #expect(short.remaining == 31, "a failed read consumes nothing")
+        var hostile = WireReader(writer.bytes)
+        #expect(throws: WireError.self) { try hostile.readWords(Int.max) }
+        #expect(throws: WireError.self) { try hostile.readWords(-1) }
+    }
+
     @Test func blobLengthIsCapped() {
         var writer = WireWriter()
         writer.write(UInt32.max)
