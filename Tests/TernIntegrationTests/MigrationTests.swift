@@ -195,6 +195,9 @@ struct MigrationTests {
             while !destination.stderr.contains("waiting for an incoming") && Date() < deadline { usleep(20_000) }
             let endpoint = Endpoint.tcp(host: "127.0.0.1", port: port)
             var control = Optional(try endpoint.connect())
+            // A destination that never answers fails the test instead of hanging it.
+            var limit = timeval(tv_sec: 30, tv_usec: 0)
+            setsockopt(control!.rawValue, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
             let controlStream = FDStream(fd: control!.rawValue)
             let hello = Hello(bootID: "test", machine: MachineDescription(memorySize: 64 << 20, vcpuCount: 1, kernelPath: "", commandLine: ""),
                               cpuid: [], devices: ["UART"], streams: 2)
@@ -227,12 +230,27 @@ struct MigrationTests {
         try attempt([(7, { $0 }), (1, { $0 })], expecting: "input ended")
     }
 
+    /// Waits until the source reports pages on their way (a fixed sleep is too short on a loaded machine).
+    func waitUntilPagesMove(_ source: TernProcess) throws {
+        let deadline = Date(timeIntervalSinceNow: 30)
+        while Date() < deadline {
+            if let response = try? source.client.request(.GET, "/v1/vm/migration"), response.status == 200,
+               let report = try? APIJSON.decoder.decode(MigrationReport.self, from: response.body),
+               report.status == .precopy, report.transferredBytes > 0 {
+                return
+            }
+            usleep(50_000)
+        }
+        Issue.record("the migration did not start sending pages within 30 s")
+        throw CancellationError()
+    }
+
     @Test func killingTheDestinationMidMigrationLeavesTheSourceRunning() throws {
         let pair = try MigrationPair(cmdline: "fill=128 dirty=16 progress=0")
         _ = try pair.source.waitForStatus { $0.phase == .dirty }
         let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json",
                                    "--bandwidth", "20M"], withAPI: false)
-        usleep(1_500_000)
+        try waitUntilPagesMove(pair.source)
         kill(pair.destination.process.processIdentifier, SIGKILL)
         #expect(cli.waitForExit(timeout: 60) == 1)
         let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
@@ -262,7 +280,7 @@ struct MigrationTests {
         _ = try pair.source.waitForStatus { $0.phase == .dirty }
         let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json",
                                    "--bandwidth", "20M"], withAPI: false)
-        usleep(1_000_000)
+        try waitUntilPagesMove(pair.source)
         let cancel = try TernProcess(["migrate-cancel", "--api-socket", pair.source.apiSocket], withAPI: false)
         #expect(cancel.waitForExit() == 0)
         #expect(cli.waitForExit(timeout: 30) == 1)

@@ -12,12 +12,18 @@ import TernWire
 struct PostcopyReceiverTests {
     let receiverTests = ReceiverTests()
 
+    init() {
+        // A destination that ends early closes its end: a write must fail, not kill the test process.
+        signal(SIGPIPE, SIG_IGN)
+    }
+
     /// Runs a destination on one end of a socket pair; returns the other end, already past `resumed`.
     func handOver(needed extraPage: Int) throws -> (FDStream, FileDescriptor, ResultHolder) {
         var fds: [Int32] = [0, 0]
         #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
         let ours = FileDescriptor(adopting: fds[0])
         let theirs = FileDescriptor(adopting: fds[1])
+        setTimeouts(ours.rawValue, seconds: 30)   // a destination that stalls fails the test, never hangs it
         let holder = ResultHolder()
         spawnThread(named: "destination") {
             do {
@@ -130,9 +136,12 @@ struct PostcopyReceiverTests {
     @Test func aVcpuWaitingForAPageStaysStoppedWhenPostcopyFails() throws {
         let entryPage = 0x100000 / 4096
         let (stream, socket, holder) = try handOver(needed: entryPage)
+        // The request for the page proves the vCPU waits for it (the waiter is noted before the request goes).
+        while true {
+            let (header, payload) = try stream.readFrame()
+            if header.type == .pageRequest, try PageRequest(decoding: payload).pages.contains(UInt64(entryPage)) { break }
+        }
         let deadline = Date(timeIntervalSinceNow: 10)
-        while holder.machine?.vcpuThreadIDs.isEmpty ?? true && Date() < deadline { usleep(10_000) }
-        usleep(200_000)   // the vCPU reaches its first instruction and waits for the page
         try stream.writeAll(page(0x900))
         #expect(try abortReason(stream).contains("never needed"))
         while holder.machine?.currentState != .paused && Date() < deadline { usleep(10_000) }
