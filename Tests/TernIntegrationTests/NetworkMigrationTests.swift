@@ -49,12 +49,18 @@ struct NetworkMigrationTests {
         let destination = try TernProcess(["run", "--incoming", destinationListen, "--serial", "off"], wrapper: hosts.destinationHost)
         var relayProcess: Process?
         if let relay {
+            // The relay says when it listens (namespaces share the file system): a fixed sleep was too short under load.
+            let ready = FileManager.default.temporaryDirectory.appendingPathComponent("tern-relay-\(UUID().uuidString)").path
             let process = Process()
             process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
-            process.arguments = ["netns", "exec", "\(hosts.prefix)-b", "python3", TernProcess.repository.appendingPathComponent("tools/delay_relay.py").path] + relay.split(separator: " ").map(String.init)
+            process.arguments = ["netns", "exec", "\(hosts.prefix)-b", "python3", TernProcess.repository.appendingPathComponent("tools/delay_relay.py").path]
+                + relay.split(separator: " ").map(String.init) + ["--ready-file", ready]
             process.standardError = FileHandle.nullDevice
             try process.run()
             relayProcess = process
+            let deadline = Date(timeIntervalSinceNow: 20)
+            while !FileManager.default.fileExists(atPath: ready) && process.isRunning && Date() < deadline { usleep(20_000) }
+            try #require(FileManager.default.fileExists(atPath: ready), "the relay did not start listening")
         }
         defer { relayProcess?.terminate() }
         let source = try TernProcess.guest("fill=64 dirty=16 pattern=random rate=50 progress=0", memory: "256M", wrapper: hosts.sourceHost)
@@ -62,7 +68,6 @@ struct NetworkMigrationTests {
         let before = try source.waitForStatus { $0.phase == .dirty }
         let deadline = Date(timeIntervalSinceNow: 10)
         while !destination.stderr.contains("waiting for an incoming") && Date() < deadline { usleep(20_000) }
-        usleep(300_000) // the relay binds too
         let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", migrateTo, "--json", "--verify"], withAPI: false)
         #expect(cli.waitForExit(timeout: 120) == 0, "\(cli.stderr)")
         let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))

@@ -79,7 +79,8 @@ struct PostcopyTests {
 struct PostcopyRecoveryTests {
     /// A rate-limited relay, so post-copy lasts long enough to be cut.
     func startRelay(from port: UInt16, to destination: UInt16, rateMbit: Int) throws -> Process {
-        let ready = FileManager.default.temporaryDirectory.appendingPathComponent("tern-relay-\(port)").path
+        // A unique name: a relay killed earlier leaves its file behind, which must not pass for this one's.
+        let ready = FileManager.default.temporaryDirectory.appendingPathComponent("tern-relay-\(UUID().uuidString)").path
         let relay = Process()
         relay.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         relay.arguments = ["python3", TernProcess.repository.appendingPathComponent("tools/delay_relay.py").path,
@@ -88,6 +89,7 @@ struct PostcopyRecoveryTests {
         try relay.run()
         let deadline = Date(timeIntervalSinceNow: 10)
         while !FileManager.default.fileExists(atPath: ready) && Date() < deadline { usleep(20_000) }
+        try #require(FileManager.default.fileExists(atPath: ready) && relay.isRunning, "the relay did not start listening")
         return relay
     }
 
