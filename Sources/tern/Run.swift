@@ -97,7 +97,9 @@ struct Run: ParsableCommand {
                 throw error
             }
             server?.attach(machine)
-            TerminationSignals.shared.onSignal { signalNumber in
+            // A signal that came while a migration was being received either ended the receive (then
+            // we are not here) or came after it: it stops the VM it was too late to prevent.
+            TerminationSignals.shared.onSignal(replaying: true) { signalNumber in
                 machine.requestExit(MachineExit(kind: .quit, message: "stopped by signal \(signalNumber)"))
             }
             machine.start(paused: paused) // no-op for a migrated VM, which is already running
@@ -191,6 +193,8 @@ final class TerminationSignals: @unchecked Sendable {
     // @unchecked Sendable: `sources` is set once in init and only kept alive; `action` is a Mutex.
     static let shared = TerminationSignals()
     private let action = Mutex<(@Sendable (Int32) -> Void)?>(nil)
+    /// The first signal that arrived, if any (see `onSignal(replaying:)`).
+    private let received = Mutex<Int32?>(nil)
     private let sources: [any DispatchSourceSignal]
 
     private init() {
@@ -201,13 +205,21 @@ final class TerminationSignals: @unchecked Sendable {
         }
         self.sources = sources
         for (source, signalNumber) in zip(sources, [SIGINT, SIGTERM]) {
-            source.setEventHandler { [unowned self] in action.withLock { $0 }?(signalNumber) }
+            source.setEventHandler { [unowned self] in
+                received.withLock { $0 = $0 ?? signalNumber }
+                action.withLock { $0 }?(signalNumber)
+            }
             source.resume()
         }
     }
 
-    /// What SIGINT and SIGTERM do from now on.
-    func onSignal(_ body: @escaping @Sendable (Int32) -> Void) { action.withLock { $0 = body } }
+    /// What SIGINT and SIGTERM do from now on. With `replaying`, a signal that arrived
+    /// before (e.g. just as a migration ended, after the waiting phase's action could still
+    /// stop it) is handed to `body` at once, so it is never lost between two actions.
+    func onSignal(replaying: Bool = false, _ body: @escaping @Sendable (Int32) -> Void) {
+        action.withLock { $0 = body }
+        if replaying, let earlier = received.withLock({ $0 }) { body(earlier) }
+    }
 }
 
 func bootstrapLogging(level: String) -> Logger {
