@@ -136,7 +136,14 @@ struct PostcopyRecoveryTests {
         #expect(destination.stderr.contains("post-copy connection lost"))
 
         // A stranger on the incoming address is turned away; the wait goes on.
-        let stranger = try Endpoint.tcp(host: "127.0.0.1", port: destinationPort).connect()
+        // The log line comes just before the listener is bound again: retry a refused connect for a while.
+        let connectDeadline = Date(timeIntervalSinceNow: 10)
+        var strangerOrNil = try? Endpoint.tcp(host: "127.0.0.1", port: destinationPort).connect()
+        while strangerOrNil == nil && Date() < connectDeadline {
+            usleep(50_000)
+            strangerOrNil = try? Endpoint.tcp(host: "127.0.0.1", port: destinationPort).connect()
+        }
+        let stranger = try #require(strangerOrNil, "the destination did not listen again")
         _ = Array("GET / HTTP/1.0\r\n\r\n".utf8).withUnsafeBytes { write(stranger.rawValue, $0.baseAddress, $0.count) }
         usleep(200_000)
 

@@ -106,7 +106,7 @@ struct RunGuestTests {
                                     "--serial", "socket:\(path)", "--paused"])
         try tern.waitForAPI()
         let connection = try UnixSocket.connect(path: path)
-        usleep(100_000) // let the console accept before the guest prints
+        usleep(1_000_000) // let the console accept before the guest prints its one-time banner (it drops output until then)
         #expect(try tern.client.request(.PUT, "/v1/vm/resume").status == 204)
         var received = [UInt8]()
         let deadline = Date(timeIntervalSinceNow: 10)
