@@ -47,6 +47,8 @@ struct UserfaultfdTests {
             }
         }
         while result.get() == nil && Date() < deadline { usleep(1000) }
+        // A reader still blocked would touch the mapping after this test: keep it mapped for good.
+        if result.get() == nil { _ = Unmanaged.passRetained(mapping) }
         #expect(result.get()?.0 == 0x1122_3344_5566_7788)
         #expect(result.get()?.1 == 0)
         // Placing a page that is already there is reported, not an error.
@@ -88,6 +90,8 @@ struct UserfaultfdTests {
                 _ = try page.withUnsafeMutableBytes { try uffd.copy(to: mapping.base + offset, from: $0.baseAddress!, length: 4096) }
             }
         }
+        // A vCPU still waiting in the fault would touch the mapping after this test: keep it mapped for good.
+        if output.get() == nil { _ = Unmanaged.passRetained(mapping) }
         #expect(output.get()?.0 == 0x5A, "the guest read the page the handler placed")
         #expect(faults.contains(0x5000))
     }
