@@ -207,15 +207,9 @@ public final class Machine: @unchecked Sendable {
         lifecycle.lock()
         defer { lifecycle.unlock() }
         guard state == .running || state == .paused else { return 0 }
-        var spared: [VcpuRunner] = []
-        for runner in runners {
-            let waits = runner.threadID.map { waitingForMemory.contains($0) } ?? false
-            runner.requestPause(kicking: !waits)
-            if waits { spared.append(runner) }
-        }
-        let unparked = runners.filter { runner in
-            !runner.waitUntilParked(timeout: spared.contains { $0 === runner } ? 0 : timeout)
-        }.count
+        let waits = runners.map { runner in runner.threadID.map { waitingForMemory.contains($0) } ?? false }
+        for (runner, waiting) in zip(runners, waits) { runner.requestPause(kicking: !waiting) }
+        let unparked = zip(runners, waits).filter { runner, waiting in !runner.waitUntilParked(timeout: waiting ? 0 : timeout) }.count
         state = .paused
         return unparked
     }

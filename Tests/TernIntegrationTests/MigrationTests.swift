@@ -234,11 +234,7 @@ struct MigrationTests {
     func waitUntilPagesMove(_ source: TernProcess) throws {
         let deadline = Date(timeIntervalSinceNow: 30)
         while Date() < deadline {
-            if let response = try? source.client.request(.GET, "/v1/vm/migration"), response.status == 200,
-               let report = try? APIJSON.decoder.decode(MigrationReport.self, from: response.body),
-               report.status == .precopy, report.transferredBytes > 0 {
-                return
-            }
+            if let report = source.migrationReport(), report.status == .precopy, report.transferredBytes > 0 { return }
             usleep(50_000)
         }
         Issue.record("the migration did not start sending pages within 30 s")

@@ -93,11 +93,6 @@ struct PostcopyRecoveryTests {
         return relay
     }
 
-    func migrationStatus(_ source: TernProcess) -> MigrationReport? {
-        guard let response = try? source.client.request(.GET, "/v1/vm/migration"), response.status == 200 else { return nil }
-        return try? APIJSON.decoder.decode(MigrationReport.self, from: response.body)
-    }
-
     @Test func aCutConnectionIsResumedAndTheMemoryIsIdentical() throws {
         let destinationPort = freePort(), relayPort = freePort()
         let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(destinationPort)", "--serial", "off"])
@@ -113,10 +108,10 @@ struct PostcopyRecoveryTests {
                                    "--mode", "postcopy", "--verify"], withAPI: false)
         // Cut the link once execution has moved and pages are still flowing.
         let cutBy = Date(timeIntervalSinceNow: 30)
-        var seen = migrationStatus(source)
+        var seen = source.migrationReport()
         while seen?.status != .postcopy && Date() < cutBy {
             usleep(20_000)
-            seen = migrationStatus(source)
+            seen = source.migrationReport()
         }
         // Says what went wrong if the window was missed (this test failed once in a full local run, unexplained).
         try #require(seen?.status == .postcopy, "status when the cut was due: \(seen?.status.rawValue ?? "none") \(seen?.reason ?? ""); migrate: \(cli.stderr)")

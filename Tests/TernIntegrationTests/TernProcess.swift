@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import TernAPI
 import TernMachine
+import TernMigration
 
 /// A `tern` process started by a test, with its output captured to files.
 final class TernProcess: @unchecked Sendable {
@@ -75,6 +76,12 @@ final class TernProcess: @unchecked Sendable {
         let response = try client.request(.GET, "/v1/vm/memory?address=\(TestGuestStatus.address.rawValue)&length=\(TestGuestStatus.size)")
         guard response.status == 200 else { return nil }
         return TestGuestStatus(bytes: [UInt8](response.body))
+    }
+
+    /// The migration's report so far (`GET /v1/vm/migration`), nil if there is none or the API is gone.
+    func migrationReport() -> MigrationReport? {
+        guard let response = try? client.request(.GET, "/v1/vm/migration"), response.status == 200 else { return nil }
+        return try? APIJSON.decoder.decode(MigrationReport.self, from: response.body)
     }
 
     /// Polls the status block until `condition` holds.

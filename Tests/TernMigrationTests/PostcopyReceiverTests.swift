@@ -71,18 +71,6 @@ struct PostcopyReceiverTests {
         expectEnds(holder.machine)
     }
 
-    /// Quits the VM and expects it to end within seconds (a vCPU left waiting for a page must not hang it).
-    func expectEnds(_ machine: Machine?) {
-        guard let machine else { return }
-        machine.requestExit(MachineExit(kind: .quit, message: "test over"))
-        let ended = DispatchSemaphore(value: 0)
-        spawnThread(named: "wait-for-exit") {
-            _ = machine.waitForExit()
-            ended.signal()
-        }
-        #expect(ended.wait(timeout: .now() + 10) == .success, "the VM ends although a vCPU waited for a page")
-    }
-
     /// CPU time (user + system, in clock ticks) a thread of this process has used.
     func cpuTicks(ofThread id: Int32) -> Int? {
         guard let stat = try? String(contentsOfFile: "/proc/self/task/\(id)/stat", encoding: .utf8),

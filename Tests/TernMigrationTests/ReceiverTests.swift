@@ -50,14 +50,7 @@ struct ReceiverTests {
         let machine = try receive(s.hello + s.pages + s.state + s.end + s.go)
         #expect(machine.currentState == .running)
         #expect(try machine.memory.read(GuestAddress(0x3000), count: 4) == [0xAB, 0xAB, 0xAB, 0xAB])
-        machine.requestExit(MachineExit(kind: .quit, message: "test over"))
-        // Bounded: a vCPU that never left KVM_RUN must fail the test, not hang the suite.
-        let ended = DispatchSemaphore(value: 0)
-        spawnThread(named: "wait-for-exit") {
-            _ = machine.waitForExit()
-            ended.signal()
-        }
-        #expect(ended.wait(timeout: .now() + 10) == .success, "the VM ends")
+        expectEnds(machine)
     }
 
     @Test func everyTruncationIsRefused() throws {
