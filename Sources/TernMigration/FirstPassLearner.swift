@@ -10,15 +10,24 @@ import TernMachine
 /// for the next round. So the pass
 /// learns the working set as it goes instead of sending it twice whole.
 ///
+/// With dirty-frequency ordering the pass also defers whole chunks: every
+/// page of a 1 MiB chunk in which the guest has been seen writing waits for
+/// the end of the pass (then goes coldest first). A guest's working set is
+/// a region, not scattered pages; its cold pages are written now and then,
+/// so each one sent early in the pass is likely written again before the
+/// pass ends, and sent twice. Sent last, they have less time to be.
+///
 /// Safe against the guest's writes because every page the dirty log names
 /// lands in one of the two sets: a page claimed before a write to it is
 /// either sent again at the end of the pass or in the next round.
 final class FirstPassLearner: @unchecked Sendable {
     // @unchecked Sendable: every field is guarded by `lock`.
     private let lock = NSLock()
-    private let memory: GuestMemory
-    private let vm: VirtualMachine
+    /// Reads and resets the dirty log (KVM's, for the whole guest memory).
+    private let readDirtyLog: () throws -> PageSet
     private let interval: Int
+    /// Whether pages of hot chunks wait for the end of the pass (dirty-frequency ordering).
+    private let deferringHotChunks: Bool
     private var held: PageSet
     private var sent: PageSet
     private var dirtyAfterSending: PageSet
@@ -35,9 +44,17 @@ final class FirstPassLearner: @unchecked Sendable {
     private var samples: [(milliseconds: Double, pages: Int)] = []
     private var lastCheck = ContinuousClock.now
 
-    init(memory: GuestMemory, vm: VirtualMachine, initiallyHeld: PageSet, frequency: DirtyFrequency, interval: Int) {
-        self.memory = memory
-        self.vm = vm
+    convenience init(memory: GuestMemory, vm: VirtualMachine, initiallyHeld: PageSet, frequency: DirtyFrequency, interval: Int,
+                     deferringHotChunks: Bool = false) {
+        self.init(initiallyHeld: initiallyHeld, frequency: frequency, interval: interval, deferringHotChunks: deferringHotChunks) {
+            try memory.collectDirtyPages(from: vm)
+        }
+    }
+
+    init(initiallyHeld: PageSet, frequency: DirtyFrequency, interval: Int, deferringHotChunks: Bool,
+         readDirtyLog: @escaping () throws -> PageSet) {
+        self.deferringHotChunks = deferringHotChunks
+        self.readDirtyLog = readDirtyLog
         self.interval = interval
         checkAfter = min(Self.firstCheckPages, interval)
         held = initiallyHeld
@@ -63,19 +80,20 @@ final class FirstPassLearner: @unchecked Sendable {
     /// The parts of first..<first+count to send now (not held back), marked as sent.
     func claim(first: Int, count: Int) throws -> [(first: Int, count: Int)] {
         try lock.withLock {
-            var ranges: [(first: Int, count: Int)] = []
-            var start = first
-            for page in first..<first + count where held.contains(page) {
-                if page > start { ranges.append((start, page - start)) }
-                start = page + 1
+            let ranges = Self.split(first: first, count: count) { page in
+                if held.contains(page) { return true }
+                guard deferringHotChunks && hotChunks[page / StreamPartition.chunkPages] else { return false }
+                held.insert(page)
+                return true
             }
-            if first + count > start { ranges.append((start, first + count - start)) }
             for range in ranges { sent.insert(range: range.first..<range.first + range.count) }
-            sinceCheck += count
+            // Pages sent, not pages looked at: held-back stretches take no time, and reads of the log in
+            // quick succession would make every page look cold to the dirty-frequency counts.
+            sinceCheck += ranges.reduce(0) { $0 + $1.count }
             if sinceCheck >= checkAfter {
                 sinceCheck = 0
                 checkAfter = min(checkAfter * 2, interval)
-                let dirty = try memory.collectDirtyPages(from: vm)
+                let dirty = try readDirtyLog()
                 let now = ContinuousClock.now
                 samples.append((Double((now - lastCheck) / .microseconds(1)) / 1000, dirty.count))
                 lastCheck = now
@@ -89,6 +107,18 @@ final class FirstPassLearner: @unchecked Sendable {
             }
             return ranges
         }
+    }
+
+    /// The runs of first..<first+count that `isHeld` does not keep back, in order.
+    static func split(first: Int, count: Int, isHeld: (Int) -> Bool) -> [(first: Int, count: Int)] {
+        var ranges: [(first: Int, count: Int)] = []
+        var start = first
+        for page in first..<first + count where isHeld(page) {
+            if page > start { ranges.append((start, page - start)) }
+            start = page + 1
+        }
+        if first + count > start { ranges.append((start, first + count - start)) }
+        return ranges
     }
 
     /// After the pass: the held pages (to send now, coldest first), the pages

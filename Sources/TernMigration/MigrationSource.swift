@@ -283,7 +283,8 @@ public final class MigrationSource: @unchecked Sendable {
                 }
             } else {
                 let learner = FirstPassLearner(memory: machine.memory, vm: machine.vm, initiallyHeld: firstPassHeld, frequency: frequency,
-                                               interval: Self.learningIntervalPages)
+                                               interval: Self.learningIntervalPages,
+                                               deferringHotChunks: parameters.order == .dirtyFrequency)
                 try sender.firstPass(learning: learner)
                 let learnt = learner.finish()
                 frequency = learnt.frequency

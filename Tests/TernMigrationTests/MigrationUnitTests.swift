@@ -239,3 +239,58 @@ struct DirtyFrequencyTests {
         #expect(frequency.hot(pageCount: 100).count == 2)
     }
 }
+
+/// The first pass's learner, against a scripted dirty log (one answer per read).
+struct FirstPassLearnerTests {
+    static let chunk = StreamPartition.chunkPages
+
+    final class ScriptedDirtyLog: @unchecked Sendable {
+        var answers: [[Int]]
+        var reads = 0
+        let pageCount: Int
+        init(pageCount: Int, answers: [[Int]]) { self.pageCount = pageCount; self.answers = answers }
+        func read() -> PageSet {
+            reads += 1
+            var set = PageSet(pageCount: pageCount)
+            if !answers.isEmpty { for page in answers.removeFirst() { set.insert(page) } }
+            return set
+        }
+    }
+
+    private func learner(_ log: ScriptedDirtyLog, deferring: Bool) -> FirstPassLearner {
+        FirstPassLearner(initiallyHeld: PageSet(pageCount: log.pageCount), frequency: DirtyFrequency(pageCount: log.pageCount),
+                         interval: Self.chunk, deferringHotChunks: deferring) { log.read() }
+    }
+
+    @Test func withOrderingTheRestOfAChunkTheGuestWritesInWaitsForTheEnd() throws {
+        let log = ScriptedDirtyLog(pageCount: 4 * Self.chunk, answers: [[2 * Self.chunk + 88], [5]])
+        let pass = learner(log, deferring: true)
+        #expect(try pass.claim(first: 0, count: Self.chunk).map { $0.count } == [Self.chunk])
+        #expect(try pass.claim(first: Self.chunk, count: Self.chunk).map { $0.count } == [Self.chunk])
+        #expect(try pass.claim(first: 2 * Self.chunk, count: Self.chunk).isEmpty, "the chunk the guest wrote in is deferred whole")
+        #expect(try pass.claim(first: 3 * Self.chunk, count: Self.chunk).map { $0.first } == [3 * Self.chunk])
+        let learnt = pass.finish()
+        #expect(learnt.held.count == Self.chunk && learnt.held.contains(2 * Self.chunk) && learnt.held.contains(3 * Self.chunk - 1))
+        #expect(learnt.dirtyAfterSending.count == 1 && learnt.dirtyAfterSending.contains(5), "written after it was sent: next round")
+        #expect(log.reads == 3, "a deferred chunk takes no time, so it does not trigger a read of the log")
+        #expect(learnt.samples.count == 3)
+    }
+
+    @Test func withoutOrderingOnlyTheWrittenPageWaits() throws {
+        let written = 2 * Self.chunk + 88
+        let log = ScriptedDirtyLog(pageCount: 4 * Self.chunk, answers: [[written]])
+        let pass = learner(log, deferring: false)
+        for chunk in 0..<2 { _ = try pass.claim(first: chunk * Self.chunk, count: Self.chunk) }
+        let ranges = try pass.claim(first: 2 * Self.chunk, count: Self.chunk)
+        #expect(ranges.map { $0.first } == [2 * Self.chunk, written + 1])
+        #expect(ranges.map { $0.count } == [88, Self.chunk - 89])
+        let learnt = pass.finish()
+        #expect(learnt.held.count == 1 && learnt.held.contains(written))
+    }
+
+    @Test func splitsAroundHeldPages() {
+        #expect(FirstPassLearner.split(first: 10, count: 6) { $0 == 10 || $0 == 13 }.map { [$0.first, $0.count] } == [[11, 2], [14, 2]])
+        #expect(FirstPassLearner.split(first: 0, count: 4) { _ in true }.isEmpty)
+        #expect(FirstPassLearner.split(first: 0, count: 4) { _ in false }.map { [$0.first, $0.count] } == [[0, 4]])
+    }
+}
