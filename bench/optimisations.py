@@ -12,7 +12,11 @@ Links: cap (100 MB/s, like the issue's) and line (loopback, no cap).
 Variants: Tern plain, +xbzrle, +dirty-frequency ordering, +streams (4), +zstd,
 xbzrle+ordering, everything; QEMU plain, xbzrle (256 MiB cache) and multifd (4 channels).
 Prints a Markdown table (medians of --repeat runs) with bytes, total time,
-downtime and pages re-sent after the first pass (Tern).
+downtime and pages re-sent after the first pass (Tern). "downtime" is each
+VMM's own figure (Tern: source pause to destination resume; QEMU: its
+`downtime`, source side only); "pause→resume" is the same span for both:
+Tern's downtime, and QEMU's STOP event at the source to its RESUME event at
+the destination.
 """
 import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
@@ -74,7 +78,7 @@ def run_tern(tern, cmdline, extra, timeout_s, cap):
                              capture_output=True, text=True, timeout=timeout_s + 300).stdout
         r = json.loads(out)
         return {"status": r["status"], "mb": r["transferred_bytes"] / 1e6, "total_ms": r["total_ms"],
-                "downtime_ms": r.get("downtime_ms"), "resent": r.get("resent_pages"), "switch": r.get("switchover_reason")}
+                "downtime_ms": r.get("downtime_ms"), "span_ms": r.get("downtime_ms"), "resent": r.get("resent_pages"), "switch": r.get("switchover_reason")}
     finally:
         for p in (src, dst):
             if p.poll() is None:
@@ -93,7 +97,7 @@ def run_qemu(cmdline, extra, timeout_s, cap):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + 300).stdout
     r = json.loads(out)
     return {"status": r.get("status"), "mb": (r.get("transferred_bytes") or 0) / 1e6, "total_ms": r.get("total_ms"),
-            "downtime_ms": r.get("downtime_ms"), "resent": None, "switch": None}
+            "downtime_ms": r.get("downtime_ms"), "span_ms": r.get("downtime_events_ms"), "resent": None, "switch": None}
 
 
 def median(values):
@@ -114,8 +118,8 @@ def main():
     wanted = set(v.strip() for v in a.variants.split(",")) if a.variants else None
     print("command: `python3 bench/optimisations.py %s`" % " ".join(sys.argv[1:]))
     print()
-    print("| link | workload | variant | status | MB sent | total ms | downtime ms | pages re-sent |")
-    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
+    print("| link | workload | variant | status | MB sent | total ms | downtime ms | pause→resume ms | pages re-sent |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for link in a.links.split(","):
       cap = CAP if link == "cap" else None
       for workload in a.workloads.split(","):
@@ -130,11 +134,12 @@ def main():
                 try:
                     runs.append(run())
                 except Exception as e:  # a failed run is reported, not hidden
-                    runs.append({"status": "error: %s" % e, "mb": None, "total_ms": None, "downtime_ms": None, "resent": None})
+                    runs.append({"status": "error: %s" % e, "mb": None, "total_ms": None, "downtime_ms": None, "span_ms": None, "resent": None})
             fmt = lambda v, f="%.0f": "-" if v is None else f % v
             states = ", ".join(sorted(set(str(r["status"]) for r in runs)))
-            print("| %s | %s | %s | %s | %s | %s | %s | %s |" % (link, workload, name, states, fmt(median([r["mb"] for r in runs])),
+            print("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (link, workload, name, states, fmt(median([r["mb"] for r in runs])),
                   fmt(median([r["total_ms"] for r in runs])), fmt(median([r["downtime_ms"] for r in runs]), "%.1f"),
+                  fmt(median([r["span_ms"] for r in runs]), "%.1f"),
                   fmt(median([r["resent"] for r in runs]))))
             sys.stdout.flush()
 
