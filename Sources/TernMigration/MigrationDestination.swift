@@ -124,6 +124,8 @@ public final class MigrationDestination {
         try sink?.writeFrame(.helloReply, payload: Verdict(accepted: true, bootID: Clocks.bootID, token: token).encoded)
         machineCreated(machine)
         let compressed = hello.features & Hello.zstdFeature != 0
+        // --verify: the memory digest is kept as pages land, so the end need not read all RAM in the downtime.
+        let digests = hello.features & Hello.verifyFeature != 0 ? PageDigests(pageCount: Int(machine.memory.size / UInt64(PageRun.pageSize))) : nil
         var urgentConnection: FileDescriptor?
         let wantsUrgent = hello.features & Hello.postcopyUrgentFeature != 0
         if streams > 1 || wantsUrgent, let listener {
@@ -131,7 +133,7 @@ public final class MigrationDestination {
                                                                      accept: listener.accept)
             if streams > 1 {
                 extraStreams = PageStreamReceivers(connections: accepted.pages, memory: machine.memory,
-                                                   controlConnection: connection, decompress: compressed)
+                                                   controlConnection: connection, decompress: compressed, digests: digests)
                 // Likewise the control stream, which carries only stream 0's share of the pages.
                 if let connection { setTimeouts(connection.rawValue, seconds: 0) }
             }
@@ -143,6 +145,7 @@ public final class MigrationDestination {
         // 2. Pages (any number of rounds), then state sections, then the end.
         let applier = PageRunApplier(memory: machine.memory, delivery: .repeated)
         applier.decompressionAllowed = compressed
+        applier.digests = digests
         if streams > 1 { applier.stream = (StreamPartition(streams: streams), 0) }
         var sections: [StateSection] = []
         var stateBytes: UInt64 = 0
@@ -215,14 +218,15 @@ public final class MigrationDestination {
         if let needed = postcopyNeeded {
             guard let stream = sink else { throw Refusal("post-copy needs a two-way connection") }
             // With --verify: the digest of the pages already here; arriving pages add theirs.
-            let present = completion.memoryDigest == nil ? nil : try MemoryDigest.compute(machine.memory) { !needed.contains($0) }
+            let present = completion.memoryDigest == nil ? nil
+                : try digests?.digest { !needed.contains($0) } ?? MemoryDigest.compute(machine.memory) { !needed.contains($0) }
             postcopy = try PostcopyReceiver(machine: machine, source: stream, connection: connection, expected: needed,
                                             digestOfPresentPages: present, urgent: urgentConnection,
                                             recovery: expectations.recoveryEndpoint, token: token, logger: logger)
             if completion.memoryDigest != nil { ready.stateDigest = MemoryDigest.state(sections) }
             logger.debug("post-copy's userfaultfd was ready \(sinceSourcePaused()) after the source paused")
         } else if completion.memoryDigest != nil {
-            ready.memoryDigest = try MemoryDigest.compute(machine.memory)
+            ready.memoryDigest = try digests?.digest() ?? MemoryDigest.compute(machine.memory)
             ready.stateDigest = MemoryDigest.state(sections)
         }
         try sink?.writeFrame(.ready, payload: ready.encoded)

@@ -28,6 +28,8 @@ public struct Hello: Equatable, Sendable {
     public static let postcopyFirstFeature: UInt64 = 1 << 1
     /// Feature bit: the source may switch to post-copy and opens a connection for demand replies alone.
     public static let postcopyUrgentFeature: UInt64 = 1 << 2
+    /// Feature bit: the end will ask for digests (`--verify`): keep each page's CRC as it arrives.
+    public static let verifyFeature: UInt64 = 1 << 3
     /// At most this many parallel page streams.
     public static let maximumStreams = 16
 

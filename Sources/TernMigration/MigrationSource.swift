@@ -186,6 +186,7 @@ public final class MigrationSource: @unchecked Sendable {
                           streams: UInt32(parameters.streams))
         if parameters.zstdLevel != nil { hello.features |= Hello.zstdFeature }
         if parameters.mode == .postcopy { hello.features |= Hello.postcopyFirstFeature }
+        if parameters.verify { hello.features |= Hello.verifyFeature }
         // Any mode that may end in post-copy gets a demand channel for page requests' replies.
         if parameters.mode != .precopy { hello.features |= Hello.postcopyUrgentFeature }
         try stream.writeFrame(.hello, payload: hello.encoded)
@@ -401,7 +402,8 @@ public final class MigrationSource: @unchecked Sendable {
                                     memoryDigest: parameters.verify ? 0 : nil, stateDigest: parameters.verify ? 0 : nil)
         try stream.writeFrame(.end, payload: completion.encoded)
         logger.debug("stop-and-copy: state and end sent \(Int(milliseconds(since: pauseInstant))) ms after the pause")
-        let memoryDigest = parameters.verify ? try MemoryDigest.compute(machine.memory) : nil
+        let memoryDigest = parameters.verify ? try MemoryDigest.compute(machine.memory, threads: ProcessInfo.processInfo.activeProcessorCount) : nil
+        if parameters.verify { logger.debug("stop-and-copy: this side's memory digest taken \(Int(milliseconds(since: pauseInstant))) ms after the pause") }
         let stateDigest = parameters.verify ? MemoryDigest.state(sections) : nil
         let stateBytes = UInt64(sections.reduce(0) { $0 + $1.encoded.count + FrameHeader.size }) + UInt64(FrameHeader.size + completion.encoded.count)
         let sent = sender.counters

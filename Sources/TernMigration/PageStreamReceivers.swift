@@ -72,7 +72,8 @@ final class PageStreamReceivers: @unchecked Sendable {
     }
 
     /// Starts reading the extra page streams (`connections[i]` is stream i + 1).
-    init(connections: [FileDescriptor], memory: GuestMemory, controlConnection: FileDescriptor?, decompress: Bool) {
+    init(connections: [FileDescriptor], memory: GuestMemory, controlConnection: FileDescriptor?, decompress: Bool,
+         digests: PageDigests? = nil) {
         let streams = connections.count + 1
         let partition = StreamPartition(streams: streams)
         self.connections = connections
@@ -80,6 +81,7 @@ final class PageStreamReceivers: @unchecked Sendable {
             let applier = PageRunApplier(memory: memory, delivery: .repeated)
             applier.stream = (partition, index)
             applier.decompressionAllowed = decompress
+            applier.digests = digests
             return applier
         }
         self.controlConnection = controlConnection

@@ -27,6 +27,8 @@ public final class PageRunApplier {
     private let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
     /// With parallel streams: the stream this applier reads, whose pages alone it accepts.
     public var stream: (partition: StreamPartition, index: Int)?
+    /// With --verify: each page's CRC, recorded as it lands (shared by the appliers of all streams).
+    public var digests: PageDigests?
     /// Whether zstd-compressed frames are expected (the source announced `--compress zstd`).
     public var decompressionAllowed = false
     private lazy var decompressor = ZstdDecompressor()
@@ -120,10 +122,13 @@ public final class PageRunApplier {
                 crc = crc.map { Checksum.crc32c(UnsafeRawBufferPointer(delta), seed: $0) }
                 remaining -= length
                 try applyDelta(UnsafeRawBufferPointer(delta), toFileOffset: fileOffset, page: run.address)
+                digests?.record(first: Int(fileOffset) / PageRun.pageSize,
+                                pages: UnsafeRawBufferPointer(start: memory.mapping.base + Int(fileOffset), count: PageRun.pageSize))
                 dataPages += 1
                 deltaPages += 1
             case .zero:
                 zeroPages += UInt64(run.pageCount)
+                digests?.recordZero(first: Int(fileOffset) / PageRun.pageSize, count: Int(run.pageCount))
                 if !wasCovered { continue }
                 if memory.isPreallocated {
                     // Keep preallocated pages allocated: zero them in place.
@@ -164,6 +169,7 @@ public final class PageRunApplier {
             // Straight into guest RAM, one copy fewer; checked where it landed (a bad frame fails the whole transfer).
             let target = UnsafeMutableRawBufferPointer(start: memory.mapping.base + Int(start), count: count)
             try source.readExactly(into: target, what: "page data")
+            digests?.record(first: Int(start) / PageRun.pageSize, pages: UnsafeRawBufferPointer(target))
             return crc.map { Checksum.crc32c(UnsafeRawBufferPointer(target), seed: $0) }
         }
         var crc = crc
@@ -173,6 +179,8 @@ public final class PageRunApplier {
             let chunk = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<min(left, bounce.count)])
             try source.readExactly(into: chunk, what: "page data")
             crc = crc.map { Checksum.crc32c(UnsafeRawBufferPointer(chunk), seed: $0) }
+            // Runs start on a page and the bounce buffer holds whole pages, so chunks do too.
+            digests?.record(first: Int(fileOffset) / PageRun.pageSize, pages: UnsafeRawBufferPointer(chunk))
             var written = 0
             while written < chunk.count {
                 let n = pwrite(memory.file.rawValue, chunk.baseAddress! + written, chunk.count - written, off_t(fileOffset) + off_t(written))
