@@ -124,7 +124,7 @@ final class PostcopyReceiver: @unchecked Sendable {
             try uffd.registerMissing(memory.mapping.base, length: memory.mapping.length)
         }
         // A short receive queue: a demand reply must not wait behind megabytes of pushed pages.
-        var size = PostcopySender.pushQueueBytes
+        var size: Int32 = 256 << 10
         setsockopt(source.fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
     }
 
@@ -346,7 +346,7 @@ final class PostcopyReceiver: @unchecked Sendable {
             throw MigrationDestination.Refusal("a resume for another migration (wrong token)")
         }
         setTimeouts(candidate.rawValue, seconds: MigrationSource.replyTimeoutSeconds)
-        var size = PostcopySender.pushQueueBytes
+        var size: Int32 = 256 << 10
         setsockopt(candidate.rawValue, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
         // The demand channel's thread has stopped (it was cut with the connection): no frame of the old
         // connection can be placed after the list of pages still expected is taken.

@@ -18,15 +18,8 @@ final class PostcopySender: @unchecked Sendable {
     // @unchecked Sendable: `needed`, `requests`, `hint`, `repliesInFlight`, `outcome`, `readerError`,
     // `readerLostConnection` and `pulled` are guarded by `condition`; `streamer` is the push loop's,
     // `urgentStreamer` the reader's.
-    /// Pages per pushed frame, and the push connection's socket buffer at both ends: small, because
-    /// a fault whose page is already on its way in a pushed frame (most of flat64's faults) waits for
-    /// everything queued ahead of it. With 64-page frames and 256 KiB buffers (up to about 768 KiB
-    /// ahead), fault latency p99 on flat64 was 0.45-2.9 ms (median 1.23) over 9 runs; with these,
-    /// 0.09-0.47 ms (median 0.16), random256 0.72 -> 0.60 ms, total time within the host's noise
-    /// (interleaved runs of `python3 bench/migration.py --mode postcopy --cases flat64,random256
-    /// --vmms tern --tern BINARY`).
-    static let pushFramePages = 16
-    static let pushQueueBytes: Int32 = 64 << 10
+    /// Pages per pushed frame: small, so a demand reply never waits behind much.
+    static let pushFramePages = 64
     /// Pages pushed after a fault before the push may wander off again.
     static let prepagingWindow = 256
     static let completionTimeoutSeconds = 60.0
@@ -88,7 +81,7 @@ final class PostcopySender: @unchecked Sendable {
 
     private func serve() throws -> PostcopyStatistics {
         // Keep the sockets' queues short: a demand reply should not queue behind megabytes of push.
-        var size = Self.pushQueueBytes
+        var size: Int32 = 256 << 10
         setsockopt(stream.fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
         // Requests may be minutes apart; the completion wait below has its own bound.
         var noTimeout = timeval(tv_sec: 0, tv_usec: 0)
