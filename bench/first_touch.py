@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
 """What writing to fresh memory costs on this host (docs/MIGRATION.md, "Preallocated destinations").
 
-    python3 bench/first_touch.py [--gib N] [--kind memfd|anon]
+    python3 bench/first_touch.py [--gib N] [--kind memfd|anon|anon-thp]
 
 Writes N GiB (default 4) into N fresh 1 GiB memfds, one after another and all kept
 alive, with 4 MiB pwrites, then writes the last one again (its pages now present).
 Prints MB/s for each. `--kind anon` writes private anonymous mappings instead
-(what QEMU's guest RAM is), with 4 MiB copies into the mapping. On a nested host, the first GiB often reuses pages the host
+(what QEMU's guest RAM is), with 4 MiB copies into the mapping; `--kind anon-thp`
+adds madvise(MADV_HUGEPAGE), so the kernel backs it with 2 MiB pages where it can. On a nested host, the first GiB often reuses pages the host
 freed recently; the later ones show the cost of memory the host has to back anew.
 """
 import argparse, mmap, os, time
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--gib", type=int, default=4)
-ap.add_argument("--kind", choices=["memfd", "anon"], default="memfd")
+ap.add_argument("--kind", choices=["memfd", "anon", "anon-thp"], default="memfd")
 a = ap.parse_args()
 chunk = b"\x07" * (4 << 20)
 size = 1 << 30
@@ -29,8 +30,11 @@ def write_all(target):
     return size / 1e6 / (time.monotonic() - start)
 
 def fresh(i):
-    if a.kind == "anon":
-        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if a.kind.startswith("anon"):
+        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if a.kind == "anon-thp":
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        return mapping
     fd = os.memfd_create("first-touch-%d" % i)
     os.ftruncate(fd, size)
     return fd

@@ -21,12 +21,13 @@ extension FrameType {
 /// about to arrive, so the destination can refuse before a byte of memory moves.
 public struct Hello: Equatable, Sendable {
     public static let magic = Array("TERNMIG\u{0}".utf8)
-    public static let protocolVersion: UInt32 = 3
+    public static let protocolVersion: UInt32 = 4
     /// Feature bit: pages frames may be zstd-compressed (`--compress zstd`).
     public static let zstdFeature: UInt64 = 1 << 0
     /// Feature bit: post-copy from the start (`--mode postcopy`): no pre-copy pages will come.
     public static let postcopyFirstFeature: UInt64 = 1 << 1
     /// Feature bit: the source may switch to post-copy and opens a connection for demand replies alone.
+    /// On it, a request for a page already pushed is answered with a second copy (the first to land wins).
     public static let postcopyUrgentFeature: UInt64 = 1 << 2
     /// Feature bit: the end will ask for digests (`--verify`): keep each page's CRC as it arrives.
     public static let verifyFeature: UInt64 = 1 << 3

@@ -74,8 +74,10 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     /// Post-copy and hybrid: when execution moved to the destination, and when it held all memory (ms from the start).
     public var executionMovedAtMs: Double?
     public var memoryCompleteAtMs: Double?
-    /// Pages sent after execution moved (pushed or on demand); each page once.
+    /// Pages sent after execution moved (pushed or on demand), each counted once.
     public var postcopyPagesSent: UInt64?
+    /// Of those, pages sent a second time: asked for while their pushed copy was on its way.
+    public var postcopyPagesResent: UInt64?
     /// The destination's account of post-copy: faults, fault latency, pushed vs pulled pages.
     public var postcopy: PostcopyStatistics?
     public var verification: Verification?

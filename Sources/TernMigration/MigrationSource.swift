@@ -543,6 +543,8 @@ public final class MigrationSource: @unchecked Sendable {
         let round: Int
         /// What earlier connections carried.
         var earlier = PageStreamCounters()
+        /// Pages earlier connections sent a second time.
+        var earlierResent: UInt64 = 0
     }
 
     /// Post-copy's connection dropped: the destination runs the VM and waits; `resume` goes on.
@@ -564,6 +566,7 @@ public final class MigrationSource: @unchecked Sendable {
             // The demand channel goes with the control connection: a resume runs on one new connection.
             if let urgent { shutdown(urgent.fd, Int32(SHUT_RDWR)) }
             context.earlier.add(postcopy.counters)
+            context.earlierResent += postcopy.resent
             let saved = context
             lock.withLock { postcopyContext = saved }
             throw PostcopyInterrupted(description: failure.description)
@@ -571,6 +574,7 @@ public final class MigrationSource: @unchecked Sendable {
         lock.withLock { postcopyContext = nil }
         var sent = context.earlier
         sent.add(postcopy.counters)
+        let resent = context.earlierResent + postcopy.resent
         let c = context
         update {
             $0.postcopy = statistics
@@ -578,7 +582,8 @@ public final class MigrationSource: @unchecked Sendable {
             $0.transferredBytes = c.precopy.bytes + c.stateBytes + sent.bytes
             $0.dataPages = c.precopy.dataPages + sent.dataPages
             $0.zeroPages = c.precopy.zeroPages + sent.zeroPages
-            $0.postcopyPagesSent = sent.dataPages + sent.zeroPages
+            $0.postcopyPagesSent = sent.dataPages + sent.zeroPages - resent
+            $0.postcopyPagesResent = resent
             $0.rounds.append(MigrationReport.Round(
                 round: c.round, pages: sent.dataPages + sent.zeroPages, zeroPages: sent.zeroPages, bytes: sent.bytes + c.stateBytes,
                 dirtyPages: 0, durationMs: milliseconds(since: c.started) - ($0.executionMovedAtMs ?? 0), throughputMBps: 0,

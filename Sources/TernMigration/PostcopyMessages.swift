@@ -149,12 +149,15 @@ public struct PostcopyStatistics: Codable, Equatable, Sendable {
     public var memoryDigest: String?
     /// Times the source reconnected after post-copy's connection dropped (`tern migrate --resume`).
     public var reconnections: UInt64 = 0
+    /// Second copies dropped: a requested page the source had already pushed was sent again on
+    /// the demand channel, and whichever copy came second was not placed.
+    public var secondCopiesDropped: UInt64 = 0
 
     public init() {}
 
     var encoded: [UInt8] {
         var w = WireWriter()
-        for value in [faults, requests, pagesPushed, pagesPulled, pagesZeroFilledLocally, reconnections] { w.write(value) }
+        for value in [faults, requests, pagesPushed, pagesPulled, pagesZeroFilledLocally, reconnections, secondCopiesDropped] { w.write(value) }
         for value in [faultLatencyP50Ms, faultLatencyP99Ms, faultLatencyMaxMs, memoryCompleteAfterMs] { w.write(value.bitPattern) }
         w.writeString(memoryDigest ?? "")
         return w.bytes
@@ -165,6 +168,7 @@ public struct PostcopyStatistics: Codable, Equatable, Sendable {
         faults = try r.read(); requests = try r.read(); pagesPushed = try r.read(); pagesPulled = try r.read()
         pagesZeroFilledLocally = try r.read()
         reconnections = try r.read()
+        secondCopiesDropped = try r.read()
         faultLatencyP50Ms = Double(bitPattern: try r.read()); faultLatencyP99Ms = Double(bitPattern: try r.read())
         faultLatencyMaxMs = Double(bitPattern: try r.read()); memoryCompleteAfterMs = Double(bitPattern: try r.read())
         let digest = try r.readString(maximum: 64)

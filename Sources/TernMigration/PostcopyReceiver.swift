@@ -16,6 +16,10 @@ import TernWire
 /// Pages are accepted only if they are still expected: a page sent twice, a
 /// page outside guest RAM, or a demand reply to a request never made stops
 /// the VM (paused, not running on corrupted memory) and ends the migration.
+/// One exception: the source answers a request for a page it has already
+/// pushed with a second copy on the demand channel, so the fault need not
+/// wait behind the push's queue; so a page this side asked for may come
+/// twice: the first copy to arrive is placed, the second dropped.
 ///
 /// If the connection drops, nothing is lost: vCPUs touching missing pages
 /// wait in the kernel, the others run on, and this side listens again on
@@ -44,6 +48,8 @@ final class PostcopyReceiver: @unchecked Sendable {
     /// 6.4/4.8 ms); zero runs are rare in post-copy and are written in pieces.
     private let zeros: UnsafeMutableRawBufferPointer
     static let zeroBufferBytes = 64 << 10
+    /// Data runs are placed this much at a time, so a vCPU waiting for one page of a run waits for this much at most.
+    static let placementPieceBytes = 8 * PageRun.pageSize
     private let lock = NSLock()
     /// Every page the source will send (fixed at the switch). Touching any
     /// other page means zero: the source never wrote it.
@@ -53,6 +59,9 @@ final class PostcopyReceiver: @unchecked Sendable {
     /// still wait for the page, never zero-fill it, so faults consult `needed`.
     private var expected: PageSet
     private var requested: PageSet
+    /// Requested pages already placed whose second copy may still come (the demand
+    /// channel's answer racing the push): dropped once, refused after that.
+    private var secondCopyAllowed: PageSet
     private var requestTimes: [Int: UInt64] = [:]
     private var latencies: [Double] = []
     private var statistics = PostcopyStatistics()
@@ -95,6 +104,7 @@ final class PostcopyReceiver: @unchecked Sendable {
         self.expected = expected
         needed = expected
         requested = PageSet(pageCount: expected.pageCount)
+        secondCopyAllowed = PageSet(pageCount: expected.pageCount)
         digest = digestOfPresentPages
         verifying = digestOfPresentPages != nil
         self.logger = logger
@@ -144,11 +154,15 @@ final class PostcopyReceiver: @unchecked Sendable {
         // When the VM ends, vCPUs still waiting for pages are let go, or their threads could never end.
         machine.onExit { [weak self] in self?.releaseFaults() }
         logger.info("post-copy: \(needed.count) pages to come, placed by \(minorFaults ? "minor faults (UFFDIO_CONTINUE) on preallocated memory" : "missing faults (UFFDIO_COPY)")")
-        spawnThread(named: "postcopy-faults") { [self] in serveFaults() }
+        spawnThread(named: "postcopy-faults") { [self] in
+            makeCurrentThreadLatencyCritical()
+            serveFaults()
+        }
         if let urgent {
             var noTimeout = timeval(tv_sec: 0, tv_usec: 0)
             setsockopt(urgent.rawValue, SOL_SOCKET, SO_RCVTIMEO, &noTimeout, socklen_t(MemoryLayout<timeval>.size))
             spawnThread(named: "postcopy-urgent") { [self] in
+                makeCurrentThreadLatencyCritical()
                 receiveDemandReplies(from: FDStream(fd: urgent.rawValue))
                 urgentDone.signal()
             }
@@ -204,7 +218,9 @@ final class PostcopyReceiver: @unchecked Sendable {
                         toZero.append(page)        // never written at the source: zero, no need to ask
                         continue
                     }
-                    if expected.contains(page) { waitingThreads[fault.threadID] = page }
+                    // A page accepted a moment ago is being placed, which wakes this vCPU: nothing to ask for.
+                    guard expected.contains(page) else { continue }
+                    waitingThreads[fault.threadID] = page
                     if !failed && !requested.contains(page) {
                         requested.insert(page)
                         requestTimes[page] = now
@@ -462,45 +478,63 @@ final class PostcopyReceiver: @unchecked Sendable {
             let fileOffset = try memory.fileOffset(of: run.address, length: UInt64(run.byteCount))
             let firstPage = Int(fileOffset) / PageRun.pageSize
             if run.kind == .data && length - offset < run.byteCount { throw WireError.malformed("pages frame ends inside page data") }
-            try accept(run, firstPage: firstPage, demandReply: demandReply)
-            let target = memory.mapping.base + Int(fileOffset)
-            switch run.kind {
-            case .zero:
-                if minorFaults {
-                    // A run may be longer than the zero buffer (runs are bounded by the region only).
-                    var done = 0
-                    while done < run.byteCount {
-                        let piece = min(zeros.count, run.byteCount - done)
-                        try write(UnsafeRawBufferPointer(rebasing: zeros[0..<piece]), at: fileOffset + UInt64(done))
-                        done += piece
-                    }
+            let firstCopies = try accept(run, firstPage: firstPage, demandReply: demandReply)
+            let dataStart = offset
+            if run.kind == .data { offset += run.byteCount }
+            // Usually the whole run; without the second copies of pages already placed.
+            for pages in firstCopies {
+                let skipped = (pages.lowerBound - firstPage) * PageRun.pageSize
+                let part = PageRun(address: run.address + UInt64(skipped), pageCount: UInt32(pages.count), kind: run.kind)
+                let data = run.kind == .data ? UnsafeRawBufferPointer(rebasing: frame[dataStart + skipped..<dataStart + skipped + part.byteCount]) : nil
+                try place(part, firstPage: pages.lowerBound, fileOffset: fileOffset + UInt64(skipped), data: data)
+            }
+        }
+    }
+
+    /// Places a run of pages just accepted: zero runs by UFFDIO_ZEROPAGE, data by UFFDIO_COPY
+    /// (minor-fault mode: written into the file, then mapped by UFFDIO_CONTINUE).
+    private func place(_ run: PageRun, firstPage: Int, fileOffset: UInt64, data: UnsafeRawBufferPointer?) throws {
+        let target = memory.mapping.base + Int(fileOffset)
+        switch run.kind {
+        case .zero:
+            if minorFaults {
+                // A run may be longer than the zero buffer (runs are bounded by the region only).
+                var done = 0
+                while done < run.byteCount {
+                    let piece = min(zeros.count, run.byteCount - done)
+                    try write(UnsafeRawBufferPointer(rebasing: zeros[0..<piece]), at: fileOffset + UInt64(done))
+                    done += piece
                 }
-                guard try (minorFaults ? uffd.continueMapping(target, length: run.byteCount) : uffd.zero(target, length: run.byteCount)) == .placed else {
+            }
+            guard try (minorFaults ? uffd.continueMapping(target, length: run.byteCount) : uffd.zero(target, length: run.byteCount)) == .placed else {
+                throw WireError.malformed("page run at \(run.address) is already present")
+            }
+            if verifying {
+                var sum: UInt64 = 0
+                for page in firstPage..<firstPage + Int(run.pageCount) { sum &+= MemoryDigest.contribution(page: UInt64(page), crc: MemoryDigest.zeroPageCRC) }
+                lock.withLock { digest! &+= sum }
+            }
+        case .delta:
+            throw WireError.malformed("a delta page during post-copy")
+        case .data:
+            let chunk = data!
+            // In pieces: the kernel wakes a faulting vCPU only once the whole range is placed, and placing
+            // 64 fresh pages takes most of a millisecond here (first touch of host memory).
+            for piece in stride(from: 0, to: run.byteCount, by: Self.placementPieceBytes) {
+                let part = UnsafeRawBufferPointer(rebasing: chunk[piece..<min(run.byteCount, piece + Self.placementPieceBytes)])
+                if minorFaults { try write(part, at: fileOffset + UInt64(piece)) }
+                guard try (minorFaults ? uffd.continueMapping(target + piece, length: part.count)
+                                       : uffd.copy(to: target + piece, from: part.baseAddress!, length: part.count)) == .placed else {
                     throw WireError.malformed("page run at \(run.address) is already present")
                 }
-                if verifying {
-                    var sum: UInt64 = 0
-                    for page in firstPage..<firstPage + Int(run.pageCount) { sum &+= MemoryDigest.contribution(page: UInt64(page), crc: MemoryDigest.zeroPageCRC) }
-                    lock.withLock { digest! &+= sum }
+            }
+            if verifying {
+                var sum: UInt64 = 0
+                for i in 0..<Int(run.pageCount) {
+                    let page = UnsafeRawBufferPointer(rebasing: chunk[i * PageRun.pageSize..<(i + 1) * PageRun.pageSize])
+                    sum &+= MemoryDigest.contribution(page: UInt64(firstPage + i), crc: Checksum.crc32c(page))
                 }
-            case .delta:
-                throw WireError.malformed("a delta page during post-copy")
-            case .data:
-                let chunk = UnsafeRawBufferPointer(rebasing: frame[offset..<offset + run.byteCount])
-                offset += run.byteCount
-                if minorFaults { try write(chunk, at: fileOffset) }
-                guard try (minorFaults ? uffd.continueMapping(target, length: run.byteCount)
-                                       : uffd.copy(to: target, from: chunk.baseAddress!, length: run.byteCount)) == .placed else {
-                    throw WireError.malformed("page run at \(run.address) is already present")
-                }
-                if verifying {
-                    var sum: UInt64 = 0
-                    for i in 0..<Int(run.pageCount) {
-                        let page = UnsafeRawBufferPointer(rebasing: chunk[i * PageRun.pageSize..<(i + 1) * PageRun.pageSize])
-                        sum &+= MemoryDigest.contribution(page: UInt64(firstPage + i), crc: Checksum.crc32c(page))
-                    }
-                    lock.withLock { digest! &+= sum }
-                }
+                lock.withLock { digest! &+= sum }
             }
         }
     }
@@ -518,8 +552,9 @@ final class PostcopyReceiver: @unchecked Sendable {
     }
 
     /// Checks that every page of a run is still expected (and, for a demand
-    /// reply, was requested), and marks it arrived.
-    private func accept(_ run: PageRun, firstPage: Int, demandReply: Bool) throws {
+    /// reply, was requested), marks it arrived, and returns the pages to place:
+    /// the whole run, less the second copies of requested pages already here.
+    private func accept(_ run: PageRun, firstPage: Int, demandReply: Bool) throws -> [Range<Int>] {
         lock.lock()
         defer { lock.unlock() }
         // After a failure no page is placed: a vCPU woken by one would run while the VM counts as paused.
@@ -528,19 +563,32 @@ final class PostcopyReceiver: @unchecked Sendable {
         let now = Clocks.monotonicNs()
         let pages = firstPage..<firstPage + Int(run.pageCount)
         for page in pages {
-            guard expected.contains(page) else {
-                throw WireError.malformed("page \(memory.address(ofPage: page)) was sent twice or was never needed")
-            }
             if demandReply && !requested.contains(page) {
                 throw WireError.malformed("a reply for page \(memory.address(ofPage: page)), which was never requested")
             }
+            guard expected.contains(page) || secondCopyAllowed.contains(page) else {
+                throw WireError.malformed("page \(memory.address(ofPage: page)) was sent twice or was never needed")
+            }
         }
         if !waitingThreads.isEmpty { waitingThreads = waitingThreads.filter { !pages.contains($0.value) } }
+        var firstCopies: [Range<Int>] = []
         for page in pages {
+            guard expected.contains(page) else {
+                secondCopyAllowed.remove(page)
+                statistics.secondCopiesDropped += 1
+                continue
+            }
             expected.remove(page)
+            if requested.contains(page) { secondCopyAllowed.insert(page) }
             if demandReply { statistics.pagesPulled += 1 } else { statistics.pagesPushed += 1 }
             if let asked = requestTimes.removeValue(forKey: page) { latencies.append(Clocks.milliseconds(from: asked, to: now)) }
+            if let last = firstCopies.last, last.upperBound == page {
+                firstCopies[firstCopies.count - 1] = last.lowerBound..<page + 1
+            } else {
+                firstCopies.append(page..<page + 1)
+            }
         }
+        return firstCopies
     }
 
     /// Sends `complete`: the first time with the statistics, after a resume the same report again.

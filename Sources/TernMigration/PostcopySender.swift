@@ -13,7 +13,13 @@ import TernWire
 /// With a demand channel (a connection of its own, QEMU's "preempt channel"),
 /// requests are answered by the reader thread the moment they arrive, on that
 /// connection, so a reply never waits behind pushed pages in either socket.
-/// Without one (after a resume), replies go between pushed frames.
+/// A request for a page already pushed means the page is still on its way
+/// (the destination asks only for pages it has not got), queued behind up to
+/// a megabyte of push in the two sockets: it is sent again on the demand
+/// channel, at most once per page, and the destination keeps whichever copy
+/// lands first. Small push frames and socket buffers would shorten that wait
+/// too, but cost a fifth of the throughput (commit b3c4675, reverted).
+/// Without a demand channel (after a resume), replies go between pushed frames.
 final class PostcopySender: @unchecked Sendable {
     // @unchecked Sendable: `needed`, `requests`, `hint`, `repliesInFlight`, `outcome`, `readerError`,
     // `readerLostConnection` and `pulled` are guarded by `condition`; `streamer` is the push loop's,
@@ -31,6 +37,13 @@ final class PostcopySender: @unchecked Sendable {
     /// Owned for as long as the reader thread may use it.
     let connection: FileDescriptor?
     private var needed: PageSet
+    /// What post-copy started with: only these pages are ever sent again.
+    private let initiallyNeeded: PageSet
+    /// Pages already sent a second time (never a third).
+    private var resentPages: PageSet
+    private var resentCount: UInt64 = 0
+    /// Pages sent twice: pushed, then asked for while still on the way.
+    var resent: UInt64 { condition.withLock { resentCount } }
     private let streamer: PageStreamer
     private let urgentStreamer: PageStreamer?
     private let condition = NSCondition()
@@ -52,6 +65,8 @@ final class PostcopySender: @unchecked Sendable {
         self.memory = memory
         self.stream = stream
         self.needed = needed
+        initiallyNeeded = needed
+        resentPages = PageSet(pageCount: needed.pageCount)
         streamer = PageStreamer(memory: memory, stream: stream, framePages: Self.pushFramePages)
         urgentStreamer = urgent.map { PageStreamer(memory: memory, stream: $0, framePages: Self.demandFramePages) }
         urgentStreamer?.frameFlags = demandReplyFlag
@@ -88,6 +103,7 @@ final class PostcopySender: @unchecked Sendable {
         setsockopt(stream.fd, SOL_SOCKET, SO_RCVTIMEO, &noTimeout, socklen_t(MemoryLayout<timeval>.size))
         let readerDone = DispatchSemaphore(value: 0)
         let reader = Thread { [self] in
+            if urgentStreamer != nil { makeCurrentThreadLatencyCritical() }
             readReplies()
             readerDone.signal()
         }
@@ -165,12 +181,20 @@ final class PostcopySender: @unchecked Sendable {
         return statistics
     }
 
-    /// Answers a request on the demand channel at once: the pages still owed,
-    /// taken out of the push's way, in one frame.
+    /// Answers a request on the demand channel at once, in one frame: the pages
+    /// still owed, taken out of the push's way, and the ones already pushed.
     private func reply(to pages: [Int], on urgent: PageStreamer) throws {
         let owed: [Int] = condition.withLock {
-            let owed = pages.filter { needed.contains($0) }
-            for page in owed { needed.remove(page) }
+            let owed = pages.filter { page in
+                if needed.contains(page) {
+                    needed.remove(page)
+                    return true
+                }
+                guard initiallyNeeded.contains(page), !resentPages.contains(page) else { return false }
+                resentPages.insert(page)
+                resentCount += 1
+                return true
+            }
             if let last = owed.last { hint = min(last + 1, needed.pageCount) }
             repliesInFlight += 1
             return owed

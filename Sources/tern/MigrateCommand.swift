@@ -201,7 +201,10 @@ enum MigrationTable {
         if let moved = r.executionMovedAtMs { rows.append(("execution moved", "at " + ms(moved))) }
         if let complete = r.memoryCompleteAtMs { rows.append(("memory complete", "at " + ms(complete))) }
         if let p = r.postcopy {
-            rows.append(("post-copy pages", "\(r.postcopyPagesSent ?? 0) sent once each: \(p.pagesPushed) pushed, \(p.pagesPulled) pulled on demand, \(p.pagesZeroFilledLocally) zero-filled at the destination"))
+            rows.append(("post-copy pages", "\(r.postcopyPagesSent ?? 0) sent: \(p.pagesPushed) pushed, \(p.pagesPulled) pulled on demand, \(p.pagesZeroFilledLocally) zero-filled at the destination"))
+            if let resent = r.postcopyPagesResent, resent > 0 {
+                rows.append(("sent twice", "\(resent) pages asked for while their pushed copy was on its way (the first to land was kept)"))
+            }
             rows.append(("faults", String(format: "%llu (%llu requests); latency p50 %.3f ms, p99 %.3f ms, max %.3f ms",
                                          p.faults, p.requests, p.faultLatencyP50Ms, p.faultLatencyP99Ms, p.faultLatencyMaxMs)))
         }

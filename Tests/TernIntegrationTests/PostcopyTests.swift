@@ -30,6 +30,8 @@ struct PostcopyTests {
         #expect(r.executionMovedAtMs != nil && r.memoryCompleteAtMs != nil)
         #expect(r.executionMovedAtMs! < r.memoryCompleteAtMs!)
         #expect(p.pagesPushed + p.pagesPulled == r.postcopyPagesSent, "every page arrived once, pushed or pulled")
+        #expect(p.secondCopiesDropped == r.postcopyPagesResent, "each page sent twice had one copy dropped")
+        #expect(try #require(r.postcopyPagesResent) <= p.requests, "only requested pages are sent twice")
         #expect(p.faults > 0, "the guest ran before its memory was complete")
         #expect(p.faultLatencyMaxMs >= p.faultLatencyP99Ms && p.faultLatencyP99Ms >= p.faultLatencyP50Ms)
         // Each non-zero page once: the bytes on the wire are within 2% of the guest's non-zero memory.

@@ -18,7 +18,7 @@ struct PostcopyReceiverTests {
     }
 
     /// Runs a destination on one end of a socket pair; returns the other end, already past `resumed`.
-    func handOver(needed extraPage: Int) throws -> (FDStream, FileDescriptor, ResultHolder) {
+    func handOver(needed extraPages: Int...) throws -> (FDStream, FileDescriptor, ResultHolder) {
         var fds: [Int32] = [0, 0]
         #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
         let ours = FileDescriptor(adopting: fds[0])
@@ -40,7 +40,7 @@ struct PostcopyReceiverTests {
         #expect(try stream.readFrame().0.type == .helloReply)
         try stream.writeAll(s.pages + s.state)
         var needed = PageSet(pageCount: (16 << 20) / 4096)
-        needed.insert(extraPage)
+        for page in extraPages { needed.insert(page) }
         let start = PostcopyStart(completion: Completion(pausedMonotonicNs: Clocks.monotonicNs(), pausedRealtimeNs: 0,
                                                          memoryDigest: nil, stateDigest: nil), needed: needed)
         try stream.writeFrame(.postcopyStart, payload: start.encoded)
@@ -53,6 +53,15 @@ struct PostcopyReceiverTests {
     func page(_ index: Int, flags: UInt32 = 0) -> [UInt8] {
         let run = PageRun(address: GuestAddress(UInt64(index) * 4096), pageCount: 1, kind: .data)
         let payload = run.encodedHeader + [UInt8](repeating: 0x77, count: 4096)
+        return FrameHeader(type: .pages, flags: flags, length: UInt64(payload.count), payloadCRC: Checksum.crc32c(payload)).encoded + payload
+    }
+
+    /// A page of the guest's kernel image as the source would send it (the vCPU runs it).
+    func kernelPage(_ index: Int, flags: UInt32 = 0) throws -> [UInt8] {
+        let machine = try Machine(configuration: MachineConfiguration(kernelPath: ReceiverTests.guest, commandLine: "progress=0",
+                                                                      memorySize: 16 << 20, serial: .off))
+        let run = PageRun(address: GuestAddress(UInt64(index) * 4096), pageCount: 1, kind: .data)
+        let payload = run.encodedHeader + (try machine.memory.read(GuestAddress(UInt64(index) * 4096), count: 4096))
         return FrameHeader(type: .pages, flags: flags, length: UInt64(payload.count), payloadCRC: Checksum.crc32c(payload)).encoded + payload
     }
 
@@ -86,6 +95,51 @@ struct PostcopyReceiverTests {
         let (stream, socket, holder) = try handOver(needed: target)
         try stream.writeAll(page(target))
         try stream.writeAll(page(target))
+        #expect(try abortReason(stream).contains("sent twice"))
+        expectPausedAndStopped(holder)
+        withExtendedLifetime(socket) {}
+    }
+
+    /// Waits for the destination's request for `page` (a vCPU waits for it).
+    func awaitRequest(for page: Int, on stream: FDStream) throws {
+        while true {
+            let (header, payload) = try stream.readFrame()
+            if header.type == .pageRequest, try PageRequest(decoding: payload).pages.contains(UInt64(page)) { return }
+        }
+    }
+
+    /// The source sends a requested page again on the demand channel when its pushed copy
+    /// may still be on the way: the first copy is placed, the second dropped, and the VM runs on.
+    @Test func aRequestedPageMayArriveTwice() throws {
+        let entryPage = 0x100000 / 4096, other = 0x900
+        let (stream, socket, holder) = try handOver(needed: entryPage, other)
+        try awaitRequest(for: entryPage, on: stream)
+        try stream.writeAll(kernelPage(entryPage))
+        try stream.writeAll(kernelPage(entryPage, flags: demandReplyFlag))
+        try stream.writeAll(page(other))
+        try stream.writeFrame(.postcopyEnd, payload: [UInt8]())
+        var statistics: PostcopyStatistics?
+        while statistics == nil {
+            let (header, payload) = try stream.readFrame()
+            #expect(header.type != .abort, "\(String(decoding: payload, as: UTF8.self))")
+            if header.type == .abort { break }
+            if header.type == .complete { statistics = try PostcopyStatistics(decoding: payload) }
+        }
+        let s = try #require(statistics)
+        #expect(s.secondCopiesDropped == 1)
+        #expect(s.pagesPushed + s.pagesPulled == 2, "each needed page counted once")
+        #expect(holder.machine?.currentState == .running)
+        expectEnds(holder.machine)
+        withExtendedLifetime(socket) {}
+    }
+
+    @Test func aRequestedPageSentThreeTimesStopsTheVM() throws {
+        let entryPage = 0x100000 / 4096
+        let (stream, socket, holder) = try handOver(needed: entryPage, 0x900)
+        try awaitRequest(for: entryPage, on: stream)
+        try stream.writeAll(kernelPage(entryPage))
+        try stream.writeAll(kernelPage(entryPage, flags: demandReplyFlag))
+        try stream.writeAll(kernelPage(entryPage, flags: demandReplyFlag))
         #expect(try abortReason(stream).contains("sent twice"))
         expectPausedAndStopped(holder)
         withExtendedLifetime(socket) {}
