@@ -178,12 +178,18 @@ def qemu_cmd(args, tmp, role, incoming=False):
         "-qmp", "unix:%s/%s.qmp,server=on,wait=off" % (tmp, role),
         "-no-reboot",
     ]
+    prealloc = incoming and args.dst_prealloc
+    if args.ram == "memfd":
+        # Guest RAM in a memfd, as Tern's: shmem, which this kernel backs with 4 KiB pages only
+        # (QEMU's default anonymous RAM gets transparent huge pages: docs/BENCHMARKS.md, "First touch").
+        cmd += ["-object", "memory-backend-memfd,id=ram,size=%dM,share=on%s" % (args.memory, ",prealloc=on" if prealloc else ""),
+                "-machine", "memory-backend=ram"]
     if incoming:
         # "defer": the destination listens only after QMP migrate-incoming, so
         # its migration capabilities (multifd, postcopy-ram) and parameters
         # (multifd-channels) can be set first; multifd requires that.
         cmd += ["-incoming", "defer"]
-        if args.dst_prealloc:
+        if prealloc and args.ram == "anon":
             # Guest RAM allocated and touched before the migration starts (tern run --prealloc).
             cmd += ["-mem-prealloc"]
     return cmd
@@ -257,6 +263,8 @@ def parse_args():
                     help="enable QEMU's auto-converge (vCPU throttling) capability")
     ap.add_argument("--xbzrle-cache-mib", type=int, default=0,
                     help="enable XBZRLE with this cache size in MiB (0 = off)")
+    ap.add_argument("--ram", choices=["anon", "memfd"], default="anon",
+                    help="guest RAM: anonymous memory (QEMU's default, with transparent huge pages) or a memfd (Tern's kind)")
     ap.add_argument("--dst-prealloc", action="store_true",
                     help="destination QEMU with -mem-prealloc (RAM touched before the migration)")
     ap.add_argument("--multifd", type=int, default=0,
