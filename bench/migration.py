@@ -64,6 +64,8 @@ def section_title():
         title += ", destinations preallocated"
     if "qemu-memfd" in ARGS_VARIANTS:
         title += ", QEMU's guest RAM in a memfd (as Tern's)"
+    if "warm-host" in ARGS_VARIANTS:
+        title += ", host memory warmed before each migration"
     return title
 STATUS_LEN = 0xA0
 
@@ -356,6 +358,8 @@ def run_tern(ctx, case, rep, order):
         log("tern guest ready after %.1f s, phase %s; warm-up %.1f s" % (
             rec["src_ready_s"], st["phase_name"], a.warmup_s))
         time.sleep(a.warmup_s)
+        if a.warm_host_gib:
+            log("warmed %g GiB of host memory in %.1f s" % (a.warm_host_gib, qm.warm_host(a.warm_host_gib)))
         check_running(src, "source", serr)
         check_running(dst, "destination", derr)
         st = tern_status(tern, ssock)
@@ -505,6 +509,8 @@ def run_qemu(ctx, case, rep, order):
         cmd += ["--dst-prealloc"]
     if a.qemu_ram != "anon":
         cmd += ["--ram", a.qemu_ram]
+    if a.warm_host_gib:
+        cmd += ["--warm-host-gib", "%g" % a.warm_host_gib]
     if a.mode == "postcopy":
         # Switch to post-copy at once, before any pre-copy pass: the same as Tern's --mode postcopy.
         cmd += ["--mode", "postcopy", "--postcopy-after-syncs", "0"]
@@ -689,7 +695,9 @@ def render_markdown(records, meta):
                  "switch-over; QEMU: `migrate_cancel`, status `timeout`); %s s warm-up after the guest's "
                  "fill; order of Tern and QEMU alternates from case to case and run to run" % (
                      p.get("guest"), p.get("memory_mib", 0), p.get("max_downtime_ms"), p.get("timeout_s"),
-                     p.get("warmup_s")))
+                     p.get("warmup_s")) + ("; %g GiB of 4 KiB pages touched and freed just before each migration "
+                                           "(`--warm-host-gib`), so both destinations find host-backed memory"
+                                           % p["warm_host_gib"] if p.get("warm_host_gib") else ""))
     lines.append("")
     cases = []
     for r in records:
@@ -881,6 +889,9 @@ def parse_args():
     ap.add_argument("--qemu-ram", default="anon", choices=["anon", "memfd"],
                     help="QEMU's guest RAM: anon (its default; huge pages where the kernel allows) or memfd "
                          "(memory-backend-memfd: 4 KiB shmem pages, as Tern's)")
+    ap.add_argument("--warm-host-gib", type=float, default=0, metavar="GIB",
+                    help="just before each migration, touch and free GIB GiB of memory, so that both VMMs' "
+                         "destinations find host-backed memory (docs/BENCHMARKS.md, \"First touch\")")
     ap.add_argument("--tern-args", default="", metavar="ARGS",
                     help="more options for tern migrate, e.g. '--streams 2' (quoted as one argument)")
     ap.add_argument("--verify", action="store_true",
@@ -893,7 +904,8 @@ def parse_args():
                     help="no runs: print (and with --markdown write) the report of the last run_id in JSONL")
     args = ap.parse_args()
     ARGS_MODE[0] = getattr(args, "mode", "precopy")
-    ARGS_VARIANTS[:] = (["prealloc"] if args.prealloc else []) + (["qemu-memfd"] if args.qemu_ram == "memfd" else [])
+    ARGS_VARIANTS[:] = ((["prealloc"] if args.prealloc else []) + (["qemu-memfd"] if args.qemu_ram == "memfd" else [])
+                        + (["warm-host"] if args.warm_host_gib else []))
     args.case_list = [c.strip() for c in args.cases.split(",") if c.strip()]
     for c in args.case_list:
         if c not in CASES:
@@ -960,7 +972,7 @@ def main():
         "machine": machine_facts(args, ctx.tern_info),
         "params": {"guest": os.path.relpath(ctx.guest, REPO), "memory_mib": args.memory_mib,
                    "max_downtime_ms": args.max_downtime_ms, "timeout_s": args.timeout_s,
-                   "warmup_s": args.warmup_s, "repeat": args.repeat, "cases": args.case_list,
+                   "warmup_s": args.warmup_s, "warm_host_gib": args.warm_host_gib, "repeat": args.repeat, "cases": args.case_list,
                    "vmms": args.vmm_list},
     }
     ctx.tmp = tempfile.mkdtemp(prefix="migbench-")

@@ -15,6 +15,7 @@ what "downtime" means in QEMU, how post-copy is triggered).
 
 import argparse
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -169,6 +170,26 @@ def free_port():
     return port
 
 
+def warm_host(gib):
+    """Touches GIB GiB of 4 KiB pages and frees them, just before a migration is timed.
+
+    This machine is a VM whose kernel hands free memory back to its host
+    (free page reporting); memory it has not used lately costs ~10 us a page
+    on first write, and which VMM's destination gets the memory still backed
+    depends on the page size its source took (docs/BENCHMARKS.md, "First
+    touch"). Freed a moment before the migration, this much is backed for
+    whichever destination comes next, as memory is on a bare-metal host."""
+    if not gib:
+        return 0.0
+    start = time.monotonic()
+    size = int(gib * (1 << 30))
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_NOHUGEPAGE)
+    m.madvise(23)  # MADV_POPULATE_WRITE: allocate and back every page
+    m.close()
+    return time.monotonic() - start
+
+
 def qemu_cmd(args, tmp, role, incoming=False):
     cmd = [
         args.qemu, "-accel", "kvm", "-m", str(args.memory),
@@ -263,6 +284,8 @@ def parse_args():
                     help="enable QEMU's auto-converge (vCPU throttling) capability")
     ap.add_argument("--xbzrle-cache-mib", type=int, default=0,
                     help="enable XBZRLE with this cache size in MiB (0 = off)")
+    ap.add_argument("--warm-host-gib", type=float, default=0,
+                    help="touch and free this much 4 KiB-page memory just before migrating (see warm_host)")
     ap.add_argument("--ram", choices=["anon", "memfd"], default="anon",
                     help="guest RAM: anonymous memory (QEMU's default, with transparent huge pages) or a memfd (Tern's kind)")
     ap.add_argument("--dst-prealloc", action="store_true",
@@ -352,6 +375,8 @@ def main():
         log("guest ready after %.1f s, phase %s; warm-up %.1f s" % (
             result["src_ready_s"], st["phase_name"], args.warmup_s))
         time.sleep(args.warmup_s)
+        if args.warm_host_gib:
+            log("warmed %g GiB of host memory in %.1f s" % (args.warm_host_gib, warm_host(args.warm_host_gib)))
         check_alive(src, tmp, "src")
         check_alive(dst, tmp, "dst")
 
