@@ -95,9 +95,11 @@ struct MessageTests {
         var wrongMagic = hello.encoded
         wrongMagic[0] ^= 1
         #expect(throws: WireError.self) { try Hello(decoding: wrongMagic) }
-        var newer = hello.encoded
-        newer[8] = 2 // protocol version: 2 had no round syncs and no complete-ack
-        #expect(throws: WireError.unsupportedVersion("migration protocol 2; this tern speaks 3")) { try Hello(decoding: newer) }
+        var older = hello.encoded
+        older[8] = UInt8(Hello.protocolVersion - 1) // the version before this one (3 did not send requested pages twice)
+        #expect(throws: WireError.unsupportedVersion("migration protocol \(Hello.protocolVersion - 1); this tern speaks \(Hello.protocolVersion)")) {
+            try Hello(decoding: older)
+        }
         for streams: UInt32 in [0, 17] {
             var tooMany = hello
             tooMany.streams = streams
