@@ -529,11 +529,7 @@ final class PostcopyReceiver: @unchecked Sendable {
                 }
             }
             if verifying {
-                var sum: UInt64 = 0
-                for i in 0..<Int(run.pageCount) {
-                    let page = UnsafeRawBufferPointer(rebasing: chunk[i * PageRun.pageSize..<(i + 1) * PageRun.pageSize])
-                    sum &+= MemoryDigest.contribution(page: UInt64(firstPage + i), crc: Checksum.crc32c(page))
-                }
+                let sum = MemoryDigest.contribution(ofPages: chunk, first: firstPage)
                 lock.withLock { digest! &+= sum }
             }
         }

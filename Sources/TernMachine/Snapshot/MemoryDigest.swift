@@ -25,6 +25,22 @@ public enum MemoryDigest {
     /// One page's share of the digest (the digest is their sum), for receivers that see pages one by one.
     public static func contribution(page: UInt64, crc: UInt32) -> UInt64 { mix(page, crc) }
 
+    /// Calls `body` with the index (0, 1, ...) and CRC32C of each page laid out one after
+    /// another in `bytes`, skipping the indices `skip` says yes to (their CRC is not taken).
+    @inline(__always)
+    public static func forEachPageCRC(in bytes: UnsafeRawBufferPointer, skip: ((Int) -> Bool)? = nil, _ body: (Int, UInt32) -> Void) {
+        for i in 0..<bytes.count / PageRun.pageSize where !(skip?(i) ?? false) {
+            body(i, Checksum.crc32c(UnsafeRawBufferPointer(rebasing: bytes[i * PageRun.pageSize..<(i + 1) * PageRun.pageSize])))
+        }
+    }
+
+    /// The share of the digest of pages laid out one after another in `bytes`, the first being page `first`.
+    public static func contribution(ofPages bytes: UnsafeRawBufferPointer, first: Int) -> UInt64 {
+        var sum: UInt64 = 0
+        forEachPageCRC(in: bytes) { i, crc in sum &+= mix(UInt64(first + i), crc) }
+        return sum
+    }
+
     /// The digest of all RAM, or of the pages for which `include` says yes (by memfd page index).
     public static func compute(_ memory: GuestMemory, including include: ((Int) -> Bool)? = nil) throws -> UInt64 {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkPages * PageRun.pageSize, alignment: 4096)
@@ -107,9 +123,10 @@ public enum MemoryDigest {
                 guard n > 0 else { throw FDStream.IOError(operation: "reading guest memory", errno: errno) }
                 done += n
             }
-            for i in 0..<count where include?(Int(page) + i) ?? true {
-                let crc = Checksum.crc32c(UnsafeRawBufferPointer(rebasing: buffer[i * PageRun.pageSize..<(i + 1) * PageRun.pageSize]))
-                digest &+= mix(page + UInt64(i), crc)
+            let first = page
+            MemoryDigest.forEachPageCRC(in: UnsafeRawBufferPointer(rebasing: buffer[0..<bytes]),
+                                        skip: include.map { include in { !include(Int(first) + $0) } }) { i, crc in
+                digest &+= mix(first + UInt64(i), crc)
             }
             page += UInt64(count)
         }

@@ -29,10 +29,7 @@ public final class PageDigests: @unchecked Sendable {
 
     /// Records the contents of `count` pages from `first`, laid out one after another in `bytes`.
     public func record(first: Int, pages bytes: UnsafeRawBufferPointer) {
-        let count = bytes.count / PageRun.pageSize
-        for i in 0..<count {
-            crcs[first + i] = Checksum.crc32c(UnsafeRawBufferPointer(rebasing: bytes[i * PageRun.pageSize..<(i + 1) * PageRun.pageSize]))
-        }
+        MemoryDigest.forEachPageCRC(in: bytes) { i, crc in crcs[first + i] = crc }
     }
 
     /// Records `count` pages from `first` as zero.
