@@ -20,7 +20,7 @@ echo "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"
 for run in $(seq 1 "$RUNS"); do
     work=$(mktemp -d)
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    $TERN run --incoming "tcp:127.0.0.1:$port" --api-socket "$work/d.sock" --serial off --log-level debug 2> "$work/dst.log" &
+    $TERN run --incoming "tcp:127.0.0.1:$port" --api-socket "$work/d.sock" --serial off --log-level debug ${DST_ARGS:-} 2> "$work/dst.log" &
     dst=$!
     $TERN run --kernel $GUEST --memory 1G --cmdline "$CMDLINE" --api-socket "$work/s.sock" --serial off --log-level debug 2> "$work/src.log" &
     src=$!

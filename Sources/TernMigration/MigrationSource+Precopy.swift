@@ -1,0 +1,232 @@
+import Foundation
+import Synchronization
+import TernKVM
+import TernMachine
+import TernWire
+
+extension MigrationSource {
+    static let learningIntervalPages = 8192
+    /// A round of fewer pages says little about what a page costs (its sync's round trip and fixed costs dominate).
+    static let pagesToMeasureCost: UInt64 = 256
+
+    /// Where pre-copy's rounds ended: what is still to send, and whether post-copy takes over.
+    struct PrecopyOutcome {
+        var pending: PageSet?
+        var round: Int
+        var switchover: String
+        var usePostcopy: Bool
+    }
+
+    /// The first pass and the rounds after it, until the switch-over policy
+    /// says stop (post-copy alone runs none).
+    func precopyRounds(sender: PageStreams, rateLimit: RateLimiter, roundPlan: borrowing Mutex<(pagesBefore: UInt64, planned: Double)>,
+                       roundTripMs: Double, started: ContinuousClock.Instant) throws -> PrecopyOutcome {
+        let pageCount = Int(machine.memory.size / UInt64(PageRun.pageSize))
+        var frequency = DirtyFrequency(pageCount: pageCount)
+        // Pages the first pass holds back to its end: the hot ones (ordering), or none yet.
+        var firstPassHeld = PageSet(pageCount: pageCount)
+        var resentAfterFirstPass: PageSet?
+        var heldOver: PageSet?
+        var firstPassSamples: [(milliseconds: Double, pages: Int)] = []
+        /// The dirty log read at the end of the last round, before held-back pages join it.
+        var latestDirty: PageSet?
+        if parameters.order == .dirtyFrequency && parameters.mode != .postcopy {
+            // Learn which pages are hot before the first pass, so that it sends them last
+            // (and, with XBZRLE, keeps them in the cache for the deltas of the next rounds).
+            for _ in 0..<Self.frequencySamples {
+                Thread.sleep(forTimeInterval: Self.frequencySampleSeconds)
+                frequency.record(try machine.memory.collectDirtyPages(from: machine.vm))
+            }
+            firstPassHeld = frequency.hot(pageCount: pageCount)
+        }
+        // Without ordering the first pass still learns as it goes (without the samples before it, which
+        // serve the ordering): where the guest writes, to cache those chunks for XBZRLE's deltas, and
+        // how fast it re-dirties memory, for the switch-over policy.
+        let holdBackHot = parameters.order == .dirtyFrequency && (parameters.holdBackHot ?? (parameters.xbzrleCacheBytes == nil))
+        var round = 0
+        let policy = SwitchoverPolicy(maxDowntimeMs: parameters.maxDowntimeMs, maxRounds: parameters.maxRounds,
+                                      timeoutSeconds: parameters.timeoutSeconds)
+        var history = SwitchoverPolicy.History()
+        var pending: PageSet?
+        var switchover = "converged"
+        let totalPages = machine.memory.size / UInt64(PageRun.pageSize)
+        var usePostcopy = parameters.mode == .postcopy
+        while parameters.mode != .postcopy {
+            let roundStart = ContinuousClock.now
+            let before = sender.counters
+            let waitedBefore = rateLimit.waitedSeconds
+            update { $0.currentRound = round; $0.roundPercent = 0 }
+            roundPlan.withLock { $0 = (before.dataPages + before.zeroPages, Double(pending.map { UInt64($0.count) } ?? totalPages)) }
+            if let pages = pending {
+                if holdBackHot {
+                    let split = frequency.holdingBackHottest(pages, stillHot: latestDirty ?? pages)
+                    try sender.send(ordered: split.send)
+                    heldOver = split.held
+                } else if parameters.order == .dirtyFrequency {
+                    try sender.send(ordered: frequency.ordered(pages))
+                } else {
+                    try sender.send(pages)
+                }
+            } else {
+                let learner = FirstPassLearner(memory: machine.memory, vm: machine.vm, initiallyHeld: firstPassHeld, frequency: frequency,
+                                               interval: Self.learningIntervalPages,
+                                               deferringHotChunks: parameters.order == .dirtyFrequency)
+                try sender.firstPass(learning: learner)
+                let learnt = learner.finish()
+                frequency = learnt.frequency
+                sender.setCacheWholePages(true)
+                if parameters.order == .dirtyFrequency { try sender.send(ordered: frequency.ordered(learnt.held)) } else { try sender.send(learnt.held) }
+                resentAfterFirstPass = learnt.dirtyAfterSending
+                firstPassSamples = learnt.samples
+            }
+            // Pages re-sent from now on are likely to be re-sent again: keep them for deltas.
+            sender.setCacheWholePages(true)
+            try sender.synchronise(round: round) { [unowned self] in try readReply($0, expecting: .pong, what: "the sync after a round").1 }
+            let duration = max(milliseconds(since: roundStart), 0.001)
+            var dirty = try machine.memory.collectDirtyPages(from: machine.vm)
+            frequency.record(dirty)
+            latestDirty = dirty
+            if let earlier = resentAfterFirstPass {
+                dirty.formUnion(earlier)
+                resentAfterFirstPass = nil
+            }
+            // Held-back pages are still owed: they count in the prediction and go at the switch at the latest.
+            if let held = heldOver {
+                dirty.formUnion(held)
+                update { $0.heldBackPages = UInt64(held.count) }
+                heldOver = nil
+            }
+            let sent = sender.counters
+            let roundBytes = sent.bytes - before.bytes
+            // Link speed: what the whole pre-copy achieved so far (single tiny rounds are too noisy).
+            let elapsedPrecopy = max(milliseconds(since: started) - progress.setupMs, 0.001)
+            let throughput = Double(sent.bytes) / (elapsedPrecopy / 1000)
+            // Bytes a dirty page will cost: a whole page, or what re-sent pages cost in the last round (XBZRLE deltas are far smaller).
+            let roundPages = (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages)
+            let bytesPerPage = round > 0 && roundPages > 0 ? Double(roundBytes) / Double(roundPages) : Double(PageRun.pageSize + PageRun.headerSize)
+            // A page's end-to-end cost counts unless the cap set the pace (its senders waited for tokens a tenth of the round or more).
+            let throttled = (rateLimit.waitedSeconds - waitedBefore) * 1000 / Double(sender.senders.count) > 0.1 * duration
+            let predictedMs = DowntimePrediction(
+                dirtyPages: dirty.count, wireBytesPerPage: bytesPerPage, throughputBytesPerSecond: throughput,
+                stateBytes: Self.stateBytesEstimate, roundTripMs: roundTripMs,
+                pageCostMs: round > 0 && roundPages >= Self.pagesToMeasureCost && !throttled
+                    ? max(duration - roundTripMs, 0) / Double(roundPages) : nil).milliseconds
+            let record = MigrationReport.Round(
+                round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages),
+                zeroPages: sent.zeroPages - before.zeroPages, bytes: roundBytes, dirtyPages: UInt64(dirty.count),
+                durationMs: duration, throughputMBps: Double(roundBytes) / 1e6 / (duration / 1000),
+                dirtyRatePagesPerSecond: Double(dirty.count) / (duration / 1000), predictedDowntimeMs: predictedMs)
+            update {
+                $0.rounds.append(record)
+                $0.transferredBytes = sent.bytes
+                $0.dataPages = sent.dataPages
+                $0.zeroPages = sent.zeroPages
+                $0.roundPercent = 100
+            }
+            logger.debug("round \(round): \(record.pages) pages in \(Int(duration)) ms, \(dirty.count) dirty, predicted downtime \(Int(predictedMs)) ms")
+            pending = dirty
+            // A dirty-log read of the first pass that came no longer after the one before it than the next
+            // round would take, yet found three quarters of the dirty set: that round could not shrink it.
+            let rewritesFaster = round == 0 && firstPassSamples.contains {
+                $0.milliseconds <= predictedMs && Double($0.pages) >= SwitchoverPolicy.worthwhileShrink * Double(dirty.count)
+            }
+            let decision = policy.decide(afterRound: round, dirtyPages: dirty.count, predictedMs: predictedMs,
+                                         elapsedSeconds: milliseconds(since: started) / 1000,
+                                         dirtySetRewrittenWithinARound: rewritesFaster, history: &history)
+            round += 1
+            if case .switchover(let reason) = decision {
+                switchover = reason
+                // Auto: pre-copy while it can meet the downtime target, post-copy when it cannot.
+                if parameters.mode == .auto && !reason.hasPrefix("converged") {
+                    usePostcopy = true
+                    switchover = reason + "; switching to post-copy"
+                }
+                if parameters.mode == .hybrid {
+                    usePostcopy = true
+                    switchover = reason + "; switching to post-copy"
+                }
+                break
+            }
+            if parameters.mode == .hybrid && round >= parameters.precopyRounds {
+                switchover = "\(parameters.precopyRounds) pre-copy rounds done; switching to post-copy"
+                usePostcopy = true
+                break
+            }
+        }
+        return PrecopyOutcome(pending: pending, round: round, switchover: switchover, usePostcopy: usePostcopy)
+    }
+
+    /// Pauses the VM, sends what is still dirty and the VM state, checks the
+    /// digests (--verify) and hands over.
+    func stopAndCopy(session: Session, sender: PageStreams, rateLimit: RateLimiter, pending: PageSet?, round: Int,
+                     wasPaused: Bool, pausedHere: inout Bool, committed: inout Bool) throws {
+        let stream = session.control, sameHost = session.sameHost
+        update { $0.status = .stopAndCopy; $0.currentRound = round }
+        let pausedMono = Clocks.monotonicNs(), pausedReal = Clocks.realtimeNs()
+        if !wasPaused {
+            try machine.pause()
+            pausedHere = true
+        }
+        let pauseInstant = ContinuousClock.now
+        logger.debug("stop-and-copy: the vCPUs stopped \(Int(Clocks.milliseconds(from: pausedMono, to: Clocks.monotonicNs()))) ms after the pause began")
+        // The cap shares the link during pre-copy; while the VM is paused, every byte it holds back is downtime.
+        rateLimit.lift()
+        var last = try machine.memory.collectDirtyPages(from: machine.vm)
+        if let pending { last.formUnion(pending) }
+        let before = sender.counters
+        let lastPages = last.count
+        try sender.send(last)
+        try sender.endExtraStreams()
+        logger.debug("stop-and-copy: \(lastPages) pages sent \(Int(milliseconds(since: pauseInstant))) ms after the pause")
+        let (sections, _, _) = try sendState(on: stream, withDigests: false)
+        // With --verify the end asks for the destination's digests (their values here are placeholders) and this
+        // side computes its own meanwhile, from memory that stays paused: the two digests overlap instead of
+        // adding up inside the downtime.
+        let completion = Completion(pausedMonotonicNs: pausedMono, pausedRealtimeNs: pausedReal,
+                                    memoryDigest: parameters.verify ? 0 : nil, stateDigest: parameters.verify ? 0 : nil)
+        try stream.writeFrame(.end, payload: completion.encoded)
+        logger.debug("stop-and-copy: state and end sent \(Int(milliseconds(since: pauseInstant))) ms after the pause")
+        let memoryDigest = parameters.verify ? try MemoryDigest.compute(machine.memory, threads: ProcessInfo.processInfo.activeProcessorCount) : nil
+        if parameters.verify { logger.debug("stop-and-copy: this side's memory digest taken \(Int(milliseconds(since: pauseInstant))) ms after the pause") }
+        let stateDigest = parameters.verify ? MemoryDigest.state(sections) : nil
+        let stateBytes = UInt64(sections.reduce(0) { $0 + $1.encoded.count + FrameHeader.size }) + UInt64(FrameHeader.size + completion.encoded.count)
+        let sent = sender.counters
+        update {
+            $0.status = .completing
+            $0.rounds.append(MigrationReport.Round(
+                round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages),
+                zeroPages: sent.zeroPages - before.zeroPages, bytes: sent.bytes - before.bytes + stateBytes, dirtyPages: 0,
+                durationMs: milliseconds(since: pauseInstant), throughputMBps: 0, dirtyRatePagesPerSecond: 0, predictedDowntimeMs: 0))
+            $0.transferredBytes = sent.bytes + stateBytes
+            $0.deltaPages = sent.deltaPages
+            $0.xbzrle = sender.xbzrleStatistics
+            if parameters.zstdLevel != nil {
+                $0.zstdInputBytes = sent.compressedInputBytes
+                $0.zstdOutputBytes = sent.compressedOutputBytes
+            }
+            $0.dataPages = sent.dataPages
+            $0.zeroPages = sent.zeroPages
+        }
+
+        // The destination holds everything and says whether it accepts it.
+        let (_, readyPayload) = try readReply(stream, expecting: .ready, what: "the hand-over")
+        logger.debug("stop-and-copy: the destination was ready \(Int(milliseconds(since: pauseInstant))) ms after the pause")
+        let ready = try Verdict(decoding: readyPayload)
+        guard ready.accepted else { throw Failure("the destination rejected the VM: \(ready.reason)") }
+        if parameters.verify {
+            let verification = MigrationReport.Verification(
+                sourceMemoryDigest: hex(memoryDigest), destinationMemoryDigest: hex(ready.memoryDigest),
+                sourceStateDigest: hex(stateDigest), destinationStateDigest: hex(ready.stateDigest),
+                match: memoryDigest == ready.memoryDigest && stateDigest == ready.stateDigest)
+            update { $0.verification = verification }
+            guard verification.match else {
+                try? stream.writeFrame(.abort, payload: Array("digests differ".utf8))
+                throw Failure("verification failed: memory or state digests differ between source and destination")
+            }
+        }
+        if cancelled { throw Failure("cancelled") }
+
+        // Commit: from here the destination may run the VM.
+        _ = try handOver(stream, pausedMono: pausedMono, pausedReal: pausedReal, sameHost: sameHost, committed: &committed)
+    }
+}

@@ -1,0 +1,76 @@
+import Foundation
+import Glibc
+import TernMachine
+import TernWire
+
+extension MigrationSource {
+    /// The connections of one migration, opened and checked before any memory moves.
+    struct Session {
+        /// The control connection, which is also page stream 0.
+        let control: FDStream
+        /// Every page stream, the control connection first (`--streams`).
+        let pageStreams: [FDStream]
+        /// Post-copy's demand channel (any mode that may end in post-copy).
+        let urgent: FDStream?
+        /// The destination's token for this migration (extra streams and a post-copy resume show it).
+        let token: UInt64
+        /// Both ends run on one kernel: the downtime is read on the shared monotonic clock.
+        let sameHost: Bool
+        let roundTripMs: Double
+    }
+
+    /// Connects, runs the handshake (the destination checks it can run this
+    /// machine), joins the extra page streams and the demand channel, and
+    /// measures the round trip that the hand-over will cost.
+    func openSession(started: ContinuousClock.Instant) throws -> Session {
+        let socket = try parameters.destination.connect()
+        lock.withLock { connection = socket }
+        if cancelled { throw Failure("cancelled") }
+        let stream = FDStream(fd: socket.rawValue)
+        setTimeouts(socket.rawValue, seconds: Self.replyTimeoutSeconds)
+
+        // Handshake: the destination checks it can run this machine before any memory moves.
+        let state0 = machine.configuration
+        let description = MachineDescription(memorySize: machine.memory.size, vcpuCount: UInt32(state0.vcpuCount),
+                                             kernelPath: state0.kernelPath ?? "", commandLine: state0.commandLine)
+        var hello = Hello(bootID: Clocks.bootID, machine: description, cpuid: machine.guestCPUID, devices: ["UART"],
+                          streams: UInt32(parameters.streams))
+        if parameters.zstdLevel != nil { hello.features |= Hello.zstdFeature }
+        if parameters.mode == .postcopy { hello.features |= Hello.postcopyFirstFeature }
+        if parameters.verify { hello.features |= Hello.verifyFeature }
+        // Any mode that may end in post-copy gets a demand channel for page requests' replies.
+        if parameters.mode != .precopy { hello.features |= Hello.postcopyUrgentFeature }
+        try stream.writeFrame(.hello, payload: hello.encoded)
+        let (_, replyPayload) = try readReply(stream, expecting: .helloReply, what: "the handshake")
+        let reply = try Verdict(decoding: replyPayload)
+        guard reply.accepted else { throw Failure("the destination refused the VM: \(reply.reason)") }
+        let sameHost = reply.bootID == Clocks.bootID
+        // Extra page streams join with the token the destination handed out.
+        var streamList = [stream]
+        for index in 1..<max(parameters.streams, 1) {
+            let extra = try parameters.destination.connect()
+            lock.withLock { extraConnections.append(extra) }
+            setTimeouts(extra.rawValue, seconds: Self.replyTimeoutSeconds)
+            let extraStream = FDStream(fd: extra.rawValue)
+            try extraStream.writeFrame(.streamHello, payload: StreamHello(token: reply.token, index: UInt32(index)).encoded)
+            streamList.append(extraStream)
+        }
+        var urgent: FDStream?
+        if parameters.mode != .precopy {
+            let connection = try parameters.destination.connect()
+            lock.withLock { extraConnections.append(connection) }
+            setTimeouts(connection.rawValue, seconds: Self.replyTimeoutSeconds)
+            let channel = FDStream(fd: connection.rawValue)
+            try channel.writeFrame(.streamHello, payload: StreamHello(token: reply.token, index: StreamHello.urgentIndex).encoded)
+            urgent = channel
+        }
+        // The hand-over costs about one and a half round trips beyond the data (end -> ready -> go -> resumed).
+        let pingStart = ContinuousClock.now
+        try stream.writeFrame(.ping, payload: [UInt8]())
+        _ = try readReply(stream, expecting: .pong, what: "the latency probe")
+        let roundTripMs = milliseconds(since: pingStart)
+        update { $0.setupMs = milliseconds(since: started); $0.status = .precopy; $0.roundTripMs = roundTripMs }
+        return Session(control: stream, pageStreams: streamList, urgent: urgent, token: reply.token, sameHost: sameHost,
+                       roundTripMs: roundTripMs)
+    }
+}
