@@ -23,7 +23,7 @@ public struct MigrateRequest: Codable, Sendable {
     public var zstdLevel: Int?
     /// Parallel page streams (1 to 16; default 1).
     public var streams: Int?
-    /// "sequential" (default) or "dirty-frequency".
+    /// "dirty-frequency" (default) or "sequential".
     public var order: String?
     /// With dirty-frequency ordering, hold the hottest pages back for the stop-and-copy (default: only without XBZRLE).
     public var holdBack: Bool?

@@ -61,7 +61,7 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     public var zstdInputBytes: UInt64?
     public var zstdOutputBytes: UInt64?
     /// "sequential" or "dirty-frequency".
-    public var order: String = "sequential"
+    public var order: String = PageOrder.dirtyFrequency.rawValue
     /// Parallel page streams used during pre-copy.
     public var streams: Int = 1
     /// Pages sent again after the first pass (what ordering and convergence try to keep small).

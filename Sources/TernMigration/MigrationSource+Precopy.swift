@@ -23,25 +23,16 @@ extension MigrationSource {
                        roundTripMs: Double, started: ContinuousClock.Instant) throws -> PrecopyOutcome {
         let pageCount = Int(machine.memory.size / UInt64(PageRun.pageSize))
         var frequency = DirtyFrequency(pageCount: pageCount)
-        // Pages the first pass holds back to its end: the hot ones (ordering), or none yet.
-        var firstPassHeld = PageSet(pageCount: pageCount)
         var resentAfterFirstPass: PageSet?
         var heldOver: PageSet?
         var firstPassSamples: [(milliseconds: Double, pages: Int)] = []
         /// The dirty log read at the end of the last round, before held-back pages join it.
         var latestDirty: PageSet?
-        if parameters.order == .dirtyFrequency && parameters.mode != .postcopy {
-            // Learn which pages are hot before the first pass, so that it sends them last
-            // (and, with XBZRLE, keeps them in the cache for the deltas of the next rounds).
-            for _ in 0..<Self.frequencySamples {
-                Thread.sleep(forTimeInterval: Self.frequencySampleSeconds)
-                frequency.record(try machine.memory.collectDirtyPages(from: machine.vm))
-            }
-            firstPassHeld = frequency.hot(pageCount: pageCount)
-        }
-        // Without ordering the first pass still learns as it goes (without the samples before it, which
-        // serve the ordering): where the guest writes, to cache those chunks for XBZRLE's deltas, and
-        // how fast it re-dirties memory, for the switch-over policy.
+        // The first pass learns as it goes, from the dirty log read after its first megabyte and then at
+        // doubling intervals: where the guest writes (with ordering, those chunks go at the end of the pass;
+        // with XBZRLE, into the cache for the deltas of the next rounds) and how fast it re-dirties memory,
+        // for the switch-over policy. Sampling the log before the pass (two reads 100 ms apart, until
+        // commit 8f5eb3b) told it little more and cost 200 ms of every migration.
         let holdBackHot = parameters.order == .dirtyFrequency && (parameters.holdBackHot ?? (parameters.xbzrleCacheBytes == nil))
         var round = 0
         let policy = SwitchoverPolicy(maxDowntimeMs: parameters.maxDowntimeMs, maxRounds: parameters.maxRounds,
@@ -68,7 +59,7 @@ extension MigrationSource {
                     try sender.send(pages)
                 }
             } else {
-                let learner = FirstPassLearner(memory: machine.memory, vm: machine.vm, initiallyHeld: firstPassHeld, frequency: frequency,
+                let learner = FirstPassLearner(memory: machine.memory, vm: machine.vm, initiallyHeld: PageSet(pageCount: pageCount), frequency: frequency,
                                                interval: Self.learningIntervalPages,
                                                deferringHotChunks: parameters.order == .dirtyFrequency)
                 try sender.firstPass(learning: learner)

@@ -26,8 +26,10 @@ public final class MigrationSource: @unchecked Sendable {
         public var precopyRounds = 2
         /// XBZRLE delta encoding of re-sent pages, with a cache of this many bytes (nil: off).
         public var xbzrleCacheBytes: UInt64?
-        /// Send rarely-dirtied pages first and hot pages last (dynamic page transfer reordering).
-        public var order = PageOrder.sequential
+        /// Send rarely-dirtied pages first and hot pages last (dynamic page transfer reordering, Svärd et
+        /// al.): the default, since a guest's hot set then crosses the wire fewer times (hot960: 1023.5 MB
+        /// instead of 1029-1036, docs/BENCHMARKS.md) for no cost in time on the other workloads.
+        public var order = PageOrder.dirtyFrequency
         /// With dirty-frequency ordering: the hottest pages wait for the stop-and-copy instead of going every
         /// round. nil: only without XBZRLE, where a re-sent hot page costs a whole page. With XBZRLE it costs a
         /// small delta and keeps the cached copy fresh; held back, its stop-and-copy delta is against the first
@@ -108,9 +110,6 @@ public final class MigrationSource: @unchecked Sendable {
     }
 
     static let cancelGraceSeconds = 2.0
-    /// Dirty-frequency ordering: samples of the dirty log taken before the first pass.
-    static let frequencySamples = 2
-    static let frequencySampleSeconds = 0.1
 
     var cancelled: Bool { lock.withLock { cancelReason != nil } }
     func update(_ change: (inout MigrationReport) -> Void) { lock.withLock { change(&report) } }

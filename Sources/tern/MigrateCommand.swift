@@ -45,11 +45,11 @@ struct Migrate: ParsableCommand {
     @Option(help: "Parallel page streams (connections) for pre-copy, 1 to 16.")
     var streams: Int = 1
 
-    @Option(help: "sequential, or dirty-frequency: rarely-dirtied pages first, hot pages last (pre-copy).")
-    var order: String = "sequential"
+    @Option(help: "dirty-frequency: rarely-dirtied pages first, hot pages last; or sequential: in address order (pre-copy).")
+    var order: String = "dirty-frequency"
 
     @Flag(inversion: .prefixedNo,
-          help: "With --order dirty-frequency: hold the hottest pages back for the stop-and-copy instead of re-sending them every round (default: on without XBZRLE, off with it).")
+          help: "With dirty-frequency ordering: hold the hottest pages back for the stop-and-copy instead of re-sending them every round (default: on without XBZRLE, off with it).")
     var holdBack: Bool?
 
     @Option(help: "XBZRLE cache size, e.g. 256M (binary units).")

@@ -52,7 +52,8 @@ struct BadInputTests {
     }
 
     @Test func migrateFlagsThatDoNotGoTogether() throws {
-        let migrate = try TernProcess(["migrate", "--api-socket", "/nonexistent.sock", "--to", "tcp:127.0.0.1:1", "--hold-back"], withAPI: false)
+        let migrate = try TernProcess(["migrate", "--api-socket", "/nonexistent.sock", "--to", "tcp:127.0.0.1:1", "--order", "sequential", "--hold-back"],
+                                  withAPI: false)
         #expect(migrate.waitForExit() != 0)
         #expect(migrate.stderr.contains("need --order dirty-frequency"), "stderr: \(migrate.stderr)")
     }

@@ -60,6 +60,7 @@ struct MigrationTests {
         #expect(r.status == .completed, "\(r.reason ?? "")")
         #expect(cli.waitForExit() == 0)
         #expect(r.verification?.match == true)
+        #expect(r.order == "dirty-frequency", "the default order")
         #expect(r.downtimeMs != nil && r.downtimeMs! > 0)
         #expect(r.transferredBytes > 0 && r.dataPages + r.zeroPages >= (256 << 20) / 4096)
         #expect(!r.rounds.isEmpty)
@@ -170,13 +171,15 @@ struct MigrationTests {
     }
 
     /// Random writes while four streams each carry their share round after round:
-    /// a page's newer copy must never be overtaken by an older one.
+    /// a page's newer copy must never be overtaken by an older one. In address
+    /// order, the one test of `--order sequential` end to end.
     @Test func parallelStreamsKeepEveryPagesLatestCopy() throws {
         let pair = try MigrationPair(cmdline: "fill=96 dirty=64 pattern=random rate=200 progress=0")
         _ = try pair.source.waitForStatus { $0.phase == .dirty }
-        let (report, cli) = try pair.migrate(["--streams", "4", "--verify", "--max-downtime", "50"])
+        let (report, cli) = try pair.migrate(["--streams", "4", "--order", "sequential", "--verify", "--max-downtime", "50"])
         let r = try #require(report, "no report: \(cli.stderr)")
         #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.order == "sequential")
         #expect(r.verification?.match == true)
         #expect(r.rounds.count >= 2, "at least one re-send round")
         try pair.destination.waitForAPI()
