@@ -1,10 +1,17 @@
 /// What the stop-and-copy will cost, predicted after a pre-copy round (pure,
-/// so it is unit-tested): the dirty set's size on the wire at the throughput
-/// seen so far, plus the hand-over's round trips — or, when the last round's
-/// pace was set by the sender and the destination rather than by the
-/// `--bandwidth` cap, at least the dirty set times what a page cost that
-/// round. Small XBZRLE deltas are cheap on the wire but not to encode and
-/// apply, and bytes alone predicted a tenth of the real downtime.
+/// so it is unit-tested), plus the hand-over's round trips.
+///
+/// When the last round's pace was set by the sender and the destination
+/// rather than by the `--bandwidth` cap, the dirty set costs what a page cost
+/// that round, end to end: the round ended with a sync, so that cost holds
+/// the link's speed, the encoding and the applying (small XBZRLE deltas are
+/// cheap on the wire but not to make and apply: bytes alone predicted a tenth
+/// of the real downtime). Otherwise — the first pass, a capped round — the
+/// dirty set's bytes at the throughput seen so far. That average is not used
+/// once a round has measured a page: it carries the first pass's writes into
+/// fresh destination memory, which re-sent pages do not pay (at 300 MB/s of
+/// first touch it predicted 2-3 times the downtime that followed, so pre-copy
+/// ran rounds it did not need).
 public struct DowntimePrediction: Sendable {
     public var dirtyPages: Int
     /// Bytes a dirty page will cost on the wire (a page, or the last round's mean with XBZRLE).
@@ -30,8 +37,8 @@ public struct DowntimePrediction: Sendable {
     }
 
     public var milliseconds: Double {
-        let onTheWire = (Double(dirtyPages) * wireBytesPerPage + Double(stateBytes)) / max(throughputBytesPerSecond, 1) * 1000
-        let byPageCost = Double(dirtyPages) * (pageCostMs ?? 0)
-        return max(onTheWire, byPageCost) + Self.handOverRoundTrips * roundTripMs
+        let link = max(throughputBytesPerSecond, 1)
+        let pages = pageCostMs.map { Double(dirtyPages) * $0 } ?? Double(dirtyPages) * wireBytesPerPage / link * 1000
+        return pages + Double(stateBytes) / link * 1000 + Self.handOverRoundTrips * roundTripMs
     }
 }
