@@ -27,12 +27,15 @@ WORKLOADS = {
     "random64": "fill=512 dirty=256 pattern=random rate=200 bytes=64 progress=0",
     "hotspot64": "fill=512 dirty=256 pattern=hotspot rate=200 bytes=64 progress=0",
 }
+# Every variant names its order, since dirty-frequency is tern's default:
+# "plain" is pre-copy with none of the optimisations.
+SEQ = ["--order", "sequential"]
 TERN_VARIANTS = {
-    "tern plain": [],
-    "tern +xbzrle": ["--compress", "xbzrle"],
+    "tern plain": SEQ,
+    "tern +xbzrle": ["--compress", "xbzrle"] + SEQ,
     "tern +ordering": ["--order", "dirty-frequency"],
-    "tern +streams": ["--streams", "4"],
-    "tern +zstd": ["--compress", "zstd"],
+    "tern +streams": ["--streams", "4"] + SEQ,
+    "tern +zstd": ["--compress", "zstd"] + SEQ,
     "tern +xbzrle +ordering": ["--compress", "xbzrle", "--order", "dirty-frequency"],
     "tern all": ["--compress", "xbzrle,zstd", "--order", "dirty-frequency", "--streams", "4"],
 }

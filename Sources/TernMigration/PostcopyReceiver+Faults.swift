@@ -1,0 +1,107 @@
+import CKVM
+import Foundation
+import Glibc
+import Logging
+import Synchronization
+import TernKVM
+import TernMachine
+import TernWire
+
+/// Post-copy's faults: a vCPU (or KVM for it) touches a page not here yet; it is requested from the source.
+extension PostcopyReceiver {
+    func serveFaults() {
+        let base = UInt64(UInt(bitPattern: memory.mapping.base))
+        while !faultsReleased.load(ordering: .relaxed) {
+            let faults: [Userfaultfd.Fault]
+            do { faults = try uffd.waitForFaults(timeoutMs: 100) } catch {
+                fail("\(error)")
+                return
+            }
+            // After a failure nothing is asked for: the pages will not come, their vCPUs stay waiting.
+            let failed = finished.load(ordering: .relaxed)
+            var toRequest: [UInt64] = []
+            var toZero: [Int] = []
+            let now = Clocks.monotonicNs()
+            lock.withLock {
+                for fault in faults {
+                    let page = Int((fault.address - base) / UInt64(PageRun.pageSize))
+                    guard page < expected.pageCount else { continue }
+                    statistics.faults += 1
+                    if !needed.contains(page) {
+                        toZero.append(page)        // never written at the source: zero, no need to ask
+                        continue
+                    }
+                    // A page accepted a moment ago is being placed, which wakes this vCPU: nothing to ask for.
+                    guard expected.contains(page) else { continue }
+                    waitingThreads[fault.threadID] = page
+                    if !failed && !requested.contains(page) {
+                        requested.insert(page)
+                        requestTimes[page] = now
+                        toRequest.append(UInt64(page))
+                    }
+                }
+                statistics.requests += UInt64(toRequest.count)
+            }
+            for page in toZero {
+                do {
+                    // Minor faults: a page not needed is right in the file already (zero or sent before); it only needs mapping.
+                    let target = memory.mapping.base + page * PageRun.pageSize
+                    let placement = minorFaults ? try uffd.continueMapping(target, length: PageRun.pageSize)
+                                                : try uffd.zero(target, length: PageRun.pageSize)
+                    if placement == .placed {
+                        lock.withLock { statistics.pagesZeroFilledLocally += 1 }
+                    }
+                } catch {
+                    fail("cannot zero-fill page \(memory.address(ofPage: page)): \(error)")
+                    return
+                }
+            }
+            if !toRequest.isEmpty {
+                do {
+                    try sendRequests(toRequest)
+                } catch {
+                    // The vCPUs keep waiting for these pages; they are asked for again after a resume
+                    // (the failed connection is already cut, so the pages thread notices).
+                    guard recovery != nil else {
+                        fail("cannot request pages from the source: \(error)")
+                        return
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends page requests (in pieces a request frame can hold); a no-op while disconnected.
+    func sendRequests(_ pages: [UInt64]) throws {
+        try writeLock.withLock { try sendRequestsLocked(pages) }
+    }
+
+    /// `sendRequests` with `writeLock` held. A failed write marks this very
+    /// connection lost (never one adopted since) and cuts it.
+    func sendRequestsLocked(_ pages: [UInt64]) throws {
+        guard connected else { return }
+        do {
+            for start in stride(from: 0, to: pages.count, by: PageRequest.maximumPages) {
+                let request = PageRequest(pages: Array(pages[start..<min(pages.count, start + PageRequest.maximumPages)]))
+                try source.writeFrame(.pageRequest, payload: request.encoded)
+            }
+        } catch {
+            connected = false
+            shutdown(source.fd, Int32(SHUT_RDWR))
+            throw error
+        }
+    }
+
+    /// Whether all memory is here and `complete` was sent (or lost with the connection).
+    var isComplete: Bool { writeLock.withLock { completion != nil } }
+
+    /// Marks the connection lost and cuts it, so the pages thread notices at once.
+    func disconnect() {
+        writeLock.withLock {
+            connected = false
+            shutdown(source.fd, Int32(SHUT_RDWR))
+        }
+        // The demand channel goes with it: after a resume everything comes on the new connection.
+        if let urgent { shutdown(urgent.rawValue, Int32(SHUT_RDWR)) }
+    }
+}
