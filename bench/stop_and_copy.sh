@@ -5,6 +5,7 @@
 #   bash bench/stop_and_copy.sh [RUNS] [GUEST CMDLINE] [-- tern migrate options...]
 #   bash bench/stop_and_copy.sh 6 "fill=512 dirty=64 progress=0"
 #   bash bench/stop_and_copy.sh 3 "fill=512 dirty=256 pattern=random rate=200 bytes=64 progress=0" -- --bandwidth 100000000 --compress xbzrle
+#   DST_ARGS="--memory 1G --prealloc" bash bench/stop_and_copy.sh 4     # options for the destination's tern run
 #
 # Needs a release build (swift build -c release) and the guest (make -C guest).
 set -euo pipefail

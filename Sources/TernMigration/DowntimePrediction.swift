@@ -19,8 +19,8 @@ public struct DowntimePrediction: Sendable {
     public var throughputBytesPerSecond: Double
     public var stateBytes: Int
     public var roundTripMs: Double
-    /// Milliseconds a page took in the last round, end to end (sent and applied);
-    /// nil when the cap set that round's pace or there is no such round yet.
+    /// Milliseconds a page took in the last round, end to end (sent and applied); nil when the
+    /// cap set that round's pace, the round was too small or short to tell, or there is none yet.
     public var pageCostMs: Double?
 
     /// end → ready → go → resumed: one and a half round trips beyond the data.

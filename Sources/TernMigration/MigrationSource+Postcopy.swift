@@ -7,10 +7,10 @@ extension MigrationSource {
     /// Post-copy: pause, send only the VM state and the list of pages the
     /// destination still needs, let it start, then push those pages (and
     /// answer its requests first) until it holds them all.
-    func switchToPostcopy(stream: FDStream, urgent: FDStream?, sender: PageStreams, rateLimit: RateLimiter, pending: PageSet?, round: Int, token: UInt64,
-                                  wasPaused: Bool, pausedHere: inout Bool, committed: inout Bool, sameHost: Bool,
+    func switchToPostcopy(stream: FDStream, urgent: FDStream?, sender: PageStreams, rateLimit: RateLimiter, pending: PageSet?, round: Int, switchover: String,
+                                  token: UInt64, wasPaused: Bool, pausedHere: inout Bool, committed: inout Bool, sameHost: Bool,
                                   started: ContinuousClock.Instant) throws {
-        update { $0.status = .stopAndCopy; $0.currentRound = round; $0.mode = parameters.mode.rawValue }
+        update { $0.switchoverReason = switchover; $0.status = .stopAndCopy; $0.currentRound = round; $0.mode = parameters.mode.rawValue }
         let pageCount = Int(machine.memory.size / UInt64(PageRun.pageSize))
         // Pre-copy ran: what it left dirty. Otherwise every page the guest ever wrote (holes are zero at
         // both ends), listed before the pause, since walking 1 GiB of extents took milliseconds of downtime:

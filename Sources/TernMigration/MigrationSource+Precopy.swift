@@ -8,6 +8,9 @@ extension MigrationSource {
     static let learningIntervalPages = 8192
     /// A round of fewer pages says little about what a page costs (its sync's round trip and fixed costs dominate).
     static let pagesToMeasureCost: UInt64 = 256
+    /// Nor does a round not much longer than a round trip: less the round trip it ends with, what is
+    /// left is mostly the round trip's jitter (on a WAN link), and a page would look nearly free.
+    static let roundTripsToMeasureCost = 3.0
 
     /// Where pre-copy's rounds ended: what is still to send, and whether post-copy takes over.
     struct PrecopyOutcome {
@@ -100,7 +103,7 @@ extension MigrationSource {
             let predictedMs = DowntimePrediction(
                 dirtyPages: dirty.count, wireBytesPerPage: bytesPerPage, throughputBytesPerSecond: throughput,
                 stateBytes: Self.stateBytesEstimate, roundTripMs: roundTripMs,
-                pageCostMs: round > 0 && roundPages >= Self.pagesToMeasureCost && !throttled
+                pageCostMs: round > 0 && roundPages >= Self.pagesToMeasureCost && !throttled && duration >= Self.roundTripsToMeasureCost * roundTripMs
                     ? max(duration - roundTripMs, 0) / Double(roundPages) : nil).milliseconds
             let record = MigrationReport.Round(
                 round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages),
@@ -149,10 +152,10 @@ extension MigrationSource {
 
     /// Pauses the VM, sends what is still dirty and the VM state, checks the
     /// digests (--verify) and hands over.
-    func stopAndCopy(session: Session, sender: PageStreams, rateLimit: RateLimiter, pending: PageSet?, round: Int,
+    func stopAndCopy(session: Session, sender: PageStreams, rateLimit: RateLimiter, pending: PageSet?, round: Int, switchover: String,
                      wasPaused: Bool, pausedHere: inout Bool, committed: inout Bool) throws {
         let stream = session.control, sameHost = session.sameHost
-        update { $0.status = .stopAndCopy; $0.currentRound = round }
+        update { $0.switchoverReason = switchover; $0.status = .stopAndCopy; $0.currentRound = round }
         let pausedMono = Clocks.monotonicNs(), pausedReal = Clocks.realtimeNs()
         if !wasPaused {
             try machine.pause()

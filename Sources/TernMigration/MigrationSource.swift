@@ -13,7 +13,8 @@ import TernWire
 /// over. Until the destination confirms it holds the complete VM, nothing
 /// is final: any failure resumes the VM here.
 public final class MigrationSource: @unchecked Sendable {
-    // @unchecked Sendable: `report`, `cancelReason` and `connection` are guarded by `lock`.
+    // @unchecked Sendable: `report`, `cancelReason`, `connection`, `extraConnections`, `committedFlag` and
+    // `postcopyContext` are guarded by `lock` (internal, for the extensions in MigrationSource+*.swift).
     public struct Parameters: Sendable {
         public var destination: Endpoint
         public var maxDowntimeMs: Double = 300
@@ -27,8 +28,8 @@ public final class MigrationSource: @unchecked Sendable {
         /// XBZRLE delta encoding of re-sent pages, with a cache of this many bytes (nil: off).
         public var xbzrleCacheBytes: UInt64?
         /// Send rarely-dirtied pages first and hot pages last (dynamic page transfer reordering, Svärd et
-        /// al.): the default, since a guest's hot set then crosses the wire fewer times (hot960: 1023.5 MB
-        /// instead of 1029-1036, docs/BENCHMARKS.md) for no cost in time on the other workloads.
+        /// al.): the default, since a guest's hot set then crosses the wire fewer times (hot960: 1015-1024 MB
+        /// against 1031 in address order; docs/BENCHMARKS.md, summary) at no cost in time elsewhere.
         public var order = PageOrder.dirtyFrequency
         /// With dirty-frequency ordering: the hottest pages wait for the stop-and-copy instead of going every
         /// round. nil: only without XBZRLE, where a re-sent hot page costs a whole page. With XBZRLE it costs a
@@ -71,7 +72,8 @@ public final class MigrationSource: @unchecked Sendable {
                                  maxDowntimeMs: parameters.maxDowntimeMs, bandwidthLimit: parameters.bandwidth)
         report.mode = parameters.mode.rawValue
         report.compression = CompressionChoice(xbzrle: parameters.xbzrleCacheBytes != nil, zstd: parameters.zstdLevel != nil).description
-        report.order = parameters.order.rawValue
+        // Post-copy alone runs no pre-copy round, so no order applies.
+        report.order = parameters.mode == .postcopy ? "none" : parameters.order.rawValue
         report.streams = parameters.streams
     }
 
@@ -192,14 +194,14 @@ public final class MigrationSource: @unchecked Sendable {
         var outcome = try precopyRounds(sender: sender, rateLimit: rateLimit, roundPlan: roundPlan,
                                           roundTripMs: session.roundTripMs, started: started)
         if parameters.mode == .postcopy { outcome.switchover = "post-copy: execution moves first" }
-        update { $0.switchoverReason = outcome.switchover }
+        // The reason is set with the status that the switch-over starts (a progress poll sees both or neither).
         if outcome.usePostcopy {
             try switchToPostcopy(stream: session.control, urgent: session.urgent, sender: sender, rateLimit: rateLimit, pending: outcome.pending,
-                                 round: outcome.round, token: session.token, wasPaused: wasPaused, pausedHere: &pausedHere,
+                                 round: outcome.round, switchover: outcome.switchover, token: session.token, wasPaused: wasPaused, pausedHere: &pausedHere,
                                  committed: &committed, sameHost: session.sameHost, started: started)
         } else {
             try stopAndCopy(session: session, sender: sender, rateLimit: rateLimit, pending: outcome.pending, round: outcome.round,
-                            wasPaused: wasPaused, pausedHere: &pausedHere, committed: &committed)
+                            switchover: outcome.switchover, wasPaused: wasPaused, pausedHere: &pausedHere, committed: &committed)
         }
     }
 

@@ -168,11 +168,4 @@ public struct DirtyFrequency: Sendable {
         let threshold = min(max(2, (syncs + 1) / 2), Self.holdBackCountCeiling)
         return coldestFirst(pages) { Int(counts[$0]) >= threshold && stillHot.contains($0) }
     }
-
-    /// Pages found dirty at least once.
-    public func hot(pageCount: Int) -> PageSet {
-        var set = PageSet(pageCount: pageCount)
-        for (page, count) in counts.enumerated() where count > 0 { set.insert(page) }
-        return set
-    }
 }

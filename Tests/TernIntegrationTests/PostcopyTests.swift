@@ -27,6 +27,8 @@ struct PostcopyTests {
     @Test func postcopySendsEachPageOnceAndTheGuestGoesOn() throws {
         let r = try migrateAndCheck(cmdline: "fill=64 dirty=32 progress=0", arguments: ["--mode", "postcopy"])
         let p = try #require(r.postcopy)
+        #expect(r.order == "none", "post-copy alone runs no pre-copy round to order")
+        #expect(r.switchoverReason == "post-copy: execution moves first")
         #expect(r.executionMovedAtMs != nil && r.memoryCompleteAtMs != nil)
         #expect(r.executionMovedAtMs! < r.memoryCompleteAtMs!)
         #expect(p.pagesPushed + p.pagesPulled == r.postcopyPagesSent, "every page arrived once, pushed or pulled")
