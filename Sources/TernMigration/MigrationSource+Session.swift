@@ -48,22 +48,9 @@ extension MigrationSource {
         // Extra page streams join with the token the destination handed out.
         var streamList = [stream]
         for index in 1..<max(parameters.streams, 1) {
-            let extra = try parameters.destination.connect()
-            lock.withLock { extraConnections.append(extra) }
-            setTimeouts(extra.rawValue, seconds: Self.replyTimeoutSeconds)
-            let extraStream = FDStream(fd: extra.rawValue)
-            try extraStream.writeFrame(.streamHello, payload: StreamHello(token: reply.token, index: UInt32(index)).encoded)
-            streamList.append(extraStream)
+            streamList.append(try join(index: UInt32(index), token: reply.token))
         }
-        var urgent: FDStream?
-        if parameters.mode != .precopy {
-            let connection = try parameters.destination.connect()
-            lock.withLock { extraConnections.append(connection) }
-            setTimeouts(connection.rawValue, seconds: Self.replyTimeoutSeconds)
-            let channel = FDStream(fd: connection.rawValue)
-            try channel.writeFrame(.streamHello, payload: StreamHello(token: reply.token, index: StreamHello.urgentIndex).encoded)
-            urgent = channel
-        }
+        let urgent = parameters.mode != .precopy ? try join(index: StreamHello.urgentIndex, token: reply.token) : nil
         // The hand-over costs about one and a half round trips beyond the data (end -> ready -> go -> resumed).
         let pingStart = ContinuousClock.now
         try stream.writeFrame(.ping, payload: [UInt8]())
@@ -72,5 +59,16 @@ extension MigrationSource {
         update { $0.setupMs = milliseconds(since: started); $0.status = .precopy; $0.roundTripMs = roundTripMs }
         return Session(control: stream, pageStreams: streamList, urgent: urgent, token: reply.token, sameHost: sameHost,
                        roundTripMs: roundTripMs)
+    }
+
+    /// One more connection to the destination, joined to this migration as stream `index`
+    /// (cut with the control connection on cancel or failure).
+    private func join(index: UInt32, token: UInt64) throws -> FDStream {
+        let connection = try parameters.destination.connect()
+        lock.withLock { extraConnections.append(connection) }
+        setTimeouts(connection.rawValue, seconds: Self.replyTimeoutSeconds)
+        let stream = FDStream(fd: connection.rawValue)
+        try stream.writeFrame(.streamHello, payload: StreamHello(token: token, index: index).encoded)
+        return stream
     }
 }
