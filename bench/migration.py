@@ -42,7 +42,8 @@ QEMU_SCRIPT = os.path.join(HERE, "qemu", "qemu_migrate.py")
 MARK_START = "<!-- migration-bench:start -->"
 MARK_END = "<!-- migration-bench:end -->"
 ARGS_MODE = ["precopy"]
-ARGS_VARIANTS = []  # "prealloc", "qemu-memfd": the run's setup, naming its section
+ARGS_VARIANTS = []  # "prealloc", "qemu-memfd", "warm-host", "tern-run": the run's setup, naming its section
+TERN_RUN_ARGS = [""]
 
 
 def section_name():
@@ -66,6 +67,8 @@ def section_title():
         title += ", QEMU's guest RAM in a memfd (as Tern's)"
     if "warm-host" in ARGS_VARIANTS:
         title += ", host memory warmed before each migration"
+    if "tern-run" in ARGS_VARIANTS:
+        title += ", tern run %s" % TERN_RUN_ARGS[0]
     return title
 STATUS_LEN = 0xA0
 
@@ -315,7 +318,8 @@ def run_tern(ctx, case, rep, order):
             dst = spawn("tern destination", [
                 tern, "run", "--incoming", "tcp:127.0.0.1:%d" % port, "--api-socket", dsock,
                 "--serial", "file:" + os.path.join(d, "dst-serial.log")]
-                + (["--memory", "%dM" % a.memory_mib, "--prealloc"] if a.prealloc else []), stderr=derr)
+                + (["--memory", "%dM" % a.memory_mib, "--prealloc"] if a.prealloc else [])
+                + shlex.split(a.tern_run_args), stderr=derr)
             state = wait_for_line(dst, derr, "waiting for an incoming migration", 60)
             if state == "ok":
                 break
@@ -332,7 +336,7 @@ def run_tern(ctx, case, rep, order):
         src = spawn("tern source", [
             tern, "run", "--kernel", ctx.guest, "--memory", "%dM" % a.memory_mib,
             "--cmdline", c["cmdline"], "--api-socket", ssock,
-            "--serial", "file:" + os.path.join(d, "src-serial.log")], stderr=serr)
+            "--serial", "file:" + os.path.join(d, "src-serial.log")] + shlex.split(a.tern_run_args), stderr=serr)
         t0 = time.monotonic()
         deadline = t0 + a.boot_timeout_s
         st = None
@@ -896,6 +900,8 @@ def parse_args():
                          "destinations find host-backed memory (docs/BENCHMARKS.md, \"First touch\")")
     ap.add_argument("--tern-args", default="", metavar="ARGS",
                     help="more options for tern migrate, e.g. '--streams 2' (quoted as one argument)")
+    ap.add_argument("--tern-run-args", default="", metavar="ARGS",
+                    help="more options for both tern run processes, e.g. '--thp off' (quoted as one argument)")
     ap.add_argument("--verify", action="store_true",
                     help="tern migrate --verify (digests both sides; adds to Tern's downtime)")
     ap.add_argument("--no-copy", action="store_true",
@@ -907,7 +913,8 @@ def parse_args():
     args = ap.parse_args()
     ARGS_MODE[0] = getattr(args, "mode", "precopy")
     ARGS_VARIANTS[:] = ((["prealloc"] if args.prealloc else []) + (["qemu-memfd"] if args.qemu_ram == "memfd" else [])
-                        + (["warm-host"] if args.warm_host_gib else []))
+                        + (["warm-host"] if args.warm_host_gib else []) + (["tern-run"] if args.tern_run_args else []))
+    TERN_RUN_ARGS[0] = args.tern_run_args
     args.case_list = [c.strip() for c in args.cases.split(",") if c.strip()]
     for c in args.case_list:
         if c not in CASES:

@@ -2,8 +2,9 @@ import CKVM
 import Glibc
 import TernKVM
 
-/// Guest RAM: one memfd, mapped once into the VMM and exposed to the guest
-/// as one or two KVM memory slots.
+/// Guest RAM: one memfd (or, with huge pages, a tmpfs file that behaves as
+/// one: `GuestMemoryBacking`), mapped once into the VMM and exposed to the
+/// guest as one or two KVM memory slots.
 ///
 /// The memfd (rather than anonymous memory) lets later work share the same
 /// pages with another process, snapshot them and register them with
@@ -48,7 +49,10 @@ public final class GuestMemory: @unchecked Sendable {
         }
     }
 
-    public init(size: UInt64) throws {
+    /// Whether the memory is backed by huge pages (`GuestMemoryBacking`); pages still move 4 KiB at a time.
+    public let usesHugePages: Bool
+
+    public init(size: UInt64, hugePages: HugePages = .off) throws {
         guard size >= Self.minimumSize, size <= Self.maximumSize, size % (1 << 20) == 0 else {
             throw Error.badSize(size)
         }
@@ -60,9 +64,8 @@ public final class GuestMemory: @unchecked Sendable {
         }
         self.regions = regions
 
-        let fd = ckvm_memfd_create("tern-guest-ram", CKVM_MFD_CLOEXEC)
-        guard fd >= 0 else { throw SystemError("memfd_create", errno: errno) }
-        file = FileDescriptor(adopting: fd)
+        (file, usesHugePages) = try GuestMemoryBacking.makeFile(size: size, hugePages: hugePages)
+        let fd = file.rawValue
         guard ftruncate(fd, off_t(size)) == 0 else { throw SystemError("ftruncate guest RAM to \(size) bytes", errno: errno) }
         mapping = try HostMapping(length: Int(size), fd: fd, flags: MAP_SHARED | MAP_NORESERVE)
     }

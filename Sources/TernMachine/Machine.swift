@@ -58,9 +58,10 @@ public final class Machine: @unchecked Sendable {
             }
             memory = preparedMemory
         } else {
-            memory = try GuestMemory(size: configuration.memorySize)
+            memory = try GuestMemory(size: configuration.memorySize, hugePages: configuration.hugePages)
             if configuration.preallocate { try memory.preallocate() }
         }
+        logger.debug("guest RAM: \(ByteSize(bytes: memory.size)) in \(memory.usesHugePages ? "transparent huge pages" : "4 KiB pages")")
         // Intel needs these three pages (for real-mode emulation) somewhere outside RAM.
         try vm.setTSSAddress(0xFFFB_D000)
         try memory.register(with: vm)
@@ -334,7 +335,7 @@ public final class Machine: @unchecked Sendable {
         lifecycle.lock()
         defer { lifecycle.unlock() }
         let uptime = startTime.map { ContinuousClock.now - $0 } ?? .zero
-        return MachineInfo(state: state, memoryBytes: memory.size, vcpus: runners.count,
+        return MachineInfo(state: state, memoryBytes: memory.size, memoryHugePages: memory.usesHugePages, vcpus: runners.count,
                            uptimeMs: UInt64(uptime.components.seconds * 1000 + uptime.components.attoseconds / 1_000_000_000_000_000),
                            kernel: configuration.kernelPath ?? "", cmdline: configuration.commandLine,
                            pid: getpid(), exit: exit)

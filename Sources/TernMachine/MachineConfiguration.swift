@@ -9,12 +9,16 @@ public struct MachineConfiguration: Sendable, Equatable {
     public var kvmPath: String
     /// Allocate and touch all guest RAM before the VM starts (`--prealloc`).
     public var preallocate: Bool
+    /// Whether guest RAM takes transparent huge pages (`--thp`).
+    public var hugePages: HugePages
 
     public static let maximumVcpus = 64
 
     public init(kernelPath: String?, commandLine: String = "", memorySize: UInt64, vcpuCount: Int = 1,
-                serial: SerialTarget = .stdout, kvmPath: String = "/dev/kvm", preallocate: Bool = false) {
+                serial: SerialTarget = .stdout, kvmPath: String = "/dev/kvm", preallocate: Bool = false,
+                hugePages: HugePages = .auto) {
         self.preallocate = preallocate
+        self.hugePages = hugePages
         self.kernelPath = kernelPath
         self.commandLine = commandLine
         self.memorySize = memorySize
@@ -33,6 +37,8 @@ public enum MachineState: String, Codable, Sendable {
 public struct MachineInfo: Codable, Equatable, Sendable {
     public var state: MachineState
     public var memoryBytes: UInt64
+    /// Whether guest RAM is backed by transparent huge pages (absent from older tern: false).
+    public var memoryHugePages: Bool?
     public var vcpus: Int
     public var uptimeMs: UInt64
     public var kernel: String

@@ -54,7 +54,7 @@ enum InfoTable {
     static func render(_ info: MachineInfo) -> String {
         var rows: [(String, String)] = [
             ("state", info.state.rawValue),
-            ("memory", ByteSize(bytes: info.memoryBytes).description),
+            ("memory", ByteSize(bytes: info.memoryBytes).description + (info.memoryHugePages == true ? " (huge pages)" : " (4 KiB pages)")),
             ("vcpus", "\(info.vcpus)"),
             ("uptime", String(format: "%.3f s", Double(info.uptimeMs) / 1000)),
             ("kernel", info.kernel),

@@ -41,6 +41,9 @@ struct Run: ParsableCommand {
     @Flag(help: "Allocate and touch all guest RAM up front (like QEMU's -mem-prealloc). With --incoming it needs --memory, and is done while waiting, so the migration writes into memory that is already there.")
     var prealloc = false
 
+    @Option(help: "Transparent huge pages for guest RAM: auto (where the kernel allows them), on, or off (4 KiB pages). A destination takes 4 KiB pages for a migration that may enter post-copy, whose missing pages must fault one by one.")
+    var thp: String = HugePages.auto.rawValue
+
     @Option(help: ArgumentHelp("KVM device node (for testing).", visibility: .hidden))
     var kvmDevice: String = "/dev/kvm"
 
@@ -48,6 +51,7 @@ struct Run: ParsableCommand {
     var logLevel: String = "info"
 
     func validate() throws {
+        guard HugePages(rawValue: thp) != nil else { throw ValidationError("--thp must be auto, on or off") }
         if let incoming {
             _ = try Endpoint(parsing: incoming)
             if prealloc && memory == nil {
@@ -83,13 +87,14 @@ struct Run: ParsableCommand {
                 } else if let restore {
                     let statistics: SnapshotStatistics
                     (machine, statistics) = try Machine.restoring(from: restore, expectedMemory: size, expectedVcpus: cpus,
-                                                                  serial: serialTarget, kvmPath: kvmDevice, preallocate: prealloc)
+                                                                  serial: serialTarget, kvmPath: kvmDevice, preallocate: prealloc,
+                                                                  hugePages: hugePages)
                     let megabytes = Double(statistics.fileBytes) / 1e6
                     logger.info("restored \(restore): \(String(format: "%.1f MB in %.3f s (%.0f MB/s)", megabytes, statistics.seconds, megabytes / max(statistics.seconds, 1e-9)))")
                 } else {
                     let configuration = MachineConfiguration(
                         kernelPath: kernel, commandLine: cmdline, memorySize: size ?? 512 << 20, vcpuCount: cpus ?? 1,
-                        serial: serialTarget, kvmPath: kvmDevice, preallocate: prealloc)
+                        serial: serialTarget, kvmPath: kvmDevice, preallocate: prealloc, hugePages: hugePages)
                     machine = try Machine(configuration: configuration, logger: logger)
                 }
             } catch {
@@ -121,6 +126,10 @@ struct Run: ParsableCommand {
     }
 }
 
+extension Run {
+    var hugePages: HugePages { HugePages(rawValue: thp) ?? .auto }
+}
+
 /// A descriptor number shared with a signal handler.
 final class DescriptorBox: Sendable {
     private let stored = Mutex<Int32?>(nil)
@@ -143,7 +152,9 @@ extension Run {
         var preparedMemory: GuestMemory?
         if prealloc, let memory {
             let started = ContinuousClock.now
-            let prepared = try GuestMemory(size: memory)
+            // Memory prepared before the hello must serve any mode: huge pages only if asked for (`--thp on`),
+            // and a migration that may enter post-copy then takes fresh 4 KiB memory instead.
+            let prepared = try GuestMemory(size: memory, hugePages: hugePages == .on ? .on : .off)
             try prepared.preallocate()
             let elapsed = ContinuousClock.now - started
             let milliseconds = Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15
@@ -170,7 +181,8 @@ extension Run {
         }
         connectionFD.value = connection.rawValue
         let destination = MigrationDestination(
-            expectations: .init(memorySize: memory, vcpuCount: cpus, serial: serial, kvmPath: kvmDevice, recoveryEndpoint: endpoint),
+            expectations: .init(memorySize: memory, vcpuCount: cpus, serial: serial, kvmPath: kvmDevice, recoveryEndpoint: endpoint,
+                                hugePages: hugePages),
             preparedMemory: preparedMemory, logger: logger)
         // The listener stays open for the source's extra page streams (`--streams`), then closes.
         let streamListener = StreamListener(

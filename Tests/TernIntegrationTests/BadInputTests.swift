@@ -58,6 +58,12 @@ struct BadInputTests {
         #expect(migrate.stderr.contains("need --order dirty-frequency"), "stderr: \(migrate.stderr)")
     }
 
+    @Test func malformedHugePagesChoice() throws {
+        let run = try TernProcess(["run", "--kernel", TernProcess.guest, "--thp", "always"])
+        #expect(run.waitForExit() != 0)
+        #expect(run.stderr.contains("--thp must be auto, on or off"), "stderr: \(run.stderr)")
+    }
+
     @Test func noKVMDevice() throws {
         try expectFailure(["--kernel", TernProcess.guest, "--kvm-device", "/nonexistent/kvm"], mentioning: "cannot use KVM")
     }

@@ -55,6 +55,7 @@ struct MigrationTests {
     func guestKeepsRunningOnTheDestination(cmdline: String) throws {
         let pair = try MigrationPair(cmdline: cmdline)
         let before = try pair.source.waitForStatus { $0.phase == .dirty || $0.phase == .idle }
+        let sourceInfo = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
         let (report, cli) = try pair.migrate(["--verify", "--max-downtime", "300"])
         let r = try #require(report, "no report: \(cli.stderr)")
         #expect(r.status == .completed, "\(r.reason ?? "")")
@@ -67,6 +68,8 @@ struct MigrationTests {
         // The source hands over and exits; the guest continues on the destination.
         #expect(pair.source.waitForExit(timeout: 10) == 0)
         try pair.destination.waitForAPI()
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.destination.client.request(.GET, "/v1/vm").body)
+        #expect(info.memoryHugePages == sourceInfo.memoryHugePages, "a pre-copy destination takes huge pages where the source could")
         let moved = try #require(try pair.destination.status())
         #expect(moved.iterations >= before.iterations, "the iteration count continues, it does not restart")
         let later = try pair.destination.waitForStatus { $0.iterations > moved.iterations }

@@ -18,6 +18,8 @@ struct PostcopyTests {
         #expect(r.verification?.match == true, "the destination's memory once complete equals the source's at the switch")
         #expect(pair.source.waitForExit(timeout: 10) == 0)
         try pair.destination.waitForAPI()
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.destination.client.request(.GET, "/v1/vm").body)
+        #expect(info.memoryHugePages == false, "a migration that may enter post-copy is received into 4 KiB pages")
         let moved = try pair.destination.waitForStatus { $0.iterations > before.iterations }
         let later = try pair.destination.waitForStatus { $0.verified > moved.verified }
         #expect(later.errors == 0, "the guest's checksum of its working set holds after post-copy")

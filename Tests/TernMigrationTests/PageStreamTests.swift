@@ -149,6 +149,33 @@ struct PageStreamTests {
         #expect(try copy.read(page, count: 4096) == contents)
     }
 
+    /// Into huge-page memory, pages are read in place (the memory is populated a run at a time),
+    /// and a page sent again as zero is zeroed where it is: the copy ends identical.
+    @Test(.enabled(if: (try? GuestMemory(size: 16 << 20, hugePages: .on)) != nil, "mounting a private tmpfs needs CAP_SYS_ADMIN"))
+    func pagesLandInHugePageMemoryIdentical() throws {
+        let memory = try sourceMemory()
+        let (files, _) = try send(memory, streams: 1, zstd: false)
+        defer { files.forEach { close($0.fd) } }
+        let copy = try GuestMemory(size: Self.size, hugePages: .on)
+        let applier = PageRunApplier(memory: copy, delivery: .repeated)
+        try applyAll(files[0], to: applier)
+        #expect(applier.isComplete)
+        #expect(try contents(copy) == contents(memory))
+
+        // Page 0 (random data) becomes zero at the source and is sent again.
+        let file = temporaryFile()
+        defer { close(file.fd) }
+        try memory.write([UInt8](repeating: 0, count: 4096), at: GuestAddress(0))
+        let sender = PageSender(memory: memory, stream: file, rateLimit: RateLimiter(bytesPerSecond: nil), shouldStop: { false })
+        var first = PageSet(pageCount: Int(Self.size / 4096))
+        first.insert(0)
+        try sender.send(first)
+        lseek(file.fd, 0, SEEK_SET)
+        try applyAll(file, to: applier)
+        #expect(try copy.read(GuestAddress(0), count: 4096) == [UInt8](repeating: 0, count: 4096))
+        #expect(try contents(copy) == contents(memory))
+    }
+
     /// --verify's digest kept page by page as frames land (data, zero and delta
     /// runs, two streams) equals one read from memory afterwards, at both ends.
     @Test func digestsKeptAsPagesLandMatchADigestReadFromMemory() throws {

@@ -93,6 +93,24 @@ static inline int ckvm_memfd_create(const char *name, unsigned int flags) {
     return (int)syscall(SYS_memfd_create, name, flags);
 }
 
+/// The new mount API (Linux 5.2) has no libc wrappers in glibc 2.36: fsopen,
+/// fsconfig (string values and the create command only) and fsmount.
+static inline int ckvm_fsopen(const char *filesystem, unsigned int flags) {
+    return (int)syscall(SYS_fsopen, filesystem, flags);
+}
+
+static inline int ckvm_fsconfig_string(int fd, const char *key, const char *value) {
+    return (int)syscall(SYS_fsconfig, fd, 1 /* FSCONFIG_SET_STRING */, key, value, 0);
+}
+
+static inline int ckvm_fsconfig_create(int fd) {
+    return (int)syscall(SYS_fsconfig, fd, 6 /* FSCONFIG_CMD_CREATE */, (void *)0, (void *)0, 0);
+}
+
+static inline int ckvm_fsmount(int fd, unsigned int flags, unsigned int attributes) {
+    return (int)syscall(SYS_fsmount, fd, flags, attributes);
+}
+
 /// userfaultfd(2) has no libc wrapper in older glibc.
 static inline int ckvm_userfaultfd(int flags) {
     return (int)syscall(SYS_userfaultfd, flags);

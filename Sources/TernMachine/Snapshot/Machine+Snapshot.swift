@@ -24,7 +24,8 @@ extension Machine {
     /// yet started. `expectedMemory`/`expectedVcpus` are what the user asked
     /// for on the command line, if anything; a disagreement is an error.
     public static func restoring(from path: String, expectedMemory: UInt64?, expectedVcpus: Int?,
-                                 serial: SerialTarget, kvmPath: String = "/dev/kvm", preallocate: Bool = false) throws -> (Machine, SnapshotStatistics) {
+                                 serial: SerialTarget, kvmPath: String = "/dev/kvm", preallocate: Bool = false,
+                                 hugePages: HugePages = .auto) throws -> (Machine, SnapshotStatistics) {
         let reader = try SnapshotReader(path: path)
         let description = reader.state.description
         if let expectedMemory, expectedMemory != description.memorySize {
@@ -35,7 +36,7 @@ extension Machine {
         }
         let configuration = MachineConfiguration(kernelPath: nil, commandLine: description.commandLine,
                                                  memorySize: description.memorySize, vcpuCount: Int(description.vcpuCount),
-                                                 serial: serial, kvmPath: kvmPath, preallocate: preallocate)
+                                                 serial: serial, kvmPath: kvmPath, preallocate: preallocate, hugePages: hugePages)
         let machine = try Machine(configuration: configuration)
         let statistics = try reader.loadMemory(into: machine.memory)
         try machine.restoreState(reader.state)
