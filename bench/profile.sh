@@ -11,9 +11,9 @@
 # $PROFILE_OUT (default /tmp/tern-profile.data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CMDLINE=${1:-"fill=960 dirty=16 pattern=hotspot progress=0"}
-shift $(( $# >= 1 ? 1 : 0 ))
-[[ ${1:-} == "--" ]] && shift
+CMDLINE="fill=960 dirty=16 pattern=hotspot progress=0"
+if [[ $# -gt 0 && $1 != "--" ]]; then CMDLINE=$1; shift; fi
+if [[ ${1:-} == "--" ]]; then shift; fi
 OUT=${PROFILE_OUT:-/tmp/tern-profile.data}
 TERN=.build/release/tern
 GUEST=guest/build/tern-guest.elf
