@@ -76,11 +76,22 @@ public final class GuestMemory: @unchecked Sendable {
     /// destinations"), which would otherwise be paid while pages stream in.
     /// The pages are mapped here too, so incoming pages land in place.
     public func preallocate() throws {
-        guard madvise(mapping.base, mapping.length, 23 /* MADV_POPULATE_WRITE */) == 0 else {
-            throw SystemError("preallocating \(ByteSize(bytes: size)) of guest RAM", errno: errno)
-        }
+        try populate(fileOffset: 0, count: mapping.length, purpose: "preallocating \(ByteSize(bytes: size)) of guest RAM")
         isPreallocated = true
     }
+
+    /// Allocates and maps a range of the memfd now, in one call (MADV_POPULATE_WRITE).
+    public func populate(fileOffset: Int, count: Int, purpose: @autoclosure () -> String = "allocating guest RAM") throws {
+        guard madvise(mapping.base + fileOffset, count, 23 /* MADV_POPULATE_WRITE */) == 0 else {
+            throw SystemError(purpose(), errno: errno)
+        }
+    }
+
+    /// Whether incoming pages are written through the mapping (and zero pages zeroed there)
+    /// rather than pwritten into the file (and punched out): preallocated memory is mapped
+    /// already, and huge pages are populated 2 MiB at a time, for about what a pwrite costs,
+    /// where punching 4 KiB out of one would split it.
+    public var takesPagesInPlace: Bool { isPreallocated || usesHugePages }
 
     /// Every page is allocated (`preallocate`) and stays so (zeroed pages are
     /// written, not punched out): writing through the mapping costs a copy

@@ -18,8 +18,8 @@ public enum HugePages: String, Sendable, CaseIterable {
 /// 4 KiB pages: a memfd. This kernel gives memfds no huge pages
 /// (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` is `never`), and
 /// every 4 KiB page a migration writes costs an allocation, a memory-cgroup
-/// charge and a page-cache insertion: on a destination that was most of the
-/// CPU a 1 GiB pre-copy took (docs/MIGRATION.md, "Huge pages").
+/// charge and a page-cache insertion, among a migration destination's largest
+/// costs (docs/MIGRATION.md, "Huge pages").
 ///
 /// Huge pages: an unlinked file in a tmpfs of its own, mounted with
 /// `huge=within_size` through the mount API without being attached anywhere

@@ -131,9 +131,8 @@ public final class PageRunApplier {
                 zeroPages += UInt64(run.pageCount)
                 digests?.recordZero(first: Int(fileOffset) / PageRun.pageSize, count: Int(run.pageCount))
                 if !wasCovered { continue }
-                if memory.isPreallocated || memory.usesHugePages {
-                    // Keep preallocated pages allocated, and huge pages whole (punching 4 KiB out of
-                    // one splits it): zero them in place.
+                if memory.takesPagesInPlace {
+                    // Keep preallocated pages allocated, and huge pages whole: zero them in place.
                     UnsafeMutableRawBufferPointer(start: memory.mapping.base + Int(fileOffset), count: run.byteCount)
                         .initializeMemory(as: UInt8.self, repeating: 0)
                     continue
@@ -167,14 +166,10 @@ public final class PageRunApplier {
     }
 
     private func copy(_ count: Int, from source: some ByteSource, toFileOffset start: UInt64, crc: UInt32?) throws -> UInt32? {
-        if memory.isPreallocated || memory.usesHugePages {
+        if memory.takesPagesInPlace {
             // Straight into guest RAM, one copy fewer; checked where it landed (a bad frame fails the whole transfer).
-            // Huge pages are allocated and mapped first, in one call: 2 MiB at a time that costs
-            // about what a pwrite does, where mapping 4 KiB pages one by one costs more than the copy.
+            if !memory.isPreallocated { try memory.populate(fileOffset: Int(start), count: count) }
             let target = UnsafeMutableRawBufferPointer(start: memory.mapping.base + Int(start), count: count)
-            if !memory.isPreallocated, madvise(target.baseAddress!, count, 23 /* MADV_POPULATE_WRITE */) != 0 {
-                throw FDStream.IOError(operation: "allocating guest memory", errno: errno)
-            }
             try source.readExactly(into: target, what: "page data")
             digests?.record(first: Int(start) / PageRun.pageSize, pages: UnsafeRawBufferPointer(target))
             return crc.map { Checksum.crc32c(UnsafeRawBufferPointer(target), seed: $0) }
