@@ -30,32 +30,39 @@ public final class Userfaultfd: @unchecked Sendable {
         _ = try check("UFFDIO_API") { ckvm_ioctl_ptr(raw, CKVM_UFFDIO_API, &api) }
     }
 
-    /// Registers [start, start + length) for missing-page faults.
-    public func registerMissing(_ start: UnsafeMutableRawPointer, length: Int) throws(SystemError) {
-        try register(start, length: length, mode: UInt64(UFFDIO_REGISTER_MODE_MISSING))
+    /// Which faults a registered range reports.
+    public struct Modes: OptionSet, Sendable {
+        public let rawValue: UInt64
+        public init(rawValue: UInt64) { self.rawValue = rawValue }
+        /// An access to a page the file does not hold (a hole) waits until a page is placed there.
+        public static let missing = Modes(rawValue: UInt64(UFFDIO_REGISTER_MODE_MISSING))
+        /// An access to a page the file holds but the mapping does not map waits until `continueMapping` maps it.
+        public static let minor = Modes(rawValue: UInt64(UFFDIO_REGISTER_MODE_MINOR))
     }
 
-    private func register(_ start: UnsafeMutableRawPointer, length: Int, mode: UInt64) throws(SystemError) {
+    /// Registers [start, start + length) for missing-page faults.
+    public func registerMissing(_ start: UnsafeMutableRawPointer, length: Int) throws(SystemError) {
+        try register(start, length: length, modes: .missing)
+    }
+
+    /// Registers [start, start + length) for the faults `modes` names (both at once: a range
+    /// with holes whose pages are written into the file before they are mapped).
+    public func register(_ start: UnsafeMutableRawPointer, length: Int, modes: Modes) throws(SystemError) {
         var register = uffdio_register()
         register.range.start = UInt64(UInt(bitPattern: start))
         register.range.len = UInt64(length)
-        register.mode = mode
+        register.mode = modes.rawValue
         _ = try check("UFFDIO_REGISTER") { ckvm_ioctl_ptr(fd.rawValue, CKVM_UFFDIO_REGISTER, &register) }
     }
 
-    /// Registers [start, start + length) for minor faults: an access to a page the
-    /// file holds but the mapping does not map waits until `continueMapping` maps it.
-    public func registerMinor(_ start: UnsafeMutableRawPointer, length: Int) throws(SystemError) {
-        try register(start, length: length, mode: UInt64(UFFDIO_REGISTER_MODE_MINOR))
-    }
-
-    /// UFFDIO_CONTINUE: maps the file's pages (already written) and wakes the faulting threads.
+    /// UFFDIO_CONTINUE: maps the file's pages (already written) and wakes the faulting threads,
+    /// whichever kind of fault they wait in. `.notInFile` if the file has a hole there.
     public func continueMapping(_ start: UnsafeMutableRawPointer, length: Int) throws(SystemError) -> Placement {
         var request = uffdio_continue()
         request.range.start = UInt64(UInt(bitPattern: start))
         request.range.len = UInt64(length)
         request.mode = 0
-        return try place("UFFDIO_CONTINUE") { ckvm_ioctl_ptr(fd.rawValue, CKVM_UFFDIO_CONTINUE, &request) }
+        return try place("UFFDIO_CONTINUE", holeIsResult: true) { ckvm_ioctl_ptr(fd.rawValue, CKVM_UFFDIO_CONTINUE, &request) }
     }
 
     public func unregister(_ start: UnsafeMutableRawPointer, length: Int) throws(SystemError) {
@@ -64,8 +71,9 @@ public final class Userfaultfd: @unchecked Sendable {
     }
 
     /// Result of placing a page: placed now, or it was already there (another
-    /// fault or copy won the race; not an error for the caller to retry).
-    public enum Placement: Equatable, Sendable { case placed, alreadyPresent }
+    /// fault or copy won the race; not an error for the caller to retry), or
+    /// (UFFDIO_CONTINUE only) there is nothing in the file to map.
+    public enum Placement: Equatable, Sendable { case placed, alreadyPresent, notInFile }
 
     /// UFFDIO_COPY: atomically fills `length` bytes at `destination` from `source` and wakes the faulting threads.
     public func copy(to destination: UnsafeMutableRawPointer, from source: UnsafeRawPointer, length: Int) throws(SystemError) -> Placement {
@@ -86,12 +94,13 @@ public final class Userfaultfd: @unchecked Sendable {
         return try place("UFFDIO_ZEROPAGE") { ckvm_ioctl_ptr(fd.rawValue, CKVM_UFFDIO_ZEROPAGE, &request) }
     }
 
-    private func place(_ name: String, _ call: () -> Int32) throws(SystemError) -> Placement {
+    private func place(_ name: String, holeIsResult: Bool = false, _ call: () -> Int32) throws(SystemError) -> Placement {
         while true {
             if call() == 0 { return .placed }
             switch errno {
             case EINTR, EAGAIN: continue
             case EEXIST: return .alreadyPresent
+            case EFAULT where holeIsResult: return .notInFile
             default: throw SystemError(name, errno: errno)
             }
         }

@@ -18,7 +18,7 @@ public final class MigrationDestination {
         public var kvmPath: String
         /// Where to wait for the source if post-copy's connection drops (`tern migrate --resume`); nil: a drop fails the migration.
         public var recoveryEndpoint: Endpoint?
-        /// Huge pages for the guest RAM of a migration that stays pre-copy (`--thp`).
+        /// Huge pages for the guest RAM (`--thp`); `auto` means 4 KiB pages for a migration that may enter post-copy.
         public var hugePages: HugePages
 
         public init(memorySize: UInt64? = nil, vcpuCount: Int? = nil, serial: SerialTarget = .stdout, kvmPath: String = "/dev/kvm",
@@ -112,23 +112,15 @@ public final class MigrationDestination {
             if (streams > 1 || hello.features & Hello.postcopyUrgentFeature != 0) && listener == nil {
                 throw Refusal("parallel page streams need a listening socket")
             }
-            // Post-copy needs 4 KiB pages: a page not yet received must stay a hole that faults, and
-            // with huge pages the kernel may fill holes (khugepaged collapsing a range) or keep a page
-            // it was asked to punch out (zeroing it inside a huge page it could not split).
+            // A migration that may enter post-copy takes 4 KiB pages unless told otherwise (`--thp on`): on
+            // memory the host has not backed yet, post-copy into huge pages measured twice as slow, as each
+            // 2 MiB page waits for the host to back all of it (docs/MIGRATION.md, "Huge pages").
             let mayEnterPostcopy = hello.features & Hello.postcopyUrgentFeature != 0
             let configuration = MachineConfiguration(
                 kernelPath: nil, commandLine: hello.machine.commandLine, memorySize: hello.machine.memorySize,
                 vcpuCount: Int(hello.machine.vcpuCount), serial: expectations.serial, kvmPath: expectations.kvmPath,
-                hugePages: mayEnterPostcopy ? .off : expectations.hugePages)
-            if mayEnterPostcopy && expectations.hugePages == .on {
-                logger.notice("--thp on: this migration may enter post-copy, which needs 4 KiB pages; the guest RAM takes them")
-            }
-            var prepared = preparedMemory
-            if mayEnterPostcopy, prepared?.usesHugePages == true {
-                logger.notice("the prepared guest RAM has huge pages, which post-copy cannot use: receiving into new 4 KiB memory")
-                prepared = nil
-            }
-            machine = try Machine(configuration: configuration, memory: prepared, logger: logger)
+                hugePages: mayEnterPostcopy && expectations.hugePages == .auto ? .off : expectations.hugePages)
+            machine = try Machine(configuration: configuration, memory: preparedMemory, logger: logger)
             // Post-copy from the start into preallocated memory: unmap it now, before the source
             // pauses, so that the switch need not (its pages then wait for their contents by minor faults).
             if hello.features & Hello.postcopyFirstFeature != 0 && machine.memory.isPreallocated { try machine.memory.unmapAll() }

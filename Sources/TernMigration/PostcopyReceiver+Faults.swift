@@ -44,10 +44,15 @@ extension PostcopyReceiver {
             }
             for page in toZero {
                 do {
-                    // Minor faults: a page not needed is right in the file already (zero or sent before); it only needs mapping.
+                    // Minor faults: a page not needed is right in the file already (zero or sent before); it only needs
+                    // mapping, unless it is a hole, which is allocated (zero, and never written by anyone) first.
                     let target = memory.mapping.base + page * PageRun.pageSize
-                    let placement = minorFaults ? try uffd.continueMapping(target, length: PageRun.pageSize)
+                    var placement = minorFaults ? try uffd.continueMapping(target, length: PageRun.pageSize)
                                                 : try uffd.zero(target, length: PageRun.pageSize)
+                    if placement == .notInFile {
+                        try allocate(page: page)
+                        placement = try uffd.continueMapping(target, length: PageRun.pageSize)
+                    }
                     if placement == .placed {
                         lock.withLock { statistics.pagesZeroFilledLocally += 1 }
                     }
@@ -68,6 +73,13 @@ extension PostcopyReceiver {
                     }
                 }
             }
+        }
+    }
+
+    /// Allocates a hole in the file (a zero page, within a huge page where the kernel can), so that it can be mapped.
+    func allocate(page: Int) throws(SystemError) {
+        while ckvm_allocate_range(memory.file.rawValue, Int64(page * PageRun.pageSize), Int64(PageRun.pageSize)) != 0 {
+            guard errno == EINTR else { throw SystemError("allocating a zero page of guest RAM", errno: errno) }
         }
     }
 

@@ -41,9 +41,12 @@ final class PostcopyReceiver: @unchecked Sendable {
     let token: UInt64
     var connected = true
     let uffd: Userfaultfd
-    /// Preallocated memory (`--prealloc`): pages stay in the memfd and are only
-    /// unmapped; an arriving page is written into the file (no allocation, the
-    /// costly part on fresh memory) and mapped with UFFDIO_CONTINUE.
+    /// Pages are written into the file, where no vCPU sees them, and then mapped with
+    /// UFFDIO_CONTINUE (rather than placed by UFFDIO_COPY, which allocates a 4 KiB page
+    /// each). Preallocated memory (`--prealloc`): its pages stay in the file and are only
+    /// unmapped, so nothing is allocated during post-copy. Huge-page memory: the write
+    /// allocates 2 MiB at a time; a hole faults as missing, and a page of a huge page
+    /// already there but not yet mapped faults as minor, so both kinds are registered.
     let minorFaults: Bool
     /// The source of zero runs written into the file (minor-fault mode). Small: it is made
     /// during the downtime, where each of its pages costs a page fault to zero (with 4 MiB,
@@ -111,7 +114,7 @@ final class PostcopyReceiver: @unchecked Sendable {
         digest = digestOfPresentPages
         verifying = digestOfPresentPages != nil
         self.logger = logger
-        let minorUffd = memory.isPreallocated ? try? Userfaultfd(minorFaults: true) : nil
+        let minorUffd = memory.isPreallocated || memory.usesHugePages ? try? Userfaultfd(minorFaults: true) : nil
         minorFaults = minorUffd != nil
         zeros = .allocate(byteCount: minorFaults ? Self.zeroBufferBytes : 0, alignment: 4096)
         zeros.initializeMemory(as: UInt8.self, repeating: 0)
@@ -126,7 +129,14 @@ final class PostcopyReceiver: @unchecked Sendable {
                     throw SystemError("unmapping pages still to come", errno: errno)
                 }
             }
-            try uffd.registerMinor(memory.mapping.base, length: memory.mapping.length)
+            if memory.usesHugePages {
+                // Keeps khugepaged out while pages are missing: it could map a whole huge page,
+                // pages never received included, into the guest's mapping without a fault.
+                try memory.mapping.advise(MADV_NOHUGEPAGE)
+            }
+            // Preallocated memory has no holes; huge-page memory has, until a write allocates around them.
+            try uffd.register(memory.mapping.base, length: memory.mapping.length,
+                              modes: memory.isPreallocated ? .minor : [.missing, .minor])
         } else {
             // Pages still expected may hold stale pre-copy contents: drop them so that touching them faults.
             try expected.forEachRange { first, count in
@@ -156,7 +166,7 @@ final class PostcopyReceiver: @unchecked Sendable {
         machine.memoryIncomplete = true
         // When the VM ends, vCPUs still waiting for pages are let go, or their threads could never end.
         machine.onExit { [weak self] in self?.releaseFaults() }
-        logger.info("post-copy: \(needed.count) pages to come, placed by \(minorFaults ? "minor faults (UFFDIO_CONTINUE) on preallocated memory" : "missing faults (UFFDIO_COPY)")")
+        logger.info("post-copy: \(needed.count) pages to come, placed by \(minorFaults ? "writes into the file and UFFDIO_CONTINUE (\(memory.isPreallocated ? "preallocated" : "huge-page") memory)" : "UFFDIO_COPY into 4 KiB pages")")
         spawnThread(named: "postcopy-faults") { [self] in
             makeCurrentThreadLatencyCritical()
             serveFaults()
@@ -195,5 +205,7 @@ final class PostcopyReceiver: @unchecked Sendable {
     func releaseFaults() {
         guard !faultsReleased.exchange(true, ordering: .relaxed) else { return }
         try? uffd.unregister(memory.mapping.base, length: memory.mapping.length)
+        // Huge pages for the guest's mapping again (khugepaged maps them whole in time).
+        if minorFaults && memory.usesHugePages { try? memory.mapping.advise(MADV_HUGEPAGE) }
     }
 }

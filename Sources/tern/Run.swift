@@ -41,7 +41,7 @@ struct Run: ParsableCommand {
     @Flag(help: "Allocate and touch all guest RAM up front (like QEMU's -mem-prealloc). With --incoming it needs --memory, and is done while waiting, so the migration writes into memory that is already there.")
     var prealloc = false
 
-    @Option(help: "Transparent huge pages for guest RAM: auto (where the kernel allows them), on, or off (4 KiB pages). A destination takes 4 KiB pages for a migration that may enter post-copy, whose missing pages must fault one by one.")
+    @Option(help: "Transparent huge pages for guest RAM: auto (where the kernel allows them), on, or off (4 KiB pages). With auto, a destination takes 4 KiB pages for a migration that may enter post-copy, measured faster on memory the host has not backed yet.")
     var thp: String = HugePages.auto.rawValue
 
     @Option(help: ArgumentHelp("KVM device node (for testing).", visibility: .hidden))
@@ -152,9 +152,7 @@ extension Run {
         var preparedMemory: GuestMemory?
         if prealloc, let memory {
             let started = ContinuousClock.now
-            // Memory prepared before the hello must serve any mode: huge pages only if asked for (`--thp on`),
-            // and a migration that may enter post-copy then takes fresh 4 KiB memory instead.
-            let prepared = try GuestMemory(size: memory, hugePages: hugePages == .on ? .on : .off)
+            let prepared = try GuestMemory(size: memory, hugePages: hugePages)
             try prepared.preallocate()
             let elapsed = ContinuousClock.now - started
             let milliseconds = Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15

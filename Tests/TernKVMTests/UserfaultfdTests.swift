@@ -56,6 +56,37 @@ struct UserfaultfdTests {
         #expect(try source.withUnsafeMutableBytes { try uffd.copy(to: mapping.base + 4096, from: $0.baseAddress!, length: 4096) } == .alreadyPresent)
     }
 
+    /// Both kinds registered (post-copy into huge-page memory): a thread waiting on a hole is
+    /// woken by writing the page into the file and mapping it, and mapping a hole is reported.
+    @Test func resolvesAMissingFaultByWritingIntoTheFileAndContinuing() throws {
+        let (fd, mapping) = try memfd(4 * 4096)
+        defer { close(fd) }
+        let uffd = try Userfaultfd(minorFaults: true)
+        try uffd.register(mapping.base, length: mapping.length, modes: [.missing, .minor])
+        #expect(try uffd.continueMapping(mapping.base + 3 * 4096, length: 4096) == .notInFile)
+        let base = UInt(bitPattern: mapping.base)
+        let result = ResultBox()
+        let reader = Thread {
+            let value = UnsafeMutableRawPointer(bitPattern: base)!.load(fromByteOffset: 2 * 4096, as: UInt64.self)
+            result.set(value, 0)
+        }
+        reader.start()
+        var faults: [Userfaultfd.Fault] = []
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while faults.isEmpty && Date() < deadline { faults = try uffd.waitForFaults(timeoutMs: 100) }
+        #expect(faults.map(\.address) == [UInt64(base) + 2 * 4096], "the reader waits on the hole at page 2")
+        // Written where the reader cannot see it yet; it still waits until the page is mapped.
+        let page = [UInt64](repeating: 0xA5A5_0000_1234_5678, count: 512)
+        #expect(page.withUnsafeBytes { pwrite(fd, $0.baseAddress, 4096, 2 * 4096) } == 4096)
+        usleep(20_000)
+        #expect(result.get() == nil, "a page written into the file is not seen before it is mapped")
+        #expect(try uffd.continueMapping(mapping.base + 2 * 4096, length: 4096) == .placed)
+        while result.get() == nil && Date() < deadline { usleep(1000) }
+        if result.get() == nil { _ = Unmanaged.passRetained(mapping) }
+        #expect(result.get()?.0 == 0xA5A5_0000_1234_5678)
+        #expect(try uffd.continueMapping(mapping.base + 2 * 4096, length: 4096) == .alreadyPresent)
+    }
+
     @Test(.enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
     func resolvesAGuestsFault() throws {
         let size = 0x10000

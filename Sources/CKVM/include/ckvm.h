@@ -128,6 +128,11 @@ static inline int ckvm_punch_hole(int fd, int64_t offset, int64_t length) {
     return (int)syscall(SYS_fallocate, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
 }
 
+/// Allocates a range of a file where it has holes (zero pages); what it holds already stays.
+static inline int ckvm_allocate_range(int fd, int64_t offset, int64_t length) {
+    return (int)syscall(SYS_fallocate, fd, FALLOC_FL_KEEP_SIZE, offset, length);
+}
+
 static inline int ckvm_gettid(void) {
     return (int)syscall(SYS_gettid);
 }
