@@ -17,8 +17,12 @@ struct PostcopyReceiverTests {
         signal(SIGPIPE, SIG_IGN)
     }
 
+    /// Both ways of placing pages: UFFDIO_COPY into 4 KiB pages, and (where a private tmpfs can be
+    /// mounted) writes into the file mapped by UFFDIO_CONTINUE, with missing and minor faults.
+    static let pageKinds: [HugePages] = [.off, .on].filter { (try? GuestMemory(size: 16 << 20, hugePages: $0)) != nil }
+
     /// Runs a destination on one end of a socket pair; returns the other end, already past `resumed`.
-    func handOver(needed extraPages: Int...) throws -> (FDStream, FileDescriptor, ResultHolder) {
+    func handOver(needed extraPages: Int..., hugePages: HugePages = .off) throws -> (FDStream, FileDescriptor, ResultHolder) {
         var fds: [Int32] = [0, 0]
         #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
         let ours = FileDescriptor(adopting: fds[0])
@@ -27,7 +31,7 @@ struct PostcopyReceiverTests {
         let holder = ResultHolder()
         spawnThread(named: "destination") {
             do {
-                let (machine, _) = try MigrationDestination(expectations: .init(serial: .off)).receive(on: theirs)
+                let (machine, _) = try MigrationDestination(expectations: .init(serial: .off, hugePages: hugePages)).receive(on: theirs)
                 holder.set(machine)
             } catch {
                 holder.fail("\(error)")
@@ -90,9 +94,10 @@ struct PostcopyReceiverTests {
         return user + system
     }
 
-    @Test func aPageSentTwiceStopsTheVM() throws {
+    @Test(arguments: pageKinds)
+    func aPageSentTwiceStopsTheVM(hugePages: HugePages) throws {
         let target = 0x800
-        let (stream, socket, holder) = try handOver(needed: target)
+        let (stream, socket, holder) = try handOver(needed: target, hugePages: hugePages)
         try stream.writeAll(page(target))
         try stream.writeAll(page(target))
         #expect(try abortReason(stream).contains("sent twice"))
@@ -110,9 +115,10 @@ struct PostcopyReceiverTests {
 
     /// The source sends a requested page again on the demand channel when its pushed copy
     /// may still be on the way: the first copy is placed, the second dropped, and the VM runs on.
-    @Test func aRequestedPageMayArriveTwice() throws {
+    @Test(arguments: pageKinds)
+    func aRequestedPageMayArriveTwice(hugePages: HugePages) throws {
         let entryPage = 0x100000 / 4096, other = 0x900
-        let (stream, socket, holder) = try handOver(needed: entryPage, other)
+        let (stream, socket, holder) = try handOver(needed: entryPage, other, hugePages: hugePages)
         try awaitRequest(for: entryPage, on: stream)
         try stream.writeAll(kernelPage(entryPage))
         try stream.writeAll(kernelPage(entryPage, flags: demandReplyFlag))
@@ -129,13 +135,15 @@ struct PostcopyReceiverTests {
         #expect(s.secondCopiesDropped == 1)
         #expect(s.pagesPushed + s.pagesPulled == 2, "each needed page counted once")
         #expect(holder.machine?.currentState == .running)
+        #expect(holder.machine?.memory.usesHugePages == (hugePages == .on), "placed the way this case tests")
         expectEnds(holder.machine)
         withExtendedLifetime(socket) {}
     }
 
-    @Test func aRequestedPageSentThreeTimesStopsTheVM() throws {
+    @Test(arguments: pageKinds)
+    func aRequestedPageSentThreeTimesStopsTheVM(hugePages: HugePages) throws {
         let entryPage = 0x100000 / 4096
-        let (stream, socket, holder) = try handOver(needed: entryPage, 0x900)
+        let (stream, socket, holder) = try handOver(needed: entryPage, 0x900, hugePages: hugePages)
         try awaitRequest(for: entryPage, on: stream)
         try stream.writeAll(kernelPage(entryPage))
         try stream.writeAll(kernelPage(entryPage, flags: demandReplyFlag))
@@ -145,26 +153,29 @@ struct PostcopyReceiverTests {
         withExtendedLifetime(socket) {}
     }
 
-    @Test func aReplyToARequestNeverMadeStopsTheVM() throws {
+    @Test(arguments: pageKinds)
+    func aReplyToARequestNeverMadeStopsTheVM(hugePages: HugePages) throws {
         let target = 0x801
-        let (stream, socket, holder) = try handOver(needed: target)
+        let (stream, socket, holder) = try handOver(needed: target, hugePages: hugePages)
         try stream.writeAll(page(target, flags: demandReplyFlag))
         #expect(try abortReason(stream).contains("never requested"))
         expectPausedAndStopped(holder)
         withExtendedLifetime(socket) {}
     }
 
-    @Test func aPageNeverNeededStopsTheVM() throws {
-        let (stream, socket, holder) = try handOver(needed: 0x802)
+    @Test(arguments: pageKinds)
+    func aPageNeverNeededStopsTheVM(hugePages: HugePages) throws {
+        let (stream, socket, holder) = try handOver(needed: 0x802, hugePages: hugePages)
         try stream.writeAll(page(0x900))
         #expect(try abortReason(stream).contains("never needed"))
         expectPausedAndStopped(holder)
         withExtendedLifetime(socket) {}
     }
 
-    @Test func aCorruptFrameIsRefusedBeforeAnyPageIsPlaced() throws {
+    @Test(arguments: pageKinds)
+    func aCorruptFrameIsRefusedBeforeAnyPageIsPlaced(hugePages: HugePages) throws {
         let target = 0x804
-        let (stream, socket, holder) = try handOver(needed: target)
+        let (stream, socket, holder) = try handOver(needed: target, hugePages: hugePages)
         var corrupt = page(target)
         corrupt[corrupt.count - 1] ^= 0xFF   // the payload no longer matches its CRC
         try stream.writeAll(corrupt)
@@ -175,9 +186,10 @@ struct PostcopyReceiverTests {
 
     /// The vCPU starts on a page still at the source, so it waits for it; then the source
     /// misbehaves. The waiting vCPU stays stopped without burning a CPU, and the VM can still end.
-    @Test func aVcpuWaitingForAPageStaysStoppedWhenPostcopyFails() throws {
+    @Test(arguments: pageKinds)
+    func aVcpuWaitingForAPageStaysStoppedWhenPostcopyFails(hugePages: HugePages) throws {
         let entryPage = 0x100000 / 4096
-        let (stream, socket, holder) = try handOver(needed: entryPage)
+        let (stream, socket, holder) = try handOver(needed: entryPage, hugePages: hugePages)
         // The request for the page proves the vCPU waits for it (the waiter is noted before the request goes).
         while true {
             let (header, payload) = try stream.readFrame()
@@ -197,8 +209,9 @@ struct PostcopyReceiverTests {
         withExtendedLifetime(socket) {}
     }
 
-    @Test func aPageOutsideGuestMemoryStopsTheVM() throws {
-        let (stream, socket, holder) = try handOver(needed: 0x100)
+    @Test(arguments: pageKinds)
+    func aPageOutsideGuestMemoryStopsTheVM(hugePages: HugePages) throws {
+        let (stream, socket, holder) = try handOver(needed: 0x100, hugePages: hugePages)
         usleep(300_000)
         try stream.writeAll(page((64 << 20) / 4096))
         #expect(try abortReason(stream).contains("outside guest RAM"))
