@@ -6,6 +6,7 @@
 #
 #   bash bench/profile.sh ["GUEST CMDLINE"] [-- tern run options for both sides]
 #   bash bench/profile.sh "fill=960 dirty=16 pattern=hotspot progress=0" -- --thp off
+#   MIGRATE_ARGS="--mode postcopy" bash bench/profile.sh "fill=512 dirty=256 pattern=random rate=200 bytes=64 progress=0"
 #
 # Needs perf (linux-perf), a release build and the guest. The perf data stays in
 # $PROFILE_OUT (default /tmp/tern-profile.data).
@@ -31,14 +32,14 @@ for o in range(0, 2 << 30, 4 << 20): m[o:o + (4 << 20)] = b'\x01' * (4 << 20)
 $TERN run --incoming "tcp:127.0.0.1:$port" --api-socket "$work/d.sock" --serial off "$@" 2> "$work/dst.log" &
 dst=$!
 sleep 0.5
-perf record -q -a -g -o "$OUT" -- $TERN migrate --api-socket "$work/s.sock" --to "tcp:127.0.0.1:$port" --json > "$work/report.json" 2>/dev/null
+perf record -q -a -g -o "$OUT" -- $TERN migrate --api-socket "$work/s.sock" --to "tcp:127.0.0.1:$port" --json ${MIGRATE_ARGS:-} > "$work/report.json" 2>/dev/null
 python3 -c "
 import json; r = json.load(open('$work/report.json'))
 print('status %s, total %.0f ms, downtime %.1f ms, %.0f MB, rounds (pages, ms): %s' % (r['status'], r['total_ms'], r['downtime_ms'] or -1,
       r['transferred_bytes'] / 1e6, [(x['pages'], round(x['duration_ms'])) for x in r['rounds']]))"
 echo "samples per thread (perf's cpu-clock, 4 kHz; the guest's own execution is not sampled):"
 perf script -i "$OUT" -F comm,tid 2>/dev/null | sort | uniq -c | sort -rn | head -6
-for tid in $(perf script -i "$OUT" -F comm,tid 2>/dev/null | sort | uniq -c | sort -rn | awk '$2 != "swapper" {print $3}' | head -2); do
+for tid in $(perf script -i "$OUT" -F comm,tid 2>/dev/null | sort | uniq -c | sort -rn | awk '$2 != "swapper" {print $3}' | head -${TOP_THREADS:-2}); do
     echo "thread $tid, top symbols:"
     perf report -i "$OUT" --no-children --tid "$tid" --percentage relative --sort dso,sym -g none --stdio 2>/dev/null | grep -v "^#" | grep -v "^$" | head -8
 done
