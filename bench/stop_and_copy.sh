@@ -14,7 +14,7 @@ RUNS=${1:-6}
 CMDLINE=${2:-"fill=512 dirty=64 progress=0"}
 shift $(( $# >= 2 ? 2 : $# ))
 [[ ${1:-} == "--" ]] && shift
-TERN=.build/release/tern
+TERN=${TERN:-.build/release/tern}
 GUEST=guest/build/tern-guest.elf
 echo "| run | MB | rounds | switch-over | stop-and-copy pages | sent after pause ms | destination ready ms | downtime ms |"
 echo "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"
