@@ -115,9 +115,13 @@ struct PostcopyRecoveryTests {
         return relay
     }
 
-    @Test func aCutConnectionIsResumedAndTheMemoryIsIdentical() throws {
+    /// Destinations on 4 KiB pages (the default for post-copy) and, where a private tmpfs can be mounted, on huge pages.
+    static let destinationPageChoices: [[String]] = [[]] + ((try? GuestMemory(size: 16 << 20, hugePages: .on)) != nil ? [["--thp", "on"]] : [])
+
+    @Test(arguments: destinationPageChoices)
+    func aCutConnectionIsResumedAndTheMemoryIsIdentical(destinationArguments: [String]) throws {
         let destinationPort = freePort(), relayPort = freePort()
-        let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(destinationPort)", "--serial", "off"])
+        let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(destinationPort)", "--serial", "off"] + destinationArguments)
         let source = try TernProcess.guest("fill=64 dirty=32 progress=0", memory: "256M")
         try source.waitForAPI()
         let before = try source.waitForStatus { $0.phase == .dirty }
@@ -148,6 +152,8 @@ struct PostcopyRecoveryTests {
         // Both ends wait: the source keeps its pages and refuses to run the VM too; the destination serves its API.
         #expect(try source.client.request(.PUT, "/v1/vm/resume").status == 409)
         try destination.waitForAPI()
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try destination.client.request(.GET, "/v1/vm").body)
+        #expect(info.memoryHugePages == !destinationArguments.isEmpty, "placed the way this case tests")
         let waiting = Date(timeIntervalSinceNow: 10)
         while !destination.stderr.contains("tern migrate --resume") && Date() < waiting { usleep(20_000) }
         #expect(destination.stderr.contains("post-copy connection lost"))
