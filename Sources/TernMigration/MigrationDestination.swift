@@ -18,7 +18,7 @@ public final class MigrationDestination {
         public var kvmPath: String
         /// Where to wait for the source if post-copy's connection drops (`tern migrate --resume`); nil: a drop fails the migration.
         public var recoveryEndpoint: Endpoint?
-        /// Huge pages for the guest RAM (`--thp`); `auto` means 4 KiB pages for a migration that may enter post-copy.
+        /// Huge pages for the guest RAM (`--thp`); `auto` means 4 KiB pages for a post-copy from the start.
         public var hugePages: HugePages
 
         public init(memorySize: UInt64? = nil, vcpuCount: Int? = nil, serial: SerialTarget = .stdout, kvmPath: String = "/dev/kvm",
@@ -112,18 +112,18 @@ public final class MigrationDestination {
             if (streams > 1 || hello.features & Hello.postcopyUrgentFeature != 0) && listener == nil {
                 throw Refusal("parallel page streams need a listening socket")
             }
-            // A migration that may enter post-copy takes 4 KiB pages unless told otherwise (`--thp on`): on
-            // memory the host has not backed yet, post-copy into huge pages measured twice as slow, as each
-            // 2 MiB page waits for the host to back all of it (docs/MIGRATION.md, "Huge pages").
-            let mayEnterPostcopy = hello.features & Hello.postcopyUrgentFeature != 0
+            // Post-copy from the start takes 4 KiB pages unless told otherwise (`--thp on`): on memory the host
+            // had not backed yet it measured nearly three times as slow into huge pages. A hybrid or auto
+            // migration sends most pages by pre-copy, which huge pages speed up (docs/MIGRATION.md, "Huge pages").
+            let postcopyFromTheStart = hello.features & Hello.postcopyFirstFeature != 0
             let configuration = MachineConfiguration(
                 kernelPath: nil, commandLine: hello.machine.commandLine, memorySize: hello.machine.memorySize,
                 vcpuCount: Int(hello.machine.vcpuCount), serial: expectations.serial, kvmPath: expectations.kvmPath,
-                hugePages: mayEnterPostcopy && expectations.hugePages == .auto ? .off : expectations.hugePages)
+                hugePages: postcopyFromTheStart && expectations.hugePages == .auto ? .off : expectations.hugePages)
             machine = try Machine(configuration: configuration, memory: preparedMemory, logger: logger)
             // Post-copy from the start into preallocated memory: unmap it now, before the source
             // pauses, so that the switch need not (its pages then wait for their contents by minor faults).
-            if hello.features & Hello.postcopyFirstFeature != 0 && machine.memory.isPreallocated { try machine.memory.unmapAll() }
+            if postcopyFromTheStart && machine.memory.isPreallocated { try machine.memory.unmapAll() }
         } catch {
             try sink?.writeFrame(.helloReply, payload: Verdict(accepted: false, reason: "\(error)", bootID: Clocks.bootID).encoded)
             throw Refusal("refused the incoming VM: \(error)")

@@ -41,7 +41,7 @@ struct Run: ParsableCommand {
     @Flag(help: "Allocate and touch all guest RAM up front (like QEMU's -mem-prealloc). With --incoming it needs --memory, and is done while waiting, so the migration writes into memory that is already there.")
     var prealloc = false
 
-    @Option(help: "Transparent huge pages for guest RAM: auto (where the kernel allows them), on, or off (4 KiB pages). With auto, a destination takes 4 KiB pages for a migration that may enter post-copy, measured faster on memory the host has not backed yet.")
+    @Option(help: "Transparent huge pages for guest RAM: auto (where the kernel allows them), on, or off (4 KiB pages). With auto, a destination takes 4 KiB pages for a post-copy from the start (--mode postcopy), measured faster there on memory the host has not backed yet.")
     var thp: String = HugePages.auto.rawValue
 
     @Option(help: ArgumentHelp("KVM device node (for testing).", visibility: .hidden))
