@@ -22,7 +22,8 @@ struct PostcopyTests {
         let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.destination.client.request(.GET, "/v1/vm").body)
         // 4 KiB pages for a post-copy from the start, unless told otherwise; memory preallocated before
         // the hello follows --thp as it stands (its pages are never allocated during post-copy).
-        let fourKiB = arguments.contains("postcopy") && !destinationArguments.contains("on") && !destinationArguments.contains("--prealloc")
+        let fourKiB = destinationArguments.contains("off")
+            || arguments.contains("postcopy") && !destinationArguments.contains("on") && !destinationArguments.contains("--prealloc")
         #expect(info.memoryHugePages == (fourKiB ? false : sourceInfo.memoryHugePages),
                 "huge pages for hybrid and auto, 4 KiB pages for a post-copy from the start unless --thp on")
         let moved = try pair.destination.waitForStatus { $0.iterations > before.iterations }
@@ -72,10 +73,13 @@ struct PostcopyTests {
         #expect(p.faults > 0)
     }
 
-    @Test func hybridRunsPrecopyRoundsThenPostcopy() throws {
+    /// Into huge pages (the default: stale pages are unmapped at the switch) and 4 KiB pages (they are punched out).
+    @Test(arguments: [[], ["--thp", "off"]])
+    func hybridRunsPrecopyRoundsThenPostcopy(destinationArguments: [String]) throws {
         // Random writes, which rounds do shrink (a set rewritten flat out would end pre-copy after its first pass).
         let r = try migrateAndCheck(cmdline: "fill=64 dirty=32 pattern=random rate=100 progress=0",
-                                    arguments: ["--mode", "hybrid", "--precopy-rounds", "2", "--max-downtime", "1"])
+                                    arguments: ["--mode", "hybrid", "--precopy-rounds", "2", "--max-downtime", "1"],
+                                    destinationArguments: destinationArguments)
         #expect(r.rounds.count == 3, "two pre-copy rounds and the post-copy phase")
         #expect(r.switchoverReason?.contains("post-copy") == true)
         #expect(r.postcopy != nil)
