@@ -21,6 +21,7 @@ extension PostcopyReceiver {
             let failed = finished.load(ordering: .relaxed)
             var toRequest: [UInt64] = []
             var toZero: [Int] = []
+            var toMapAgain: [Int] = []
             let now = Clocks.monotonicNs()
             lock.withLock {
                 for fault in faults {
@@ -31,8 +32,13 @@ extension PostcopyReceiver {
                         toZero.append(page)        // never written at the source: zero, no need to ask
                         continue
                     }
-                    // A page accepted a moment ago is being placed, which wakes this vCPU: nothing to ask for.
-                    guard expected.contains(page) else { continue }
+                    guard expected.contains(page) else {
+                        // A page accepted a moment ago is being placed, which wakes this vCPU: nothing to ask for.
+                        // One placed already that faults again lost its mapping, not its contents (minor faults
+                        // only: the file keeps the page when the kernel drops a mapping, by reclaim or khugepaged).
+                        if minorFaults && !placing.contains(page) { toMapAgain.append(page) }
+                        continue
+                    }
                     waitingThreads[fault.threadID] = page
                     if !failed && !requested.contains(page) {
                         requested.insert(page)
@@ -58,6 +64,14 @@ extension PostcopyReceiver {
                     }
                 } catch {
                     fail("cannot zero-fill page \(memory.address(ofPage: page)): \(error)")
+                    return
+                }
+            }
+            for page in toMapAgain {
+                do {
+                    _ = try uffd.continueMapping(memory.mapping.base + page * PageRun.pageSize, length: PageRun.pageSize)
+                } catch {
+                    fail("cannot map page \(memory.address(ofPage: page)) again: \(error)")
                     return
                 }
             }

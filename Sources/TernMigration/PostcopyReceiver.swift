@@ -30,7 +30,7 @@ import TernWire
 /// Fault serving, page placement and recovery are in PostcopyReceiver+Faults,
 /// +Pages and +Recovery; the state they share, and the locks that guard it, are here.
 final class PostcopyReceiver: @unchecked Sendable {
-    // @unchecked Sendable: `expected`, `requested`, `requestTimes`, `latencies`, `digest` and the counters are guarded by `lock`;
+    // @unchecked Sendable: `expected`, `requested`, `placing`, `requestTimes`, `latencies`, `digest` and the counters are guarded by `lock`;
     // `source`, `connection` and `connected` by `writeLock` (only the pages thread replaces them).
     let machine: Machine
     let memory: GuestMemory
@@ -65,6 +65,9 @@ final class PostcopyReceiver: @unchecked Sendable {
     /// still wait for the page, never zero-fill it, so faults consult `needed`.
     var expected: PageSet
     var requested: PageSet
+    /// Pages accepted and not yet placed. Minor-fault mode: a fault on a page needed, no longer
+    /// expected and not in here means its mapping went (reclaim, say) while the file keeps its contents.
+    var placing: PageSet
     /// Requested pages already placed whose second copy may still come (the demand
     /// channel's answer racing the push): dropped once, refused after that.
     var secondCopyAllowed: PageSet
@@ -110,6 +113,7 @@ final class PostcopyReceiver: @unchecked Sendable {
         self.expected = expected
         needed = expected
         requested = PageSet(pageCount: expected.pageCount)
+        placing = PageSet(pageCount: expected.pageCount)
         secondCopyAllowed = PageSet(pageCount: expected.pageCount)
         digest = digestOfPresentPages
         verifying = digestOfPresentPages != nil

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import Synchronization
 import Testing
 import TernKVM
 import TernMachine
@@ -136,6 +137,41 @@ struct PostcopyReceiverTests {
         #expect(s.pagesPushed + s.pagesPulled == 2, "each needed page counted once")
         #expect(holder.machine?.currentState == .running)
         #expect(holder.machine?.memory.usesHugePages == (hugePages == .on), "placed the way this case tests")
+        expectEnds(holder.machine)
+        withExtendedLifetime(socket) {}
+    }
+
+    /// Minor-fault placement (huge pages): a placed page whose mapping the kernel drops (reclaim or
+    /// khugepaged may; here MADV_DONTNEED) faults again, and is mapped again from the file rather
+    /// than left waiting for a page that will never come again.
+    @Test(.enabled(if: pageKinds.contains(.on), "mounting a private tmpfs needs CAP_SYS_ADMIN"))
+    func aPlacedPageThatLosesItsMappingIsMappedAgain() throws {
+        let target = 0x800, withheld = 0x801
+        let (stream, socket, holder) = try handOver(needed: target, withheld, hugePages: .on)
+        try stream.writeAll(page(target))
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while holder.machine == nil && Date() < deadline { usleep(10_000) }
+        let machine = try #require(holder.machine)
+        let address = machine.memory.mapping.base + target * 4096
+        // Placed once the destination reads it back without asking the source (the page is no longer expected).
+        usleep(200_000)
+        #expect(madvise(address, 4096, MADV_DONTNEED) == 0)
+        let seen = Atomic<UInt64>(0)
+        let addressBits = UInt(bitPattern: address)
+        let reader = Thread { seen.store(UnsafeRawPointer(bitPattern: addressBits)!.load(as: UInt64.self), ordering: .relaxed) }
+        reader.start()
+        while seen.load(ordering: .relaxed) == 0 && Date() < deadline { usleep(10_000) }
+        #expect(seen.load(ordering: .relaxed) == 0x7777_7777_7777_7777, "the page was mapped again while post-copy went on")
+        try stream.writeAll(page(withheld))
+        try stream.writeFrame(.postcopyEnd, payload: [UInt8]())
+        var complete = false
+        while !complete {
+            let (header, payload) = try stream.readFrame()
+            #expect(header.type != .abort, "\(String(decoding: payload, as: UTF8.self))")
+            if header.type == .abort { break }
+            complete = header.type == .complete
+        }
+        #expect(complete)
         expectEnds(holder.machine)
         withExtendedLifetime(socket) {}
     }
