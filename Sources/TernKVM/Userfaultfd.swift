@@ -30,6 +30,10 @@ public final class Userfaultfd: @unchecked Sendable {
         _ = try check("UFFDIO_API") { ckvm_ioctl_ptr(raw, CKVM_UFFDIO_API, &api) }
     }
 
+    /// Whether this kernel gives minor faults on shared memory (Linux 5.14 and later), which
+    /// post-copy into huge pages or preallocated memory depends on.
+    public static let minorFaultsAvailable: Bool = (try? Userfaultfd(minorFaults: true)) != nil
+
     /// Which faults a registered range reports.
     public struct Modes: OptionSet, Sendable {
         public let rawValue: UInt64

@@ -116,10 +116,17 @@ public final class MigrationDestination {
             // had not backed yet it measured nearly three times as slow into huge pages. A hybrid or auto
             // migration sends most pages by pre-copy, which huge pages speed up (docs/MIGRATION.md, "Huge pages").
             let postcopyFromTheStart = hello.features & Hello.postcopyFirstFeature != 0
+            // Huge pages in post-copy are placed by minor faults; without them (before Linux 5.14), 4 KiB pages.
+            let mayEnterPostcopy = hello.features & Hello.postcopyUrgentFeature != 0
+            if mayEnterPostcopy && !Userfaultfd.minorFaultsAvailable {
+                if expectations.hugePages == .on { throw Refusal("--thp on: post-copy into huge pages needs userfaultfd minor faults (Linux 5.14)") }
+                if preparedMemory?.usesHugePages == true { throw Refusal("post-copy into the prepared huge pages needs userfaultfd minor faults (Linux 5.14)") }
+            }
+            let fourKiBPages = postcopyFromTheStart || (mayEnterPostcopy && !Userfaultfd.minorFaultsAvailable)
             let configuration = MachineConfiguration(
                 kernelPath: nil, commandLine: hello.machine.commandLine, memorySize: hello.machine.memorySize,
                 vcpuCount: Int(hello.machine.vcpuCount), serial: expectations.serial, kvmPath: expectations.kvmPath,
-                hugePages: postcopyFromTheStart && expectations.hugePages == .auto ? .off : expectations.hugePages)
+                hugePages: fourKiBPages && expectations.hugePages == .auto ? .off : expectations.hugePages)
             machine = try Machine(configuration: configuration, memory: preparedMemory, logger: logger)
             // Post-copy from the start into preallocated memory: unmap it now, before the source
             // pauses, so that the switch need not (its pages then wait for their contents by minor faults).

@@ -120,6 +120,10 @@ final class PostcopyReceiver: @unchecked Sendable {
         self.logger = logger
         let minorUffd = memory.isPreallocated || memory.usesHugePages ? try? Userfaultfd(minorFaults: true) : nil
         minorFaults = minorUffd != nil
+        // Missing faults alone would not do: a huge page can hold pages never received, and punching one out only zeroes it.
+        guard minorFaults || !memory.usesHugePages else {
+            throw MigrationDestination.Refusal("post-copy into huge pages needs userfaultfd minor faults (Linux 5.14)")
+        }
         zeros = .allocate(byteCount: minorFaults ? Self.zeroBufferBytes : 0, alignment: 4096)
         zeros.initializeMemory(as: UInt8.self, repeating: 0)
         uffd = try minorUffd ?? Userfaultfd()
