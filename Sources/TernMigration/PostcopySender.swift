@@ -26,8 +26,6 @@ final class PostcopySender: @unchecked Sendable {
     // `urgentStreamer` the reader's.
     /// Pages per pushed frame: small, so a demand reply never waits behind much.
     static let pushFramePages = 64
-    /// Pages pushed after a fault before the push may wander off again.
-    static let prepagingWindow = 256
     static let completionTimeoutSeconds = 60.0
     /// Pages per demand-channel frame (the destination reads them into a 1 MiB buffer).
     static let demandFramePages = 128
@@ -140,25 +138,34 @@ final class PostcopySender: @unchecked Sendable {
                 cursor = min(demand.last! + 1, needed.pageCount)
                 continue
             }
-            // The next pushed frame: near the latest fault if there was one (pre-paging), else onward.
-            let run: (first: Int, count: Int)? = condition.withLock {
+            // The next pushed frame: near the latest fault if there was one (pre-paging), else onward. A frame
+            // takes the next needed pages across gaps: after many faults (pre-paging jumps to each one) the
+            // pages left are scattered, and a frame ending at the first gap would carry a page or two.
+            let runs: [(first: Int, count: Int)] = condition.withLock {
                 if let next = hint {
                     cursor = next
                     hint = nil
                 }
-                guard let first = needed.next(from: cursor) ?? needed.next(from: 0) else { return nil }
-                var count = 0
-                while count < Self.pushFramePages, first + count < needed.pageCount, needed.contains(first + count) {
-                    needed.remove(first + count)
-                    count += 1
+                var runs: [(first: Int, count: Int)] = []
+                var taken = 0
+                var from = cursor
+                while taken < Self.pushFramePages, let first = needed.next(from: from) ?? (runs.isEmpty ? needed.next(from: 0) : nil) {
+                    var count = 0
+                    while taken < Self.pushFramePages, first + count < needed.pageCount, needed.contains(first + count) {
+                        needed.remove(first + count)
+                        count += 1
+                        taken += 1
+                    }
+                    runs.append((first, count))
+                    from = first + count
                 }
-                return (first, count)
+                return runs
             }
-            guard let run else { break }
-            try streamer.addPages(firstPage: run.first, count: run.count)
+            guard let last = runs.last else { break }
+            for run in runs { try streamer.addPages(firstPage: run.first, count: run.count) }
             try streamer.flush()
-            pushed += UInt64(run.count)
-            cursor = run.first + run.count
+            pushed += UInt64(runs.reduce(0) { $0 + $1.count })
+            cursor = last.first + last.count
         }
         // Every page is on its way; demand replies still being written finish first.
         condition.withLock { while repliesInFlight > 0 { condition.wait() } }
