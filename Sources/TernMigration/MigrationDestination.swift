@@ -117,12 +117,12 @@ public final class MigrationDestination {
             // migration sends most pages by pre-copy, which huge pages speed up (docs/MIGRATION.md, "Huge pages").
             let postcopyFromTheStart = hello.features & Hello.postcopyFirstFeature != 0
             // Huge pages in post-copy are placed by minor faults; without them (before Linux 5.14), 4 KiB pages.
-            let mayEnterPostcopy = hello.features & Hello.postcopyUrgentFeature != 0
-            if mayEnterPostcopy && !Userfaultfd.minorFaultsAvailable {
+            let postcopyWithoutMinorFaults = hello.features & Hello.postcopyUrgentFeature != 0 && !Userfaultfd.minorFaultsAvailable
+            if postcopyWithoutMinorFaults {
                 if expectations.hugePages == .on { throw Refusal("--thp on: post-copy into huge pages needs userfaultfd minor faults (Linux 5.14)") }
                 if preparedMemory?.usesHugePages == true { throw Refusal("post-copy into the prepared huge pages needs userfaultfd minor faults (Linux 5.14)") }
             }
-            let fourKiBPages = postcopyFromTheStart || (mayEnterPostcopy && !Userfaultfd.minorFaultsAvailable)
+            let fourKiBPages = postcopyFromTheStart || postcopyWithoutMinorFaults
             let configuration = MachineConfiguration(
                 kernelPath: nil, commandLine: hello.machine.commandLine, memorySize: hello.machine.memorySize,
                 vcpuCount: Int(hello.machine.vcpuCount), serial: expectations.serial, kvmPath: expectations.kvmPath,

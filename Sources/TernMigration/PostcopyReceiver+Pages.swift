@@ -100,7 +100,7 @@ extension PostcopyReceiver {
                 let part = PageRun(address: run.address + UInt64(skipped), pageCount: UInt32(pages.count), kind: run.kind)
                 let data = run.kind == .data ? UnsafeRawBufferPointer(rebasing: frame[dataStart + skipped..<dataStart + skipped + part.byteCount]) : nil
                 try place(part, firstPage: pages.lowerBound, fileOffset: fileOffset + UInt64(skipped), data: data)
-                lock.withLock { for page in pages { placing.remove(page) } }
+                if minorFaults { lock.withLock { for page in pages { placing.remove(page) } } }
             }
         }
     }
@@ -189,7 +189,7 @@ extension PostcopyReceiver {
                 continue
             }
             expected.remove(page)
-            placing.insert(page)
+            if minorFaults { placing.insert(page) }
             if requested.contains(page) { secondCopyAllowed.insert(page) }
             if demandReply { statistics.pagesPulled += 1 } else { statistics.pagesPushed += 1 }
             if let asked = requestTimes.removeValue(forKey: page) { latencies.append(Clocks.milliseconds(from: asked, to: now)) }

@@ -65,8 +65,8 @@ final class PostcopyReceiver: @unchecked Sendable {
     /// still wait for the page, never zero-fill it, so faults consult `needed`.
     var expected: PageSet
     var requested: PageSet
-    /// Pages accepted and not yet placed. Minor-fault mode: a fault on a page needed, no longer
-    /// expected and not in here means its mapping went (reclaim, say) while the file keeps its contents.
+    /// Pages accepted and not yet placed (kept in minor-fault mode only): a fault on a page needed, no
+    /// longer expected and not in here means its mapping went (reclaim, say) while the file keeps its contents.
     var placing: PageSet
     /// Requested pages already placed whose second copy may still come (the demand
     /// channel's answer racing the push): dropped once, refused after that.
@@ -118,7 +118,8 @@ final class PostcopyReceiver: @unchecked Sendable {
         digest = digestOfPresentPages
         verifying = digestOfPresentPages != nil
         self.logger = logger
-        let minorUffd = memory.isPreallocated || memory.usesHugePages ? try? Userfaultfd(minorFaults: true) : nil
+        // Memory that takes pages in place (preallocated, huge pages) has them written into the file and mapped.
+        let minorUffd = memory.takesPagesInPlace ? try? Userfaultfd(minorFaults: true) : nil
         minorFaults = minorUffd != nil
         // Missing faults alone would not do: a huge page can hold pages never received, and punching one out only zeroes it.
         guard minorFaults || !memory.usesHugePages else {

@@ -141,7 +141,7 @@ final class PostcopySender: @unchecked Sendable {
             // The next pushed frame: near the latest fault if there was one (pre-paging), else onward. A frame
             // takes the next needed pages across gaps: after many faults (pre-paging jumps to each one) the
             // pages left are scattered, and a frame ending at the first gap would carry a page or two.
-            let runs: [(first: Int, count: Int)] = condition.withLock {
+            let (runs, taken): ([(first: Int, count: Int)], Int) = condition.withLock {
                 if let next = hint {
                     cursor = next
                     hint = nil
@@ -159,12 +159,12 @@ final class PostcopySender: @unchecked Sendable {
                     runs.append((first, count))
                     from = first + count
                 }
-                return runs
+                return (runs, taken)
             }
             guard let last = runs.last else { break }
             for run in runs { try streamer.addPages(firstPage: run.first, count: run.count) }
             try streamer.flush()
-            pushed += UInt64(runs.reduce(0) { $0 + $1.count })
+            pushed += UInt64(taken)
             cursor = last.first + last.count
         }
         // Every page is on its way; demand replies still being written finish first.
