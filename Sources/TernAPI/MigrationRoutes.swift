@@ -53,6 +53,8 @@ public struct MigrateRequest: Codable, Sendable {
 extension MigrateRequest {
     /// Enough for the re-sent working set of most guests; a quarter of a GiB of host memory.
     public static let defaultXBZRLECache: UInt64 = 256 << 20
+    /// The lowest `bandwidth` (bytes per second) taken: below it a single pages frame would hold a sender for seconds.
+    public static let minimumBandwidth: UInt64 = 1_000_000
 }
 
 /// The migration a VM is in (at most one at a time), and the last one's report.
@@ -121,7 +123,9 @@ extension APIRouter {
             parameters.timeoutSeconds = value
         }
         if let value = request.bandwidth {
-            guard value >= 1 << 20 else { return .error(400, "bad_request", "bandwidth below 1 MiB/s is not supported") }
+            guard value >= MigrateRequest.minimumBandwidth else {
+                return .error(400, "bad_request", "bandwidth below \(MigrateRequest.minimumBandwidth) bytes per second (1M) is not supported")
+            }
             parameters.bandwidth = value
         }
         parameters.verify = request.verify ?? false

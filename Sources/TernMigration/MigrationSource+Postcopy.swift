@@ -109,8 +109,9 @@ extension MigrationSource {
     /// Serves `needed` until the destination confirms it holds everything; a
     /// dropped connection keeps the context for `resume`.
     func servePostcopy(stream: FDStream, urgent: FDStream? = nil, needed: PageSet, context: inout PostcopyContext) throws {
+        // The cap was lifted for the switch (the downtime); the push shares the link again under it.
         let postcopy = PostcopySender(memory: machine.memory, connection: lock.withLock { connection }, stream: stream,
-                                      urgent: urgent, needed: needed)
+                                      urgent: urgent, needed: needed, rateLimit: RateLimiter(bytesPerSecond: parameters.bandwidth))
         let statistics: PostcopyStatistics
         do {
             statistics = try postcopy.run()

@@ -57,9 +57,14 @@ final class PostcopySender: @unchecked Sendable {
     private var pulledPages: UInt64 = 0
     var pulled: UInt64 { condition.withLock { pulledPages } }
     var shouldStop: () -> Bool = { false }
+    /// `--bandwidth`: the push waits for tokens; demand replies, which a vCPU waits for, go at once and are
+    /// charged to it, so the push makes room for them.
+    private let rateLimit: RateLimiter
 
-    init(memory: GuestMemory, connection: FileDescriptor?, stream: FDStream, urgent: FDStream? = nil, needed: PageSet) {
+    init(memory: GuestMemory, connection: FileDescriptor?, stream: FDStream, urgent: FDStream? = nil, needed: PageSet,
+         rateLimit: RateLimiter = RateLimiter(bytesPerSecond: nil)) {
         self.connection = connection
+        self.rateLimit = rateLimit
         self.memory = memory
         self.stream = stream
         self.needed = needed
@@ -130,10 +135,12 @@ final class PostcopySender: @unchecked Sendable {
                 }
             }
             if !demand.isEmpty {
+                let bytesBefore = streamer.counters.bytes
                 streamer.frameFlags = demandReplyFlag
                 for page in demand { try streamer.addPages(firstPage: page, count: 1) }
                 try streamer.flush()
                 streamer.frameFlags = 0
+                rateLimit.charge(Int(streamer.counters.bytes - bytesBefore))
                 condition.withLock { pulledPages += UInt64(demand.count) }
                 cursor = min(demand.last! + 1, needed.pageCount)
                 continue
@@ -162,9 +169,12 @@ final class PostcopySender: @unchecked Sendable {
                 return (runs, taken)
             }
             guard let last = runs.last else { break }
+            let bytesBefore = streamer.counters.bytes
             for run in runs { try streamer.addPages(firstPage: run.first, count: run.count) }
             try streamer.flush()
             pushed += UInt64(taken)
+            // Waits after the frame, before the next: the same average rate, and a request that comes meanwhile is not held up.
+            rateLimit.consume(Int(streamer.counters.bytes - bytesBefore))
             cursor = last.first + last.count
         }
         // Every page is on its way; demand replies still being written finish first.
@@ -213,8 +223,10 @@ final class PostcopySender: @unchecked Sendable {
             }
         }
         guard !owed.isEmpty else { return }
+        let bytesBefore = urgent.counters.bytes
         for page in owed { try urgent.addPages(firstPage: page, count: 1) }
         try urgent.flush()
+        rateLimit.charge(Int(urgent.counters.bytes - bytesBefore))
         condition.withLock { pulledPages += UInt64(owed.count) }
     }
 

@@ -46,6 +46,10 @@ final class RateLimiter: @unchecked Sendable {
         Thread.sleep(forTimeInterval: seconds)
     }
 
+    /// Counts bytes that went without waiting (post-copy's demand replies, which a vCPU waits for):
+    /// the senders that do wait make up for them, so the link still carries no more than the cap.
+    func charge(_ bytes: Int) { lock.withLock { _ = bucket?.reserve(bytes) } }
+
     /// Seconds senders have spent waiting for tokens (summed over streams).
     var waitedSeconds: Double { lock.withLock { waited } }
 

@@ -33,7 +33,7 @@ struct Migrate: ParsableCommand {
     @Option(help: "Switch over after this many seconds even if not converged.")
     var timeout: Double = 600
 
-    @Option(help: "Cap on bytes per second; K, M, G are decimal (100M = 100,000,000 B/s).")
+    @Option(help: "Cap on bytes per second, at least 1M; K, M, G are decimal (100M = 100,000,000 B/s). Lifted for the stop-and-copy; in post-copy it paces the background push.")
     var bandwidth: String?
 
     @Option(help: "none, xbzrle (re-sent pages as deltas against a cache of what was sent), zstd (each page frame compressed; for slow links), or xbzrle,zstd. Pre-copy rounds.")
@@ -73,7 +73,9 @@ struct Migrate: ParsableCommand {
         guard maxDowntime > 0 else { throw ValidationError("--max-downtime must be positive") }
         guard maxRounds >= 1 else { throw ValidationError("--max-rounds must be at least 1") }
         guard timeout > 0 else { throw ValidationError("--timeout must be positive") }
-        if let bandwidth { _ = try Self.parseRate(bandwidth) }
+        if let bandwidth, try Self.parseRate(bandwidth) < MigrateRequest.minimumBandwidth {
+            throw ValidationError("--bandwidth must be at least 1M (1,000,000 bytes per second)")
+        }
     }
 
     static func parseRate(_ text: String) throws -> UInt64 {
@@ -94,20 +96,30 @@ struct Migrate: ParsableCommand {
         let body = try APIJSON.encoder.encode(request)
         let client = api.client
         let outcome = Mutex<Result<APIClient.Response, any Error>?>(nil)
+
+        // Ctrl-C asks the source to cancel; the report still arrives. Set up before the request goes, so
+        // that an early Ctrl-C cannot end this process while the migration it started goes on.
+        signal(SIGINT, SIG_IGN)
+        let interrupt = DispatchSource.makeSignalSource(signal: SIGINT, queue: .global())
+        interrupt.setEventHandler {
+            FileHandle.standardError.write(Data("\ntern: cancelling the migration...\n".utf8))
+            // The API has no migration to cancel until the request has reached it: ask again for a while.
+            for _ in 0..<50 where outcome.withLock({ $0 }) == nil {
+                let answer = try? client.request(.PUT, "/v1/vm/migration/cancel", timeout: .seconds(5))
+                if answer?.status == 409 {
+                    FileHandle.standardError.write(Data("tern: \(answer?.errorMessage ?? "too late to cancel")\n".utf8))
+                }
+                if answer?.status != 404 { break }
+                usleep(100_000)
+            }
+        }
+        interrupt.resume()
+
         let worker = Thread {
             let result = Result { try client.request(.PUT, "/v1/vm/migrate", body: body, timeout: .seconds(Int64(timeout) + 600)) }
             outcome.withLock { $0 = result }
         }
         worker.start()
-
-        // Ctrl-C asks the source to cancel; the report still arrives.
-        signal(SIGINT, SIG_IGN)
-        let interrupt = DispatchSource.makeSignalSource(signal: SIGINT, queue: .global())
-        interrupt.setEventHandler {
-            FileHandle.standardError.write(Data("\ntern: cancelling the migration...\n".utf8))
-            _ = try? client.request(.PUT, "/v1/vm/migration/cancel")
-        }
-        interrupt.resume()
 
         let progress = ProgressPrinter(enabled: !api.json)
         while outcome.withLock({ $0 }) == nil {

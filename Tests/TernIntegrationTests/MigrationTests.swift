@@ -26,9 +26,10 @@ struct MigrationPair {
     let destination: TernProcess
     let address: String
 
-    init(cmdline: String, memory: String = "256M", destinationArguments: [String] = [], environment: [String: String] = [:]) throws {
-        address = "tcp:127.0.0.1:\(freePort())"
-        destination = try TernProcess(["run", "--incoming", address, "--serial", "off"] + destinationArguments, environment: environment)
+    init(cmdline: String, memory: String = "256M", destinationArguments: [String] = [], environment: [String: String] = [:],
+         address: String? = nil) throws {
+        self.address = address ?? "tcp:127.0.0.1:\(freePort())"
+        destination = try TernProcess(["run", "--incoming", self.address, "--serial", "off"] + destinationArguments, environment: environment)
         source = try TernProcess.guest(cmdline, memory: memory)
         try source.waitForAPI()
         let deadline = Date(timeIntervalSinceNow: 10)
@@ -257,6 +258,8 @@ struct MigrationTests {
         #expect(cli.waitForExit(timeout: 60) == 1)
         let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
         #expect(report.status == .failed)
+        #expect(report.reason?.isEmpty == false, "the report says why")
+        #expect(report.switchoverReason == nil, "it failed during pre-copy, before any switch-over")
         let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
         #expect(info.state == .running)
         let now = try #require(try pair.source.status())
@@ -270,6 +273,7 @@ struct MigrationTests {
         let r = try #require(report)
         #expect(r.status == .failed)
         #expect(r.switchoverReason != nil, "it got as far as the switch-over")
+        #expect(r.reason?.isEmpty == false, "the report says why")
         let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
         #expect(info.state == .running, "paused for the stop-and-copy, resumed after the failure")
         let now = try #require(try pair.source.status())
@@ -295,6 +299,42 @@ struct MigrationTests {
         #expect(pair.destination.stderr.contains("the source aborted: cancelled by the user"), "\(pair.destination.stderr)")
     }
 
+    /// Ctrl-C on `tern migrate` cancels as `tern migrate-cancel` does, and the report still comes.
+    @Test func interruptingTernMigrateCancelsIt() throws {
+        let pair = try MigrationPair(cmdline: "fill=128 dirty=16 progress=0")
+        _ = try pair.source.waitForStatus { $0.phase == .dirty }
+        let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json",
+                                   "--bandwidth", "20M"], withAPI: false)
+        try waitUntilPagesMove(pair.source)
+        kill(cli.process.processIdentifier, SIGINT)
+        #expect(cli.waitForExit(timeout: 30) == 1)
+        #expect(cli.stderr.contains("cancelling the migration"), "\(cli.stderr)")
+        let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
+        #expect(report.status == .cancelled)
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
+        #expect(info.state == .running)
+        let now = try #require(try pair.source.status())
+        _ = try pair.source.waitForStatus(timeout: 5) { $0.iterations > now.iterations }
+        #expect(pair.destination.waitForExit(timeout: 10) != 0)
+        #expect(!pair.destination.stderr.contains("the VM runs here now"))
+    }
+
+    /// `unix:PATH` at both ends, as `tcp:`, with a second stream on the same path.
+    @Test func migratesOverAUnixSocket() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("tern-incoming-\(UUID().uuidString).sock").path
+        let pair = try MigrationPair(cmdline: "fill=32 dirty=8 pattern=random rate=50 progress=0", address: "unix:\(path)")
+        let before = try pair.source.waitForStatus { $0.phase == .dirty }
+        let (report, cli) = try pair.migrate(["--verify", "--streams", "2"])
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.destination == "unix:\(path)")
+        #expect(r.verification?.match == true)
+        #expect(r.downtimeClock == "shared-monotonic", "a Unix socket is always this host")
+        #expect(pair.source.waitForExit(timeout: 10) == 0)
+        try pair.destination.waitForAPI()
+        _ = try pair.destination.waitForStatus { $0.iterations > before.iterations && $0.errors == 0 }
+    }
+
     @Test func quitEndsADestinationThatIsStillWaiting() throws {
         let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(freePort())", "--serial", "off"])
         let deadline = Date(timeIntervalSinceNow: 10)
@@ -314,7 +354,8 @@ struct MigrationTests {
         #expect(r.status == .failed)
         #expect(r.reason?.contains("--memory 128M") == true)
         #expect(r.transferredBytes < 4096, "no memory was sent")
-        #expect(try pair.source.client.request(.GET, "/v1/vm").status == 200)
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
+        #expect(info.state == .running)
     }
 
     @Test func secondMigrationToAUsedDestinationIsRefused() throws {
@@ -351,7 +392,8 @@ struct MigrationTests {
         let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
         #expect(report.status == .failed)
         #expect(report.reason?.contains("no valid answer") == true, "\(report.reason ?? "")")
-        #expect(try source.client.request(.GET, "/v1/vm").status == 200)
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try source.client.request(.GET, "/v1/vm").body)
+        #expect(info.state == .running)
     }
 
     @Test func destinationRejectsStreamsThatAreNotTern() throws {
