@@ -52,6 +52,8 @@ public final class MigrationDestination {
     static let maximumStateBytes: UInt64 = 16 << 20
     /// Devices this tern can restore, by state tag.
     static let knownDevices: Set<String> = ["UART"]
+    /// Fault injection for tests of the source's guarantees (docs/MIGRATION.md, "Guarantees").
+    static let injectedFault = ProcessInfo.processInfo.environment["TERN_MIGRATION_FAULT"]
 
     public init(expectations: Expectations, preparedMemory: GuestMemory? = nil, logger: Logger = Logger(label: "tern.incoming")) {
         self.preparedMemory = preparedMemory
@@ -212,37 +214,45 @@ public final class MigrationDestination {
         logger.debug("the end frame arrived \(sinceSourcePaused()) after the source paused")
 
         // Fault injection for tests of the source's guarantees (docs/MIGRATION.md).
-        if ProcessInfo.processInfo.environment["TERN_MIGRATION_FAULT"] == "die-before-ready" {
+        if Self.injectedFault == "die-before-ready" {
             logger.warning("TERN_MIGRATION_FAULT=die-before-ready: exiting abruptly")
             kill(getpid(), SIGKILL)
         }
 
         // 3. Everything is here (or, for post-copy, listed): check it, load it, answer with our own digests.
-        if postcopyNeeded == nil {
-            let missing = machine.memory.size / UInt64(PageRun.pageSize) - applier.coveredPages - extraCovered
-            guard missing == 0 else { throw Refusal("\(missing) pages of guest RAM never arrived") }
-        }
-        let state = try MachineStateSnapshot(sections: sections)
-        guard state.description.memorySize == hello.machine.memorySize, state.description.vcpuCount == hello.machine.vcpuCount else {
-            throw Refusal("the VM state does not match the machine announced in the hello")
-        }
-        try machine.restoreState(state)
-        logger.debug("the VM state was loaded \(sinceSourcePaused()) after the source paused")
+        // A refusal here is sent as a rejecting `ready`, so the source's report says why, not just that we went.
         var ready = Verdict(accepted: true, bootID: Clocks.bootID)
         var postcopy: PostcopyReceiver?
-        if let needed = postcopyNeeded {
-            guard let stream = sink else { throw Refusal("post-copy needs a two-way connection") }
-            // With --verify: the digest of the pages already here; arriving pages add theirs.
-            let present = completion.memoryDigest == nil ? nil
-                : try digests?.digest { !needed.contains($0) } ?? MemoryDigest.compute(machine.memory) { !needed.contains($0) }
-            postcopy = try PostcopyReceiver(machine: machine, source: stream, connection: connection, expected: needed,
-                                            digestOfPresentPages: present, urgent: urgentConnection,
-                                            recovery: expectations.recoveryEndpoint, token: token, logger: logger)
-            if completion.memoryDigest != nil { ready.stateDigest = MemoryDigest.state(sections) }
-            logger.debug("post-copy's userfaultfd was ready \(sinceSourcePaused()) after the source paused")
-        } else if completion.memoryDigest != nil {
-            ready.memoryDigest = try digests?.digest() ?? MemoryDigest.compute(machine.memory)
-            ready.stateDigest = MemoryDigest.state(sections)
+        do {
+            if postcopyNeeded == nil {
+                let missing = machine.memory.size / UInt64(PageRun.pageSize) - applier.coveredPages - extraCovered
+                guard missing == 0 else { throw Refusal("\(missing) pages of guest RAM never arrived") }
+            }
+            let state = try MachineStateSnapshot(sections: sections)
+            guard state.description.memorySize == hello.machine.memorySize, state.description.vcpuCount == hello.machine.vcpuCount else {
+                throw Refusal("the VM state does not match the machine announced in the hello")
+            }
+            try machine.restoreState(state)
+            logger.debug("the VM state was loaded \(sinceSourcePaused()) after the source paused")
+            if Self.injectedFault == "reject-state" { throw Refusal("TERN_MIGRATION_FAULT=reject-state: the VM state is refused") }
+            if let needed = postcopyNeeded {
+                guard let stream = sink else { throw Refusal("post-copy needs a two-way connection") }
+                // With --verify: the digest of the pages already here; arriving pages add theirs.
+                let present = completion.memoryDigest == nil ? nil
+                    : try digests?.digest { !needed.contains($0) } ?? MemoryDigest.compute(machine.memory) { !needed.contains($0) }
+                postcopy = try PostcopyReceiver(machine: machine, source: stream, connection: connection, expected: needed,
+                                                digestOfPresentPages: present, urgent: urgentConnection,
+                                                recovery: expectations.recoveryEndpoint, token: token, logger: logger)
+                if completion.memoryDigest != nil { ready.stateDigest = MemoryDigest.state(sections) }
+                logger.debug("post-copy's userfaultfd was ready \(sinceSourcePaused()) after the source paused")
+            } else if completion.memoryDigest != nil {
+                ready.memoryDigest = try digests?.digest() ?? MemoryDigest.compute(machine.memory)
+                ready.stateDigest = MemoryDigest.state(sections)
+                if Self.injectedFault == "wrong-memory-digest" { ready.memoryDigest = ready.memoryDigest.map { $0 ^ 1 } }
+            }
+        } catch {
+            try? sink?.writeFrame(.ready, payload: Verdict(accepted: false, reason: "\(error)", bootID: Clocks.bootID).encoded)
+            throw error
         }
         try sink?.writeFrame(.ready, payload: ready.encoded)
         logger.debug("ready sent \(sinceSourcePaused()) after the source paused")

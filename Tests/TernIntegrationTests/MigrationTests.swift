@@ -281,6 +281,40 @@ struct MigrationTests {
         #expect(pair.destination.waitForExit() != 0)
     }
 
+    /// A destination that cannot take the VM state says so in its `ready`; the source resumes and reports why.
+    @Test func aRejectedStateResumesTheSourceWithTheReason() throws {
+        let pair = try MigrationPair(cmdline: "fill=32 dirty=8 progress=0", environment: ["TERN_MIGRATION_FAULT": "reject-state"])
+        _ = try pair.source.waitForStatus { $0.phase == .dirty }
+        let (report, cli) = try pair.migrate()
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .failed)
+        #expect(r.reason?.contains("the destination rejected the VM") == true && r.reason?.contains("reject-state") == true, "\(r.reason ?? "")")
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
+        #expect(info.state == .running)
+        let now = try #require(try pair.source.status())
+        _ = try pair.source.waitForStatus(timeout: 5) { $0.iterations > now.iterations }
+        #expect(pair.destination.waitForExit() != 0)
+        #expect(!pair.destination.stderr.contains("the VM runs here now"))
+    }
+
+    /// `--verify` with digests that differ: the migration fails before the hand-over and the VM runs on here.
+    @Test func aDigestMismatchFailsTheMigrationAndKeepsTheSource() throws {
+        let pair = try MigrationPair(cmdline: "fill=32 dirty=8 progress=0", environment: ["TERN_MIGRATION_FAULT": "wrong-memory-digest"])
+        _ = try pair.source.waitForStatus { $0.phase == .dirty }
+        let (report, cli) = try pair.migrate(["--verify"])
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .failed)
+        #expect(r.verification?.match == false)
+        #expect(r.verification.map { $0.sourceMemoryDigest != $0.destinationMemoryDigest } == true)
+        #expect(r.reason?.contains("verification failed") == true, "\(r.reason ?? "")")
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
+        #expect(info.state == .running)
+        let now = try #require(try pair.source.status())
+        _ = try pair.source.waitForStatus(timeout: 5) { $0.iterations > now.iterations }
+        #expect(pair.destination.waitForExit() != 0)
+        #expect(pair.destination.stderr.contains("the source aborted: digests differ"), "\(pair.destination.stderr)")
+    }
+
     @Test func cancelKeepsTheSourceAndTheDestinationNeverRuns() throws {
         let pair = try MigrationPair(cmdline: "fill=128 dirty=16 progress=0")
         _ = try pair.source.waitForStatus { $0.phase == .dirty }
