@@ -3,20 +3,6 @@ import TernKVM
 import TernMachine
 import TernWire
 
-/// Frame types of the migration protocol (docs/MIGRATION.md). State, pages
-/// and end frames are shared with snapshot files.
-extension FrameType {
-    public static let hello = FrameType(rawValue: 16)
-    public static let helloReply = FrameType(rawValue: 17)
-    public static let ready = FrameType(rawValue: 18)
-    public static let go = FrameType(rawValue: 19)
-    public static let resumed = FrameType(rawValue: 20)
-    public static let abort = FrameType(rawValue: 21)
-    /// Round-trip probe before the first page (the downtime prediction needs the link's latency), and each round's sync.
-    public static let ping = FrameType(rawValue: 22)
-    public static let pong = FrameType(rawValue: 23)
-}
-
 /// The opening message: who is talking, what protocol, and what machine is
 /// about to arrive, so the destination can refuse before a byte of memory moves.
 public struct Hello: Equatable, Sendable {

@@ -3,14 +3,6 @@ import Synchronization
 import TernMachine
 import TernWire
 
-/// Frame types of parallel page streams (docs/MIGRATION.md, "Streams").
-extension FrameType {
-    /// S→D, first frame of each extra connection: the session token and the stream's index.
-    public static let streamHello = FrameType(rawValue: 28)
-    /// S→D on an extra connection: this stream carries no more pages.
-    public static let streamEnd = FrameType(rawValue: 29)
-}
-
 /// The first frame of an extra page stream: which migration (the token the
 /// destination handed out in its hello reply) and which stream it is.
 public struct StreamHello: Equatable, Sendable {

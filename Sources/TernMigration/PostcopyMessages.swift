@@ -1,23 +1,5 @@
 import TernWire
 
-/// Frame types of the post-copy phase (docs/MIGRATION.md, "Post-copy").
-extension FrameType {
-    /// S→D at switch-over instead of `end`: the pages the destination must still get, and the pause time.
-    public static let postcopyStart = FrameType(rawValue: 24)
-    /// D→S: pages a vCPU (or KVM) is waiting for.
-    public static let pageRequest = FrameType(rawValue: 25)
-    /// S→D: every needed page has been sent.
-    public static let postcopyEnd = FrameType(rawValue: 26)
-    /// D→S: the destination holds all memory; with its fault statistics.
-    public static let complete = FrameType(rawValue: 27)
-    /// S→D: the source has the destination's `complete` and ends; until then the destination stays resumable.
-    public static let completeAck = FrameType(rawValue: 32)
-    /// S→D, first frame of a new connection after post-copy's connection dropped: the migration's token.
-    public static let postcopyResume = FrameType(rawValue: 30)
-    /// D→S: the pages the destination still waits for (a bitmap, as in `postcopyStart`).
-    public static let postcopyResumeReply = FrameType(rawValue: 31)
-}
-
 /// Flag on a `pages` frame answering a page request (the rest is background push).
 public let demandReplyFlag: UInt32 = 1
 

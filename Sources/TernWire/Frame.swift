@@ -50,8 +50,8 @@ public struct FrameHeader: Equatable, Sendable {
     }
 }
 
-/// Frame types. Snapshot files use state, pages and end; migration streams
-/// add their own control types in the same space.
+/// Frame types, all in one place so that no two share a number. Snapshot
+/// files use state, pages and end; migration streams add their control types.
 public struct FrameType: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
     public let rawValue: UInt32
     public init(rawValue: UInt32) { self.rawValue = rawValue }
@@ -63,11 +63,61 @@ public struct FrameType: RawRepresentable, Hashable, Sendable, CustomStringConve
     /// The explicit end of a stream, with totals to cross-check.
     public static let end = FrameType(rawValue: 3)
 
+    // The migration protocol (docs/MIGRATION.md, "Wire protocol").
+    public static let hello = FrameType(rawValue: 16)
+    public static let helloReply = FrameType(rawValue: 17)
+    public static let ready = FrameType(rawValue: 18)
+    public static let go = FrameType(rawValue: 19)
+    public static let resumed = FrameType(rawValue: 20)
+    public static let abort = FrameType(rawValue: 21)
+    /// Round-trip probe before the first page (the downtime prediction needs the link's latency), and each round's sync.
+    public static let ping = FrameType(rawValue: 22)
+    public static let pong = FrameType(rawValue: 23)
+
+    // Post-copy (docs/MIGRATION.md, "Post-copy").
+    /// S→D at switch-over instead of `end`: the pages the destination must still get, and the pause time.
+    public static let postcopyStart = FrameType(rawValue: 24)
+    /// D→S: pages a vCPU (or KVM) is waiting for.
+    public static let pageRequest = FrameType(rawValue: 25)
+    /// S→D: every needed page has been sent.
+    public static let postcopyEnd = FrameType(rawValue: 26)
+    /// D→S: the destination holds all memory; with its fault statistics.
+    public static let complete = FrameType(rawValue: 27)
+    /// S→D: the source has the destination's `complete` and ends; until then the destination stays resumable.
+    public static let completeAck = FrameType(rawValue: 32)
+    /// S→D, first frame of a new connection after post-copy's connection dropped: the migration's token.
+    public static let postcopyResume = FrameType(rawValue: 30)
+    /// D→S: the pages the destination still waits for (a bitmap, as in `postcopyStart`).
+    public static let postcopyResumeReply = FrameType(rawValue: 31)
+
+    // Parallel page streams (docs/MIGRATION.md, "Parallel streams").
+    /// S→D, first frame of each extra connection: the session token and the stream's index.
+    public static let streamHello = FrameType(rawValue: 28)
+    /// S→D on an extra connection: this stream carries no more pages.
+    public static let streamEnd = FrameType(rawValue: 29)
+
     public var description: String {
         switch self {
         case .state: "state"
         case .pages: "pages"
         case .end: "end"
+        case .hello: "hello"
+        case .helloReply: "hello reply"
+        case .ready: "ready"
+        case .go: "go"
+        case .resumed: "resumed"
+        case .abort: "abort"
+        case .ping: "ping"
+        case .pong: "pong"
+        case .postcopyStart: "post-copy start"
+        case .pageRequest: "page request"
+        case .postcopyEnd: "post-copy end"
+        case .complete: "complete"
+        case .completeAck: "complete acknowledgement"
+        case .postcopyResume: "post-copy resume"
+        case .postcopyResumeReply: "post-copy resume reply"
+        case .streamHello: "stream hello"
+        case .streamEnd: "stream end"
         default: "type-\(rawValue)"
         }
     }

@@ -333,6 +333,37 @@ struct MigrationTests {
         #expect(pair.destination.stderr.contains("the source aborted: cancelled by the user"), "\(pair.destination.stderr)")
     }
 
+    /// `--max-rounds` forces the switch-over of a guest that cannot converge, and the report says so.
+    @Test func maxRoundsForcesTheSwitchOver() throws {
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=32 progress=0")
+        let before = try pair.source.waitForStatus { $0.phase == .dirty }
+        let (report, cli) = try pair.migrate(["--max-downtime", "1", "--max-rounds", "2", "--verify"])
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.switchoverReason == "max-rounds (2) reached", "\(r.switchoverReason ?? "")")
+        #expect(r.rounds.count == 3, "two rounds, then the stop-and-copy")
+        #expect(r.verification?.match == true)
+        try pair.destination.waitForAPI()
+        _ = try pair.destination.waitForStatus { $0.iterations > before.iterations }
+    }
+
+    /// `--timeout` forces the switch-over once it has passed; `--bandwidth` held the first pass to the cap.
+    @Test func timeoutForcesTheSwitchOverAndTheCapHolds() throws {
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=32 pattern=random rate=100 progress=0")
+        let before = try pair.source.waitForStatus { $0.phase == .dirty }
+        let (report, cli) = try pair.migrate(["--max-downtime", "1", "--timeout", "1", "--bandwidth", "20M"])
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.switchoverReason == "timeout (1 s) reached", "\(r.switchoverReason ?? "")")
+        let first = try #require(r.rounds.first)
+        // The bucket starts with up to 9 MiB; the rest of the 64 MiB fill went at 20 MB/s.
+        #expect(Double(first.bytes) > 64e6)
+        #expect((Double(first.bytes) - 9.5e6) / 20e6 <= first.durationMs / 1000 + 0.05,
+                "\(first.bytes) bytes in \(first.durationMs) ms under a 20 MB/s cap")
+        try pair.destination.waitForAPI()
+        _ = try pair.destination.waitForStatus { $0.iterations > before.iterations }
+    }
+
     /// Ctrl-C on `tern migrate` cancels as `tern migrate-cancel` does, and the report still comes.
     @Test func interruptingTernMigrateCancelsIt() throws {
         let pair = try MigrationPair(cmdline: "fill=128 dirty=16 progress=0")
