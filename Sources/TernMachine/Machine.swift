@@ -276,7 +276,7 @@ public final class Machine: @unchecked Sendable {
         defer { lifecycle.unlock() }
         guard state == .paused || state == .created else { throw LifecycleError.notPaused(state) }
         let description = MachineDescription(memorySize: memory.size, vcpuCount: UInt32(runners.count),
-                                             kernelPath: configuration.kernelPath ?? "", commandLine: configuration.commandLine)
+                                             kernelPath: configuration.kernelName, commandLine: configuration.commandLine)
         // vCPUs before the platform: reading a LAPIC can still move an interrupt into the IOAPIC/PIC view.
         let vcpus = try runners.enumerated().map { index, runner in
             try VcpuState.capture(runner.vcpu, cpuid: cpuids[index], msrIndices: msrIndices)
@@ -337,7 +337,7 @@ public final class Machine: @unchecked Sendable {
         let uptime = startTime.map { ContinuousClock.now - $0 } ?? .zero
         return MachineInfo(state: state, memoryBytes: memory.size, memoryHugePages: memory.usesHugePages, vcpus: runners.count,
                            uptimeMs: UInt64(uptime.components.seconds * 1000 + uptime.components.attoseconds / 1_000_000_000_000_000),
-                           kernel: configuration.kernelPath ?? "", cmdline: configuration.commandLine,
+                           kernel: configuration.kernelName, cmdline: configuration.commandLine,
                            pid: getpid(), exit: exit)
     }
 

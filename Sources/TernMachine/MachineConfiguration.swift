@@ -11,6 +11,12 @@ public struct MachineConfiguration: Sendable, Equatable {
     public var preallocate: Bool
     /// Whether guest RAM takes transparent huge pages (`--thp`).
     public var hugePages: HugePages
+    /// A VM restored from a snapshot or received by migration: the kernel it was first booted with,
+    /// as that host named it (for `tern info`, and passed on with the VM; nothing reads the file).
+    public var bootedKernel: String?
+
+    /// The kernel this VM runs, as whoever booted it named it.
+    public var kernelName: String { kernelPath ?? bootedKernel ?? "" }
 
     public static let maximumVcpus = 64
 

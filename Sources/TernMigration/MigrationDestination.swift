@@ -125,10 +125,11 @@ public final class MigrationDestination {
                 if preparedMemory?.usesHugePages == true { throw Refusal("post-copy into the prepared huge pages needs userfaultfd minor faults (Linux 5.14)") }
             }
             let fourKiBPages = postcopyFromTheStart || postcopyWithoutMinorFaults
-            let configuration = MachineConfiguration(
+            var configuration = MachineConfiguration(
                 kernelPath: nil, commandLine: hello.machine.commandLine, memorySize: hello.machine.memorySize,
                 vcpuCount: Int(hello.machine.vcpuCount), serial: expectations.serial, kvmPath: expectations.kvmPath,
                 hugePages: fourKiBPages && expectations.hugePages == .auto ? .off : expectations.hugePages)
+            configuration.bootedKernel = hello.machine.kernelPath.isEmpty ? nil : hello.machine.kernelPath
             machine = try Machine(configuration: configuration, memory: preparedMemory, logger: logger)
             // Post-copy from the start into preallocated memory: unmap it now, before the source
             // pauses, so that the switch need not (its pages then wait for their contents by minor faults).

@@ -71,6 +71,8 @@ struct MigrationTests {
         try pair.destination.waitForAPI()
         let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.destination.client.request(.GET, "/v1/vm").body)
         #expect(info.memoryHugePages == sourceInfo.memoryHugePages, "a pre-copy destination takes huge pages where the source could")
+        #expect(info.vcpus == sourceInfo.vcpus && info.cmdline == sourceInfo.cmdline)
+        #expect(info.kernel == sourceInfo.kernel && !info.kernel.isEmpty, "the kernel the VM was booted with, as the source named it")
         let moved = try #require(try pair.destination.status())
         #expect(moved.iterations >= before.iterations, "the iteration count continues, it does not restart")
         let later = try pair.destination.waitForStatus { $0.iterations > moved.iterations }
@@ -78,6 +80,27 @@ struct MigrationTests {
         if moved.phase == .dirty {
             _ = try pair.destination.waitForStatus { $0.verified > moved.verified }
         }
+    }
+
+    /// Every vCPU moves, the ones the guest never started (waiting for their startup IPI) among them.
+    @Test func aTwoVcpuVMMigrates() throws {
+        let destinationPort = freePort()
+        let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(destinationPort)", "--serial", "off"])
+        let source = try TernProcess.guest("fill=32 dirty=8 pattern=random rate=50 progress=0", memory: "256M", extra: ["--cpus", "2"])
+        try source.waitForAPI()
+        let before = try source.waitForStatus { $0.phase == .dirty }
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
+        let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", "tcp:127.0.0.1:\(destinationPort)", "--json", "--verify"],
+                                  withAPI: false)
+        _ = cli.waitForExit(timeout: 60)
+        let r = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8)), "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.verification?.match == true, "both vCPUs' state and the memory match")
+        try destination.waitForAPI()
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try destination.client.request(.GET, "/v1/vm").body)
+        #expect(info.vcpus == 2)
+        _ = try destination.waitForStatus { $0.iterations > before.iterations && $0.errors == 0 }
     }
 
     /// A migrated VM ends cleanly on SIGTERM, like any other (the signal handling moves from waiting to running).

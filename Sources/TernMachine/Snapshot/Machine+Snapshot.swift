@@ -34,9 +34,10 @@ extension Machine {
         if let expectedVcpus, expectedVcpus != Int(description.vcpuCount) {
             throw ConfigurationError("snapshot \(path) has \(description.vcpuCount) vCPUs, but --cpus says \(expectedVcpus)")
         }
-        let configuration = MachineConfiguration(kernelPath: nil, commandLine: description.commandLine,
+        var configuration = MachineConfiguration(kernelPath: nil, commandLine: description.commandLine,
                                                  memorySize: description.memorySize, vcpuCount: Int(description.vcpuCount),
                                                  serial: serial, kvmPath: kvmPath, preallocate: preallocate, hugePages: hugePages)
+        configuration.bootedKernel = description.kernelPath.isEmpty ? nil : description.kernelPath
         let machine = try Machine(configuration: configuration)
         let statistics = try reader.loadMemory(into: machine.memory)
         try machine.restoreState(reader.state)
