@@ -227,7 +227,7 @@ extension PostcopyReceiver {
         }
         writeLock.withLock {
             completion = report
-            if ProcessInfo.processInfo.environment["TERN_MIGRATION_FAULT"] == "lose-complete" {
+            if MigrationDestination.injectedFault == "lose-complete" {
                 // Fault injection (tests): the connection drops just as `complete` would have gone.
                 logger.warning("TERN_MIGRATION_FAULT=lose-complete: dropping the connection instead of sending `complete`")
                 connected = false

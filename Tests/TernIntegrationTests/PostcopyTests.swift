@@ -121,6 +121,36 @@ struct PostcopyTests {
         #expect(r.postcopy != nil)
     }
 
+    /// A VM that arrived by one kind of migration leaves by another: pre-copy, then post-copy from that
+    /// destination (4 KiB pages, its memory received by pre-copy), then hybrid from the post-copy's
+    /// destination (its memory placed by userfaultfd), each verified, the guest counting on throughout.
+    @Test func aVMMovesOnFromHostToHost() throws {
+        var current = try TernProcess.guest("fill=64 dirty=16 pattern=random rate=50 progress=0", memory: "256M")
+        try current.waitForAPI()
+        var last = try current.waitForStatus { $0.phase == .dirty }
+        for mode in [["--mode", "precopy"], ["--mode", "postcopy"], ["--mode", "hybrid", "--precopy-rounds", "1"]] {
+            let port = freePort()
+            let next = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"])
+            let deadline = Date(timeIntervalSinceNow: 10)
+            while !next.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
+            let cli = try TernProcess(["migrate", "--api-socket", current.apiSocket, "--to", "tcp:127.0.0.1:\(port)", "--json", "--verify"] + mode,
+                                      withAPI: false)
+            _ = cli.waitForExit(timeout: 60)
+            let r = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8)), "\(mode): no report: \(cli.stderr)")
+            #expect(r.status == .completed, "\(mode): \(r.reason ?? "")")
+            #expect(r.verification?.match == true, "\(mode)")
+            #expect(current.waitForExit(timeout: 10) == 0)
+            try next.waitForAPI()
+            let moved = try next.waitForStatus { $0.iterations > last.iterations }
+            #expect(moved.errors == 0, "\(mode)")
+            // A post-copy counts as completed once the destination holds all memory, so the next hop may
+            // start at once (a VM whose memory is still arriving is refused); the guest checks its memory first.
+            last = try next.waitForStatus { $0.verified > moved.verified }
+            current = next
+        }
+        #expect(last.errors == 0)
+    }
+
     @Test func autoStaysPrecopyWhenItConverges() throws {
         let r = try migrateAndCheck(cmdline: "fill=32 dirty=4 pattern=random rate=10 progress=0", arguments: ["--mode", "auto"])
         #expect(r.postcopy == nil)
