@@ -16,6 +16,7 @@ import TernMachine
 ///                                               {"resume": true} reconnects a post-copy whose connection dropped
 ///   GET  /v1/vm/migration                    -> the running (or last) migration's report, live
 ///   PUT  /v1/vm/migration/cancel             -> 202; the VM keeps running here
+///   PUT  /v1/vm/migration/postcopy           -> 202; a hybrid or auto migration switches to post-copy now
 public struct APIRouter: Sendable {
     public static let maximumMemoryRead: UInt64 = 64 << 20
 
@@ -65,6 +66,9 @@ public struct APIRouter: Sendable {
         case "/v1/vm/migration/cancel":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
             return cancelMigration()
+        case "/v1/vm/migration/postcopy":
+            guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
+            return startPostcopy()
         case "/v1/vm/memory":
             guard method == "GET" else { return Self.methodNotAllowed(method, path) }
             return readMemory(query)

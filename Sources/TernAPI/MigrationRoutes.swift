@@ -215,4 +215,11 @@ extension APIRouter {
         }
         return APIResponse(status: 202, contentType: nil, body: Data())
     }
+
+    /// QEMU's `migrate-start-postcopy`: a hybrid or auto migration still in pre-copy switches now.
+    func startPostcopy() -> APIResponse {
+        guard let source = migrations.active else { return .error(404, "not_found", "no migration is in progress") }
+        if let refusal = source.requestPostcopy() { return .error(409, "invalid_state", refusal) }
+        return APIResponse(status: 202, contentType: nil, body: Data())
+    }
 }

@@ -45,34 +45,81 @@ extension MigrationSource {
         var switchover = "converged"
         let totalPages = machine.memory.size / UInt64(PageRun.pageSize)
         var usePostcopy = parameters.mode == .postcopy
+        defer { endPrecopy() }
+        // Hybrid and auto can be told to switch to post-copy at any moment (`tern migrate-postcopy`): their
+        // rounds record what they sent, so that a round cut short leaves post-copy exactly what it had not.
+        let interruptible = parameters.mode == .hybrid || parameters.mode == .auto
         while parameters.mode != .postcopy {
+            if postcopyRequestPending {
+                switchover = "post-copy requested (tern migrate-postcopy) after \(round) pre-copy round\(round == 1 ? "" : "s")"
+                usePostcopy = true
+                break
+            }
             let roundStart = ContinuousClock.now
             let before = sender.counters
             let waitedBefore = rateLimit.waitedSeconds
             update { $0.currentRound = round; $0.roundPercent = 0 }
             roundPlan.withLock { $0 = (before.dataPages + before.zeroPages, Double(pending.map { UInt64($0.count) } ?? totalPages)) }
-            if let pages = pending {
-                if holdBackHot {
-                    let split = frequency.holdingBackHottest(pages, stillHot: latestDirty ?? pages)
-                    try sender.send(ordered: split.send)
-                    heldOver = split.held
-                } else if parameters.order == .dirtyFrequency {
-                    try sender.send(ordered: frequency.ordered(pages))
+            if interruptible { sender.recordSentPages(true, pageCount: pageCount) }
+            var learner: FirstPassLearner?
+            do {
+                if let pages = pending {
+                    if holdBackHot {
+                        let split = frequency.holdingBackHottest(pages, stillHot: latestDirty ?? pages)
+                        try sender.send(ordered: split.send)
+                        heldOver = split.held
+                    } else if parameters.order == .dirtyFrequency {
+                        try sender.send(ordered: frequency.ordered(pages))
+                    } else {
+                        try sender.send(pages)
+                    }
                 } else {
-                    try sender.send(pages)
+                    let firstPass = FirstPassLearner(memory: machine.memory, vm: machine.vm, initiallyHeld: PageSet(pageCount: pageCount),
+                                                     frequency: frequency, interval: Self.learningIntervalPages,
+                                                     deferringHotChunks: parameters.order == .dirtyFrequency)
+                    learner = firstPass
+                    try sender.firstPass(learning: firstPass)
+                    let learnt = firstPass.finish()
+                    frequency = learnt.frequency
+                    sender.setCacheWholePages(true)
+                    if parameters.order == .dirtyFrequency { try sender.send(ordered: frequency.ordered(learnt.held)) } else { try sender.send(learnt.held) }
+                    resentAfterFirstPass = learnt.dirtyAfterSending
+                    firstPassSamples = learnt.samples
                 }
-            } else {
-                let learner = FirstPassLearner(memory: machine.memory, vm: machine.vm, initiallyHeld: PageSet(pageCount: pageCount), frequency: frequency,
-                                               interval: Self.learningIntervalPages,
-                                               deferringHotChunks: parameters.order == .dirtyFrequency)
-                try sender.firstPass(learning: learner)
-                let learnt = learner.finish()
-                frequency = learnt.frequency
-                sender.setCacheWholePages(true)
-                if parameters.order == .dirtyFrequency { try sender.send(ordered: frequency.ordered(learnt.held)) } else { try sender.send(learnt.held) }
-                resentAfterFirstPass = learnt.dirtyAfterSending
-                firstPassSamples = learnt.samples
+            } catch is PageSender.Stopped where postcopyRequestPending && !cancelled {
+                // Cut short for post-copy: it takes over what this round had not sent (the first pass: every page
+                // that holds data), plus what was sent and written again since (the first pass read some of the
+                // dirty log already; the rest is read at the switch).
+                var rest = pending ?? PageSet(pageCount: pageCount)
+                if pending == nil {
+                    try machine.memory.forEachExtent { first, count, isHole in
+                        if !isHole { rest.insert(range: first..<first + count) }
+                    }
+                }
+                rest.subtract(sender.pagesSent(pageCount: pageCount))
+                if let learner { rest.formUnion(learner.finish().dirtyAfterSending) }
+                sender.recordSentPages(false, pageCount: pageCount)
+                let sent = sender.counters
+                let duration = milliseconds(since: roundStart)
+                let partial = MigrationReport.Round(
+                    round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages),
+                    zeroPages: sent.zeroPages - before.zeroPages, bytes: sent.bytes - before.bytes, dirtyPages: UInt64(rest.count),
+                    durationMs: duration, throughputMBps: Double(sent.bytes - before.bytes) / 1e6 / max(duration / 1000, 0.001),
+                    dirtyRatePagesPerSecond: 0, predictedDowntimeMs: 0)
+                update {
+                    $0.rounds.append(partial)
+                    $0.transferredBytes = sent.bytes
+                    $0.dataPages = sent.dataPages
+                    $0.zeroPages = sent.zeroPages
+                }
+                logger.info("post-copy requested: round \(round) stopped after \(partial.pages) pages; \(rest.count) pages left to post-copy")
+                pending = rest
+                switchover = "post-copy requested (tern migrate-postcopy) during pre-copy round \(round)"
+                usePostcopy = true
+                round += 1
+                break
             }
+            if interruptible { sender.recordSentPages(false, pageCount: pageCount) }
             // Pages re-sent from now on are likely to be re-sent again: keep them for deltas.
             sender.setCacheWholePages(true)
             try sender.synchronise(round: round) { [unowned self] in try readReply($0, expecting: .pong, what: "the sync after a round").1 }

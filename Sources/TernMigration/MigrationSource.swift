@@ -58,6 +58,10 @@ public final class MigrationSource: @unchecked Sendable {
     private var committedFlag = false
     /// A post-copy whose connection dropped: what `resume` needs to go on (guarded by `lock`).
     var postcopyContext: PostcopyContext?
+    /// `tern migrate-postcopy`: switch to post-copy now (guarded by `lock`).
+    private var postcopyRequested = false
+    /// Set when pre-copy's rounds end: a request for post-copy comes too late from then on (guarded by `lock`).
+    private var precopyOver = false
 
     /// Time allowed for the destination to answer a control message.
     public static let replyTimeoutSeconds = 30
@@ -102,6 +106,29 @@ public final class MigrationSource: @unchecked Sendable {
         }
         return true
     }
+
+    /// Asks a hybrid or auto migration still in pre-copy to switch to post-copy now, as QEMU's
+    /// `migrate-start-postcopy` does: the round under way stops after the frame it is writing, and
+    /// post-copy takes over with what that round had not sent and what the guest dirtied.
+    /// Returns why not, or nil once the request is taken.
+    public func requestPostcopy() -> String? {
+        guard parameters.mode == .hybrid || parameters.mode == .auto else {
+            return parameters.mode == .postcopy ? "the migration is post-copy from the start"
+                : "the migration runs as --mode precopy; start it with --mode hybrid or --mode auto to switch to post-copy on request"
+        }
+        return lock.withLock {
+            if cancelReason != nil { return "the migration is being cancelled" }
+            if precopyOver || committedFlag { return "too late: pre-copy has ended and the switch-over has begun" }
+            postcopyRequested = true
+            return nil
+        }
+    }
+
+    /// Whether post-copy was asked for while pre-copy still runs (a round in progress stops for it).
+    var postcopyRequestPending: Bool { lock.withLock { postcopyRequested && !precopyOver } }
+
+    /// Pre-copy's rounds are over: from here a request for post-copy is refused.
+    func endPrecopy() { lock.withLock { precopyOver = true } }
 
     /// Marks the point of no return, unless a cancel got in first.
     private func commit() throws {
@@ -181,7 +208,7 @@ public final class MigrationSource: @unchecked Sendable {
         let roundPlan = Mutex<(pagesBefore: UInt64, planned: Double)>((0, 1))
         let rateLimit = RateLimiter(bytesPerSecond: parameters.bandwidth)
         let sender = PageStreams(memory: machine.memory, streams: session.pageStreams, rateLimit: rateLimit,
-                                 shouldStop: { [unowned self] in cancelled },
+                                 shouldStop: { [unowned self] in cancelled || postcopyRequestPending },
                                  onProgress: { [unowned self] counters in
                                      let plan = roundPlan.withLock { $0 }
                                      update {

@@ -43,6 +43,11 @@ public struct PageSet: Equatable, Sendable {
         for (i, word) in other.words.enumerated() where word != 0 { words[i] |= word }
     }
 
+    /// Removes every member of another set of the same size.
+    public mutating func subtract(_ other: PageSet) {
+        for (i, word) in other.words.enumerated() where word != 0 { words[i] &= ~word }
+    }
+
     /// The first member at or after `page`, if any.
     public func next(from page: Int) -> Int? {
         guard page < pageCount else { return nil }

@@ -41,6 +41,8 @@ final class PageStreams: @unchecked Sendable {
     let partition: StreamPartition
     private let workers: StreamWorkers
     private let perStream: StreamCounters
+    /// Per stream, the pages sent while recording (each stream's thread adds to its own).
+    private let sentPages: [SentPageRecord]
 
     init(memory: GuestMemory, streams: [FDStream], rateLimit: RateLimiter, shouldStop: @escaping @Sendable () -> Bool,
          onProgress: @escaping @Sendable (PageStreamCounters) -> Void) {
@@ -49,6 +51,7 @@ final class PageStreams: @unchecked Sendable {
         let perStream = StreamCounters(streams: streams.count)
         self.workers = workers
         self.perStream = perStream
+        sentPages = streams.map { _ in SentPageRecord() }
         senders = streams.enumerated().map { index, stream in
             PageSender(memory: memory, stream: stream, partition: StreamPartition(streams: streams.count), index: index,
                        rateLimit: rateLimit, shouldStop: { shouldStop() || workers.failed },
@@ -108,11 +111,35 @@ final class PageStreams: @unchecked Sendable {
         }
     }
 
+    /// Starts recording, on every stream, the pages its frames carry (nil: stops).
+    func recordSentPages(_ on: Bool, pageCount: Int) {
+        for (index, sender) in senders.enumerated() {
+            guard on else {
+                sender.streamer.runSent = nil
+                continue
+            }
+            let record = sentPages[index]
+            record.withLock { $0 = PageSet(pageCount: pageCount) }
+            sender.streamer.runSent = { first, count in record.withLock { $0.insert(range: first..<first + count) } }
+        }
+    }
+
+    /// What the streams' frames carried since `recordSentPages(true, ...)` (read between operations).
+    func pagesSent(pageCount: Int) -> PageSet {
+        sentPages.reduce(into: PageSet(pageCount: pageCount)) { all, record in record.withLock { all.formUnion($0) } }
+    }
+
     /// Tells the destination that the extra streams carry nothing more (the control connection goes on).
     func endExtraStreams() throws {
         for sender in senders.dropFirst() { try sender.streamer.stream.writeFrame(.streamEnd, payload: [UInt8]()) }
         workers.stop()
     }
+}
+
+/// One stream's sent pages; a lock only so the set can be read from another thread afterwards.
+final class SentPageRecord: Sendable {
+    private let pages = Mutex(PageSet(pageCount: 0))
+    func withLock<R>(_ body: (inout PageSet) -> R) -> R { pages.withLock { body(&$0) } }
 }
 
 /// The latest counters of each stream, summed for progress reports.

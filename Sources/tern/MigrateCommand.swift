@@ -147,6 +147,15 @@ struct Migrate: ParsableCommand {
     }
 }
 
+struct MigratePostcopy: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate-postcopy",
+        abstract: "Switch a migration started with --mode hybrid or auto to post-copy now (QEMU's migrate-start-postcopy).",
+        discussion: "The pre-copy round under way stops after the frame it is writing; the VM moves to the destination, which pulls what is left.")
+    @OptionGroup var api: APIOptions
+    func run() throws { _ = try call(api.client, .PUT, "/v1/vm/migration/postcopy", expecting: 202) }
+}
+
 struct MigrateCancel: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "migrate-cancel", abstract: "Cancel a VM's migration; it keeps running here.")
     @OptionGroup var api: APIOptions

@@ -151,6 +151,59 @@ struct PostcopyTests {
         #expect(last.errors == 0)
     }
 
+    /// `tern migrate-postcopy` (QEMU's migrate-start-postcopy) switches a hybrid migration in the middle of
+    /// its first pass: post-copy takes exactly what the pass had not sent and what the guest wrote since.
+    @Test func migratePostcopySwitchesInTheMiddleOfARound() throws {
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=4 pattern=random rate=50 progress=0")
+        let before = try pair.source.waitForStatus { $0.phase == .dirty }
+        let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json", "--verify",
+                                   "--mode", "hybrid", "--precopy-rounds", "20", "--bandwidth", "20M"], withAPI: false)
+        // Into the first pass (64 MiB at 20 MB/s: over three seconds), well past the bucket's first burst.
+        let deadline = Date(timeIntervalSinceNow: 30)
+        while Date() < deadline, (pair.source.migrationReport()?.transferredBytes ?? 0) < 16_000_000 { usleep(50_000) }
+        let request = try TernProcess(["migrate-postcopy", "--api-socket", pair.source.apiSocket], withAPI: false)
+        #expect(request.waitForExit() == 0, "\(request.stderr)")
+        #expect(cli.waitForExit(timeout: 60) == 0, "\(cli.stderr)")
+        let r = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.switchoverReason == "post-copy requested (tern migrate-postcopy) during pre-copy round 0", "\(r.switchoverReason ?? "")")
+        #expect(r.verification?.match == true)
+        #expect(r.rounds.count == 2, "the first pass, cut short, and post-copy")
+        let first = try #require(r.rounds.first)
+        #expect(first.bytes < 40_000_000, "the pass stopped when asked, not at its end: \(first.bytes) bytes")
+        let p = try #require(r.postcopy)
+        #expect(p.pagesPushed + p.pagesPulled == r.postcopyPagesSent)
+        // Each page about once: the 64 MiB fill and under a MiB of the rest, plus the guest's 4 MiB working set
+        // once more (rewritten after the pass sent it). Sending the pass's pages again would add 16 MB or more.
+        #expect(Double(r.transferredBytes) <= Double(65 << 20) * 1.02 + Double(4 << 20) + 1e6, "\(r.transferredBytes) bytes")
+        #expect(pair.source.waitForExit(timeout: 10) == 0)
+        try pair.destination.waitForAPI()
+        let moved = try pair.destination.waitForStatus { $0.iterations > before.iterations }
+        _ = try pair.destination.waitForStatus { $0.verified > moved.verified && $0.errors == 0 }
+    }
+
+    /// A pre-copy cannot be switched (its destination was not set up for post-copy), nor a migration that is not there.
+    @Test func migratePostcopyRefusesWhatItCannotSwitch() throws {
+        let idle = try TernProcess.guest("progress=0")
+        try idle.waitForAPI()
+        let none = try TernProcess(["migrate-postcopy", "--api-socket", idle.apiSocket], withAPI: false)
+        #expect(none.waitForExit() != 0)
+        #expect(none.stderr.contains("no migration is in progress"), "\(none.stderr)")
+
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=16 pattern=random rate=50 progress=0")
+        _ = try pair.source.waitForStatus { $0.phase == .dirty }
+        let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json", "--bandwidth", "20M"],
+                                  withAPI: false)
+        let deadline = Date(timeIntervalSinceNow: 30)
+        while Date() < deadline, (pair.source.migrationReport()?.transferredBytes ?? 0) == 0 { usleep(50_000) }
+        let refused = try TernProcess(["migrate-postcopy", "--api-socket", pair.source.apiSocket], withAPI: false)
+        #expect(refused.waitForExit() != 0)
+        #expect(refused.stderr.contains("start it with --mode hybrid or --mode auto"), "\(refused.stderr)")
+        #expect(cli.waitForExit(timeout: 60) == 0, "the pre-copy goes on undisturbed")
+        let r = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
+        #expect(r.status == .completed && r.postcopy == nil)
+    }
+
     @Test func autoStaysPrecopyWhenItConverges() throws {
         let r = try migrateAndCheck(cmdline: "fill=32 dirty=4 pattern=random rate=10 progress=0", arguments: ["--mode", "auto"])
         #expect(r.postcopy == nil)

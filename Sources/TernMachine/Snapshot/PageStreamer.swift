@@ -49,6 +49,10 @@ public final class PageStreamer {
     public let framePages: Int
     /// Flags of the frames written (post-copy marks demand replies).
     public var frameFlags: UInt32 = 0
+    /// Called, once a frame is written, with the memfd pages of each of its runs (a pre-copy round that
+    /// may be cut short for post-copy needs to know what actually left). Pages that XBZRLE found
+    /// unchanged send nothing and are not reported.
+    public var runSent: ((_ firstPage: Int, _ count: Int) -> Void)?
 
     private let staging: UnsafeMutableRawBufferPointer
     private var stagedPages = 0
@@ -229,6 +233,12 @@ public final class PageStreamer {
         }
         try beforeFrame?(size)
         try stream.writeFrame(.pages, flags: flags, payload: pieces)
+        if let runSent {
+            for entry in runs {
+                let first = try memory.fileOffset(of: entry.run.address, length: UInt64(entry.run.byteCount)) / UInt64(PageRun.pageSize)
+                runSent(Int(first), Int(entry.run.pageCount))
+            }
+        }
         counters.bytes += UInt64(size)
         counters.frames += 1
         runs.removeAll(keepingCapacity: true)
