@@ -17,6 +17,7 @@ import TernMachine
 ///   GET  /v1/vm/migration                    -> the running (or last) migration's report, live
 ///   PUT  /v1/vm/migration/cancel             -> 202; the VM keeps running here
 ///   PUT  /v1/vm/migration/postcopy           -> 202; a hybrid or auto migration switches to post-copy now
+///   PUT  /v1/vm/migration/parameters {"max_downtime_ms", "bandwidth"} -> the report with the new limits
 public struct APIRouter: Sendable {
     public static let maximumMemoryRead: UInt64 = 64 << 20
 
@@ -66,6 +67,9 @@ public struct APIRouter: Sendable {
         case "/v1/vm/migration/cancel":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
             return cancelMigration()
+        case "/v1/vm/migration/parameters":
+            guard method == "PUT" || method == "POST" || method == "PATCH" else { return Self.methodNotAllowed(method, path) }
+            return tuneMigration(body)
         case "/v1/vm/migration/postcopy":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
             return startPostcopy()

@@ -57,6 +57,18 @@ extension MigrateRequest {
     public static let minimumBandwidth: UInt64 = 1_000_000
 }
 
+/// Body of PUT /v1/vm/migration/parameters: limits to change while a migration runs (absent: unchanged).
+public struct MigrationLimitsRequest: Codable, Sendable {
+    public var maxDowntimeMs: Double?
+    /// Bytes per second; 0 lifts the cap.
+    public var bandwidth: UInt64?
+
+    public init(maxDowntimeMs: Double? = nil, bandwidth: UInt64? = nil) {
+        self.maxDowntimeMs = maxDowntimeMs
+        self.bandwidth = bandwidth
+    }
+}
+
 /// The migration a VM is in (at most one at a time), and the last one's report.
 final class MigrationSlot: Sendable {
     private let current = Mutex<MigrationSource?>(nil)
@@ -221,5 +233,20 @@ extension APIRouter {
         guard let source = migrations.active else { return .error(404, "not_found", "no migration is in progress") }
         if let refusal = source.requestPostcopy() { return .error(409, "invalid_state", refusal) }
         return APIResponse(status: 202, contentType: nil, body: Data())
+    }
+
+    /// QEMU's `migrate-set-parameters` for `downtime-limit` and `max-bandwidth`, on the running migration.
+    func tuneMigration(_ body: Data) -> APIResponse {
+        guard let request = try? APIJSON.decoder.decode(MigrationLimitsRequest.self, from: body),
+              request.maxDowntimeMs != nil || request.bandwidth != nil else {
+            return .error(400, "bad_request", "expected a JSON body {\"max_downtime_ms\": MS, \"bandwidth\": BYTES_PER_S (0: no cap)}")
+        }
+        if let value = request.maxDowntimeMs, !(value > 0) { return .error(400, "bad_request", "max_downtime_ms must be positive") }
+        if let value = request.bandwidth, value != 0, value < MigrateRequest.minimumBandwidth {
+            return .error(400, "bad_request", "bandwidth below \(MigrateRequest.minimumBandwidth) bytes per second (1M) is not supported; 0 lifts the cap")
+        }
+        guard let source = migrations.active else { return .error(404, "not_found", "no migration is in progress") }
+        source.tune(maxDowntimeMs: request.maxDowntimeMs, bandwidth: request.bandwidth.map { $0 == 0 ? nil : $0 })
+        return .json(source.progress)
     }
 }

@@ -111,7 +111,7 @@ extension MigrationSource {
     func servePostcopy(stream: FDStream, urgent: FDStream? = nil, needed: PageSet, context: inout PostcopyContext) throws {
         // The cap was lifted for the switch (the downtime); the push shares the link again under it.
         let postcopy = PostcopySender(memory: machine.memory, connection: lock.withLock { connection }, stream: stream,
-                                      urgent: urgent, needed: needed, rateLimit: RateLimiter(bytesPerSecond: parameters.bandwidth))
+                                      urgent: urgent, needed: needed, rateLimit: makeRateLimiter())
         let statistics: PostcopyStatistics
         do {
             statistics = try postcopy.run()

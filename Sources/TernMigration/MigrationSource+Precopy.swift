@@ -38,7 +38,7 @@ extension MigrationSource {
         // commit 8f5eb3b) told it little more and cost 200 ms of every migration.
         let holdBackHot = parameters.order == .dirtyFrequency && (parameters.holdBackHot ?? (parameters.xbzrleCacheBytes == nil))
         var round = 0
-        let policy = SwitchoverPolicy(maxDowntimeMs: parameters.maxDowntimeMs, maxRounds: parameters.maxRounds,
+        var policy = SwitchoverPolicy(maxDowntimeMs: parameters.maxDowntimeMs, maxRounds: parameters.maxRounds,
                                       timeoutSeconds: parameters.timeoutSeconds)
         var history = SwitchoverPolicy.History()
         var pending: PageSet?
@@ -171,6 +171,8 @@ extension MigrationSource {
             let rewritesFaster = round == 0 && firstPassSamples.contains {
                 $0.milliseconds <= predictedMs && Double($0.pages) >= SwitchoverPolicy.worthwhileShrink * Double(dirty.count)
             }
+            // `tern migrate-set` may have moved the target since the last round.
+            policy.maxDowntimeMs = currentLimits.maxDowntimeMs
             let decision = policy.decide(afterRound: round, dirtyPages: dirty.count, predictedMs: predictedMs,
                                          elapsedSeconds: milliseconds(since: started) / 1000,
                                          dirtySetRewrittenWithinARound: rewritesFaster, history: &history)

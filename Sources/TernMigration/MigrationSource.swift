@@ -62,6 +62,10 @@ public final class MigrationSource: @unchecked Sendable {
     private var postcopyRequested = false
     /// Set when pre-copy's rounds end: a request for post-copy comes too late from then on (guarded by `lock`).
     private var precopyOver = false
+    /// The limits `tern migrate-set` may change while the migration runs (guarded by `lock`).
+    private var limits: (maxDowntimeMs: Double, bandwidth: UInt64?)
+    /// The rate limiter pages go through now (pre-copy's, then post-copy's push), for `tune` (guarded by `lock`).
+    private var activeRateLimit: RateLimiter?
 
     /// Time allowed for the destination to answer a control message.
     public static let replyTimeoutSeconds = 30
@@ -72,6 +76,7 @@ public final class MigrationSource: @unchecked Sendable {
         self.machine = machine
         self.parameters = parameters
         self.logger = logger
+        limits = (parameters.maxDowntimeMs, parameters.bandwidth)
         report = MigrationReport(status: .setup, destination: parameters.destination.description, ramBytes: machine.memory.size,
                                  maxDowntimeMs: parameters.maxDowntimeMs, bandwidthLimit: parameters.bandwidth)
         report.mode = parameters.mode.rawValue
@@ -121,6 +126,36 @@ public final class MigrationSource: @unchecked Sendable {
             if precopyOver || committedFlag { return "too late: pre-copy has ended and the switch-over has begun" }
             postcopyRequested = true
             return nil
+        }
+    }
+
+    /// Changes the downtime target and the bandwidth cap of the running migration, as QEMU's
+    /// `migrate-set-parameters` does: the target counts from the next round's decision, the cap from
+    /// the next frame (`.some(nil)`: no cap). The stop-and-copy always goes uncapped.
+    public func tune(maxDowntimeMs: Double?, bandwidth: UInt64??) {
+        let limiter: RateLimiter? = lock.withLock {
+            if let maxDowntimeMs {
+                limits.maxDowntimeMs = maxDowntimeMs
+                report.maxDowntimeMs = maxDowntimeMs
+            }
+            if let bandwidth {
+                limits.bandwidth = bandwidth
+                report.bandwidthLimit = bandwidth
+            }
+            return bandwidth == nil ? nil : activeRateLimit
+        }
+        if let bandwidth, let limiter { limiter.setRate(bandwidth) }
+        logger.info("migration limits now: max downtime \(currentLimits.maxDowntimeMs) ms, bandwidth \(currentLimits.bandwidth.map { "\($0) B/s" } ?? "uncapped")")
+    }
+
+    var currentLimits: (maxDowntimeMs: Double, bandwidth: UInt64?) { lock.withLock { limits } }
+
+    /// A rate limiter for pages from now on, at the current cap, which `tune` adjusts.
+    func makeRateLimiter() -> RateLimiter {
+        lock.withLock {
+            let limiter = RateLimiter(bytesPerSecond: limits.bandwidth)
+            activeRateLimit = limiter
+            return limiter
         }
     }
 
@@ -206,7 +241,7 @@ public final class MigrationSource: @unchecked Sendable {
         // Pre-copy. Dirty logging starts clean, before the first pass reads anything.
         for slot in machine.vm.memorySlots { try machine.vm.setDirtyLogging(slot: slot.slot, enabled: true) }
         let roundPlan = Mutex<(pagesBefore: UInt64, planned: Double)>((0, 1))
-        let rateLimit = RateLimiter(bytesPerSecond: parameters.bandwidth)
+        let rateLimit = makeRateLimiter()
         let sender = PageStreams(memory: machine.memory, streams: session.pageStreams, rateLimit: rateLimit,
                                  shouldStop: { [unowned self] in cancelled || postcopyRequestPending },
                                  onProgress: { [unowned self] counters in

@@ -31,9 +31,10 @@ public struct TokenBucket: Sendable {
 
 /// A token bucket shared by a sender's frames that can be lifted (for the stop-and-copy).
 final class RateLimiter: @unchecked Sendable {
-    // @unchecked: `bucket` and `waited` are guarded by `lock`.
+    // @unchecked: `bucket`, `lifted` and `waited` are guarded by `lock`.
     private let lock = NSLock()
     private var bucket: TokenBucket?
+    private var lifted = false
     private var waited = 0.0
 
     init(bytesPerSecond: UInt64?) { bucket = bytesPerSecond.map { TokenBucket(bytesPerSecond: $0) } }
@@ -53,5 +54,19 @@ final class RateLimiter: @unchecked Sendable {
     /// Seconds senders have spent waiting for tokens (summed over streams).
     var waitedSeconds: Double { lock.withLock { waited } }
 
-    func lift() { lock.withLock { bucket = nil } }
+    /// For the stop-and-copy: no cap from here on, whatever `setRate` says later.
+    func lift() {
+        lock.withLock {
+            bucket = nil
+            lifted = true
+        }
+    }
+
+    /// A new cap (nil: none) from now on, as `tern migrate-set` asks; the bucket starts full again.
+    func setRate(_ bytesPerSecond: UInt64?) {
+        lock.withLock {
+            guard !lifted else { return }
+            bucket = bytesPerSecond.map { TokenBucket(bytesPerSecond: $0) }
+        }
+    }
 }

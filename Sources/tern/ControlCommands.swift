@@ -16,10 +16,10 @@ struct APIOptions: ParsableArguments {
 }
 
 /// Sends one request; turns transport failures and API errors into a one-line message and exit code 1.
-func call(_ client: APIClient, _ method: HTTPMethod, _ uri: String, expecting: Int) throws -> APIClient.Response {
+func call(_ client: APIClient, _ method: HTTPMethod, _ uri: String, body: Data = Data(), expecting: Int) throws -> APIClient.Response {
     let response: APIClient.Response
     do {
-        response = try client.request(method, uri)
+        response = try client.request(method, uri, body: body)
     } catch {
         fail("\(error)")
     }

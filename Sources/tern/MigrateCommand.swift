@@ -147,6 +147,42 @@ struct Migrate: ParsableCommand {
     }
 }
 
+struct MigrateSet: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate-set",
+        abstract: "Change the running migration's downtime target or bandwidth cap (QEMU's migrate-set-parameters).",
+        discussion: "The target counts from the next round's decision, the cap from the next frame; the stop-and-copy always goes uncapped.")
+    @OptionGroup var api: APIOptions
+
+    @Option(help: "New downtime target in milliseconds.")
+    var maxDowntime: Double?
+
+    @Option(help: "New cap on bytes per second (K, M, G decimal; at least 1M), or 'unlimited'.")
+    var bandwidth: String?
+
+    func validate() throws {
+        guard maxDowntime != nil || bandwidth != nil else { throw ValidationError("give --max-downtime, --bandwidth or both") }
+        if let maxDowntime, !(maxDowntime > 0) { throw ValidationError("--max-downtime must be positive") }
+        if let bandwidth, bandwidth != "unlimited", try Migrate.parseRate(bandwidth) < MigrateRequest.minimumBandwidth {
+            throw ValidationError("--bandwidth must be at least 1M (1,000,000 bytes per second), or 'unlimited'")
+        }
+    }
+
+    func run() throws {
+        let request = MigrationLimitsRequest(maxDowntimeMs: maxDowntime,
+                                             bandwidth: try bandwidth.map { $0 == "unlimited" ? 0 : try Migrate.parseRate($0) })
+        let response = try call(api.client, .PUT, "/v1/vm/migration/parameters", body: try APIJSON.encoder.encode(request), expecting: 200)
+        let report = try APIJSON.decoder.decode(MigrationReport.self, from: response.body)
+        if api.json {
+            FileHandle.standardOutput.write(response.body)
+            print()
+        } else {
+            let cap = report.bandwidthLimit.map { String(format: "%.1f MB/s", Double($0) / 1e6) } ?? "none"
+            print("max downtime \(String(format: "%.1f", report.maxDowntimeMs)) ms, bandwidth cap \(cap)")
+        }
+    }
+}
+
 struct MigratePostcopy: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "migrate-postcopy",

@@ -387,6 +387,39 @@ struct MigrationTests {
         _ = try pair.destination.waitForStatus { $0.iterations > before.iterations }
     }
 
+    /// `tern migrate-set` (QEMU's migrate-set-parameters) lifts the cap and raises the downtime target of a
+    /// migration that, as started, would crawl (64 MiB at 10 MB/s) and never converge (a 16 MiB set rewritten
+    /// flat out cannot go in 1 ms).
+    @Test func migrateSetChangesTheLimitsOfARunningMigration() throws {
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=16 progress=0")
+        let before = try pair.source.waitForStatus { $0.phase == .dirty }
+        let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json", "--verify",
+                                   "--bandwidth", "10M", "--max-downtime", "1"], withAPI: false)
+        let deadline = Date(timeIntervalSinceNow: 30)
+        while Date() < deadline, (pair.source.migrationReport()?.transferredBytes ?? 0) < 12_000_000 { usleep(50_000) }
+        let set = try TernProcess(["migrate-set", "--api-socket", pair.source.apiSocket, "--bandwidth", "unlimited", "--max-downtime", "1000"],
+                                  withAPI: false)
+        #expect(set.waitForExit() == 0, "\(set.stderr)")
+        #expect(set.stdout.contains("max downtime 1000.0 ms, bandwidth cap none"), "\(set.stdout)")
+        #expect(cli.waitForExit(timeout: 60) == 0, "\(cli.stderr)")
+        let r = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.maxDowntimeMs == 1000 && r.bandwidthLimit == nil)
+        #expect(r.switchoverReason?.hasPrefix("converged") == true, "the new target fits: \(r.switchoverReason ?? "")")
+        #expect(r.totalMs < 5000, "at 10 MB/s the fill alone would take over five seconds: \(r.totalMs) ms")
+        #expect(r.verification?.match == true)
+        try pair.destination.waitForAPI()
+        _ = try pair.destination.waitForStatus { $0.iterations > before.iterations }
+
+        // Nothing to change once it is over, and nothing to change it to that the start would refuse.
+        let late = try TernProcess(["migrate-set", "--api-socket", pair.destination.apiSocket, "--max-downtime", "5"], withAPI: false)
+        #expect(late.waitForExit() != 0)
+        #expect(late.stderr.contains("no migration is in progress"), "\(late.stderr)")
+        let none = try TernProcess(["migrate-set", "--api-socket", pair.destination.apiSocket], withAPI: false)
+        #expect(none.waitForExit() != 0)
+        #expect(none.stderr.contains("give --max-downtime, --bandwidth or both"), "\(none.stderr)")
+    }
+
     /// Ctrl-C on `tern migrate` cancels as `tern migrate-cancel` does, and the report still comes.
     @Test func interruptingTernMigrateCancelsIt() throws {
         let pair = try MigrationPair(cmdline: "fill=128 dirty=16 progress=0")
