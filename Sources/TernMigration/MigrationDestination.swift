@@ -243,7 +243,8 @@ public final class MigrationDestination {
                     : try digests?.digest { !needed.contains($0) } ?? MemoryDigest.compute(machine.memory) { !needed.contains($0) }
                 postcopy = try PostcopyReceiver(machine: machine, source: stream, connection: connection, expected: needed,
                                                 digestOfPresentPages: present, urgent: urgentConnection,
-                                                recovery: expectations.recoveryEndpoint, token: token, logger: logger)
+                                                recovery: expectations.recoveryEndpoint, token: token,
+                                                afterPrecopy: hello.features & Hello.postcopyFirstFeature == 0, logger: logger)
                 if completion.memoryDigest != nil { ready.stateDigest = MemoryDigest.state(sections) }
                 logger.debug("post-copy's userfaultfd was ready \(sinceSourcePaused()) after the source paused")
             } else if completion.memoryDigest != nil {

@@ -43,6 +43,13 @@ public struct PageSet: Equatable, Sendable {
         for (i, word) in other.words.enumerated() where word != 0 { words[i] |= word }
     }
 
+    /// The members as runs of consecutive pages, in order.
+    public var ranges: [(first: Int, count: Int)] {
+        var runs: [(first: Int, count: Int)] = []
+        forEachRange { runs.append(($0, $1)) }
+        return runs
+    }
+
     /// Removes every member of another set of the same size.
     public mutating func subtract(_ other: PageSet) {
         for (i, word) in other.words.enumerated() where word != 0 { words[i] &= ~word }

@@ -90,6 +90,61 @@ extension PostcopyReceiver {
         }
     }
 
+    /// The runs of whole 2 MiB blocks (in pages, within guest RAM) that hold at least one of `pages`.
+    static func blocks(holding pages: PageSet) -> [(first: Int, count: Int)] {
+        var blocks: [(first: Int, count: Int)] = []
+        var page = pages.next(from: 0)
+        while let first = page {
+            let block = first / blockPages * blockPages
+            let end = min(block + blockPages, pages.pageCount)
+            if let last = blocks.last, last.first + last.count == block {
+                blocks[blocks.count - 1].count = end - last.first
+            } else {
+                blocks.append((block, end - block))
+            }
+            page = end < pages.pageCount ? pages.next(from: end) : nil
+        }
+        return blocks
+    }
+
+    /// Maps again, while the VM runs, the pages not needed in the blocks unmapped at the switch (their
+    /// contents are in the file already), so that the guest does not fault on each of them. A vCPU that
+    /// gets there first takes the fault path's local mapping instead; either way the other finds it mapped.
+    func remapUnneededPages() {
+        var mapped = 0
+        let started = Clocks.monotonicNs()
+        defer { logger.debug("post-copy: \(mapped) pages not needed mapped again in \(Int(Clocks.milliseconds(from: started, to: Clocks.monotonicNs()))) ms") }
+        for (blockStart, blockCount) in unmappedBlocks {
+            var page = blockStart
+            let end = blockStart + blockCount
+            while page < end {
+                guard !faultsReleased.load(ordering: .relaxed), !finished.load(ordering: .relaxed) else { return }
+                if needed.contains(page) {
+                    page += 1
+                    continue
+                }
+                var runEnd = page + 1
+                while runEnd < end && !needed.contains(runEnd) { runEnd += 1 }
+                do {
+                    if try uffd.continueMapping(memory.mapping.base + page * PageRun.pageSize, length: (runEnd - page) * PageRun.pageSize) == .placed {
+                        mapped += runEnd - page
+                    } else {
+                        // Part of the run is mapped already (a fault got there) or is a hole: page by page, leaving those.
+                        for single in page..<runEnd where try uffd.continueMapping(memory.mapping.base + single * PageRun.pageSize,
+                                                                                   length: PageRun.pageSize) == .placed {
+                            mapped += 1
+                        }
+                    }
+                } catch {
+                    // Not fatal: a vCPU touching these pages has them mapped by the fault path.
+                    logger.debug("post-copy: stopped mapping unneeded pages again: \(error)")
+                    return
+                }
+                page = runEnd
+            }
+        }
+    }
+
     /// Allocates a hole in the file (a zero page, within a huge page where the kernel can), so that it can be mapped.
     func allocate(page: Int) throws(SystemError) {
         while ckvm_allocate_range(memory.file.rawValue, Int64(page * PageRun.pageSize), Int64(PageRun.pageSize)) != 0 {
