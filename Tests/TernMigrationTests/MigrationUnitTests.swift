@@ -48,6 +48,26 @@ struct PageSetTests {
         clipped.merge(bitmap: [.max, .max], firstPage: 10)
         #expect(clipped.count == 60)
     }
+
+    @Test func subtractsAndListsRanges() {
+        var set = PageSet(pageCount: 300)
+        set.insert(range: 0..<200)
+        var other = PageSet(pageCount: 300)
+        other.insert(range: 10..<150)
+        other.insert(250)
+        set.subtract(other)
+        #expect(set.ranges.map { [$0.first, $0.count] } == [[0, 10], [150, 50]])
+    }
+
+    /// The blocks a hybrid's switch unmaps: whole 2 MiB blocks holding a stale page, adjacent ones as one run, the last cut at RAM's end.
+    @Test func blocksHoldingPagesAreWholeAndMerged() {
+        let blockPages = PostcopyReceiver.blockPages
+        var stale = PageSet(pageCount: 3 * blockPages + 100)
+        for page in [5, 7, 2 * blockPages + 300, 3 * blockPages + 1] { stale.insert(page) }
+        let blocks = PostcopyReceiver.blocks(holding: stale)
+        #expect(blocks.map { [$0.first, $0.count] } == [[0, blockPages], [2 * blockPages, blockPages + 100]])
+        #expect(PostcopyReceiver.blocks(holding: PageSet(pageCount: 64)).isEmpty)
+    }
 }
 
 struct TokenBucketTests {
