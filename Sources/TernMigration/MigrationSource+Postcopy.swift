@@ -112,6 +112,13 @@ extension MigrationSource {
         // The cap was lifted for the switch (the downtime); the push shares the link again under it.
         let postcopy = PostcopySender(memory: machine.memory, connection: lock.withLock { connection }, stream: stream,
                                       urgent: urgent, needed: needed, rateLimit: makeRateLimiter())
+        let (earlierBytes, owed) = (context.precopy.bytes + context.stateBytes + context.earlier.bytes, needed.count)
+        postcopy.onProgress = { [unowned self] left, counters in
+            update {
+                $0.transferredBytes = earlierBytes + counters.bytes
+                $0.roundPercent = owed > 0 ? Double(owed - left) / Double(owed) * 100 : 100
+            }
+        }
         let statistics: PostcopyStatistics
         do {
             statistics = try postcopy.run()

@@ -57,6 +57,8 @@ final class PostcopySender: @unchecked Sendable {
     private var pulledPages: UInt64 = 0
     var pulled: UInt64 { condition.withLock { pulledPages } }
     var shouldStop: () -> Bool = { false }
+    /// Progress for `tern migrate`'s line, at most every 100 ms: pages still owed and the bytes written so far.
+    var onProgress: (_ pagesLeft: Int, _ counters: PageStreamCounters) -> Void = { _, _ in }
     /// `--bandwidth`: the push waits for tokens; demand replies, which a vCPU waits for, go at once and are
     /// charged to it, so the push makes room for them.
     private let rateLimit: RateLimiter
@@ -121,8 +123,13 @@ final class PostcopySender: @unchecked Sendable {
         }
 
         var cursor = 0
+        var lastProgress = Clocks.monotonicNs()
         while true {
             if shouldStop() { throw Failure(description: "cancelled during post-copy") }
+            if Clocks.monotonicNs() - lastProgress >= 100_000_000 {
+                lastProgress = Clocks.monotonicNs()
+                onProgress(condition.withLock { needed.count }, counters)
+            }
             if let failure = condition.withLock({ readerError.map { Failure(description: $0, connectionLost: readerLostConnection) } }) {
                 throw failure
             }

@@ -213,7 +213,9 @@ final class ProgressPrinter: @unchecked Sendable {
         if let round = report.currentRound { line += " round \(round)" }
         if let percent = report.roundPercent { line += String(format: " %3.0f%%", percent) }
         line += String(format: "  %.1f MB sent", Double(report.transferredBytes) / 1e6)
-        if let last = report.rounds.last {
+        if report.status == .postcopy {
+            line += "  pushing the pages still owed; the VM runs at the destination"
+        } else if let last = report.rounds.last {
             line += String(format: "  %.0f MB/s  dirty %llu pages  predicted downtime %.0f ms", last.throughputMBps, last.dirtyPages, last.predictedDowntimeMs)
         }
         if terminal {

@@ -113,6 +113,26 @@ struct PostcopyTests {
         #expect(postcopyBytes > 60e6)
     }
 
+    /// While post-copy pushes, the progress a `tern migrate` without --json shows moves on.
+    @Test func postcopyProgressMovesOn() throws {
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=8 pattern=random rate=20 progress=0")
+        _ = try pair.source.waitForStatus { $0.phase == .dirty }
+        let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--mode", "postcopy",
+                                   "--bandwidth", "20M"], withAPI: false)
+        var seen: [MigrationReport] = []
+        let deadline = Date(timeIntervalSinceNow: 30)
+        while Date() < deadline, cli.process.isRunning {
+            if let report = pair.source.migrationReport(), report.status == .postcopy { seen.append(report) }
+            usleep(200_000)
+        }
+        #expect(cli.waitForExit(timeout: 30) == 0, "\(cli.stderr)")
+        let percents = seen.compactMap(\.roundPercent)
+        let (first, last) = (try #require(seen.first, "no progress seen during post-copy"), try #require(seen.last))
+        #expect(percents.count >= 3 && (percents.last ?? 0) > (percents.first ?? 0), "\(percents)")
+        #expect(last.transferredBytes > first.transferredBytes + 10_000_000)
+        #expect(cli.stderr.contains("pushing the pages still owed"), "\(cli.stderr)")
+    }
+
     @Test func autoSwitchesToPostcopyWhenPrecopyCannotMeetTheTarget() throws {
         // A 5 ms target against a guest rewriting 32 MiB flat out: pre-copy cannot converge.
         let r = try migrateAndCheck(cmdline: "fill=64 dirty=32 progress=0",
