@@ -38,6 +38,8 @@ public final class MigrationDestination {
         public var zeroPages: UInt64
         public var bytes: UInt64
         public var downtimeMs: Double?
+        /// The VM came paused (it was paused at the source) and stays so until resumed here.
+        public var paused = false
     }
 
     public struct Refusal: Error, CustomStringConvertible {
@@ -266,14 +268,16 @@ public final class MigrationDestination {
         }
         guard goHeader.type == .go else { throw Refusal("expected the source's go-ahead, got a \(goHeader.type) frame") }
         // The VM may have been quit meanwhile (through its API): then it must not be reported as running.
-        guard machine.start() else { throw Refusal("the VM was stopped here before it could start") }
+        let keepPaused = hello.features & Hello.pausedFeature != 0
+        guard machine.start(paused: keepPaused) else { throw Refusal("the VM was stopped here before it could start") }
         let resumed = Resumed(monotonicNs: Clocks.monotonicNs(), realtimeNs: Clocks.realtimeNs())
         // The VM runs now whatever happens to this last message: the source may not run it too.
         try? sink?.writeFrame(.resumed, payload: resumed.encoded)
         postcopy?.start(vmStartedNs: resumed.monotonicNs)
         let downtime = hello.bootID == Clocks.bootID ? Clocks.milliseconds(from: completion.pausedMonotonicNs, to: resumed.monotonicNs) : nil
         return (machine, Outcome(dataPages: applier.dataPages + (extraStreams?.dataPages ?? 0),
-                                 zeroPages: applier.zeroPages + (extraStreams?.zeroPages ?? 0), bytes: bytes, downtimeMs: downtime))
+                                 zeroPages: applier.zeroPages + (extraStreams?.zeroPages ?? 0), bytes: bytes, downtimeMs: downtime,
+                                 paused: keepPaused))
     }
 
     /// Can this host run the announced machine?

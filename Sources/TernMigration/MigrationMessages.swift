@@ -17,6 +17,9 @@ public struct Hello: Equatable, Sendable {
     public static let postcopyUrgentFeature: UInt64 = 1 << 2
     /// Feature bit: the end will ask for digests (`--verify`): keep each page's CRC as it arrives.
     public static let verifyFeature: UInt64 = 1 << 3
+    /// Feature bit: the VM was paused at the source when the migration began; it stays paused at the
+    /// destination (as QEMU's global state keeps a stopped VM stopped) until someone resumes it there.
+    public static let pausedFeature: UInt64 = 1 << 4
     /// At most this many parallel page streams.
     public static let maximumStreams = 16
 

@@ -237,7 +237,7 @@ public final class MigrationSource: @unchecked Sendable {
             throw Failure("the VM is \(machine.currentState.rawValue); only a running or paused VM can migrate")
         }
         let wasPaused = machine.currentState == .paused
-        let session = try openSession(started: started)
+        let session = try openSession(started: started, paused: wasPaused)
         // Pre-copy. Dirty logging starts clean, before the first pass reads anything.
         for slot in machine.vm.memorySlots { try machine.vm.setDirtyLogging(slot: slot.slot, enabled: true) }
         let roundPlan = Mutex<(pagesBefore: UInt64, planned: Double)>((0, 1))

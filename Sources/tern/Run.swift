@@ -189,7 +189,7 @@ extension Run {
         defer { streamListener.close() }
         let (machine, outcome) = try destination.receive(on: connection, listener: streamListener) { server?.attach($0) }
         let megabytes = Double(outcome.bytes) / 1e6
-        logger.info("migration received: \(String(format: "%.1f MB, %llu data pages, %llu zero pages", megabytes, outcome.dataPages, outcome.zeroPages))\(outcome.downtimeMs.map { String(format: ", downtime %.1f ms", $0) } ?? ""); the VM runs here now")
+        logger.info("migration received: \(String(format: "%.1f MB, %llu data pages, %llu zero pages", megabytes, outcome.dataPages, outcome.zeroPages))\(outcome.downtimeMs.map { String(format: ", downtime %.1f ms", $0) } ?? ""); \(outcome.paused ? "the VM is here now, paused as it was at the source (`tern resume` runs it)" : "the VM runs here now")")
         return machine
     }
 }

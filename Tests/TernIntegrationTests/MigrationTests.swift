@@ -103,6 +103,27 @@ struct MigrationTests {
         _ = try destination.waitForStatus { $0.iterations > before.iterations && $0.errors == 0 }
     }
 
+    /// A VM paused at the source arrives paused (as QEMU keeps a stopped VM stopped) and runs once resumed there.
+    @Test(arguments: [["--mode", "precopy"], ["--mode", "postcopy"]])
+    func aPausedVMArrivesPaused(mode: [String]) throws {
+        let pair = try MigrationPair(cmdline: "fill=32 dirty=8 pattern=random rate=50 progress=0")
+        _ = try pair.source.waitForStatus { $0.phase == .dirty }
+        #expect(try pair.source.client.request(.PUT, "/v1/vm/pause").status == 204)
+        let paused = try #require(try pair.source.status())
+        let (report, cli) = try pair.migrate(["--verify"] + mode)
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.verification?.match == true)
+        try pair.destination.waitForAPI()
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.destination.client.request(.GET, "/v1/vm").body)
+        #expect(info.state == .paused)
+        usleep(300_000)
+        #expect(try pair.destination.status()?.iterations == paused.iterations, "it did not run while paused")
+        #expect(pair.destination.stderr.contains("paused as it was at the source"), "\(pair.destination.stderr)")
+        #expect(try pair.destination.client.request(.PUT, "/v1/vm/resume").status == 204)
+        _ = try pair.destination.waitForStatus { $0.iterations > paused.iterations && $0.errors == 0 }
+    }
+
     /// A migrated VM ends cleanly on SIGTERM, like any other (the signal handling moves from waiting to running).
     @Test func aMigratedVMStopsOnSIGTERM() throws {
         let pair = try MigrationPair(cmdline: "progress=0")
