@@ -147,6 +147,22 @@ struct Migrate: ParsableCommand {
     }
 }
 
+struct MigrateStatus: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate-status",
+        abstract: "Show the running (or last) migration's report, as it stands (QEMU's info migrate).")
+    @OptionGroup var api: APIOptions
+    func run() throws {
+        let response = try call(api.client, .GET, "/v1/vm/migration", expecting: 200)
+        if api.json {
+            FileHandle.standardOutput.write(response.body)
+            print()
+        } else {
+            print(MigrationTable.render(try APIJSON.decoder.decode(MigrationReport.self, from: response.body)))
+        }
+    }
+}
+
 struct MigrateSet: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "migrate-set",

@@ -375,6 +375,13 @@ struct MigrationTests {
         #expect(pair.destination.waitForExit(timeout: 10) != 0)
         #expect(!pair.destination.stderr.contains("the VM runs here now"))
         #expect(pair.destination.stderr.contains("the source aborted: cancelled by the user"), "\(pair.destination.stderr)")
+        // The last migration's report stays readable on the source, as a table or as JSON.
+        let status = try TernProcess(["migrate-status", "--api-socket", pair.source.apiSocket], withAPI: false)
+        #expect(status.waitForExit() == 0)
+        #expect(status.stdout.contains("cancelled (cancelled by the user)") && status.stdout.contains("precopy"), "\(status.stdout)")
+        let json = try TernProcess(["migrate-status", "--api-socket", pair.source.apiSocket, "--json"], withAPI: false)
+        #expect(json.waitForExit() == 0)
+        #expect(try APIJSON.decoder.decode(MigrationReport.self, from: Data(json.stdout.utf8)).status == .cancelled)
     }
 
     /// `--max-rounds` forces the switch-over of a guest that cannot converge, and the report says so.
