@@ -29,6 +29,16 @@ func call(_ client: APIClient, _ method: HTTPMethod, _ uri: String, body: Data =
     return response
 }
 
+/// Prints an API answer: its JSON as it came with --json, otherwise `table`, a rendering of it for people.
+func printAnswer(_ body: Data, json: Bool, table: () throws -> String) rethrows {
+    if json {
+        FileHandle.standardOutput.write(body)
+        print()
+    } else {
+        print(try table())
+    }
+}
+
 func fail(_ message: String) -> Never {
     FileHandle.standardError.write(Data("tern: \(message)\n".utf8))
     Foundation.exit(1)
@@ -40,13 +50,7 @@ struct Info: ParsableCommand {
 
     func run() throws {
         let response = try call(api.client, .GET, "/v1/vm", expecting: 200)
-        if api.json {
-            FileHandle.standardOutput.write(response.body)
-            print()
-            return
-        }
-        let info = try APIJSON.decoder.decode(MachineInfo.self, from: response.body)
-        print(InfoTable.render(info))
+        try printAnswer(response.body, json: api.json) { InfoTable.render(try APIJSON.decoder.decode(MachineInfo.self, from: response.body)) }
     }
 }
 

@@ -137,12 +137,7 @@ struct Migrate: ParsableCommand {
         }
         guard response.status == 200 else { fail(response.errorMessage ?? "the API answered \(response.status)") }
         let report = try APIJSON.decoder.decode(MigrationReport.self, from: response.body)
-        if api.json {
-            FileHandle.standardOutput.write(response.body)
-            print()
-        } else {
-            print(MigrationTable.render(report))
-        }
+        printAnswer(response.body, json: api.json) { MigrationTable.render(report) }
         if report.status != .completed { throw ExitCode.failure }
     }
 }
@@ -154,12 +149,7 @@ struct MigrateStatus: ParsableCommand {
     @OptionGroup var api: APIOptions
     func run() throws {
         let response = try call(api.client, .GET, "/v1/vm/migration", expecting: 200)
-        if api.json {
-            FileHandle.standardOutput.write(response.body)
-            print()
-        } else {
-            print(MigrationTable.render(try APIJSON.decoder.decode(MigrationReport.self, from: response.body)))
-        }
+        try printAnswer(response.body, json: api.json) { MigrationTable.render(try APIJSON.decoder.decode(MigrationReport.self, from: response.body)) }
     }
 }
 
@@ -189,12 +179,9 @@ struct MigrateSet: ParsableCommand {
                                              bandwidth: try bandwidth.map { $0 == "unlimited" ? 0 : try Migrate.parseRate($0) })
         let response = try call(api.client, .PUT, "/v1/vm/migration/parameters", body: try APIJSON.encoder.encode(request), expecting: 200)
         let report = try APIJSON.decoder.decode(MigrationReport.self, from: response.body)
-        if api.json {
-            FileHandle.standardOutput.write(response.body)
-            print()
-        } else {
+        printAnswer(response.body, json: api.json) {
             let cap = report.bandwidthLimit.map { String(format: "%.1f MB/s", Double($0) / 1e6) } ?? "none"
-            print("max downtime \(String(format: "%.1f", report.maxDowntimeMs)) ms, bandwidth cap \(cap)")
+            return "max downtime \(String(format: "%.1f", report.maxDowntimeMs)) ms, bandwidth cap \(cap)"
         }
     }
 }

@@ -292,12 +292,18 @@ struct MigrationTests {
         throw CancellationError()
     }
 
-    @Test func killingTheDestinationMidMigrationLeavesTheSourceRunning() throws {
+    /// A pre-copy slow enough to be interrupted (128 MiB at 20 MB/s), once its pages are moving.
+    func startCappedMigration() throws -> (MigrationPair, TernProcess) {
         let pair = try MigrationPair(cmdline: "fill=128 dirty=16 progress=0")
         _ = try pair.source.waitForStatus { $0.phase == .dirty }
         let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json",
                                    "--bandwidth", "20M"], withAPI: false)
         try waitUntilPagesMove(pair.source)
+        return (pair, cli)
+    }
+
+    @Test func killingTheDestinationMidMigrationLeavesTheSourceRunning() throws {
+        let (pair, cli) = try startCappedMigration()
         kill(pair.destination.process.processIdentifier, SIGKILL)
         #expect(cli.waitForExit(timeout: 60) == 1)
         let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
@@ -360,11 +366,7 @@ struct MigrationTests {
     }
 
     @Test func cancelKeepsTheSourceAndTheDestinationNeverRuns() throws {
-        let pair = try MigrationPair(cmdline: "fill=128 dirty=16 progress=0")
-        _ = try pair.source.waitForStatus { $0.phase == .dirty }
-        let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json",
-                                   "--bandwidth", "20M"], withAPI: false)
-        try waitUntilPagesMove(pair.source)
+        let (pair, cli) = try startCappedMigration()
         let cancel = try TernProcess(["migrate-cancel", "--api-socket", pair.source.apiSocket], withAPI: false)
         #expect(cancel.waitForExit() == 0)
         #expect(cli.waitForExit(timeout: 30) == 1)
@@ -450,11 +452,7 @@ struct MigrationTests {
 
     /// Ctrl-C on `tern migrate` cancels as `tern migrate-cancel` does, and the report still comes.
     @Test func interruptingTernMigrateCancelsIt() throws {
-        let pair = try MigrationPair(cmdline: "fill=128 dirty=16 progress=0")
-        _ = try pair.source.waitForStatus { $0.phase == .dirty }
-        let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json",
-                                   "--bandwidth", "20M"], withAPI: false)
-        try waitUntilPagesMove(pair.source)
+        let (pair, cli) = try startCappedMigration()
         kill(cli.process.processIdentifier, SIGINT)
         #expect(cli.waitForExit(timeout: 30) == 1)
         #expect(cli.stderr.contains("cancelling the migration"), "\(cli.stderr)")
