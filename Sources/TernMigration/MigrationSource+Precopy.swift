@@ -166,11 +166,10 @@ extension MigrationSource {
             }
             logger.debug("round \(round): \(record.pages) pages in \(Int(duration)) ms, \(dirty.count) dirty, predicted downtime \(Int(predictedMs)) ms")
             pending = dirty
-            // A dirty-log read of the first pass that came no longer after the one before it than the next
-            // round would take, yet found three quarters of the dirty set: that round could not shrink it.
-            let rewritesFaster = round == 0 && firstPassSamples.contains {
-                $0.milliseconds <= predictedMs && Double($0.pages) >= SwitchoverPolicy.worthwhileShrink * Double(dirty.count)
-            }
+            // The first pass's dirty-log reads tell how fast the guest writes: if it would write three quarters
+            // of the dirty set again while the next round sent it, that round could not shrink it.
+            let rewritesFaster = round == 0 && SwitchoverPolicy.guestRewritesWithinARound(samples: firstPassSamples, dirtyPages: dirty.count,
+                                                                                              roundMs: predictedMs)
             // `tern migrate-set` may have moved the target since the last round.
             policy.maxDowntimeMs = currentLimits.maxDowntimeMs
             let decision = policy.decide(afterRound: round, dirtyPages: dirty.count, predictedMs: predictedMs,

@@ -1,3 +1,4 @@
+import Foundation
 /// When pre-copy stops iterating and hands over (pure, so it is unit-tested).
 ///
 /// The downtime target is a ceiling, not a goal: once the predicted
@@ -35,6 +36,26 @@ public struct SwitchoverPolicy: Sendable {
         self.maxDowntimeMs = maxDowntimeMs
         self.maxRounds = maxRounds
         self.timeoutSeconds = timeoutSeconds
+    }
+
+    /// Whether, going by the first pass's dirty-log reads, the guest would write again at least
+    /// `worthwhileShrink` of the `dirtyPages` it left while the next round sent them (`roundMs`): then that
+    /// round could not shrink the set and only adds its bytes. A read that found `n` pages after `t` ms
+    /// tells the guest's pace; assuming writes spread at random over the dirty set (a set rewritten in
+    /// order is covered sooner, so this errs towards another round), the share still clean after the
+    /// round is (1 - n/D)^(roundMs/t). Reads at least as long as the round and finding three quarters of
+    /// the set say so directly; shorter ones (a host that sends the pass fast) by extrapolation, the
+    /// longest (the least noisy) first.
+    public static func guestRewritesWithinARound(samples: [(milliseconds: Double, pages: Int)], dirtyPages: Int,
+                                                 roundMs: Double) -> Bool {
+        guard dirtyPages > 0, roundMs > 0 else { return false }
+        return samples.contains { sample in
+            guard sample.milliseconds > 0, sample.pages > 0 else { return false }
+            let covered = Double(sample.pages) / Double(dirtyPages)
+            if covered >= 1 { return sample.milliseconds <= roundMs }
+            let stillClean = pow(1 - covered, roundMs / sample.milliseconds)
+            return 1 - stillClean >= worthwhileShrink
+        }
     }
 
     /// Called after round `round` (0-based) with the dirty pages it left and the predicted downtime.

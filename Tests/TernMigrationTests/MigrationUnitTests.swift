@@ -178,6 +178,22 @@ struct SwitchoverPolicyTests {
         #expect(decisions[2] == .switchover("converged (further rounds would shrink the dirty set too little)"))
     }
 
+    /// The first pass's reads of the dirty log, against the set it left and the next round's time.
+    @Test func judgesFromThePassWhetherTheGuestOutrunsARound() {
+        let rewrites = SwitchoverPolicy.guestRewritesWithinARound
+        // A read as long as the round that found three quarters of the set (what the policy always took).
+        #expect(rewrites([(40, 12_300)], 16_384, 40))
+        // A shorter read, from a pass sent fast: 11000 of 16384 pages in 23 ms, a round of 40 ms.
+        #expect(rewrites([(23, 11_000)], 16_384, 40))
+        // A guest writing at 200 MB/s (1123 pages in 23 ms) into a 37000-page set that a round sends in 108 ms.
+        #expect(!rewrites([(23, 1_123)], 37_000, 108))
+        // Half the set in a read as long as the round: another round would still halve it.
+        #expect(!rewrites([(40, 8_192)], 16_384, 40))
+        // A long read that found the whole set says nothing of the pace within a shorter round.
+        #expect(!rewrites([(500, 20_000)], 16_384, 40))
+        #expect(!rewrites([], 16_384, 40) && !rewrites([(10, 100)], 0, 40))
+    }
+
     @Test func switchesAfterTheFirstPassWhenTheGuestRewritesItsSetFasterThanARound() {
         var history = SwitchoverPolicy.History()
         #expect(policy.decide(afterRound: 0, dirtyPages: 16_384, predictedMs: 90, elapsedSeconds: 1,
