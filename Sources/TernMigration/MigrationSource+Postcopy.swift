@@ -113,9 +113,9 @@ extension MigrationSource {
         let postcopy = PostcopySender(memory: machine.memory, connection: lock.withLock { connection }, stream: stream,
                                       urgent: urgent, needed: needed, rateLimit: makeRateLimiter())
         let (earlierBytes, owed) = (context.precopy.bytes + context.stateBytes + context.earlier.bytes, needed.count)
-        postcopy.onProgress = { [unowned self] left, counters in
+        postcopy.onProgress = { [unowned self] left, bytes in
             update {
-                $0.transferredBytes = earlierBytes + counters.bytes
+                $0.transferredBytes = earlierBytes + bytes
                 $0.roundPercent = owed > 0 ? Double(owed - left) / Double(owed) * 100 : 100
             }
         }

@@ -99,6 +99,11 @@ extension MigrationSource {
                 rest.subtract(sender.pagesSent(pageCount: pageCount))
                 if let learner { rest.formUnion(learner.finish().dirtyAfterSending) }
                 sender.recordSentPages(false, pageCount: pageCount)
+                // The frame each stream was about to write never went: its pages are not counted as sent.
+                sender.discardUnsentFrames()
+                // While the VM still runs here, let the destination apply what the sockets hold, so that it
+                // is not drained inside the downtime (megabytes per stream, seconds on a slow link).
+                try sender.synchronise(round: round) { [unowned self] in try readReply($0, expecting: .pong, what: "the sync after a round cut short").1 }
                 let sent = sender.counters
                 let duration = milliseconds(since: roundStart)
                 let partial = MigrationReport.Round(
@@ -176,6 +181,12 @@ extension MigrationSource {
                                          elapsedSeconds: milliseconds(since: started) / 1000,
                                          dirtySetRewrittenWithinARound: rewritesFaster, history: &history)
             round += 1
+            // A request for post-copy that came during this round wins over whatever the policy decided.
+            if interruptible && postcopyRequestPending {
+                switchover = "post-copy requested (tern migrate-postcopy) after \(round) pre-copy round\(round == 1 ? "" : "s")"
+                usePostcopy = true
+                break
+            }
             if case .switchover(let reason) = decision {
                 switchover = reason
                 // Auto: pre-copy while it can meet the downtime target, post-copy when it cannot.

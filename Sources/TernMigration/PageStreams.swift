@@ -111,6 +111,9 @@ final class PageStreams: @unchecked Sendable {
         }
     }
 
+    /// After a round stopped before its next frame: drops each stream's staged frame (read between operations).
+    func discardUnsentFrames() { for sender in senders { sender.streamer.discardPending() } }
+
     /// Starts recording, on every stream, the pages its frames carry (nil: stops).
     func recordSentPages(_ on: Bool, pageCount: Int) {
         for (index, sender) in senders.enumerated() {

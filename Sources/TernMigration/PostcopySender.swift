@@ -55,10 +55,12 @@ final class PostcopySender: @unchecked Sendable {
     private var readerLostConnection = false
     private(set) var pushed: UInt64 = 0
     private var pulledPages: UInt64 = 0
+    /// Bytes the demand channel carried, for progress while it runs (its streamer is the reader thread's).
+    private var urgentBytes: UInt64 = 0
     var pulled: UInt64 { condition.withLock { pulledPages } }
     var shouldStop: () -> Bool = { false }
     /// Progress for `tern migrate`'s line, at most every 100 ms: pages still owed and the bytes written so far.
-    var onProgress: (_ pagesLeft: Int, _ counters: PageStreamCounters) -> Void = { _, _ in }
+    var onProgress: (_ pagesLeft: Int, _ bytes: UInt64) -> Void = { _, _ in }
     /// `--bandwidth`: the push waits for tokens; demand replies, which a vCPU waits for, go at once and are
     /// charged to it, so the push makes room for them.
     private let rateLimit: RateLimiter
@@ -128,7 +130,8 @@ final class PostcopySender: @unchecked Sendable {
             if shouldStop() { throw Failure(description: "cancelled during post-copy") }
             if Clocks.monotonicNs() - lastProgress >= 100_000_000 {
                 lastProgress = Clocks.monotonicNs()
-                onProgress(condition.withLock { needed.count }, counters)
+                let (left, urgent) = condition.withLock { (needed.count, urgentBytes) }
+                onProgress(left, streamer.counters.bytes + urgent)
             }
             if let failure = condition.withLock({ readerError.map { Failure(description: $0, connectionLost: readerLostConnection) } }) {
                 throw failure
@@ -180,8 +183,16 @@ final class PostcopySender: @unchecked Sendable {
             for run in runs { try streamer.addPages(firstPage: run.first, count: run.count) }
             try streamer.flush()
             pushed += UInt64(taken)
-            // Waits after the frame, before the next: the same average rate, and a request that comes meanwhile is not held up.
-            rateLimit.consume(Int(streamer.counters.bytes - bytesBefore))
+            // Waits after the frame, before the next: the same average rate. Without a demand channel
+            // (after a resume) this loop answers requests itself, and one that comes ends the wait, so a
+            // vCPU never waits for the push's tokens; the bucket's debt makes the next wait longer.
+            let wait = rateLimit.reserve(Int(streamer.counters.bytes - bytesBefore))
+            if wait > .zero {
+                let deadline = Date(timeIntervalSinceNow: Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18)
+                condition.withLock {
+                    while requests.isEmpty && readerError == nil && condition.wait(until: deadline) {}
+                }
+            }
             cursor = last.first + last.count
         }
         // Every page is on its way; demand replies still being written finish first.
@@ -233,8 +244,12 @@ final class PostcopySender: @unchecked Sendable {
         let bytesBefore = urgent.counters.bytes
         for page in owed { try urgent.addPages(firstPage: page, count: 1) }
         try urgent.flush()
-        rateLimit.charge(Int(urgent.counters.bytes - bytesBefore))
-        condition.withLock { pulledPages += UInt64(owed.count) }
+        let bytes = urgent.counters.bytes - bytesBefore
+        rateLimit.charge(Int(bytes))
+        condition.withLock {
+            pulledPages += UInt64(owed.count)
+            urgentBytes += bytes
+        }
     }
 
     /// The destination's requests and its final confirmation, on their own thread.

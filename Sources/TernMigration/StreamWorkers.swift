@@ -50,8 +50,12 @@ final class StreamWorkers: @unchecked Sendable {
         }
     }
 
+    /// Keeps the first error, unless it was only a stream stopping on request (`PageSender.Stopped`)
+    /// and another stream then failed for real: that failure is the one to report.
     private func record(_ error: any Error) {
-        condition.withLock { if firstError == nil { firstError = error } }
+        condition.withLock {
+            if firstError == nil || (firstError is PageSender.Stopped && !(error is PageSender.Stopped)) { firstError = error }
+        }
     }
 
     private func loop(_ index: Int) {

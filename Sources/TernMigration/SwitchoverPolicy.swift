@@ -44,15 +44,15 @@ public struct SwitchoverPolicy: Sendable {
     /// tells the guest's pace; assuming writes spread at random over the dirty set (a set rewritten in
     /// order is covered sooner, so this errs towards another round), the share still clean after the
     /// round is (1 - n/D)^(roundMs/t). Reads at least as long as the round and finding three quarters of
-    /// the set say so directly; shorter ones (a host that sends the pass fast) by extrapolation, the
-    /// longest (the least noisy) first.
+    /// the set say so directly; shorter ones (a host that sends the pass fast) by extrapolation. A read
+    /// that found the whole set or more counts as one page short of it: the estimate then grows with
+    /// `n` without a jump, and a read far longer than the round still says little.
     public static func guestRewritesWithinARound(samples: [(milliseconds: Double, pages: Int)], dirtyPages: Int,
                                                  roundMs: Double) -> Bool {
         guard dirtyPages > 0, roundMs > 0 else { return false }
         return samples.contains { sample in
             guard sample.milliseconds > 0, sample.pages > 0 else { return false }
-            let covered = Double(sample.pages) / Double(dirtyPages)
-            if covered >= 1 { return sample.milliseconds <= roundMs }
+            let covered = min(Double(sample.pages), Double(dirtyPages) - 1) / Double(dirtyPages)
             let stillClean = pow(1 - covered, roundMs / sample.milliseconds)
             return 1 - stillClean >= worthwhileShrink
         }

@@ -18,12 +18,14 @@ public struct TokenBucket: Sendable {
         last = now
     }
 
-    /// How long to wait before `bytes` may go (zero if they may go now); takes the tokens.
-    public mutating func reserve(_ bytes: Int, now: ContinuousClock.Instant = .now) -> Duration {
+    /// How long to wait before `bytes` may go (zero if they may go now); takes the tokens. With
+    /// `debtLimit`, the bucket owes at most one burst.
+    public mutating func reserve(_ bytes: Int, now: ContinuousClock.Instant = .now, debtLimit: Bool = false) -> Duration {
         let elapsed = max(now - last, .zero)
         last = max(now, last)
         tokens = min(burst, tokens + bytesPerSecond * (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18))
         tokens -= Double(bytes)
+        if debtLimit { tokens = max(tokens, -burst) }
         guard tokens < 0 else { return .zero }
         return .nanoseconds(Int64(-tokens / bytesPerSecond * 1e9))
     }
@@ -49,7 +51,16 @@ final class RateLimiter: @unchecked Sendable {
 
     /// Counts bytes that went without waiting (post-copy's demand replies, which a vCPU waits for):
     /// the senders that do wait make up for them, so the link still carries no more than the cap.
-    func charge(_ bytes: Int) { lock.withLock { _ = bucket?.reserve(bytes) } }
+    /// The debt is bounded by one burst, so a spell of faults cannot hold the push back for long.
+    func charge(_ bytes: Int) { lock.withLock { _ = bucket?.reserve(bytes, debtLimit: true) } }
+
+    /// Takes the tokens for `bytes` and says how long to wait before going on; the caller waits as it
+    /// sees fit (post-copy's push waits for new requests too).
+    func reserve(_ bytes: Int) -> Duration {
+        let wait: Duration = lock.withLock { bucket?.reserve(bytes) ?? .zero }
+        if wait > .zero { lock.withLock { waited += Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18 } }
+        return wait
+    }
 
     /// Seconds senders have spent waiting for tokens (summed over streams).
     var waitedSeconds: Double { lock.withLock { waited } }

@@ -88,6 +88,15 @@ struct TokenBucketTests {
         let wait = bucket.reserve(200_000, now: start + .seconds(60))
         #expect(wait > .milliseconds(90), "a minute idle buys only one burst")
     }
+
+    /// Bytes charged without waiting (post-copy's demand replies) leave a debt of one burst at most.
+    @Test func chargedBytesOweAtMostOneBurst() {
+        let start = ContinuousClock.now
+        var bucket = TokenBucket(bytesPerSecond: 1_000_000, burst: 100_000, now: start)
+        _ = bucket.reserve(5_000_000, now: start, debtLimit: true)
+        let wait = bucket.reserve(0, now: start)
+        #expect(wait <= .milliseconds(101) && wait >= .milliseconds(99), "\(wait): one burst's worth, not five seconds")
+    }
 }
 
 struct EndpointTests {

@@ -128,10 +128,11 @@ public final class PageStreamer {
                     append(.zero, page: page + i, stagingPage: -1)
                 } else if let cache, let length = cache.encode(page: page + i, bytes: bytes,
                                                                 into: UnsafeMutableRawBufferPointer(rebasing: deltas[deltaUsed...])) {
-                    // Identical to what the receiver holds: nothing needs to travel.
+                    // Identical to what the receiver holds: nothing needs to travel, and it counts as sent.
                     if length == 0 {
                         counters.dataPages += 1
                         counters.deltaPages += 1
+                        runSent?(page + i, 1)
                         continue
                     }
                     // stagingPage of a delta run: where its bytes are in `deltas`, and how many.
@@ -189,6 +190,24 @@ public final class PageStreamer {
             runs.append((PageRun(address: address, pageCount: 1, kind: kind), stagingPage))
         }
         if kind == .data { counters.dataPages += 1 } else { counters.zeroPages += 1 }
+    }
+
+    /// Drops what is staged but not yet written (a round cut short before its next frame) and takes it
+    /// off the counters, which count pages as they are staged.
+    public func discardPending() {
+        for entry in runs {
+            switch entry.run.kind {
+            case .data: counters.dataPages -= UInt64(entry.run.pageCount)
+            case .zero: counters.zeroPages -= UInt64(entry.run.pageCount)
+            case .delta:
+                counters.dataPages -= 1
+                counters.deltaPages -= 1
+                counters.deltaBytes -= UInt64(entry.stagingPage & 0xFFFF)
+            }
+        }
+        runs.removeAll(keepingCapacity: true)
+        stagedPages = 0
+        deltaUsed = 0
     }
 
     /// Writes what is pending as one frame.
