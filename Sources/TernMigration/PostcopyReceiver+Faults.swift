@@ -126,14 +126,15 @@ extension PostcopyReceiver {
                 var runEnd = page + 1
                 while runEnd < end && !needed.contains(runEnd) { runEnd += 1 }
                 do {
-                    if try uffd.continueMapping(memory.mapping.base + page * PageRun.pageSize, length: (runEnd - page) * PageRun.pageSize) == .placed {
+                    switch try uffd.continueMapping(memory.mapping.base + page * PageRun.pageSize, length: (runEnd - page) * PageRun.pageSize) {
+                    case .placed:
                         mapped += runEnd - page
-                    } else {
-                        // Part of the run is mapped already (a fault got there) or is a hole: page by page, leaving those.
-                        for single in page..<runEnd where try uffd.continueMapping(memory.mapping.base + single * PageRun.pageSize,
-                                                                                   length: PageRun.pageSize) == .placed {
-                            mapped += 1
-                        }
+                    case .notInFile:
+                        // Holes (pages no one wrote) are left to the fault path; the file's data around them is mapped.
+                        for (first, count) in dataExtents(from: page, to: runEnd) { mapped += try mapPageByPage(first..<first + count) }
+                    case .alreadyPresent:
+                        // Part of the run is mapped already (a fault got there first).
+                        mapped += try mapPageByPage(page..<runEnd)
                     }
                 } catch {
                     // Not fatal: a vCPU touching these pages has them mapped by the fault path.
@@ -143,6 +144,32 @@ extension PostcopyReceiver {
                 page = runEnd
             }
         }
+    }
+
+    /// Maps each page of `pages` that is not mapped yet; returns how many it mapped.
+    private func mapPageByPage(_ pages: Range<Int>) throws(SystemError) -> Int {
+        var mapped = 0
+        for page in pages where try uffd.continueMapping(memory.mapping.base + page * PageRun.pageSize, length: PageRun.pageSize) == .placed {
+            mapped += 1
+        }
+        return mapped
+    }
+
+    /// The runs of pages in first..<end that the guest RAM file holds (not holes), by SEEK_DATA and SEEK_HOLE.
+    func dataExtents(from first: Int, to end: Int) -> [(first: Int, count: Int)] {
+        let pageSize = off_t(PageRun.pageSize)
+        var extents: [(first: Int, count: Int)] = []
+        var offset = off_t(first) * pageSize
+        let limit = off_t(end) * pageSize
+        while offset < limit {
+            let data = lseek(memory.file.rawValue, offset, 3 /* SEEK_DATA */)
+            guard data >= 0, data < limit else { break }
+            let hole = min(max(lseek(memory.file.rawValue, data, 4 /* SEEK_HOLE */), data + pageSize), limit)
+            let start = Int(data / pageSize), stop = Int((hole + pageSize - 1) / pageSize)
+            extents.append((start, stop - start))
+            offset = off_t(stop) * pageSize
+        }
+        return extents
     }
 
     /// Allocates a hole in the file (a zero page, within a huge page where the kernel can), so that it can be mapped.
