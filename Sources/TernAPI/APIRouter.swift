@@ -36,14 +36,14 @@ public struct APIRouter: Sendable {
             return .json(machine.info)
         case "/v1/vm/pause":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
-            return lifecycle { try machine.pause() }
+            return runStateChange { try machine.pause() }
         case "/v1/vm/resume":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
             // After post-copy moved execution, running the VM here too would fork it.
             if migrations.suspended != nil {
                 return .error(409, "invalid_state", "the VM runs at the destination (post-copy, connection lost): resume the migration with `tern migrate --resume`, not the VM")
             }
-            return lifecycle { try machine.resume() }
+            return runStateChange { try machine.resume() }
         case "/v1/vm/quit":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
             // The pages a waiting post-copy still owes exist only here: quitting would lose the VM.
@@ -79,6 +79,16 @@ public struct APIRouter: Sendable {
         default:
             return .error(404, "not_found", "no such route: \(path)")
         }
+    }
+
+    /// A pause or resume: during a migration's pre-copy it is the user's (the destination keeps a paused
+    /// VM paused); from its switch-over on the migration's, and refused.
+    private func runStateChange(_ operation: () throws -> Void) -> APIResponse {
+        guard let migration = migrations.active else { return lifecycle(operation) }
+        var response: APIResponse?
+        let refusal = migration.changeRunState { response = lifecycle(operation) }
+        if let refusal { return .error(409, "invalid_state", refusal) }
+        return response!
     }
 
     private func lifecycle(_ operation: () throws -> Void) -> APIResponse {

@@ -268,7 +268,7 @@ public final class MigrationDestination {
         }
         guard goHeader.type == .go else { throw Refusal("expected the source's go-ahead, got a \(goHeader.type) frame") }
         // The VM may have been quit meanwhile (through its API): then it must not be reported as running.
-        let keepPaused = hello.features & Hello.pausedFeature != 0
+        let keepPaused = try Go(decoding: goPayload).keepPaused
         guard machine.start(paused: keepPaused) else { throw Refusal("the VM was stopped here before it could start") }
         let resumed = Resumed(monotonicNs: Clocks.monotonicNs(), realtimeNs: Clocks.realtimeNs())
         // The VM runs now whatever happens to this last message: the source may not run it too.

@@ -17,9 +17,6 @@ public struct Hello: Equatable, Sendable {
     public static let postcopyUrgentFeature: UInt64 = 1 << 2
     /// Feature bit: the end will ask for digests (`--verify`): keep each page's CRC as it arrives.
     public static let verifyFeature: UInt64 = 1 << 3
-    /// Feature bit: the VM was paused at the source when the migration began; it stays paused at the
-    /// destination (as QEMU's global state keeps a stopped VM stopped) until someone resumes it there.
-    public static let pausedFeature: UInt64 = 1 << 4
     /// At most this many parallel page streams.
     public static let maximumStreams = 16
 
@@ -214,4 +211,17 @@ public enum Clocks {
         (try? String(contentsOfFile: "/proc/sys/kernel/random/boot_id", encoding: .utf8))?
             .trimmingCharacters(in: .whitespacesAndNewlines) ?? "unknown"
     }()
+}
+
+/// The `go` frame's payload: the source's commit, and the VM's run state at the switch. A VM someone
+/// paused (before or during the migration) stays paused at the destination, as QEMU's global state
+/// keeps a stopped VM stopped, until it is resumed there. An empty payload means run.
+public struct Go: Equatable, Sendable {
+    public var keepPaused: Bool
+    public init(keepPaused: Bool) { self.keepPaused = keepPaused }
+    public var encoded: [UInt8] { [keepPaused ? 1 : 0] }
+    public init(decoding bytes: [UInt8]) throws {
+        guard bytes.count <= 1, (bytes.first ?? 0) <= 1 else { throw WireError.malformed("a go frame of \(bytes.count) bytes") }
+        keepPaused = bytes.first == 1
+    }
 }

@@ -8,7 +8,7 @@ extension MigrationSource {
     /// destination still needs, let it start, then push those pages (and
     /// answer its requests first) until it holds them all.
     func switchToPostcopy(stream: FDStream, urgent: FDStream?, sender: PageStreams, rateLimit: RateLimiter, pending: PageSet?, round: Int, switchover: String,
-                                  token: UInt64, wasPaused: Bool, pausedHere: inout Bool, committed: inout Bool, sameHost: Bool,
+                                  token: UInt64, pausedHere: inout Bool, committed: inout Bool, sameHost: Bool,
                                   started: ContinuousClock.Instant) throws {
         update { $0.switchoverReason = switchover; $0.status = .stopAndCopy; $0.currentRound = round; $0.mode = parameters.mode.rawValue }
         let pageCount = Int(machine.memory.size / UInt64(PageRun.pageSize))
@@ -22,10 +22,7 @@ extension MigrationSource {
             }
         }
         let pausedMono = Clocks.monotonicNs(), pausedReal = Clocks.realtimeNs()
-        if !wasPaused {
-            try machine.pause()
-            pausedHere = true
-        }
+        pausedHere = try pauseForSwitchover()
         rateLimit.lift()
         // Plus what the guest wrote since.
         needed.formUnion(try machine.memory.collectDirtyPages(from: machine.vm))
@@ -63,7 +60,8 @@ extension MigrationSource {
                                       destinationStateDigest: ready.stateDigest,
                                       started: started, round: round)
         do {
-            try handOver(stream, pausedMono: pausedMono, pausedReal: pausedReal, sameHost: sameHost, committed: &committed)
+            try handOver(stream, pausedMono: pausedMono, pausedReal: pausedReal, sameHost: sameHost, keepPaused: !pausedHere,
+                         committed: &committed)
         } catch where committed {
             // `go` is out: the destination may be running the VM and waiting for its pages. A lost
             // `resumed` is a dropped post-copy connection like any other, to be resumed.

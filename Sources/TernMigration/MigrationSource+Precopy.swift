@@ -212,14 +212,11 @@ extension MigrationSource {
     /// Pauses the VM, sends what is still dirty and the VM state, checks the
     /// digests (--verify) and hands over.
     func stopAndCopy(session: Session, sender: PageStreams, rateLimit: RateLimiter, pending: PageSet?, round: Int, switchover: String,
-                     wasPaused: Bool, pausedHere: inout Bool, committed: inout Bool) throws {
+                     pausedHere: inout Bool, committed: inout Bool) throws {
         let stream = session.control, sameHost = session.sameHost
         update { $0.switchoverReason = switchover; $0.status = .stopAndCopy; $0.currentRound = round }
         let pausedMono = Clocks.monotonicNs(), pausedReal = Clocks.realtimeNs()
-        if !wasPaused {
-            try machine.pause()
-            pausedHere = true
-        }
+        pausedHere = try pauseForSwitchover()
         let pauseInstant = ContinuousClock.now
         logger.debug("stop-and-copy: the vCPUs stopped \(Int(Clocks.milliseconds(from: pausedMono, to: Clocks.monotonicNs()))) ms after the pause began")
         // The cap shares the link during pre-copy; while the VM is paused, every byte it holds back is downtime.
@@ -280,6 +277,7 @@ extension MigrationSource {
         if cancelled { throw Failure("cancelled") }
 
         // Commit: from here the destination may run the VM.
-        _ = try handOver(stream, pausedMono: pausedMono, pausedReal: pausedReal, sameHost: sameHost, committed: &committed)
+        _ = try handOver(stream, pausedMono: pausedMono, pausedReal: pausedReal, sameHost: sameHost, keepPaused: !pausedHere,
+                         committed: &committed)
     }
 }

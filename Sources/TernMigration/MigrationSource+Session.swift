@@ -22,7 +22,7 @@ extension MigrationSource {
     /// Connects, runs the handshake (the destination checks it can run this
     /// machine), joins the extra page streams and the demand channel, and
     /// measures the round trip that the hand-over will cost.
-    func openSession(started: ContinuousClock.Instant, paused: Bool) throws -> Session {
+    func openSession(started: ContinuousClock.Instant) throws -> Session {
         let socket = try parameters.destination.connect()
         lock.withLock { connection = socket }
         if cancelled { throw Failure("cancelled") }
@@ -38,7 +38,6 @@ extension MigrationSource {
         if parameters.zstdLevel != nil { hello.features |= Hello.zstdFeature }
         if parameters.mode == .postcopy { hello.features |= Hello.postcopyFirstFeature }
         if parameters.verify { hello.features |= Hello.verifyFeature }
-        if paused { hello.features |= Hello.pausedFeature }
         // Any mode that may end in post-copy gets a demand channel for page requests' replies.
         if parameters.mode != .precopy { hello.features |= Hello.postcopyUrgentFeature }
         try stream.writeFrame(.hello, payload: hello.encoded)

@@ -62,6 +62,8 @@ public final class MigrationSource: @unchecked Sendable {
     private var postcopyRequested = false
     /// Set when pre-copy's rounds end: a request for post-copy comes too late from then on (guarded by `lock`).
     private var precopyOver = false
+    /// From the switch-over on, the migration decides when the VM pauses and runs (guarded by `lock`).
+    private var switching = false
     /// The limits `tern migrate-set` may change while the migration runs (guarded by `lock`).
     private var limits: (maxDowntimeMs: Double, bandwidth: UInt64?)
     /// The rate limiter pages go through now (pre-copy's, then post-copy's push), for `tune` (guarded by `lock`).
@@ -165,6 +167,28 @@ public final class MigrationSource: @unchecked Sendable {
     /// Pre-copy's rounds are over: from here a request for post-copy is refused.
     func endPrecopy() { lock.withLock { precopyOver = true } }
 
+    /// Runs a pause or resume asked for while the migration runs (`tern pause` to help a pre-copy converge,
+    /// as with QEMU's `stop`), unless the switch-over has begun: from then on a resume could let the guest
+    /// write pages already sent for the last time. Returns why not, or nil once `change` ran.
+    public func changeRunState(_ change: () throws -> Void) rethrows -> String? {
+        try lock.withLock {
+            if switching { return "the migration is switching over: it pauses and resumes the VM itself (cancel it first)" }
+            try change()
+            return nil
+        }
+    }
+
+    /// The switch-over begins: pauses the VM unless someone already has; true if it paused it here.
+    /// A VM someone paused stays paused at the destination.
+    func pauseForSwitchover() throws -> Bool {
+        try lock.withLock {
+            switching = true
+            guard machine.currentState != .paused else { return false }
+            try machine.pause()
+            return true
+        }
+    }
+
     /// Marks the point of no return, unless a cancel got in first.
     private func commit() throws {
         try lock.withLock {
@@ -213,6 +237,7 @@ public final class MigrationSource: @unchecked Sendable {
                 // Extra streams end with the control connection, so the destination's stream readers stop.
                 lock.withLock { extraConnections.forEach { shutdown($0.rawValue, Int32(SHUT_RDWR)) } }
                 if pausedHere { try? machine.resume() }
+                lock.withLock { switching = false }
                 update { $0.status = cancelReason != nil ? .cancelled : .failed; $0.reason = reason }
             }
             try? machine.vm.memorySlots.forEach { try machine.vm.setDirtyLogging(slot: $0.slot, enabled: false) }
@@ -236,8 +261,7 @@ public final class MigrationSource: @unchecked Sendable {
         guard machine.currentState == .running || machine.currentState == .paused else {
             throw Failure("the VM is \(machine.currentState.rawValue); only a running or paused VM can migrate")
         }
-        let wasPaused = machine.currentState == .paused
-        let session = try openSession(started: started, paused: wasPaused)
+        let session = try openSession(started: started)
         // Pre-copy. Dirty logging starts clean, before the first pass reads anything.
         for slot in machine.vm.memorySlots { try machine.vm.setDirtyLogging(slot: slot.slot, enabled: true) }
         let roundPlan = Mutex<(pagesBefore: UInt64, planned: Double)>((0, 1))
@@ -259,11 +283,11 @@ public final class MigrationSource: @unchecked Sendable {
         // The reason is set with the status that the switch-over starts (a progress poll sees both or neither).
         if outcome.usePostcopy {
             try switchToPostcopy(stream: session.control, urgent: session.urgent, sender: sender, rateLimit: rateLimit, pending: outcome.pending,
-                                 round: outcome.round, switchover: outcome.switchover, token: session.token, wasPaused: wasPaused, pausedHere: &pausedHere,
+                                 round: outcome.round, switchover: outcome.switchover, token: session.token, pausedHere: &pausedHere,
                                  committed: &committed, sameHost: session.sameHost, started: started)
         } else {
             try stopAndCopy(session: session, sender: sender, rateLimit: rateLimit, pending: outcome.pending, round: outcome.round,
-                            switchover: outcome.switchover, wasPaused: wasPaused, pausedHere: &pausedHere, committed: &committed)
+                            switchover: outcome.switchover, pausedHere: &pausedHere, committed: &committed)
         }
     }
 
@@ -281,10 +305,10 @@ public final class MigrationSource: @unchecked Sendable {
     /// both ends run on one kernel, on the realtime clocks otherwise, and as an
     /// upper bound on this side's clock either way.
     @discardableResult
-    func handOver(_ stream: FDStream, pausedMono: UInt64, pausedReal: UInt64, sameHost: Bool,
+    func handOver(_ stream: FDStream, pausedMono: UInt64, pausedReal: UInt64, sameHost: Bool, keepPaused: Bool,
                           committed: inout Bool) throws -> Resumed {
         try commit()
-        try stream.writeFrame(.go, payload: [UInt8]())
+        try stream.writeFrame(.go, payload: Go(keepPaused: keepPaused).encoded)
         committed = true
         let (_, payload) = try readReply(stream, expecting: .resumed, what: "the destination's confirmation")
         let resumed = try Resumed(decoding: payload)

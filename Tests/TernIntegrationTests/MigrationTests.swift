@@ -103,6 +103,36 @@ struct MigrationTests {
         _ = try destination.waitForStatus { $0.iterations > before.iterations && $0.errors == 0 }
     }
 
+    /// During pre-copy the run state is the user's (pausing helps a migration converge, as with QEMU's `stop`)
+    /// and the VM arrives paused; from the switch-over on the migration owns it and the API refuses.
+    @Test func pausingDuringPrecopyIsKeptAndTheSwitchOwnsTheRunState() throws {
+        let (pair, cli) = try startCappedMigration()
+        let before = try #require(try pair.source.status())
+        #expect(try pair.source.client.request(.PUT, "/v1/vm/pause").status == 204, "a pause during pre-copy is the user's to make")
+        let paused = try #require(try pair.source.status())
+        #expect(try pair.source.client.request(.PUT, "/v1/vm/migration/parameters", body: Data(#"{"bandwidth": 0}"#.utf8)).status == 200)
+        // The switch-over pauses and resumes the VM itself: watch for it and try to resume meanwhile.
+        var refused: String?
+        let deadline = Date(timeIntervalSinceNow: 30)
+        while Date() < deadline, refused == nil, cli.process.isRunning {
+            if let report = pair.source.migrationReport(), report.status == .stopAndCopy || report.status == .completing {
+                let answer = try? pair.source.client.request(.PUT, "/v1/vm/resume")
+                if answer?.status == 409 { refused = answer?.errorMessage }
+            }
+        }
+        #expect(cli.waitForExit(timeout: 60) == 0, "\(cli.stderr)")
+        let r = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        if let refused { #expect(refused.contains("switching over"), "\(refused)") }
+        try pair.destination.waitForAPI()
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.destination.client.request(.GET, "/v1/vm").body)
+        #expect(info.state == .paused, "paused during pre-copy, so paused on arrival")
+        #expect(try pair.destination.status()?.iterations == paused.iterations)
+        #expect(paused.iterations >= before.iterations)
+        #expect(try pair.destination.client.request(.PUT, "/v1/vm/resume").status == 204)
+        _ = try pair.destination.waitForStatus { $0.iterations > paused.iterations && $0.errors == 0 }
+    }
+
     /// A VM paused at the source arrives paused (as QEMU keeps a stopped VM stopped) and runs once resumed there.
     @Test(arguments: [["--mode", "precopy"], ["--mode", "postcopy"]])
     func aPausedVMArrivesPaused(mode: [String]) throws {

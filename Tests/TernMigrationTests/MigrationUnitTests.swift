@@ -151,6 +151,9 @@ struct MessageTests {
         #expect(throws: WireError.self) { try StreamHello(decoding: Array(streamHello.encoded.dropLast())) }
         let completion = Completion(pausedMonotonicNs: 1, pausedRealtimeNs: 2, memoryDigest: nil, stateDigest: 9)
         #expect(try Completion(decoding: completion.encoded) == completion)
+        #expect(try Go(decoding: Go(keepPaused: true).encoded).keepPaused)
+        #expect(try !Go(decoding: []).keepPaused, "an empty go runs the VM")
+        #expect(throws: WireError.self) { try Go(decoding: [2]) }
         let resumed = Resumed(monotonicNs: 5, realtimeNs: 6)
         #expect(try Resumed(decoding: resumed.encoded) == resumed)
         #expect(throws: WireError.self) { try Resumed(decoding: resumed.encoded + [0]) }
