@@ -11,16 +11,10 @@ extension MigrationSource {
                                   token: UInt64, pausedHere: inout Bool, committed: inout Bool, sameHost: Bool,
                                   started: ContinuousClock.Instant) throws {
         update { $0.switchoverReason = switchover; $0.status = .stopAndCopy; $0.currentRound = round; $0.mode = parameters.mode.rawValue }
-        let pageCount = Int(machine.memory.size / UInt64(PageRun.pageSize))
         // Pre-copy ran: what it left dirty. Otherwise every page the guest ever wrote (holes are zero at
         // both ends), listed before the pause, since walking 1 GiB of extents took milliseconds of downtime:
         // dirty logging has been on since before the walk, so what the guest writes meanwhile is in the log.
-        var needed = pending ?? PageSet(pageCount: pageCount)
-        if pending == nil {
-            try machine.memory.forEachExtent { first, count, isHole in
-                if !isHole { needed.insert(range: first..<first + count) }
-            }
-        }
+        var needed = try pending ?? PageSet(pagesWithDataIn: machine.memory)
         let pausedMono = Clocks.monotonicNs(), pausedReal = Clocks.realtimeNs()
         pausedHere = try pauseForSwitchover()
         rateLimit.lift()

@@ -12,6 +12,11 @@ extension MigrationSource {
     /// left is mostly the round trip's jitter (on a WAN link), and a page would look nearly free.
     static let roundTripsToMeasureCost = 3.0
 
+    /// The switch-over reason for a `tern migrate-postcopy` taken between rounds.
+    static func postcopyRequested(afterRounds rounds: Int) -> String {
+        "post-copy requested (tern migrate-postcopy) after \(rounds) pre-copy round\(rounds == 1 ? "" : "s")"
+    }
+
     /// Where pre-copy's rounds ended: what is still to send, and whether post-copy takes over.
     struct PrecopyOutcome {
         var pending: PageSet?
@@ -51,7 +56,7 @@ extension MigrationSource {
         let interruptible = parameters.mode == .hybrid || parameters.mode == .auto
         while parameters.mode != .postcopy {
             if postcopyRequestPending {
-                switchover = "post-copy requested (tern migrate-postcopy) after \(round) pre-copy round\(round == 1 ? "" : "s")"
+                switchover = Self.postcopyRequested(afterRounds: round)
                 usePostcopy = true
                 break
             }
@@ -90,12 +95,7 @@ extension MigrationSource {
                 // Cut short for post-copy: it takes over what this round had not sent (the first pass: every page
                 // that holds data), plus what was sent and written again since (the first pass read some of the
                 // dirty log already; the rest is read at the switch).
-                var rest = pending ?? PageSet(pageCount: pageCount)
-                if pending == nil {
-                    try machine.memory.forEachExtent { first, count, isHole in
-                        if !isHole { rest.insert(range: first..<first + count) }
-                    }
-                }
+                var rest = try pending ?? PageSet(pagesWithDataIn: machine.memory)
                 rest.subtract(sender.pagesSent(pageCount: pageCount))
                 if let learner { rest.formUnion(learner.finish().dirtyAfterSending) }
                 sender.recordSentPages(false, pageCount: pageCount)
@@ -183,7 +183,7 @@ extension MigrationSource {
             round += 1
             // A request for post-copy that came during this round wins over whatever the policy decided.
             if interruptible && postcopyRequestPending {
-                switchover = "post-copy requested (tern migrate-postcopy) after \(round) pre-copy round\(round == 1 ? "" : "s")"
+                switchover = Self.postcopyRequested(afterRounds: round)
                 usePostcopy = true
                 break
             }

@@ -164,6 +164,9 @@ public final class MigrationSource: @unchecked Sendable {
     /// Whether post-copy was asked for while pre-copy still runs (a round in progress stops for it).
     var postcopyRequestPending: Bool { lock.withLock { postcopyRequested && !precopyOver } }
 
+    /// Checked before every frame of a round: a cancel, or a request for post-copy while pre-copy runs (one lock).
+    var roundShouldStop: Bool { lock.withLock { cancelReason != nil || (postcopyRequested && !precopyOver) } }
+
     /// Pre-copy's rounds are over: from here a request for post-copy is refused.
     func endPrecopy() { lock.withLock { precopyOver = true } }
 
@@ -267,7 +270,7 @@ public final class MigrationSource: @unchecked Sendable {
         let roundPlan = Mutex<(pagesBefore: UInt64, planned: Double)>((0, 1))
         let rateLimit = makeRateLimiter()
         let sender = PageStreams(memory: machine.memory, streams: session.pageStreams, rateLimit: rateLimit,
-                                 shouldStop: { [unowned self] in cancelled || postcopyRequestPending },
+                                 shouldStop: { [unowned self] in roundShouldStop },
                                  onProgress: { [unowned self] counters in
                                      let plan = roundPlan.withLock { $0 }
                                      update {
@@ -352,8 +355,7 @@ func setTimeouts(_ fd: Int32, seconds: Int) {
 }
 
 func milliseconds(since start: ContinuousClock.Instant) -> Double {
-    let elapsed = ContinuousClock.now - start
-    return Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15
+    (ContinuousClock.now - start).inSeconds * 1000
 }
 
 func hex(_ value: UInt64?) -> String { value.map { String(format: "%016llx", $0) } ?? "" }

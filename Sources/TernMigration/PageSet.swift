@@ -1,5 +1,6 @@
 import TernKVM
 import TernMachine
+import TernWire
 
 /// A set of guest pages, one bit per page of the memfd (page index = file
 /// offset / 4096), e.g. the pages KVM's dirty log reports.
@@ -179,5 +180,15 @@ public struct DirtyFrequency: Sendable {
     public func holdingBackHottest(_ pages: PageSet, stillHot: PageSet) -> (send: [Int], held: PageSet) {
         let threshold = min(max(2, (syncs + 1) / 2), Self.holdBackCountCeiling)
         return coldestFirst(pages) { Int(counts[$0]) >= threshold && stillHot.contains($0) }
+    }
+}
+
+extension PageSet {
+    /// Every page of guest RAM that holds data (the memfd's holes are zero and left out).
+    init(pagesWithDataIn memory: GuestMemory) throws {
+        self.init(pageCount: Int(memory.size / UInt64(PageRun.pageSize)))
+        try memory.forEachExtent { first, count, isHole in
+            if !isHole { insert(range: first..<first + count) }
+        }
     }
 }

@@ -131,7 +131,9 @@ extension PostcopyReceiver {
                         mapped += runEnd - page
                     case .notInFile:
                         // Holes (pages no one wrote) are left to the fault path; the file's data around them is mapped.
-                        for (first, count) in dataExtents(from: page, to: runEnd) { mapped += try mapPageByPage(first..<first + count) }
+                        try memory.forEachExtent(in: page..<runEnd) { first, count, isHole in
+                            if !isHole { mapped += try mapPageByPage(first..<first + count) }
+                        }
                     case .alreadyPresent:
                         // Part of the run is mapped already (a fault got there first).
                         mapped += try mapPageByPage(page..<runEnd)
@@ -153,23 +155,6 @@ extension PostcopyReceiver {
             mapped += 1
         }
         return mapped
-    }
-
-    /// The runs of pages in first..<end that the guest RAM file holds (not holes), by SEEK_DATA and SEEK_HOLE.
-    func dataExtents(from first: Int, to end: Int) -> [(first: Int, count: Int)] {
-        let pageSize = off_t(PageRun.pageSize)
-        var extents: [(first: Int, count: Int)] = []
-        var offset = off_t(first) * pageSize
-        let limit = off_t(end) * pageSize
-        while offset < limit {
-            let data = lseek(memory.file.rawValue, offset, 3 /* SEEK_DATA */)
-            guard data >= 0, data < limit else { break }
-            let hole = min(max(lseek(memory.file.rawValue, data, 4 /* SEEK_HOLE */), data + pageSize), limit)
-            let start = Int(data / pageSize), stop = Int((hole + pageSize - 1) / pageSize)
-            extents.append((start, stop - start))
-            offset = off_t(stop) * pageSize
-        }
-        return extents
     }
 
     /// Allocates a hole in the file (a zero page, within a huge page where the kernel can), so that it can be mapped.

@@ -188,7 +188,7 @@ final class PostcopySender: @unchecked Sendable {
             // vCPU never waits for the push's tokens; the bucket's debt makes the next wait longer.
             let wait = rateLimit.reserve(Int(streamer.counters.bytes - bytesBefore))
             if wait > .zero {
-                let deadline = Date(timeIntervalSinceNow: Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18)
+                let deadline = Date(timeIntervalSinceNow: wait.inSeconds)
                 condition.withLock {
                     while requests.isEmpty && readerError == nil && condition.wait(until: deadline) {}
                 }

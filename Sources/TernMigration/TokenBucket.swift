@@ -23,7 +23,7 @@ public struct TokenBucket: Sendable {
     public mutating func reserve(_ bytes: Int, now: ContinuousClock.Instant = .now, debtLimit: Bool = false) -> Duration {
         let elapsed = max(now - last, .zero)
         last = max(now, last)
-        tokens = min(burst, tokens + bytesPerSecond * (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18))
+        tokens = min(burst, tokens + bytesPerSecond * elapsed.inSeconds)
         tokens -= Double(bytes)
         if debtLimit { tokens = max(tokens, -burst) }
         guard tokens < 0 else { return .zero }
@@ -41,12 +41,10 @@ final class RateLimiter: @unchecked Sendable {
 
     init(bytesPerSecond: UInt64?) { bucket = bytesPerSecond.map { TokenBucket(bytesPerSecond: $0) } }
 
+    /// Takes the tokens for `bytes`, sleeping until they fit.
     func consume(_ bytes: Int) {
-        let wait: Duration = lock.withLock { bucket?.reserve(bytes) ?? .zero }
-        guard wait > .zero else { return }
-        let seconds = Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18
-        lock.withLock { waited += seconds }
-        Thread.sleep(forTimeInterval: seconds)
+        let wait = reserve(bytes)
+        if wait > .zero { Thread.sleep(forTimeInterval: wait.inSeconds) }
     }
 
     /// Counts bytes that went without waiting (post-copy's demand replies, which a vCPU waits for):
@@ -57,9 +55,11 @@ final class RateLimiter: @unchecked Sendable {
     /// Takes the tokens for `bytes` and says how long to wait before going on; the caller waits as it
     /// sees fit (post-copy's push waits for new requests too).
     func reserve(_ bytes: Int) -> Duration {
-        let wait: Duration = lock.withLock { bucket?.reserve(bytes) ?? .zero }
-        if wait > .zero { lock.withLock { waited += Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18 } }
-        return wait
+        lock.withLock {
+            let wait = bucket?.reserve(bytes) ?? .zero
+            waited += wait.inSeconds
+            return wait
+        }
     }
 
     /// Seconds senders have spent waiting for tokens (summed over streams).

@@ -7,8 +7,7 @@ import TernWire
 func seconds(_ body: () -> Void) -> Double {
     let start = ContinuousClock.now
     body()
-    let elapsed = ContinuousClock.now - start
-    return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+    return (ContinuousClock.now - start).inSeconds
 }
 
 func xbzrle() {

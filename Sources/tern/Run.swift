@@ -7,6 +7,7 @@ import TernAPI
 import TernKVM
 import TernMachine
 import TernMigration
+import TernWire
 
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Boot a kernel in a new VM and serve its API.")
@@ -154,8 +155,7 @@ extension Run {
             let started = ContinuousClock.now
             let prepared = try GuestMemory(size: memory, hugePages: hugePages)
             try prepared.preallocate()
-            let elapsed = ContinuousClock.now - started
-            let milliseconds = Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15
+            let milliseconds = (ContinuousClock.now - started).inSeconds * 1000
             logger.info("preallocated \(ByteSize(bytes: memory)) of guest RAM in \(String(format: "%.0f", milliseconds)) ms")
             preparedMemory = prepared
         }

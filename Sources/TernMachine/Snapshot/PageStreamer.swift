@@ -50,8 +50,8 @@ public final class PageStreamer {
     /// Flags of the frames written (post-copy marks demand replies).
     public var frameFlags: UInt32 = 0
     /// Called, once a frame is written, with the memfd pages of each of its runs (a pre-copy round that
-    /// may be cut short for post-copy needs to know what actually left). Pages that XBZRLE found
-    /// unchanged send nothing and are not reported.
+    /// may be cut short for post-copy needs to know what actually left); and at once for pages that
+    /// XBZRLE found unchanged, which need nothing sent.
     public var runSent: ((_ firstPage: Int, _ count: Int) -> Void)?
 
     private let staging: UnsafeMutableRawBufferPointer
@@ -277,11 +277,12 @@ extension GuestMemory {
     /// Calls `body` for each extent of the memfd in order: holes (never
     /// written, so zero without reading them) and ranges that hold data.
     /// Page indices are memfd pages (file offset / 4096).
-    public func forEachExtent(_ body: (_ firstPage: Int, _ count: Int, _ isHole: Bool) throws -> Void) throws {
+    /// `pages` limits the walk to those pages (default: all of RAM).
+    public func forEachExtent(in pages: Range<Int>? = nil, _ body: (_ firstPage: Int, _ count: Int, _ isHole: Bool) throws -> Void) throws {
         let page = UInt64(PageRun.pageSize)
         let fd = file.rawValue
-        var offset: UInt64 = 0
-        let end = size
+        var offset = UInt64(pages?.lowerBound ?? 0) * page
+        let end = pages.map { UInt64($0.upperBound) * page } ?? size
         while offset < end {
             // lseek whences SEEK_DATA (3) and SEEK_HOLE (4); ENXIO from SEEK_DATA means "no data until the end".
             let nextData = lseek(fd, off_t(offset), 3)

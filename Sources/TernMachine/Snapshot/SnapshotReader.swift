@@ -80,7 +80,7 @@ public final class SnapshotReader {
                     guard read(stream.fd, &extra, 1) == 0 else { throw WireError.malformed("data after the end frame") }
                     statistics.fileBytes = UInt64(lseek(stream.fd, 0, SEEK_CUR))
                     let elapsed = ContinuousClock.now - started
-                    statistics.seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+                    statistics.seconds = elapsed.inSeconds
                     return statistics
                 default:
                     throw WireError.malformed("unexpected \(header.type) frame in the memory part of a snapshot")

@@ -47,7 +47,7 @@ public enum SnapshotWriter {
             throw ConfigurationError("cannot write snapshot \(path): \(reason)")
         }
         let elapsed = ContinuousClock.now - started
-        statistics.seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        statistics.seconds = elapsed.inSeconds
         return statistics
     }
 }
