@@ -255,7 +255,9 @@ public final class MigrationSource: @unchecked Sendable {
             $0.throughputMBps = $0.totalMs > 0 ? Double($0.transferredBytes) / 1e6 / ($0.totalMs / 1000) : 0
             $0.currentRound = nil
             $0.roundPercent = nil
-            $0.resentPages = $0.rounds.dropFirst().reduce(0) { $0 + $1.pages }
+            // Pages the rounds after the first pass sent again; post-copy's phase, the last round when it ran, sends each page once.
+            let precopyRounds = $0.postcopy == nil ? $0.rounds[...] : $0.rounds.dropLast()
+            $0.resentPages = precopyRounds.dropFirst().reduce(0) { $0 + $1.pages }
         }
         return progress
     }

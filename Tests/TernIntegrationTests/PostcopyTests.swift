@@ -83,6 +83,7 @@ struct PostcopyTests {
                                     arguments: ["--mode", "hybrid", "--precopy-rounds", "2", "--max-downtime", "1"],
                                     destinationArguments: destinationArguments)
         #expect(r.rounds.count == 3, "two pre-copy rounds and the post-copy phase")
+        #expect(r.resentPages == r.rounds[1].pages, "only the second pre-copy round re-sent pages")
         #expect(r.switchoverReason?.contains("post-copy") == true)
         #expect(r.postcopy != nil)
     }
@@ -189,6 +190,7 @@ struct PostcopyTests {
         #expect(r.switchoverReason == "post-copy requested (tern migrate-postcopy) during pre-copy round 0", "\(r.switchoverReason ?? "")")
         #expect(r.verification?.match == true)
         #expect(r.rounds.count == 2, "the first pass, cut short, and post-copy")
+        #expect(r.resentPages == 0, "no pre-copy round after the first pass: post-copy's pages are not re-sends")
         let first = try #require(r.rounds.first)
         #expect(first.bytes < 40_000_000, "the pass stopped when asked, not at its end: \(first.bytes) bytes")
         let p = try #require(r.postcopy)
