@@ -21,7 +21,7 @@ public struct MigrateRequest: Codable, Sendable {
     public var xbzrleCacheBytes: UInt64?
     /// zstd level (1 to 19; default 1).
     public var zstdLevel: Int?
-    /// Parallel page streams (1 to 16; default 1).
+    /// Parallel page streams (1 to 16; default 2 for mode postcopy, 1 otherwise).
     public var streams: Int?
     /// "dirty-frequency" (default) or "sequential".
     public var order: String?
@@ -171,9 +171,9 @@ extension APIRouter {
             guard (1...Hello.maximumStreams).contains(streams) else {
                 return .error(400, "bad_request", "streams must be between 1 and \(Hello.maximumStreams)")
             }
-            parameters.streams = streams
         }
         parameters.mode = mode
+        parameters.streams = request.streams ?? MigrationSource.Parameters.defaultStreams(for: mode)
         if let value = request.precopyRounds {
             guard value >= 1 else { return .error(400, "bad_request", "precopy_rounds must be at least 1") }
             parameters.precopyRounds = value

@@ -245,6 +245,7 @@ public final class MigrationDestination {
                     : try digests?.digest { !needed.contains($0) } ?? MemoryDigest.compute(machine.memory) { !needed.contains($0) }
                 postcopy = try PostcopyReceiver(machine: machine, source: stream, connection: connection, expected: needed,
                                                 digestOfPresentPages: present, urgent: urgentConnection,
+                                                pushStreams: extraStreams?.connections ?? [],
                                                 recovery: expectations.recoveryEndpoint, token: token,
                                                 afterPrecopy: hello.features & Hello.postcopyFirstFeature == 0, logger: logger)
                 if completion.memoryDigest != nil { ready.stateDigest = MemoryDigest.state(sections) }

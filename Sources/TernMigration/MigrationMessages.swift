@@ -7,7 +7,7 @@ import TernWire
 /// about to arrive, so the destination can refuse before a byte of memory moves.
 public struct Hello: Equatable, Sendable {
     public static let magic = Array("TERNMIG\u{0}".utf8)
-    public static let protocolVersion: UInt32 = 4
+    public static let protocolVersion: UInt32 = 5
     /// Feature bit: pages frames may be zstd-compressed (`--compress zstd`).
     public static let zstdFeature: UInt64 = 1 << 0
     /// Feature bit: post-copy from the start (`--mode postcopy`): no pre-copy pages will come.

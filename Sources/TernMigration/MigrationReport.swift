@@ -78,6 +78,9 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     public var postcopyPagesSent: UInt64?
     /// Of those, pages sent a second time: asked for while their pushed copy was on its way.
     public var postcopyPagesResent: UInt64?
+    /// Pages each connection carried after execution moved: the control connection (pushed, and demand
+    /// replies when there is no demand channel), then each extra page stream's push (`--streams`).
+    public var postcopyPagesByStream: [UInt64]?
     /// The destination's account of post-copy: faults, fault latency, pushed vs pulled pages.
     public var postcopy: PostcopyStatistics?
     public var verification: Verification?

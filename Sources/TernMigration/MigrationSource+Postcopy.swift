@@ -21,8 +21,9 @@ extension MigrationSource {
         // Plus what the guest wrote since.
         needed.formUnion(try machine.memory.collectDirtyPages(from: machine.vm))
         logger.debug("post-copy switch: \(needed.count) pages still needed, known \(Int(Clocks.milliseconds(from: pausedMono, to: Clocks.monotonicNs()))) ms after the pause")
-        // Post-copy runs on the control connection alone.
+        // The extra streams' pre-copy ends here; post-copy's push goes on over them too.
         try sender.endExtraStreams()
+        let pushStreams = sender.senders.dropFirst().map { $0.streamer.stream }
         // With --verify, the memory digest is not taken here, in the downtime (a GiB took 90-130 ms):
         // this side's memory no longer changes once paused, so it is taken after the hand-over, while
         // pages are pushed, and compared with the destination's once its memory is complete. The end
@@ -72,7 +73,7 @@ extension MigrationSource {
         }
 
         // Post-copy proper: from here the VM runs at the destination and this side only serves memory.
-        try servePostcopy(stream: stream, urgent: urgent, needed: needed, context: &context)
+        try servePostcopy(stream: stream, urgent: urgent, pushStreams: Array(pushStreams), needed: needed, context: &context)
     }
 
     /// What post-copy needs to go on after its connection dropped; kept until it completes.
@@ -91,6 +92,19 @@ extension MigrationSource {
         var earlier = PageStreamCounters()
         /// Pages earlier connections sent a second time.
         var earlierResent: UInt64 = 0
+        /// What earlier connections carried, per stream (a resume runs on one).
+        var earlierByStream: [UInt64] = []
+
+        mutating func addEarlier(byStream pages: [UInt64]) {
+            earlierByStream = combined(pages)
+        }
+
+        /// `pages` added stream by stream to what earlier connections carried.
+        func combined(_ pages: [UInt64]) -> [UInt64] {
+            (0..<max(pages.count, earlierByStream.count)).map {
+                ($0 < pages.count ? pages[$0] : 0) + ($0 < earlierByStream.count ? earlierByStream[$0] : 0)
+            }
+        }
     }
 
     /// Post-copy's connection dropped: the destination runs the VM and waits; `resume` goes on.
@@ -100,10 +114,12 @@ extension MigrationSource {
 
     /// Serves `needed` until the destination confirms it holds everything; a
     /// dropped connection keeps the context for `resume`.
-    func servePostcopy(stream: FDStream, urgent: FDStream? = nil, needed: PageSet, context: inout PostcopyContext) throws {
+    /// `pushStreams`: the pre-copy's extra page streams, which carry pushed pages too (a resume runs on one connection).
+    func servePostcopy(stream: FDStream, urgent: FDStream? = nil, pushStreams: [FDStream] = [], needed: PageSet,
+                       context: inout PostcopyContext) throws {
         // The cap was lifted for the switch (the downtime); the push shares the link again under it.
         let postcopy = PostcopySender(memory: machine.memory, connection: lock.withLock { connection }, stream: stream,
-                                      urgent: urgent, needed: needed, rateLimit: makeRateLimiter())
+                                      urgent: urgent, pushStreams: pushStreams, needed: needed, rateLimit: makeRateLimiter())
         let (earlierBytes, owed) = (context.precopy.bytes + context.stateBytes + context.earlier.bytes, needed.count)
         postcopy.onProgress = { [unowned self] left, bytes in
             update {
@@ -115,10 +131,12 @@ extension MigrationSource {
         do {
             statistics = try postcopy.run()
         } catch let failure as PostcopySender.Failure where failure.connectionLost {
-            // The demand channel goes with the control connection: a resume runs on one new connection.
+            // The demand channel and the push streams go with the control connection: a resume runs on one new connection.
             if let urgent { shutdown(urgent.fd, Int32(SHUT_RDWR)) }
+            for pushStream in pushStreams { shutdown(pushStream.fd, Int32(SHUT_RDWR)) }
             context.earlier.add(postcopy.counters)
             context.earlierResent += postcopy.resent
+            context.addEarlier(byStream: postcopy.pagesByStream)
             let saved = context
             lock.withLock { postcopyContext = saved }
             throw PostcopyInterrupted(description: failure.description)
@@ -136,6 +154,7 @@ extension MigrationSource {
             $0.zeroPages = c.precopy.zeroPages + sent.zeroPages
             $0.postcopyPagesSent = sent.dataPages + sent.zeroPages - resent
             $0.postcopyPagesResent = resent
+            $0.postcopyPagesByStream = c.combined(postcopy.pagesByStream)
             $0.rounds.append(MigrationReport.Round(
                 round: c.round, pages: sent.dataPages + sent.zeroPages, zeroPages: sent.zeroPages, bytes: sent.bytes + c.stateBytes,
                 dirtyPages: 0, durationMs: milliseconds(since: c.started) - ($0.executionMovedAtMs ?? 0), throughputMBps: 0,

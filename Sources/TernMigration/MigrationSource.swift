@@ -36,8 +36,13 @@ public final class MigrationSource: @unchecked Sendable {
         /// small delta and keeps the cached copy fresh; held back, its stop-and-copy delta is against the first
         /// pass's copy, nearly a whole page (capped hot spot: 40 ms of downtime instead of 10).
         public var holdBackHot: Bool?
-        /// Parallel page streams (connections) during pre-copy.
+        /// Parallel page streams (connections): pre-copy's pages and post-copy's push.
         public var streams = 1
+        /// Without `--streams`: two for a post-copy from the start, whose push is bound by the destination
+        /// placing fresh pages, which a second stream spreads over a second thread (25-30% less total time
+        /// for both post-copy benchmark cases, docs/MIGRATION.md, "Parallel streams"); one otherwise, as on
+        /// these hosts a second pre-copy stream saved no time on the filled guests and sent more bytes.
+        public static func defaultStreams(for mode: MigrationMode) -> Int { mode == .postcopy ? 2 : 1 }
         /// zstd on pre-copy's page frames at this level (nil: off).
         public var zstdLevel: Int32?
 

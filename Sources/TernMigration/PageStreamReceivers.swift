@@ -12,7 +12,8 @@ import TernWire
 /// migration fails at once with that stream's error.
 final class PageStreamReceivers: @unchecked Sendable {
     // @unchecked Sendable: `connections` and `appliers` are written before the threads start; results are guarded by `state`.
-    private let connections: [FileDescriptor]
+    /// Stream i + 1's connection; post-copy pushes pages over them once their pre-copy has ended.
+    let connections: [FileDescriptor]
     private let appliers: [PageRunApplier]
     private let state = Mutex<(finished: Int, error: String?)>((0, nil))
     private let done = DispatchSemaphore(value: 0)

@@ -196,5 +196,6 @@ extension PostcopyReceiver {
         }
         // The demand channel goes with it: after a resume everything comes on the new connection.
         if let urgent { shutdown(urgent.rawValue, Int32(SHUT_RDWR)) }
+        for connection in pushConnections { shutdown(connection.rawValue, Int32(SHUT_RDWR)) }
     }
 }

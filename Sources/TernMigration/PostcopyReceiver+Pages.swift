@@ -24,11 +24,13 @@ extension PostcopyReceiver {
                 }
             case .postcopyEnd:
                 _ = try source.readExactly(Int(header.length), what: "post-copy end")
-                // The demand channel ends too (or ended with a dropped connection): its last replies are placed first.
+                // The demand channel and the push streams end too (or ended with a dropped connection):
+                // what they carried is placed first.
                 if urgent != nil {
                     urgentDone.wait()
                     urgentDone.signal()
                 }
+                pushDone.wait()
                 let missing = lock.withLock { expected.count }
                 guard missing == 0 else { throw WireError.malformed("the source finished with \(missing) pages never sent") }
                 finish(vmStartedNs: vmStartedNs)
@@ -66,6 +68,34 @@ extension PostcopyReceiver {
             }
         } catch where Self.isConnectionLoss(error) {
             logger.debug("post-copy demand channel closed: \(error)")
+        } catch {
+            fail("\(error)")
+        }
+    }
+
+    /// Pushed pages on one of the pre-copy's extra streams, until the source's `postcopyEnd` on it. A
+    /// dropped stream ends this thread and cuts the control connection, so that the whole of post-copy
+    /// waits for a resume (which runs on one connection) rather than for pages that stream would have carried.
+    func receivePushedPages(from stream: FDStream, bounce: UnsafeMutableRawBufferPointer) {
+        var noTimeout = timeval(tv_sec: 0, tv_usec: 0)
+        setsockopt(stream.fd, SOL_SOCKET, SO_RCVTIMEO, &noTimeout, socklen_t(MemoryLayout<timeval>.size))
+        do {
+            while true {
+                let header = try stream.readFrameHeader()
+                switch header.type {
+                case .pages:
+                    guard header.flags & demandReplyFlag == 0 else { throw WireError.malformed("a demand reply on a push stream") }
+                    try place(header, from: stream, bounce: bounce)
+                case .postcopyEnd:
+                    _ = try stream.readExactly(Int(min(header.length, 64)), what: "post-copy end")
+                    return
+                default:
+                    throw WireError.malformed("unexpected \(header.type) frame on a post-copy push stream")
+                }
+            }
+        } catch where Self.isConnectionLoss(error) {
+            logger.debug("post-copy push stream closed: \(error)")
+            if !isComplete { writeLock.withLock { if connected { shutdown(source.fd, Int32(SHUT_RDWR)) } } }
         } catch {
             fail("\(error)")
         }

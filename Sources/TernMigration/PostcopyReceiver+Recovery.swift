@@ -79,12 +79,13 @@ extension PostcopyReceiver {
         setTimeouts(candidate.rawValue, seconds: MigrationSource.replyTimeoutSeconds)
         var size: Int32 = 256 << 10
         setsockopt(candidate.rawValue, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
-        // The demand channel's thread has stopped (it was cut with the connection): no frame of the old
+        // The demand channel's and the push streams' threads have stopped (it was cut with the connection): no frame of the old
         // connection can be placed after the list of pages still expected is taken.
         if urgent != nil {
             urgentDone.wait()
             urgentDone.signal()
         }
+        pushDone.wait()
         // Under one writeLock: a fault noted meanwhile is either in this list or sent on the new connection.
         var stillCount = 0, waitedCount = 0
         try writeLock.withLock {

@@ -96,6 +96,12 @@ final class PostcopyReceiver: @unchecked Sendable {
     let urgent: FileDescriptor?
     let urgentBounce: UnsafeMutableRawBufferPointer
     let urgentDone = DispatchSemaphore(value: 0)
+    /// The pre-copy's extra page streams (`--streams`), which carry pushed pages too: a thread
+    /// each places them, so that placing fresh pages, post-copy's main cost here, takes more than one core.
+    let pushConnections: [FileDescriptor]
+    let pushBounces: [UnsafeMutableRawBufferPointer]
+    /// Left by each push stream's thread when its stream ends (its `postcopyEnd`, or the connection dropped).
+    let pushDone = DispatchGroup()
 
     /// The socket, owned here: post-copy outlives the call that accepted it.
     var connection: FileDescriptor?
@@ -106,9 +112,12 @@ final class PostcopyReceiver: @unchecked Sendable {
     static let blockPages = (2 << 20) / PageRun.pageSize
 
     init(machine: Machine, source: FDStream, connection: FileDescriptor?, expected: PageSet, digestOfPresentPages: UInt64?,
-         urgent: FileDescriptor? = nil, recovery: Endpoint? = nil, token: UInt64 = 0, afterPrecopy: Bool = false, logger: Logger) throws {
+         urgent: FileDescriptor? = nil, pushStreams: [FileDescriptor] = [], recovery: Endpoint? = nil, token: UInt64 = 0,
+         afterPrecopy: Bool = false, logger: Logger) throws {
         self.connection = connection
         self.urgent = urgent
+        pushConnections = pushStreams
+        pushBounces = pushStreams.map { _ in .allocate(byteCount: 1 << 20, alignment: 4096) }
         urgentBounce = .allocate(byteCount: urgent == nil ? 0 : 1 << 20, alignment: 4096)
         self.recovery = recovery
         self.token = token
@@ -173,6 +182,7 @@ final class PostcopyReceiver: @unchecked Sendable {
     deinit {
         bounce.deallocate()
         urgentBounce.deallocate()
+        pushBounces.forEach { $0.deallocate() }
         zeros.deallocate()
     }
 
@@ -197,6 +207,13 @@ final class PostcopyReceiver: @unchecked Sendable {
                 makeCurrentThreadLatencyCritical()
                 receiveDemandReplies(from: FDStream(fd: urgent.rawValue))
                 urgentDone.signal()
+            }
+        }
+        for (index, connection) in pushConnections.enumerated() {
+            pushDone.enter()
+            spawnThread(named: "postcopy-push-\(index + 1)") { [self] in
+                receivePushedPages(from: FDStream(fd: connection.rawValue), bounce: pushBounces[index])
+                pushDone.leave()
             }
         }
         if !unmappedBlocks.isEmpty {

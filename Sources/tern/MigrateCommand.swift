@@ -42,8 +42,8 @@ struct Migrate: ParsableCommand {
     @Option(help: "zstd level, 1 (fastest) to 19.")
     var zstdLevel: Int = 1
 
-    @Option(help: "Parallel page streams (connections) for pre-copy, 1 to 16.")
-    var streams: Int = 1
+    @Option(help: "Parallel page streams (connections) for pre-copy's pages and post-copy's push, 1 to 16 (default: 2 with --mode postcopy, else 1).")
+    var streams: Int?
 
     @Option(help: "dirty-frequency: rarely-dirtied pages first, hot pages last; or sequential: in address order (pre-copy).")
     var order: String = "dirty-frequency"
@@ -64,7 +64,7 @@ struct Migrate: ParsableCommand {
         guard precopyRounds >= 1 else { throw ValidationError("--precopy-rounds must be at least 1") }
         do { _ = try CompressionChoice(parsing: compress) } catch { throw ValidationError("--compress: \(error)") }
         guard (1...19).contains(zstdLevel) else { throw ValidationError("--zstd-level must be between 1 and 19") }
-        guard (1...Hello.maximumStreams).contains(streams) else { throw ValidationError("--streams must be between 1 and \(Hello.maximumStreams)") }
+        if let streams, !(1...Hello.maximumStreams).contains(streams) { throw ValidationError("--streams must be between 1 and \(Hello.maximumStreams)") }
         guard PageOrder(rawValue: order) != nil else { throw ValidationError("--order must be sequential or dirty-frequency") }
         if holdBack != nil && order != PageOrder.dirtyFrequency.rawValue {
             throw ValidationError("--hold-back and --no-hold-back need --order dirty-frequency")
@@ -264,6 +264,9 @@ enum MigrationTable {
         if let complete = r.memoryCompleteAtMs { rows.append(("memory complete", "at " + ms(complete))) }
         if let p = r.postcopy {
             rows.append(("post-copy pages", "\(r.postcopyPagesSent ?? 0) sent: \(p.pagesPushed) pushed, \(p.pagesPulled) pulled on demand, \(p.pagesZeroFilledLocally) zero-filled at the destination"))
+            if let byStream = r.postcopyPagesByStream, byStream.count > 1 {
+                rows.append(("post-copy streams", byStream.map(String.init).joined(separator: " + ") + " pages"))
+            }
             if let resent = r.postcopyPagesResent, resent > 0 {
                 rows.append(("sent twice", "\(resent) pages asked for while their pushed copy was on its way (the first to land was kept)"))
             }

@@ -51,6 +51,23 @@ struct PostcopyTests {
         #expect(Double(r.transferredBytes) <= (nonZero + Double(1 << 20)) * 1.02, "\(r.transferredBytes) bytes for 64 MiB")
         #expect(r.rounds.count == 1, "no pre-copy round")
         #expect(try #require(r.downtimeMs) < 300)
+        #expect(r.streams == 2, "a post-copy from the start pushes over two streams unless told otherwise")
+    }
+
+    /// With `--streams N` the push runs on every connection: each carries pages, and each page still goes once.
+    @Test func postcopyPushesOverEveryStream() throws {
+        let r = try migrateAndCheck(cmdline: "fill=64 dirty=32 progress=0", arguments: ["--mode", "postcopy", "--streams", "3"])
+        let p = try #require(r.postcopy)
+        #expect(r.streams == 3)
+        let byStream = try #require(r.postcopyPagesByStream)
+        #expect(byStream.count == 3)
+        #expect(byStream.allSatisfy { $0 > 1000 }, "every stream carried a share of the 16384 pages: \(byStream)")
+        let sent = try #require(r.postcopyPagesSent)
+        #expect(p.pagesPushed + p.pagesPulled == sent, "every page arrived once, pushed or pulled")
+        // The streams carry the push (and nothing twice but what a demand reply overtook).
+        #expect(byStream.reduce(0, +) >= p.pagesPushed)
+        #expect(byStream.reduce(0, +) <= sent + p.secondCopiesDropped)
+        #expect(Double(r.transferredBytes) <= (Double(64 << 20) + Double(1 << 20)) * 1.02, "\(r.transferredBytes) bytes for 64 MiB")
     }
 
     /// A preallocated destination places pages by minor faults (written into the file, then mapped).
@@ -269,8 +286,9 @@ struct PostcopyRecoveryTests {
         let relay = try startRelay(from: relayPort, to: destinationPort, rateMbit: 200)
         defer { if relay.isRunning { relay.terminate() } }
 
+        // Two streams: the relay's death cuts the push streams and the demand channel with the control connection.
         let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", "tcp:127.0.0.1:\(relayPort)", "--json",
-                                   "--mode", "postcopy", "--verify"], withAPI: false)
+                                   "--mode", "postcopy", "--streams", "2", "--verify"], withAPI: false)
         // Cut the link once execution has moved and pages are still flowing.
         let cutBy = Date(timeIntervalSinceNow: 30)
         var seen = source.migrationReport()
@@ -317,6 +335,7 @@ struct PostcopyRecoveryTests {
         #expect(r.verification?.match == true, "memory after the resume is identical to the source's at the switch")
         let p = try #require(r.postcopy)
         #expect(p.reconnections == 1)
+        #expect(r.postcopyPagesByStream?.count == 2, "the push ran on both streams before the cut, on one after")
         #expect(destination.stderr.contains("refused a connection while waiting for the resume"))
         #expect(source.waitForExit(timeout: 10) == 0)
         let moved = try destination.waitForStatus { $0.iterations > before.iterations }

@@ -55,6 +55,88 @@ struct PostcopyReceiverTests {
         return (stream, ours, holder)
     }
 
+    /// Like `handOver`, for a source with two page streams (`--streams 2`): pre-copy's pages go on the
+    /// stream their 1 MiB chunk belongs to; the second stream is returned to push post-copy pages on.
+    func handOverWithPushStream(needed target: Int) throws -> (control: FDStream, push: FDStream, sockets: [FileDescriptor], ResultHolder) {
+        func pair() -> (FileDescriptor, FileDescriptor) {
+            var fds: [Int32] = [0, 0]
+            #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
+            setTimeouts(fds[0], seconds: 30)
+            return (FileDescriptor(adopting: fds[0]), FileDescriptor(adopting: fds[1]))
+        }
+        let (ours, theirs) = pair(), (ourPush, theirPush) = pair()
+        let holder = ResultHolder()
+        spawnThread(named: "destination") {
+            let listener = StreamListener(accept: { _ in theirPush }, close: {})
+            do {
+                let (machine, _) = try MigrationDestination(expectations: .init(serial: .off, hugePages: .off)).receive(on: theirs, listener: listener)
+                holder.set(machine)
+            } catch {
+                holder.fail("\(error)")
+            }
+        }
+        let machine = try Machine(configuration: MachineConfiguration(kernelPath: ReceiverTests.guest, commandLine: "progress=0",
+                                                                      memorySize: 16 << 20, serial: .off))
+        let state = try machine.captureState()
+        let control = FDStream(fd: ours.rawValue), push = FDStream(fd: ourPush.rawValue)
+        let hello = Hello(bootID: "test", machine: state.description, cpuid: machine.guestCPUID, devices: ["UART"], streams: 2)
+        try control.writeFrame(.hello, payload: hello.encoded)
+        let (_, reply) = try control.readFrame()
+        try push.writeFrame(.streamHello, payload: StreamHello(token: try Verdict(decoding: reply).token, index: 1).encoded)
+        // Every 1 MiB chunk whole, on its stream (even chunks on the control connection, odd ones on the other).
+        for chunk in 0..<16 {
+            let address = GuestAddress(UInt64(chunk) << 20)
+            let bytes = try machine.memory.read(address, count: 1 << 20)
+            try (chunk % 2 == 0 ? control : push).writeAll(receiverTests.pagesFrame([(PageRun(address: address, pageCount: 256, kind: .data), bytes)]))
+        }
+        for section in state.sections { try control.writeFrame(.state, payload: section.encoded) }
+        try push.writeFrame(.streamEnd, payload: [UInt8]())
+        var needed = PageSet(pageCount: (16 << 20) / 4096)
+        needed.insert(target)
+        let start = PostcopyStart(completion: Completion(pausedMonotonicNs: Clocks.monotonicNs(), pausedRealtimeNs: 0,
+                                                         memoryDigest: nil, stateDigest: nil), needed: needed)
+        try control.writeFrame(.postcopyStart, payload: start.encoded)
+        #expect(try control.readFrame().0.type == .ready)
+        try control.writeFrame(.go, payload: [UInt8]())
+        #expect(try control.readFrame().0.type == .resumed)
+        return (control, push, [ours, ourPush], holder)
+    }
+
+    /// A page pushed on the second stream is placed there; each stream's end, then the control
+    /// connection's, and the destination reports all memory here.
+    @Test func pagesPushedOnAnExtraStreamArePlaced() throws {
+        let target = 0x900
+        let (control, push, sockets, holder) = try handOverWithPushStream(needed: target)
+        try push.writeAll(page(target))
+        try push.writeFrame(.postcopyEnd, payload: [UInt8]())
+        try control.writeFrame(.postcopyEnd, payload: [UInt8]())
+        while true {
+            let (header, payload) = try control.readFrame()
+            #expect(header.type != .abort, "\(String(decoding: payload, as: UTF8.self))")
+            if header.type == .abort { break }
+            guard header.type == .complete else { continue }
+            let statistics = try PostcopyStatistics(decoding: payload)
+            #expect(statistics.pagesPushed == 1)
+            break
+        }
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while holder.machine == nil && Date() < deadline { usleep(10_000) }
+        let machine = try #require(holder.machine)
+        #expect(try machine.memory.read(GuestAddress(UInt64(target) * 4096), count: 4096) == [UInt8](repeating: 0x77, count: 4096))
+        expectEnds(machine)
+        withExtendedLifetime(sockets) {}
+    }
+
+    /// Demand replies have their own channel (or the control connection): on a push stream one is refused.
+    @Test func aDemandReplyOnAPushStreamStopsTheVM() throws {
+        let target = 0x901
+        let (control, push, sockets, holder) = try handOverWithPushStream(needed: target)
+        try push.writeAll(page(target, flags: demandReplyFlag))
+        #expect(try abortReason(control).contains("a demand reply on a push stream"))
+        expectPausedAndStopped(holder)
+        withExtendedLifetime(sockets) {}
+    }
+
     func page(_ index: Int, flags: UInt32 = 0) -> [UInt8] {
         let run = PageRun(address: GuestAddress(UInt64(index) * 4096), pageCount: 1, kind: .data)
         let payload = run.encodedHeader + [UInt8](repeating: 0x77, count: 4096)
