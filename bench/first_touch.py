@@ -16,10 +16,13 @@ guest RAM) use up the free memory the host still backs; 2 MiB pages (anon-thp,
 QEMU's guest RAM) come from large free blocks the host has already taken back
 (free page reporting), and leave the backed remainder to what comes after.
 
-`--threads T` splits each GiB between T threads writing at once (pwrite and
-slice copies let go of Python's lock): whether fresh memory costs CPU time of
-this machine's own vCPUs, so that it scales with free cores, or is a limit
-elsewhere. `--spin` keeps one core busy meanwhile (a busy-looping process), as
+`--threads T` splits each GiB between T threads writing at once. With
+`--kind memfd` they do not go faster (measured 2026-12-02: 300 MB/s with one
+or two): pwrites into one file take its inode lock in turn, which is why
+Tern's destinations place pages by UFFDIO_COPY or through the mapping, where
+two placing threads did go faster (post-copy with `--streams 2`,
+docs/MIGRATION.md, "Parallel streams"). Python's copies into a mapping keep
+its global lock, so `--kind anon` shows no parallelism either. `--spin` keeps one core busy meanwhile (a busy-looping process), as
 a migrating guest's vCPU does: then the threads share what is left.
 """
 import argparse, mmap, os, subprocess, sys, threading, time
