@@ -17,7 +17,7 @@ QEMU's guest RAM) come from large free blocks the host has already taken back
 (free page reporting), and leave the backed remainder to what comes after.
 
 `--threads T` splits each GiB between T threads writing at once. With
-`--kind memfd` they do not go faster (measured 2026-12-02: 300 MB/s with one
+`--kind memfd` they do not go faster (measured 2026-12-02: about 300 MB/s with one
 or two): pwrites into one file take its inode lock in turn, which is why
 Tern's destinations place pages by UFFDIO_COPY or through the mapping, where
 two placing threads did go faster (post-copy with `--streams 2`,

@@ -49,34 +49,18 @@ extension PostcopyReceiver {
         }
     }
 
-    /// The demand channel's replies, until the source's `postcopyEnd` on it. A
-    /// dropped channel just ends this thread: replies then come on the control
-    /// connection (after a resume, post-copy runs on that alone).
-    func receiveDemandReplies(from stream: FDStream) {
-        do {
-            while true {
-                let header = try stream.readFrameHeader()
-                switch header.type {
-                case .pages:
-                    guard header.flags & demandReplyFlag != 0 else { throw WireError.malformed("a pushed page on the demand channel") }
-                    try place(header, from: stream, bounce: urgentBounce)
-                case .postcopyEnd:
-                    return
-                default:
-                    throw WireError.malformed("unexpected \(header.type) frame on the demand channel")
-                }
-            }
-        } catch where Self.isConnectionLoss(error) {
-            logger.debug("post-copy demand channel closed: \(error)")
-        } catch {
-            fail("\(error)")
-        }
+    /// What a connection besides the control one carries in post-copy.
+    enum SideConnection: String {
+        /// Replies to page requests (the demand channel). Dropped, it just ends: replies then come on
+        /// the control connection (after a resume, post-copy runs on that alone).
+        case demandChannel = "demand channel"
+        /// Pushed pages (one of the pre-copy's extra streams). Dropped, it cuts the control connection
+        /// too, so that the whole of post-copy waits for a resume rather than for the pages it would have carried.
+        case pushStream = "push stream"
     }
 
-    /// Pushed pages on one of the pre-copy's extra streams, until the source's `postcopyEnd` on it. A
-    /// dropped stream ends this thread and cuts the control connection, so that the whole of post-copy
-    /// waits for a resume (which runs on one connection) rather than for pages that stream would have carried.
-    func receivePushedPages(from stream: FDStream, bounce: UnsafeMutableRawBufferPointer) {
+    /// The pages frames of a demand channel or a push stream, until the source's `postcopyEnd` on it.
+    func receivePages(on stream: FDStream, _ kind: SideConnection, bounce: UnsafeMutableRawBufferPointer) {
         var noTimeout = timeval(tv_sec: 0, tv_usec: 0)
         setsockopt(stream.fd, SOL_SOCKET, SO_RCVTIMEO, &noTimeout, socklen_t(MemoryLayout<timeval>.size))
         do {
@@ -84,18 +68,19 @@ extension PostcopyReceiver {
                 let header = try stream.readFrameHeader()
                 switch header.type {
                 case .pages:
-                    guard header.flags & demandReplyFlag == 0 else { throw WireError.malformed("a demand reply on a push stream") }
+                    guard (header.flags & demandReplyFlag != 0) == (kind == .demandChannel) else {
+                        throw WireError.malformed(kind == .demandChannel ? "a pushed page on the demand channel" : "a demand reply on a push stream")
+                    }
                     try place(header, from: stream, bounce: bounce)
                 case .postcopyEnd:
-                    _ = try stream.readExactly(Int(min(header.length, 64)), what: "post-copy end")
                     return
                 default:
-                    throw WireError.malformed("unexpected \(header.type) frame on a post-copy push stream")
+                    throw WireError.malformed("unexpected \(header.type) frame on the \(kind.rawValue)")
                 }
             }
         } catch where Self.isConnectionLoss(error) {
-            logger.debug("post-copy push stream closed: \(error)")
-            if !isComplete { writeLock.withLock { if connected { shutdown(source.fd, Int32(SHUT_RDWR)) } } }
+            logger.debug("post-copy \(kind.rawValue) closed: \(error)")
+            if kind == .pushStream { writeLock.withLock { if connected && completion == nil { shutdown(source.fd, Int32(SHUT_RDWR)) } } }
         } catch {
             fail("\(error)")
         }

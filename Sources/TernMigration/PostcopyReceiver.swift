@@ -201,18 +201,16 @@ final class PostcopyReceiver: @unchecked Sendable {
             serveFaults()
         }
         if let urgent {
-            var noTimeout = timeval(tv_sec: 0, tv_usec: 0)
-            setsockopt(urgent.rawValue, SOL_SOCKET, SO_RCVTIMEO, &noTimeout, socklen_t(MemoryLayout<timeval>.size))
             spawnThread(named: "postcopy-urgent") { [self] in
                 makeCurrentThreadLatencyCritical()
-                receiveDemandReplies(from: FDStream(fd: urgent.rawValue))
+                receivePages(on: FDStream(fd: urgent.rawValue), .demandChannel, bounce: urgentBounce)
                 urgentDone.signal()
             }
         }
         for (index, connection) in pushConnections.enumerated() {
             pushDone.enter()
             spawnThread(named: "postcopy-push-\(index + 1)") { [self] in
-                receivePushedPages(from: FDStream(fd: connection.rawValue), bounce: pushBounces[index])
+                receivePages(on: FDStream(fd: connection.rawValue), .pushStream, bounce: pushBounces[index])
                 pushDone.leave()
             }
         }

@@ -23,21 +23,33 @@ struct PostcopyReceiverTests {
     static let pageKinds: [HugePages] = [.off, .on].filter { (try? GuestMemory(size: 16 << 20, hugePages: $0)) != nil }
 
     /// Runs a destination on one end of a socket pair; returns the other end, already past `resumed`.
-    func handOver(needed extraPages: Int..., hugePages: HugePages = .off) throws -> (FDStream, FileDescriptor, ResultHolder) {
+    /// A connected socket pair: the test's end first, the destination's second.
+    func socketPair() -> (FileDescriptor, FileDescriptor) {
         var fds: [Int32] = [0, 0]
         #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
-        let ours = FileDescriptor(adopting: fds[0])
-        let theirs = FileDescriptor(adopting: fds[1])
-        setTimeouts(ours.rawValue, seconds: 30)   // a destination that stalls fails the test, never hangs it
+        setTimeouts(fds[0], seconds: 30)   // a destination that stalls fails the test, never hangs it
+        return (FileDescriptor(adopting: fds[0]), FileDescriptor(adopting: fds[1]))
+    }
+
+    /// Runs a destination on `theirs`; `pushStream` is the one extra page stream its listener hands out.
+    func startDestination(on theirs: FileDescriptor, pushStream: FileDescriptor? = nil, hugePages: HugePages) -> ResultHolder {
         let holder = ResultHolder()
         spawnThread(named: "destination") {
+            let listener = pushStream.map { stream in StreamListener(accept: { _ in stream }, close: {}) }
             do {
-                let (machine, _) = try MigrationDestination(expectations: .init(serial: .off, hugePages: hugePages)).receive(on: theirs)
+                let (machine, _) = try MigrationDestination(expectations: .init(serial: .off, hugePages: hugePages))
+                    .receive(on: theirs, listener: listener)
                 holder.set(machine)
             } catch {
                 holder.fail("\(error)")
             }
         }
+        return holder
+    }
+
+    func handOver(needed extraPages: Int..., hugePages: HugePages = .off) throws -> (FDStream, FileDescriptor, ResultHolder) {
+        let (ours, theirs) = socketPair()
+        let holder = startDestination(on: theirs, hugePages: hugePages)
         let s = try receiverTests.stream()
         let stream = FDStream(fd: ours.rawValue)
         // Hello; the memory as pre-copy would have left it; the state; then post-copy with one page still needed.
@@ -58,23 +70,8 @@ struct PostcopyReceiverTests {
     /// Like `handOver`, for a source with two page streams (`--streams 2`): pre-copy's pages go on the
     /// stream their 1 MiB chunk belongs to; the second stream is returned to push post-copy pages on.
     func handOverWithPushStream(needed target: Int) throws -> (control: FDStream, push: FDStream, sockets: [FileDescriptor], ResultHolder) {
-        func pair() -> (FileDescriptor, FileDescriptor) {
-            var fds: [Int32] = [0, 0]
-            #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
-            setTimeouts(fds[0], seconds: 30)
-            return (FileDescriptor(adopting: fds[0]), FileDescriptor(adopting: fds[1]))
-        }
-        let (ours, theirs) = pair(), (ourPush, theirPush) = pair()
-        let holder = ResultHolder()
-        spawnThread(named: "destination") {
-            let listener = StreamListener(accept: { _ in theirPush }, close: {})
-            do {
-                let (machine, _) = try MigrationDestination(expectations: .init(serial: .off, hugePages: .off)).receive(on: theirs, listener: listener)
-                holder.set(machine)
-            } catch {
-                holder.fail("\(error)")
-            }
-        }
+        let (ours, theirs) = socketPair(), (ourPush, theirPush) = socketPair()
+        let holder = startDestination(on: theirs, pushStream: theirPush, hugePages: .off)
         let machine = try Machine(configuration: MachineConfiguration(kernelPath: ReceiverTests.guest, commandLine: "progress=0",
                                                                       memorySize: 16 << 20, serial: .off))
         let state = try machine.captureState()
