@@ -9,6 +9,8 @@ public final class VirtualMachine: Sendable {
     public let kvm: Kvm
     /// Mappings registered as memory slots, kept alive as long as the VM.
     private let registeredMappings = Mutex<[UInt32: MemorySlot]>([:])
+    /// Whether KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on (VirtualMachine+DirtyLog.swift).
+    let manualDirtyLogProtection = Atomic<Bool>(false)
 
     init(fd: FileDescriptor, kvm: Kvm) {
         self.fd = fd
@@ -53,6 +55,8 @@ public final class VirtualMachine: Sendable {
         registeredMappings.withLock { Array($0.values).sorted { $0.slot < $1.slot } }
     }
 
+    func memorySlot(_ slot: UInt32) -> MemorySlot? { registeredMappings.withLock { $0[slot] } }
+
     private func apply(_ entry: MemorySlot) throws(SystemError) {
         var region = kvm_userspace_memory_region()
         region.slot = entry.slot
@@ -63,25 +67,6 @@ public final class VirtualMachine: Sendable {
         _ = try check("KVM_SET_USER_MEMORY_REGION slot \(entry.slot)") {
             ckvm_ioctl_ptr(fd.rawValue, CKVM_SET_USER_MEMORY_REGION, &region)
         }
-    }
-
-    /// KVM_GET_DIRTY_LOG: one bit per page of the slot, set when the guest
-    /// wrote it since the previous call (which also resets the log).
-    public func dirtyLog(slot: UInt32) throws(SystemError) -> [UInt64] {
-        guard let entry = registeredMappings.withLock({ $0[slot] }) else {
-            throw SystemError("KVM_GET_DIRTY_LOG: no memory slot \(slot)", errno: ENOENT)
-        }
-        let pages = entry.size / 4096
-        let words = (pages + 63) / 64
-        let buffer = UnsafeMutablePointer<UInt64>.allocate(capacity: words)
-        defer { buffer.deallocate() }
-        buffer.initialize(repeating: 0, count: words)
-        var log = kvm_dirty_log()
-        log.slot = slot
-        log.dirty_bitmap = UnsafeMutableRawPointer(buffer)
-        _ = try check("KVM_GET_DIRTY_LOG slot \(slot)") { ckvm_ioctl_ptr(fd.rawValue, CKVM_GET_DIRTY_LOG, &log) }
-        let bitmap = Array(UnsafeBufferPointer(start: buffer, count: words))
-        return bitmap
     }
 
     /// KVM_SET_TSS_ADDR: three pages below 4 GiB that Intel's real-mode

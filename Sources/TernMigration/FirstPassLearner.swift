@@ -147,9 +147,8 @@ extension PageStreams {
                     var chunk = first
                     while chunk < first + count {
                         let chunkCount = min(first + count - chunk, StreamPartition.chunkPages)
-                        for range in try learner.claim(first: chunk, count: chunkCount) {
-                            try streamer.addPages(firstPage: range.first, count: range.count)
-                        }
+                        let ranges = try learner.claim(first: chunk, count: chunkCount)
+                        try sender.sendRuns { emit in for range in ranges { try emit(range.first, range.count) } }
                         chunk += chunkCount
                     }
                 }

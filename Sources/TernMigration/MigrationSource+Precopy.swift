@@ -50,7 +50,13 @@ extension MigrationSource {
         var switchover = "converged"
         let totalPages = machine.memory.size / UInt64(PageRun.pageSize)
         var usePostcopy = parameters.mode == .postcopy
-        defer { endPrecopy() }
+        // The VM runs during the rounds: clear each page's dirty bit as it is copied. From the pause on,
+        // nothing writes between a clear and a copy.
+        sender.rearm?.setActive(true)
+        defer {
+            sender.rearm?.setActive(false)
+            endPrecopy()
+        }
         // Hybrid and auto can be told to switch to post-copy at any moment (`tern migrate-postcopy`): their
         // rounds record what they sent, so that a round cut short leaves post-copy exactly what it had not.
         let interruptible = parameters.mode == .hybrid || parameters.mode == .auto

@@ -272,11 +272,15 @@ public final class MigrationSource: @unchecked Sendable {
             throw Failure("the VM is \(machine.currentState.rawValue); only a running or paused VM can migrate")
         }
         let session = try openSession(started: started)
+        // Manual protection, where this KVM has it, lets each round clear a page's dirty bit just before
+        // copying it (DirtyLogRearm); without it the log works as before.
+        do { try machine.vm.enableManualDirtyLogProtection() } catch { logger.warning("dirty log: \(error); pages are re-sent as before") }
         // Pre-copy. Dirty logging starts clean, before the first pass reads anything.
         for slot in machine.vm.memorySlots { try machine.vm.setDirtyLogging(slot: slot.slot, enabled: true) }
         let roundPlan = Mutex<(pagesBefore: UInt64, planned: Double)>((0, 1))
         let rateLimit = makeRateLimiter()
         let sender = PageStreams(memory: machine.memory, streams: session.pageStreams, rateLimit: rateLimit,
+                                 rearm: DirtyLogRearm(memory: machine.memory, vm: machine.vm),
                                  shouldStop: { [unowned self] in roundShouldStop },
                                  onProgress: { [unowned self] counters in
                                      let plan = roundPlan.withLock { $0 }

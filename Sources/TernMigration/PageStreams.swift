@@ -44,9 +44,13 @@ final class PageStreams: @unchecked Sendable {
     /// Per stream, the pages sent while recording (each stream's thread adds to its own).
     private let sentPages: [SentPageRecord]
 
-    init(memory: GuestMemory, streams: [FDStream], rateLimit: RateLimiter, shouldStop: @escaping @Sendable () -> Bool,
-         onProgress: @escaping @Sendable (PageStreamCounters) -> Void) {
+    /// Clears pages' dirty-log bits just before they are copied, while pre-copy's rounds run.
+    let rearm: DirtyLogRearm?
+
+    init(memory: GuestMemory, streams: [FDStream], rateLimit: RateLimiter, rearm: DirtyLogRearm? = nil,
+         shouldStop: @escaping @Sendable () -> Bool, onProgress: @escaping @Sendable (PageStreamCounters) -> Void) {
         partition = StreamPartition(streams: streams.count)
+        self.rearm = rearm
         let workers = StreamWorkers(count: streams.count, name: "tern-stream")
         let perStream = StreamCounters(streams: streams.count)
         self.workers = workers
@@ -54,7 +58,7 @@ final class PageStreams: @unchecked Sendable {
         sentPages = streams.map { _ in SentPageRecord() }
         senders = streams.enumerated().map { index, stream in
             PageSender(memory: memory, stream: stream, partition: StreamPartition(streams: streams.count), index: index,
-                       rateLimit: rateLimit, shouldStop: { shouldStop() || workers.failed },
+                       rateLimit: rateLimit, rearm: rearm, shouldStop: { shouldStop() || workers.failed },
                        onFrame: { counters in
                            onProgress(perStream.update(stream: index, counters))
                        })

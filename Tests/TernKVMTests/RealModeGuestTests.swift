@@ -75,6 +75,29 @@ struct RealModeGuestTests {
         #expect(try vm.dirtyLog(slot: 0)[0] & (1 << 3) == 0)
     }
 
+    @Test func clearingADirtyBitForgetsEarlierWritesAndCatchesLaterOnes() throws {
+        // mov byte [0x3000],1 ; mov byte [0x5000],1 ; hlt ; mov byte [0x3000],2 ; hlt
+        let (kvm, vm, vcpu, _) = try makeGuest([0xC6, 0x06, 0x00, 0x30, 0x01, 0xC6, 0x06, 0x00, 0x50, 0x01, 0xF4,
+                                                0xC6, 0x06, 0x00, 0x30, 0x02, 0xF4])
+        guard kvm.checkExtension(.manualDirtyLogProtect2) & 1 != 0 else {
+            Issue.record("this KVM has no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (Linux 5.3 and later have it)"); return
+        }
+        #expect(try vm.enableManualDirtyLogProtection())
+        try vm.setDirtyLogging(slot: 0, enabled: true)
+        guard case .halt = try vcpu.run() else { Issue.record("expected hlt"); return }
+        // Page 3 is about to be copied: its bit goes, page 5's stays.
+        try vm.clearDirtyLog(slot: 0, firstPage: 0, bitmap: [1 << 3])
+        let afterClear = try vm.dirtyLog(slot: 0)[0]
+        #expect(afterClear & (1 << 3) == 0, "a write before the clear is not reported")
+        #expect(afterClear & (1 << 5) != 0)
+        // The clear protected page 3 again, and reading reset page 5: only the second write to page 3 shows.
+        guard case .halt = try vcpu.run() else { Issue.record("expected the second hlt"); return }
+        let afterWrite = try vm.dirtyLog(slot: 0)[0]
+        #expect(afterWrite & (1 << 3) != 0, "a write after the clear is reported")
+        #expect(afterWrite & (1 << 5) == 0, "with manual protection a read still resets the log")
+        #expect(throws: SystemError.self) { try vm.clearDirtyLog(slot: 0, firstPage: 3, bitmap: [1]) }
+    }
+
     @Test func immediateExitInterruptsRun() throws {
         // jmp $ (spins forever)
         let (_, _, vcpu, _) = try makeGuest([0xEB, 0xFE])
