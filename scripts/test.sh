@@ -9,6 +9,8 @@ swift build --build-tests 2>&1 | grep -E "error|warning:" && { echo "test: the b
 # One test at a time: in parallel, a dozen busy guests and migrations share these
 # 2 cores and every timing in the suite stretches (about as fast overall: ~100 s).
 limit=${TERN_TEST_TIMEOUT_S:-1200}
+# The WAN tests' delaying relay has functional tests of its own (a few seconds, loopback only).
+timeout 120 python3 tools/test_delay_relay.py 2>&1 | tail -3
 set +e
 timeout --kill-after=10 "$limit" swift test --no-parallel 2>&1 | grep -v "^\["
 status=${PIPESTATUS[0]}

@@ -108,7 +108,13 @@ public final class MigrationDestination {
             throw Refusal("the peer is not a Tern migration source (first frame is \(helloHeader.type))")
         }
         let hello: Hello
-        do { hello = try Hello(decoding: helloPayload) } catch { throw Refusal("bad hello: \(error)") }
+        do { hello = try Hello(decoding: helloPayload) } catch {
+            // A Tern of another protocol version gets its answer in the reply it waits for; garbage gets none.
+            if case .unsupportedVersion = error {
+                try? sink?.writeFrame(.helloReply, payload: Verdict(accepted: false, reason: "\(error)", bootID: Clocks.bootID).encoded)
+            }
+            throw Refusal("bad hello: \(error)")
+        }
         let machine: Machine
         let streams = Int(hello.streams)
         do {
@@ -268,6 +274,10 @@ public final class MigrationDestination {
             throw Refusal("the source aborted: \(String(decoding: goPayload, as: UTF8.self))")
         }
         guard goHeader.type == .go else { throw Refusal("expected the source's go-ahead, got a \(goHeader.type) frame") }
+        if Self.injectedFault == "die-after-go" {
+            logger.warning("TERN_MIGRATION_FAULT=die-after-go: exiting abruptly")
+            kill(getpid(), SIGKILL)
+        }
         // The VM may have been quit meanwhile (through its API): then it must not be reported as running.
         let keepPaused = try Go(decoding: goPayload).keepPaused
         guard machine.start(paused: keepPaused) else { throw Refusal("the VM was stopped here before it could start") }

@@ -361,6 +361,27 @@ struct MigrationTests {
         #expect(pair.destination.waitForExit() != 0)
     }
 
+    /// After `go` the source cannot know whether the destination runs the VM: if `resumed` never comes, it keeps
+    /// its VM paused, not running (running it in both places would fork it), reports failed and says why.
+    @Test func aDestinationLostAfterGoLeavesTheSourcePaused() throws {
+        let pair = try MigrationPair(cmdline: "fill=32 dirty=8 progress=0", environment: ["TERN_MIGRATION_FAULT": "die-after-go"])
+        _ = try pair.source.waitForStatus { $0.phase == .dirty }
+        let (report, cli) = try pair.migrate()
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .failed)
+        #expect(r.reason?.contains("the VM stays paused here") == true, "\(r.reason ?? "")")
+        #expect(cli.waitForExit() != 0)
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
+        #expect(info.state == .paused, "the source keeps the VM, paused")
+        let held = try #require(try pair.source.status())
+        usleep(300_000)
+        #expect(try pair.source.status()?.iterations == held.iterations, "nothing runs here")
+        #expect(pair.destination.waitForExit() != 0)
+        // The operator, knowing the destination is dead, resumes it here: nothing was lost.
+        #expect(try pair.source.client.request(.PUT, "/v1/vm/resume").status == 204)
+        _ = try pair.source.waitForStatus(timeout: 5) { $0.iterations > held.iterations && $0.errors == 0 }
+    }
+
     /// A destination that cannot take the VM state says so in its `ready`; the source resumes and reports why.
     @Test func aRejectedStateResumesTheSourceWithTheReason() throws {
         let pair = try MigrationPair(cmdline: "fill=32 dirty=8 progress=0", environment: ["TERN_MIGRATION_FAULT": "reject-state"])
@@ -428,6 +449,58 @@ struct MigrationTests {
         #expect(r.verification?.match == true)
         try pair.destination.waitForAPI()
         _ = try pair.destination.waitForStatus { $0.iterations > before.iterations }
+    }
+
+    /// The downtime the user asks for bounds the pause: a guest dirtying its memory converges and switches
+    /// within `--max-downtime`, and the rounds before the switch predicted as much.
+    @Test func theDowntimeStaysWithinMaxDowntime() throws {
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=32 pattern=random rate=50 progress=0")
+        let before = try pair.source.waitForStatus { $0.phase == .dirty }
+        let (report, cli) = try pair.migrate(["--max-downtime", "100"])
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.switchoverReason?.hasPrefix("converged") == true, "\(r.switchoverReason ?? "")")
+        let downtime = try #require(r.downtimeMs)
+        #expect(downtime > 0 && downtime < 100, "\(downtime) ms of downtime against --max-downtime 100")
+        #expect(r.maxDowntimeMs == 100)
+        let lastPrediction = try #require(r.rounds.dropLast().last?.predictedDowntimeMs)
+        #expect(lastPrediction <= 100, "the switch-over came when the prediction fitted: \(lastPrediction) ms")
+        try pair.destination.waitForAPI()
+        _ = try pair.destination.waitForStatus { $0.iterations > before.iterations && $0.errors == 0 }
+    }
+
+    /// Pages the guest never wrote travel as zero markers: an idle 256 MiB guest moves in well under a megabyte
+    /// per ten MiB of RAM, and the report counts the markers.
+    @Test func zeroPagesTravelAsMarkers() throws {
+        let pair = try MigrationPair(cmdline: "progress=0")
+        _ = try pair.source.waitForStatus { $0.phase == .idle }
+        let (report, cli) = try pair.migrate(["--verify"])
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.verification?.match == true)
+        let pages = UInt64((256 << 20) / 4096)
+        #expect(r.zeroPages > pages * 9 / 10, "\(r.zeroPages) zero pages of \(pages)")
+        #expect(r.dataPages < pages / 10, "\(r.dataPages) data pages")
+        #expect(r.transferredBytes < 8_000_000, "\(r.transferredBytes) bytes for an idle 256 MiB guest")
+        #expect(r.ramBytes == 256 << 20)
+    }
+
+    /// Without --json a person sees progress while pre-copy runs (round, percent, throughput, predicted downtime)
+    /// and a readable table at the end.
+    @Test func aPersonSeesProgressAndATable() throws {
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=16 pattern=random rate=50 progress=0")
+        _ = try pair.source.waitForStatus { $0.phase == .dirty }
+        let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--bandwidth", "20M"],
+                                  withAPI: false)
+        #expect(cli.waitForExit(timeout: 60) == 0, "\(cli.stderr)")
+        #expect(cli.stderr.contains("precopy round 0"), "\(cli.stderr)")
+        #expect(cli.stderr.range(of: #"round 0 +\d+%  \d+\.\d MB sent"#, options: .regularExpression) != nil, "\(cli.stderr)")
+        #expect(cli.stdout.range(of: #"(?m)^status +completed$"#, options: .regularExpression) != nil, "\(cli.stdout)")
+        #expect(cli.stdout.range(of: #"(?m)^downtime +\d+\.\d ms \(shared-monotonic clock"#, options: .regularExpression) != nil, "\(cli.stdout)")
+        #expect(cli.stdout.range(of: #"(?m)^bandwidth cap +20\.0 MB/s$"#, options: .regularExpression) != nil, "\(cli.stdout)")
+        #expect(cli.stdout.contains("round      pages       zero        MB   dirty after"), "\(cli.stdout)")
+        // One line per round, the first of them the whole of RAM.
+        #expect(cli.stdout.range(of: #"(?m)^    0 +65536 "#, options: .regularExpression) != nil, "\(cli.stdout)")
     }
 
     /// `--timeout` forces the switch-over once it has passed; `--bandwidth` held the first pass to the cap.
@@ -546,7 +619,13 @@ struct MigrationTests {
         let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
         #expect(report.status == .failed)
         #expect(report.reason?.contains("cannot connect") == true)
-        #expect(try other.client.request(.GET, "/v1/vm").status == 200)
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try other.client.request(.GET, "/v1/vm").body)
+        #expect(info.state == .running, "the refused source's VM runs on")
+        let now = try #require(try other.status())
+        _ = try other.waitForStatus(timeout: 5) { $0.iterations > now.iterations }
+        // The migrated VM runs on at the destination, untouched by the second attempt.
+        let moved = try #require(try pair.destination.status())
+        _ = try pair.destination.waitForStatus(timeout: 5) { $0.iterations > moved.iterations }
     }
 
     @Test func sourceSurvivesAPeerThatIsNotTern() throws {

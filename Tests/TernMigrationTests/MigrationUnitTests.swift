@@ -125,7 +125,7 @@ struct MessageTests {
         wrongMagic[0] ^= 1
         #expect(throws: WireError.self) { try Hello(decoding: wrongMagic) }
         var older = hello.encoded
-        older[8] = UInt8(Hello.protocolVersion - 1) // the version before this one (3 did not send requested pages twice)
+        older[8] = UInt8(Hello.protocolVersion - 1) // the version before this one
         #expect(throws: WireError.unsupportedVersion("migration protocol \(Hello.protocolVersion - 1); this tern speaks \(Hello.protocolVersion)")) {
             try Hello(decoding: older)
         }

@@ -101,14 +101,60 @@ struct ReceiverTests {
         expectRefused(s.hello + s.hello + s.pages + s.state + s.end + s.go, mentioning: "unexpected hello frame")
     }
 
-    @Test func aMachineThisHostCannotRunIsRefused() throws {
+    /// Feeds `bytes` to a destination that replies into a pipe; returns its error and the hello-reply it wrote.
+    func refusalAndReply(_ bytes: [UInt8], expectations: MigrationDestination.Expectations = .init(serial: .off)) throws -> (error: String, reply: Verdict?) {
+        var fds: [Int32] = [0, 0]
+        #expect(pipe(&fds) == 0)
+        defer { close(fds[0]) }
+        var failure = ""
+        do {
+            let machine = try MigrationDestination(expectations: expectations).receive(from: BufferSource(bytes), replyTo: FDStream(fd: fds[1])).0
+            Issue.record("accepted a machine it should refuse (the VM is \(machine.currentState))")
+        } catch {
+            failure = "\(error)"
+        }
+        close(fds[1])
+        var written: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(fds[0], &buffer, buffer.count)
+            guard n > 0 else { break }
+            written += buffer[0..<n]
+        }
+        guard !written.isEmpty else { return (failure, nil) }
+        let (header, payload) = try BufferSource(written).readFrame()
+        #expect(header.type == .helloReply)
+        return (failure, try Verdict(decoding: payload))
+    }
+
+    @Test func aMachineThisHostCannotRunIsRefusedInTheHelloReply() throws {
         let s = try stream()
+        let rest = s.pages + s.state + s.end + s.go
         var hello = try Hello(decoding: Array(s.hello.dropFirst(FrameHeader.size)))
         hello.devices.append("GPU0")
-        #expect(throws: (any Error).self) { _ = try receive(frame(.hello, hello.encoded) + s.pages + s.state + s.end + s.go) }
+        var outcome = try refusalAndReply(frame(.hello, hello.encoded) + rest)
+        #expect(outcome.error.contains("devices this tern cannot restore: GPU0"), "\(outcome.error)")
+        #expect(outcome.reply?.accepted == false && outcome.reply?.reason.contains("GPU0") == true, "\(String(describing: outcome.reply))")
         hello.devices.removeLast()
         hello.cpuid.append(CPUIDEntry(function: 7, eax: 0, ebx: 0xFFFF_FFFF, ecx: 0xFFFF_FFFF, edx: 0xFFFF_FFFF))
         hello.cpuid.removeAll { $0.function == 7 && $0.ebx != 0xFFFF_FFFF }
-        #expect(throws: (any Error).self) { _ = try receive(frame(.hello, hello.encoded) + s.pages + s.state + s.end + s.go) }
+        outcome = try refusalAndReply(frame(.hello, hello.encoded) + rest)
+        #expect(outcome.reply?.accepted == false && outcome.reply?.reason.contains("lacks CPU features") == true, "\(String(describing: outcome.reply))")
+        // A destination started with --cpus 2 refuses a one-vCPU source.
+        outcome = try refusalAndReply(s.hello + rest, expectations: .init(vcpuCount: 2, serial: .off))
+        #expect(outcome.reply?.reason.contains("this destination was started with --cpus 2") == true, "\(String(describing: outcome.reply))")
+        // Another protocol version: the rest of its hello is not read, but the reply still says why.
+        var other = Array(s.hello.dropFirst(FrameHeader.size))
+        other[8] = UInt8(Hello.protocolVersion + 1)
+        outcome = try refusalAndReply(frame(.hello, other) + rest)
+        #expect(outcome.error.contains("migration protocol \(Hello.protocolVersion + 1)"), "\(outcome.error)")
+        #expect(outcome.reply?.accepted == false && outcome.reply?.reason.contains("this tern speaks \(Hello.protocolVersion)") == true,
+                "\(String(describing: outcome.reply))")
+        // Not Tern at all: refused, and no reply (the peer would not understand one).
+        var stranger = Array(s.hello.dropFirst(FrameHeader.size))
+        stranger[0] ^= 0xFF
+        outcome = try refusalAndReply(frame(.hello, stranger) + rest)
+        #expect(outcome.reply == nil)
+        #expect(outcome.error.contains("not a Tern migration source"), "\(outcome.error)")
     }
 }
