@@ -179,8 +179,8 @@ extension MigrationSource {
             pending = dirty
             // The first pass's dirty-log reads tell how fast the guest writes: if it would write three quarters
             // of the dirty set again while the next round sent it, that round could not shrink it.
-            let rewritesFaster = round == 0 && SwitchoverPolicy.guestRewritesWithinARound(samples: firstPassSamples, dirtyPages: dirty.count,
-                                                                                              roundMs: predictedMs)
+            let rewritesFaster = round == 0 && SwitchoverPolicy.guestRewritesWithinARound(
+                samples: firstPassSamples, dirtyPages: dirty.count, roundMs: predictedMs, workingSetPages: frequency.pagesEverDirty)
             // `tern migrate-set` may have moved the target since the last round.
             policy.maxDowntimeMs = currentLimits.maxDowntimeMs
             let decision = policy.decide(afterRound: round, dirtyPages: dirty.count, predictedMs: predictedMs,

@@ -144,6 +144,9 @@ public struct DirtyFrequency: Sendable {
 
     public init(pageCount: Int) { counts = [UInt8](repeating: 0, count: pageCount) }
 
+    /// Pages found dirty in at least one sync so far: the region the guest writes in.
+    public var pagesEverDirty: Int { counts.reduce(0) { $0 + ($1 > 0 ? 1 : 0) } }
+
     /// Counts one more sync in which these pages were dirty (saturating).
     public mutating func record(_ dirty: PageSet) {
         syncs += 1

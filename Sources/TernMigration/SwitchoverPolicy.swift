@@ -41,18 +41,24 @@ public struct SwitchoverPolicy: Sendable {
     /// Whether, going by the first pass's dirty-log reads, the guest would write again at least
     /// `worthwhileShrink` of the `dirtyPages` it left while the next round sent them (`roundMs`): then that
     /// round could not shrink the set and only adds its bytes. A read that found `n` pages after `t` ms
-    /// tells the guest's pace; assuming writes spread at random over the dirty set (a set rewritten in
-    /// order is covered sooner, so this errs towards another round), the share still clean after the
-    /// round is (1 - n/D)^(roundMs/t). Reads at least as long as the round and finding three quarters of
-    /// the set say so directly; shorter ones (a host that sends the pass fast) by extrapolation. A read
-    /// that found the whole set or more counts as one page short of it: the estimate then grows with
-    /// `n` without a jump, and a read far longer than the round still says little.
+    /// tells the guest's pace; assuming writes spread at random over the pages the guest was seen writing
+    /// during the pass (`workingSetPages`, the dirty set at least; a set rewritten in order is covered
+    /// sooner, so this errs towards another round), the share of the set still clean after the round is
+    /// (1 - n/W)^(roundMs/t). The working set matters once rounds clear each page's dirty bit as they copy
+    /// it: the set the pass leaves is then only what the guest wrote after the copy, a part of the region it
+    /// writes in, and reads that counted writes over the whole region against that part made a guest writing
+    /// 64 MiB at random at 200 MB/s look as if it rewrote its 5453 dirty pages within one round. Reads at
+    /// least as long as the round and finding three quarters of the set say so directly; shorter ones (a
+    /// host that sends the pass fast) by extrapolation. A read that found the whole set or more counts as
+    /// one page short of it: the estimate then grows with `n` without a jump, and a read far longer than the
+    /// round still says little.
     public static func guestRewritesWithinARound(samples: [(milliseconds: Double, pages: Int)], dirtyPages: Int,
-                                                 roundMs: Double) -> Bool {
+                                                 roundMs: Double, workingSetPages: Int = 0) -> Bool {
         guard dirtyPages > 0, roundMs > 0 else { return false }
+        let spread = Double(max(dirtyPages, workingSetPages))
         return samples.contains { sample in
             guard sample.milliseconds > 0, sample.pages > 0 else { return false }
-            let covered = min(Double(sample.pages), Double(dirtyPages) - 1) / Double(dirtyPages)
+            let covered = min(Double(sample.pages), spread - 1) / spread
             let stillClean = pow(1 - covered, roundMs / sample.milliseconds)
             return 1 - stillClean >= worthwhileShrink
         }

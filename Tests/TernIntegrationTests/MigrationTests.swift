@@ -441,7 +441,7 @@ struct MigrationTests {
 
     /// `--max-rounds` forces the switch-over of a guest that cannot converge, and the report says so.
     @Test func maxRoundsForcesTheSwitchOver() throws {
-        let pair = try MigrationPair(cmdline: "fill=64 dirty=32 progress=0")
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=32 pattern=random progress=0")
         let before = try pair.source.waitForStatus { $0.phase == .dirty }
         let (report, cli) = try pair.migrate(["--max-downtime", "1", "--max-rounds", "2", "--verify"])
         let r = try #require(report, "no report: \(cli.stderr)")
@@ -526,7 +526,7 @@ struct MigrationTests {
     /// migration that, as started, would crawl (64 MiB at 10 MB/s) and never converge (a 16 MiB set rewritten
     /// flat out cannot go in 1 ms).
     @Test func migrateSetChangesTheLimitsOfARunningMigration() throws {
-        let pair = try MigrationPair(cmdline: "fill=64 dirty=16 progress=0")
+        let pair = try MigrationPair(cmdline: "fill=64 dirty=16 pattern=random progress=0")
         let before = try pair.source.waitForStatus { $0.phase == .dirty }
         let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json", "--verify",
                                    "--bandwidth", "10M", "--max-downtime", "1"], withAPI: false)

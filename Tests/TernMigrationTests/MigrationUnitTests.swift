@@ -192,7 +192,9 @@ struct SwitchoverPolicyTests {
 
     /// The first pass's reads of the dirty log, against the set it left and the next round's time.
     @Test func judgesFromThePassWhetherTheGuestOutrunsARound() {
-        let rewrites = SwitchoverPolicy.guestRewritesWithinARound
+        func rewrites(_ samples: [(milliseconds: Double, pages: Int)], _ dirty: Int, _ roundMs: Double) -> Bool {
+            SwitchoverPolicy.guestRewritesWithinARound(samples: samples, dirtyPages: dirty, roundMs: roundMs)
+        }
         // A read as long as the round that found three quarters of the set (what the policy always took).
         #expect(rewrites([(40, 12_300)], 16_384, 40))
         // A shorter read, from a pass sent fast: 11000 of 16384 pages in 23 ms, a round of 40 ms.
@@ -204,6 +206,26 @@ struct SwitchoverPolicyTests {
         // A long read that found the whole set says nothing of the pace within a shorter round.
         #expect(!rewrites([(500, 20_000)], 16_384, 40))
         #expect(!rewrites([], 16_384, 40) && !rewrites([(10, 100)], 0, 40))
+    }
+
+    /// With the dirty bit cleared as pages are copied, the pass leaves only part of the region the guest writes
+    /// in; its reads' writes spread over the whole region, not over that part.
+    @Test func judgesTheRewriteAgainstTheRegionTheGuestWritesIn() {
+        // A catch-up burst of 2000 pages in 10 ms, a 5453-page set and a 48 ms round: against the set alone it
+        // looks covered (89%); spread over the 16384-page region the guest writes in, about half of it.
+        #expect(SwitchoverPolicy.guestRewritesWithinARound(samples: [(10, 2_000)], dirtyPages: 5_453, roundMs: 48))
+        #expect(!SwitchoverPolicy.guestRewritesWithinARound(samples: [(10, 2_000)], dirtyPages: 5_453, roundMs: 48,
+                                                            workingSetPages: 16_384))
+        // A set that is the whole region (flat out) is judged as before.
+        #expect(SwitchoverPolicy.guestRewritesWithinARound(samples: [(23, 11_000)], dirtyPages: 16_384, roundMs: 40,
+                                                           workingSetPages: 16_384))
+        var frequency = DirtyFrequency(pageCount: 128)
+        var seen = PageSet(pageCount: 128)
+        seen.insert(range: 0..<10)
+        frequency.record(seen)
+        seen.insert(range: 50..<55)
+        frequency.record(seen)
+        #expect(frequency.pagesEverDirty == 15)
     }
 
     @Test func switchesAfterTheFirstPassWhenTheGuestRewritesItsSetFasterThanARound() {
