@@ -48,7 +48,7 @@ extension VirtualMachine {
         _ = try check("KVM_GET_DIRTY_LOG slot \(slot)") { ckvm_ioctl_ptr(fd.rawValue, CKVM_GET_DIRTY_LOG, &log) }
         let bitmap = Array(UnsafeBufferPointer(start: buffer, count: words))
         if hasManualDirtyLogProtection && bitmap.contains(where: { $0 != 0 }) {
-            try clearDirtyLog(slot: slot, firstPage: 0, bitmap: bitmap)
+            try clear(slot: slot, firstPage: 0, pageCount: entry.size / 4096, bitmap: buffer)
         }
         return bitmap
     }
@@ -69,11 +69,16 @@ extension VirtualMachine {
         let buffer = UnsafeMutablePointer<UInt64>.allocate(capacity: max(bitmap.count, 1))
         defer { buffer.deallocate() }
         buffer.initialize(from: bitmap, count: bitmap.count)
+        try clear(slot: slot, firstPage: firstPage, pageCount: pageCount, bitmap: buffer)
+    }
+
+    /// The ioctl itself, on a bitmap already in memory (the read's own buffer, or a copy of the caller's).
+    private func clear(slot: UInt32, firstPage: Int, pageCount: Int, bitmap: UnsafeMutablePointer<UInt64>) throws(SystemError) {
         var clear = kvm_clear_dirty_log()
         clear.slot = slot
         clear.first_page = UInt64(firstPage)
         clear.num_pages = UInt32(pageCount)
-        clear.dirty_bitmap = UnsafeMutableRawPointer(buffer)
+        clear.dirty_bitmap = UnsafeMutableRawPointer(bitmap)
         _ = try check("KVM_CLEAR_DIRTY_LOG slot \(slot)") { ckvm_ioctl_ptr(fd.rawValue, CKVM_CLEAR_DIRTY_LOG, &clear) }
     }
 }

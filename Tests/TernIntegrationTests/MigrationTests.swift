@@ -348,33 +348,41 @@ struct MigrationTests {
         _ = try pair.source.waitForStatus(timeout: 5) { $0.iterations > now.iterations }
     }
 
-    @Test func destinationDyingAtSwitchOverResumesTheSource() throws {
-        let pair = try MigrationPair(cmdline: "fill=32 dirty=8 progress=0", environment: ["TERN_MIGRATION_FAULT": "die-before-ready"])
+    /// A migration of a dirtying guest to a destination started with `TERN_MIGRATION_FAULT=fault`, and its report.
+    func migrateIntoFault(_ fault: String, _ extra: [String] = []) throws -> (MigrationPair, MigrationReport, TernProcess) {
+        let pair = try MigrationPair(cmdline: "fill=32 dirty=8 progress=0", environment: ["TERN_MIGRATION_FAULT": fault])
         _ = try pair.source.waitForStatus { $0.phase == .dirty }
-        let (report, _) = try pair.migrate()
-        let r = try #require(report)
+        let (report, cli) = try pair.migrate(extra)
+        return (pair, try #require(report, "no report: \(cli.stderr)"), cli)
+    }
+
+    /// The source's VM is in `state` (running by default: then its guest is seen counting on).
+    func expectSourceVM(of pair: MigrationPair, is state: MachineState = .running, _ comment: Comment? = nil,
+                        sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
+        #expect(info.state == state, comment, sourceLocation: sourceLocation)
+        guard state == .running else { return }
+        let now = try #require(try pair.source.status())
+        _ = try pair.source.waitForStatus(timeout: 5) { $0.iterations > now.iterations }
+    }
+
+    @Test func destinationDyingAtSwitchOverResumesTheSource() throws {
+        let (pair, r, _) = try migrateIntoFault("die-before-ready")
         #expect(r.status == .failed)
         #expect(r.switchoverReason != nil, "it got as far as the switch-over")
         #expect(r.reason?.isEmpty == false, "the report says why")
-        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
-        #expect(info.state == .running, "paused for the stop-and-copy, resumed after the failure")
-        let now = try #require(try pair.source.status())
-        _ = try pair.source.waitForStatus(timeout: 5) { $0.iterations > now.iterations }
+        try expectSourceVM(of: pair, "paused for the stop-and-copy, resumed after the failure")
         #expect(pair.destination.waitForExit() != 0)
     }
 
     /// After `go` the source cannot know whether the destination runs the VM: if `resumed` never comes, it keeps
     /// its VM paused, not running (running it in both places would fork it), reports failed and says why.
     @Test func aDestinationLostAfterGoLeavesTheSourcePaused() throws {
-        let pair = try MigrationPair(cmdline: "fill=32 dirty=8 progress=0", environment: ["TERN_MIGRATION_FAULT": "die-after-go"])
-        _ = try pair.source.waitForStatus { $0.phase == .dirty }
-        let (report, cli) = try pair.migrate()
-        let r = try #require(report, "no report: \(cli.stderr)")
+        let (pair, r, cli) = try migrateIntoFault("die-after-go")
         #expect(r.status == .failed)
         #expect(r.reason?.contains("the VM stays paused here") == true, "\(r.reason ?? "")")
         #expect(cli.waitForExit() != 0)
-        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
-        #expect(info.state == .paused, "the source keeps the VM, paused")
+        try expectSourceVM(of: pair, is: .paused, "the source keeps the VM, paused")
         let held = try #require(try pair.source.status())
         usleep(300_000)
         #expect(try pair.source.status()?.iterations == held.iterations, "nothing runs here")
@@ -386,34 +394,22 @@ struct MigrationTests {
 
     /// A destination that cannot take the VM state says so in its `ready`; the source resumes and reports why.
     @Test func aRejectedStateResumesTheSourceWithTheReason() throws {
-        let pair = try MigrationPair(cmdline: "fill=32 dirty=8 progress=0", environment: ["TERN_MIGRATION_FAULT": "reject-state"])
-        _ = try pair.source.waitForStatus { $0.phase == .dirty }
-        let (report, cli) = try pair.migrate()
-        let r = try #require(report, "no report: \(cli.stderr)")
+        let (pair, r, _) = try migrateIntoFault("reject-state")
         #expect(r.status == .failed)
         #expect(r.reason?.contains("the destination rejected the VM") == true && r.reason?.contains("reject-state") == true, "\(r.reason ?? "")")
-        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
-        #expect(info.state == .running)
-        let now = try #require(try pair.source.status())
-        _ = try pair.source.waitForStatus(timeout: 5) { $0.iterations > now.iterations }
+        try expectSourceVM(of: pair)
         #expect(pair.destination.waitForExit() != 0)
         #expect(!pair.destination.stderr.contains("the VM runs here now"))
     }
 
     /// `--verify` with digests that differ: the migration fails before the hand-over and the VM runs on here.
     @Test func aDigestMismatchFailsTheMigrationAndKeepsTheSource() throws {
-        let pair = try MigrationPair(cmdline: "fill=32 dirty=8 progress=0", environment: ["TERN_MIGRATION_FAULT": "wrong-memory-digest"])
-        _ = try pair.source.waitForStatus { $0.phase == .dirty }
-        let (report, cli) = try pair.migrate(["--verify"])
-        let r = try #require(report, "no report: \(cli.stderr)")
+        let (pair, r, _) = try migrateIntoFault("wrong-memory-digest", ["--verify"])
         #expect(r.status == .failed)
         #expect(r.verification?.match == false)
         #expect(r.verification.map { $0.sourceMemoryDigest != $0.destinationMemoryDigest } == true)
         #expect(r.reason?.contains("verification failed") == true, "\(r.reason ?? "")")
-        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
-        #expect(info.state == .running)
-        let now = try #require(try pair.source.status())
-        _ = try pair.source.waitForStatus(timeout: 5) { $0.iterations > now.iterations }
+        try expectSourceVM(of: pair)
         #expect(pair.destination.waitForExit() != 0)
         #expect(pair.destination.stderr.contains("the source aborted: digests differ"), "\(pair.destination.stderr)")
     }
