@@ -121,6 +121,19 @@ final class FirstPassLearner: @unchecked Sendable {
         return ranges
     }
 
+    /// What a pass cut short still owes beyond the pages no frame carried:
+    /// the held pages and those written after they were sent. A held page may
+    /// have been carried all the same, as the zero marker of a hole, when the
+    /// guest wrote it between one stream staging the marker and `claimHole`
+    /// while another stream read the log (which reset its dirty bit).
+    var owedIfCutShort: PageSet {
+        lock.withLock {
+            var owed = held
+            owed.formUnion(dirtyAfterSending)
+            return owed
+        }
+    }
+
     /// After the pass: the held pages (to send now, coldest first), the pages
     /// to re-send in the next round, what was learnt of each page's heat, and
     /// how many pages the guest dirtied in each interval between reads.

@@ -99,11 +99,11 @@ extension MigrationSource {
                 }
             } catch is PageSender.Stopped where postcopyRequestPending && !cancelled {
                 // Cut short for post-copy: it takes over what this round had not sent (the first pass: every page
-                // that holds data), plus what was sent and written again since (the first pass read some of the
-                // dirty log already; the rest is read at the switch).
+                // that holds data), plus what the first pass owes from the dirty log it read already (held
+                // pages, and pages written again after they were sent); the rest is read at the switch.
                 var rest = try pending ?? PageSet(pagesWithDataIn: machine.memory)
                 rest.subtract(sender.pagesSent(pageCount: pageCount))
-                if let learner { rest.formUnion(learner.finish().dirtyAfterSending) }
+                if let learner { rest.formUnion(learner.owedIfCutShort) }
                 sender.recordSentPages(false, pageCount: pageCount)
                 // The frame each stream was about to write never went: its pages are not counted as sent.
                 sender.discardUnsentFrames()

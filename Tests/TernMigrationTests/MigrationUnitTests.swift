@@ -367,6 +367,28 @@ struct FirstPassLearnerTests {
         #expect(learnt.held.count == 1 && learnt.held.contains(written))
     }
 
+    /// Two streams: one stages a hole's zero marker, the guest writes a page of the hole, the other stream's
+    /// claim reads the log (resetting the page's bit) and holds the page, then the first calls `claimHole`.
+    /// The marker went, so the page counts as sent; a pass cut short now must still owe it.
+    @Test func aHolePageWrittenBeforeItsClaimIsOwedIfThePassIsCutShort() throws {
+        let written = 2 * Self.chunk + 7
+        let log = ScriptedDirtyLog(pageCount: 4 * Self.chunk, answers: [[written]])
+        let pass = learner(log, deferring: false)
+        _ = try pass.claim(first: 0, count: Self.chunk)
+        pass.claimHole(first: 2 * Self.chunk, count: Self.chunk)
+        #expect(log.reads == 1)
+        let owed = pass.owedIfCutShort
+        #expect(owed.contains(written), "its zero marker went before the write; only the log knew, and the pass read it")
+        #expect(owed.count == 1)
+    }
+
+    @Test func aPassCutShortOwesWhatWasWrittenAfterItWasSent() throws {
+        let log = ScriptedDirtyLog(pageCount: 4 * Self.chunk, answers: [[5]])
+        let pass = learner(log, deferring: false)
+        _ = try pass.claim(first: 0, count: Self.chunk)
+        #expect(pass.owedIfCutShort.contains(5) && pass.owedIfCutShort.count == 1)
+    }
+
     @Test func splitsAroundHeldPages() {
         #expect(FirstPassLearner.split(first: 10, count: 6) { $0 == 10 || $0 == 13 }.map { [$0.first, $0.count] } == [[11, 2], [14, 2]])
         #expect(FirstPassLearner.split(first: 0, count: 4) { _ in true }.isEmpty)
