@@ -71,6 +71,8 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     /// Pages sent as XBZRLE deltas, and the cache's account (hits, misses, overflows, bytes saved).
     public var deltaPages: UInt64?
     public var xbzrle: XBZRLECache.Statistics?
+    /// Pages the dirty log named that still held what was sent: not sent again (docs/MIGRATION.md, "Pages that did not change").
+    public var unchangedPages: UInt64?
     /// Post-copy and hybrid: when execution moved to the destination, and when it held all memory (ms from the start).
     public var executionMovedAtMs: Double?
     public var memoryCompleteAtMs: Double?

@@ -70,6 +70,7 @@ extension MigrationSource {
             $0.executionMovedAtMs = milliseconds(since: started)
             $0.status = .postcopy
             $0.transferredBytes = precopy.bytes + stateBytes
+            if precopy.unchangedPages > 0 { $0.unchangedPages = precopy.unchangedPages }
         }
 
         // Post-copy proper: from here the VM runs at the destination and this side only serves memory.

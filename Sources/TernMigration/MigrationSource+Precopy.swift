@@ -70,7 +70,7 @@ extension MigrationSource {
             let before = sender.counters
             let waitedBefore = rateLimit.waitedSeconds
             update { $0.currentRound = round; $0.roundPercent = 0 }
-            roundPlan.withLock { $0 = (before.dataPages + before.zeroPages, Double(pending.map { UInt64($0.count) } ?? totalPages)) }
+            roundPlan.withLock { $0 = (before.pagesCovered, Double(pending.map { UInt64($0.count) } ?? totalPages)) }
             if interruptible { sender.recordSentPages(true, pageCount: pageCount) }
             var learner: FirstPassLearner?
             do {
@@ -153,8 +153,9 @@ extension MigrationSource {
             // Link speed: what the whole pre-copy achieved so far (single tiny rounds are too noisy).
             let elapsedPrecopy = max(milliseconds(since: started) - progress.setupMs, 0.001)
             let throughput = Double(sent.bytes) / (elapsedPrecopy / 1000)
-            // Bytes a dirty page will cost: a whole page, or what re-sent pages cost in the last round (XBZRLE deltas are far smaller).
-            let roundPages = (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages)
+            // Bytes a dirty page will cost: a whole page, or what re-sent pages cost in the last round (XBZRLE deltas are far
+            // smaller, and pages found unchanged cost nothing on the wire).
+            let roundPages = sent.pagesCovered - before.pagesCovered
             let bytesPerPage = round > 0 && roundPages > 0 ? Double(roundBytes) / Double(roundPages) : Double(PageRun.pageSize + PageRun.headerSize)
             // A page's end-to-end cost counts unless the cap set the pace (its senders waited for tokens a tenth of the round or more).
             let throttled = (rateLimit.waitedSeconds - waitedBefore) * 1000 / Double(sender.senders.count) > 0.1 * duration
@@ -255,6 +256,7 @@ extension MigrationSource {
                 durationMs: milliseconds(since: pauseInstant), throughputMBps: 0, dirtyRatePagesPerSecond: 0, predictedDowntimeMs: 0))
             $0.transferredBytes = sent.bytes + stateBytes
             $0.deltaPages = sent.deltaPages
+            $0.unchangedPages = sent.unchangedPages
             $0.xbzrle = sender.xbzrleStatistics
             if parameters.zstdLevel != nil {
                 $0.zstdInputBytes = sent.compressedInputBytes

@@ -285,10 +285,12 @@ public final class MigrationSource: @unchecked Sendable {
                                  onProgress: { [unowned self] counters in
                                      let plan = roundPlan.withLock { $0 }
                                      update {
-                                         $0.roundPercent = min(100, Double(counters.dataPages + counters.zeroPages - plan.pagesBefore) / max(plan.planned, 1) * 100)
+                                         $0.roundPercent = min(100, Double(counters.pagesCovered - plan.pagesBefore) / max(plan.planned, 1) * 100)
                                          $0.transferredBytes = counters.bytes
                                      }
                                  })
+        // Pre-copy's rounds send what the dirty log names; some of it holds what was sent already.
+        if parameters.mode != .postcopy { sender.skipUnchangedPages(pageCount: Int(machine.memory.size / UInt64(PageRun.pageSize))) }
         if let cacheBytes = parameters.xbzrleCacheBytes { sender.useXBZRLE(cacheBytes: cacheBytes) }
         if let level = parameters.zstdLevel { sender.useZstd(level: level) }
         var outcome = try precopyRounds(sender: sender, rateLimit: rateLimit, roundPlan: roundPlan,

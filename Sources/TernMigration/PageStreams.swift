@@ -86,6 +86,11 @@ final class PageStreams: @unchecked Sendable {
         for sender in senders { sender.streamer.compressor = ZstdCompressor(level: level) }
     }
 
+    /// Pages whose bytes have not changed since they were sent are not sent again (SentPageFingerprints).
+    func skipUnchangedPages(pageCount: Int) {
+        for sender in senders { sender.streamer.fingerprints = SentPageFingerprints(pageCount: pageCount) }
+    }
+
     func setCacheWholePages(_ value: Bool) { for sender in senders { sender.streamer.cacheWholePages = value } }
 
     /// Runs `body` on every stream at once.
@@ -174,7 +179,11 @@ extension PageStreamCounters {
         deltaBytes += other.deltaBytes
         compressedInputBytes += other.compressedInputBytes
         compressedOutputBytes += other.compressedOutputBytes
+        unchangedPages += other.unchangedPages
     }
+
+    /// Pages a round has dealt with: sent (as data or zero markers) or found unchanged.
+    var pagesCovered: UInt64 { dataPages + zeroPages + unchangedPages }
 }
 
 extension XBZRLECache.Statistics {

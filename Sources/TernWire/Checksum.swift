@@ -15,6 +15,12 @@ public enum Checksum {
         bytes.withUnsafeBytes { crc32c($0, seed: seed) }
     }
 
+    /// A 64-bit hash for telling whether a page changed (not a wire checksum: frames keep CRC32C).
+    public static func fingerprint(_ bytes: UnsafeRawBufferPointer) -> UInt64 {
+        guard let base = bytes.baseAddress else { return 0 }
+        return tern_fingerprint(base, bytes.count)
+    }
+
     public static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
         guard let base = bytes.baseAddress else { return true }
         return tern_is_zero(base, bytes.count) != 0

@@ -256,6 +256,9 @@ enum MigrationTable {
         rows.append(("order", r.order))
         rows.append(("re-sent pages", "\(r.resentPages) after the first pass"))
         if let held = r.heldBackPages { rows.append(("held back", "\(held) hot pages, sent once in the stop-and-copy")) }
+        if let unchanged = r.unchangedPages, unchanged > 0 {
+            rows.append(("unchanged", "\(unchanged) pages the dirty log named held what was sent: not sent again"))
+        }
         if let x = r.xbzrle {
             rows.append(("xbzrle", String(format: "%llu delta pages; cache %.0f MB: %llu hits, %llu misses, %llu overflows; %.1f MB saved",
                                           r.deltaPages ?? 0, Double(x.cacheBytes) / 1e6, x.hits, x.misses, x.overflows, Double(x.bytesSaved) / 1e6)))

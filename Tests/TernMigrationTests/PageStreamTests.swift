@@ -149,6 +149,95 @@ struct PageStreamTests {
         #expect(try copy.read(page, count: 4096) == contents)
     }
 
+    func randomPage() -> [UInt8] {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<512).map { _ in generator.next() as UInt64 }.withUnsafeBytes { Array($0) }
+    }
+
+    /// A sender that skips pages holding what it sent last (pre-copy's rounds).
+    func fingerprintingSender(_ memory: GuestMemory, into file: FDStream) -> PageSender {
+        let sender = PageSender(memory: memory, stream: file, rateLimit: RateLimiter(bytesPerSecond: nil), shouldStop: { false })
+        sender.streamer.fingerprints = SentPageFingerprints(pageCount: Int(Self.size / 4096))
+        return sender
+    }
+
+    /// Pages the dirty log names again without their bytes having changed stay here; the one that
+    /// changed goes, and the copy ends identical.
+    @Test func unchangedPagesAreNotSentAgain() throws {
+        let memory = try sourceMemory()
+        let file = temporaryFile()
+        defer { close(file.fd) }
+        let sender = fingerprintingSender(memory, into: file)
+        var pages = PageSet(pageCount: Int(Self.size / 4096))
+        for page in stride(from: 0, to: 300, by: 3) { pages.insert(page) }
+        try sender.send(pages)
+        let first = sender.counters
+        #expect(first.dataPages == 100 && first.unchangedPages == 0)
+        try sender.send(pages)
+        #expect(sender.counters.unchangedPages == 100)
+        #expect(sender.counters.bytes == first.bytes, "nothing went the second time")
+        let changed = randomPage()
+        try memory.write(changed, at: GuestAddress(30 * 4096))
+        try sender.send(pages)
+        #expect(sender.counters.dataPages == first.dataPages + 1)
+        #expect(sender.counters.unchangedPages == 199)
+        lseek(file.fd, 0, SEEK_SET)
+        let copy = try GuestMemory(size: Self.size)
+        try applyAll(file, to: PageRunApplier(memory: copy, delivery: .repeated))
+        #expect(try copy.read(GuestAddress(0), count: 300 * 4096) == memory.read(GuestAddress(0), count: 300 * 4096))
+    }
+
+    /// A page sent whole, then as a zero marker (or, with XBZRLE, as a delta), then back to its first
+    /// contents must go again: the receiver no longer holds what was first sent.
+    @Test(arguments: [false, true])
+    func aPageBackToContentsSentEarlierGoesAgain(xbzrle: Bool) throws {
+        let memory = try GuestMemory(size: Self.size)
+        let file = temporaryFile()
+        defer { close(file.fd) }
+        let sender = fingerprintingSender(memory, into: file)
+        if xbzrle {
+            sender.streamer.cache = XBZRLECache(bytes: 1 << 20)
+            sender.streamer.cacheWholePages = true
+        }
+        let contents = randomPage()
+        var between = contents
+        if xbzrle { between[100] ^= 0xFF } else { between = [UInt8](repeating: 0, count: 4096) }
+        let page = GuestAddress(5 * 4096)
+        var one = PageSet(pageCount: Int(Self.size / 4096))
+        one.insert(5)
+        var received: [[UInt8]] = []
+        let copy = try GuestMemory(size: Self.size)
+        let applier = PageRunApplier(memory: copy, delivery: .repeated)
+        for bytes in [contents, between, contents] {
+            try memory.write(bytes, at: page)
+            let start = lseek(file.fd, 0, SEEK_CUR)
+            try sender.send(one)
+            lseek(file.fd, start, SEEK_SET)
+            try applyAll(file, to: applier)
+            received.append(try copy.read(page, count: 4096))
+        }
+        #expect(received == [contents, between, contents])
+        #expect(sender.counters.unchangedPages == 0)
+        if xbzrle { #expect(sender.counters.deltaPages == 2) }
+    }
+
+    /// A frame dropped before it was written (a round cut short) leaves nothing recorded: its pages
+    /// go the next time they are sent.
+    @Test func pagesOfAFrameDroppedUnsentGoNextTime() throws {
+        let memory = try sourceMemory()
+        let file = temporaryFile()
+        defer { close(file.fd) }
+        let sender = fingerprintingSender(memory, into: file)
+        try sender.streamer.addPages(firstPage: 0, count: 12)
+        sender.streamer.discardPending()
+        var pages = PageSet(pageCount: Int(Self.size / 4096))
+        pages.insert(range: 0..<12)
+        try sender.send(pages)
+        #expect(sender.counters.unchangedPages == 0)
+        #expect(sender.counters.dataPages == 4, "pages 0, 3, 6 and 9 hold data")
+        #expect(sender.counters.zeroPages == 8)
+    }
+
     /// Into huge-page memory, pages are read in place (the memory is populated a run at a time),
     /// and a page sent again as zero is zeroed where it is: the copy ends identical.
     @Test(.enabled(if: (try? GuestMemory(size: 16 << 20, hugePages: .on)) != nil, "mounting a private tmpfs needs CAP_SYS_ADMIN"))

@@ -42,6 +42,30 @@ struct ChecksumTests {
             page[index] = 0
         }
     }
+
+    /// Every single-bit change of a page, and a swap of two of its words, changes its fingerprint;
+    /// equal bytes give equal fingerprints.
+    @Test func fingerprintSeesEveryBitOfAPage() {
+        var generator = SystemRandomNumberGenerator()
+        var page = (0..<4096).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        let original = page.withUnsafeBytes { Checksum.fingerprint($0) }
+        #expect(Array(page).withUnsafeBytes { Checksum.fingerprint($0) } == original)
+        var seen: Set<UInt64> = [original]
+        for bit in stride(from: 0, to: 4096 * 8, by: 1) {
+            page[bit / 8] ^= 1 << UInt8(bit % 8)
+            seen.insert(page.withUnsafeBytes { Checksum.fingerprint($0) })
+            page[bit / 8] ^= 1 << UInt8(bit % 8)
+        }
+        #expect(seen.count == 4096 * 8 + 1, "each flipped bit gives a fingerprint of its own")
+        page.withUnsafeMutableBytes { bytes in
+            let (a, b) = (bytes.load(fromByteOffset: 0, as: UInt64.self), bytes.load(fromByteOffset: 8, as: UInt64.self))
+            bytes.storeBytes(of: b, toByteOffset: 0, as: UInt64.self)
+            bytes.storeBytes(of: a, toByteOffset: 8, as: UInt64.self)
+        }
+        #expect(page.withUnsafeBytes { Checksum.fingerprint($0) } != original)
+        let zeros = [UInt8](repeating: 0, count: 4096), longer = [UInt8](repeating: 0, count: 8192)
+        #expect(zeros.withUnsafeBytes { Checksum.fingerprint($0) } != longer.withUnsafeBytes { Checksum.fingerprint($0) })
+    }
 }
 
 struct FrameTests {

@@ -16,4 +16,7 @@ uint32_t tern_crc32c_portable(uint32_t crc, const void *data, size_t length);
 /// True when every byte of the range is zero (word at a time).
 int tern_is_zero(const void *data, size_t length);
 
+/// A 64-bit hash of the range (fingerprint.c): whether a page still holds what was sent.
+uint64_t tern_fingerprint(const void *data, size_t length);
+
 #endif

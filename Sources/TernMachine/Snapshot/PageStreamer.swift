@@ -13,6 +13,8 @@ public struct PageStreamCounters: Sendable, Equatable {
     /// zstd: payload bytes before and after compression, over the frames it made smaller.
     public var compressedInputBytes: UInt64 = 0
     public var compressedOutputBytes: UInt64 = 0
+    /// Pages not sent because the receiver already holds their bytes (SentPageFingerprints).
+    public var unchangedPages: UInt64 = 0
     public init() {}
 }
 
@@ -69,6 +71,10 @@ public final class PageStreamer {
     private var deltaUsed = 0
     /// zstd per frame (`--compress zstd`); a frame it cannot shrink goes as it is.
     public var compressor: ZstdCompressor?
+    /// Pre-copy: what the receiver holds of each page, so that pages unchanged since they were sent stay here.
+    public var fingerprints: SentPageFingerprints?
+    /// The fingerprint of each staged page, recorded once its frame is written.
+    private let stagedFingerprints: UnsafeMutableBufferPointer<UInt64>
 
     public init(memory: GuestMemory, stream: FDStream, framePages: Int = PageStreamer.defaultFramePages) {
         self.memory = memory
@@ -76,11 +82,14 @@ public final class PageStreamer {
         self.framePages = framePages
         staging = .allocate(byteCount: framePages * PageRun.pageSize, alignment: 4096)
         deltas = .allocate(byteCount: framePages * PageRun.pageSize, alignment: 64)
+        stagedFingerprints = .allocate(capacity: framePages)
+        stagedFingerprints.initialize(repeating: 0)
     }
 
     deinit {
         staging.deallocate()
         deltas.deallocate()
+        stagedFingerprints.deallocate()
     }
 
     /// Pages known to be zero (memfd holes): markers only, nothing is read.
@@ -126,7 +135,16 @@ public final class PageStreamer {
                     // (or "unchanged") would be computed against contents the receiver no longer has.
                     if let cache, cache.contains(page + i) { cache.insert(page: page + i, bytes: bytes) }
                     append(.zero, page: page + i, stagingPage: -1)
-                } else if let cache, let length = cache.encode(page: page + i, bytes: bytes,
+                    continue
+                }
+                let fingerprint = fingerprints == nil ? 0 : SentPageFingerprints.of(bytes)
+                if let fingerprints, fingerprints.holds(page: page + i, fingerprint: fingerprint) {
+                    // The dirty log named it, but it holds what was sent last: nothing needs to travel.
+                    counters.unchangedPages += 1
+                    runSent?(page + i, 1)
+                    continue
+                }
+                if let cache, let length = cache.encode(page: page + i, bytes: bytes,
                                                                 into: UnsafeMutableRawBufferPointer(rebasing: deltas[deltaUsed...])) {
                     // Identical to what the receiver holds: nothing needs to travel, and it counts as sent.
                     if length == 0 {
@@ -145,6 +163,7 @@ public final class PageStreamer {
                     if let cache, cacheWholePages || shouldCache?(page + i) == true, !cache.contains(page + i) {
                         cache.insert(page: page + i, bytes: bytes)
                     }
+                    stagedFingerprints[stagedPages + i] = fingerprint
                     append(.data, page: page + i, stagingPage: stagedPages + i)
                 }
             }
@@ -252,10 +271,16 @@ public final class PageStreamer {
         }
         try beforeFrame?(size)
         try stream.writeFrame(.pages, flags: flags, payload: pieces)
-        if let runSent {
+        if runSent != nil || fingerprints != nil {
             for entry in runs {
-                let first = try memory.fileOffset(of: entry.run.address, length: UInt64(entry.run.byteCount)) / UInt64(PageRun.pageSize)
-                runSent(Int(first), Int(entry.run.pageCount))
+                let first = Int(try memory.fileOffset(of: entry.run.address, length: UInt64(entry.run.byteCount)) / UInt64(PageRun.pageSize))
+                runSent?(first, Int(entry.run.pageCount))
+                // Only now does the receiver hold them; a frame dropped unsent (discardPending) records nothing.
+                if let fingerprints {
+                    for k in 0..<Int(entry.run.pageCount) {
+                        fingerprints.record(page: first + k, fingerprint: entry.run.kind == .data ? stagedFingerprints[entry.stagingPage + k] : 0)
+                    }
+                }
             }
         }
         counters.bytes += UInt64(size)
