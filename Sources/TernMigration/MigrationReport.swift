@@ -66,6 +66,8 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     public var streams: Int = 1
     /// Pages sent again after the first pass (what ordering and convergence try to keep small).
     public var resentPages: UInt64 = 0
+    /// Pages the first pass sent again at its end to measure what a re-sent page costs: in `resentPages`, and in round 0's bytes but not its pages.
+    public var resendProbePages: UInt64?
     /// Dirty-frequency ordering: hot pages held back from the last pre-copy round for the stop-and-copy.
     public var heldBackPages: UInt64?
     /// Pages sent as XBZRLE deltas, and the cache's account (hits, misses, overflows, bytes saved).

@@ -34,6 +34,10 @@ extension MigrationSource {
         var resentAfterFirstPass: PageSet?
         var heldOver: PageSet?
         var firstPassSamples: [(milliseconds: Double, pages: Int)] = []
+        /// What a re-sent page cost in the first pass's probe (measureResendCost), for the first prediction.
+        var probedPageCostMs: Double?
+        /// The probe's pages, re-sends rather than part of the first pass: not counted in round 0's pages.
+        var probeSentPages: UInt64 = 0
         /// The dirty log read at the end of the last round, before held-back pages join it.
         var latestDirty: PageSet?
         // The first pass learns as it goes, from the dirty log read after its first megabyte and then at
@@ -94,7 +98,14 @@ extension MigrationSource {
                     frequency = learnt.frequency
                     sender.setCacheWholePages(true)
                     if parameters.order == .dirtyFrequency { try sender.send(ordered: frequency.ordered(learnt.held)) } else { try sender.send(learnt.held) }
-                    resentAfterFirstPass = learnt.dirtyAfterSending
+                    var owed = learnt.dirtyAfterSending
+                    if let probe = try measureResendCost(sender: sender, rateLimit: rateLimit, owed: &owed, round: round,
+                                                         roundTripMs: roundTripMs) {
+                        probedPageCostMs = probe.pageCostMs
+                        probeSentPages = UInt64(probe.pages)
+                        update { $0.resendProbePages = UInt64(probe.pages) }
+                    }
+                    resentAfterFirstPass = owed
                     firstPassSamples = learnt.samples
                 }
             } catch is PageSender.Stopped where postcopyRequestPending && !cancelled {
@@ -163,9 +174,9 @@ extension MigrationSource {
                 dirtyPages: dirty.count, wireBytesPerPage: bytesPerPage, throughputBytesPerSecond: throughput,
                 stateBytes: Self.stateBytesEstimate, roundTripMs: roundTripMs,
                 pageCostMs: round > 0 && roundPages >= Self.pagesToMeasureCost && !throttled && duration >= Self.roundTripsToMeasureCost * roundTripMs
-                    ? max(duration - roundTripMs, 0) / Double(roundPages) : nil).milliseconds
+                    ? max(duration - roundTripMs, 0) / Double(roundPages) : (round == 0 ? probedPageCostMs : nil)).milliseconds
             let record = MigrationReport.Round(
-                round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages),
+                round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages) - (round == 0 ? probeSentPages : 0),
                 zeroPages: sent.zeroPages - before.zeroPages, bytes: roundBytes, dirtyPages: UInt64(dirty.count),
                 durationMs: duration, throughputMBps: Double(roundBytes) / 1e6 / (duration / 1000),
                 dirtyRatePagesPerSecond: Double(dirty.count) / (duration / 1000), predictedDowntimeMs: predictedMs)

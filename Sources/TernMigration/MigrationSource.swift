@@ -262,7 +262,7 @@ public final class MigrationSource: @unchecked Sendable {
             $0.roundPercent = nil
             // Pages the rounds after the first pass sent again; post-copy's phase, the last round when it ran, sends each page once.
             let precopyRounds = $0.postcopy == nil ? $0.rounds[...] : $0.rounds.dropLast()
-            $0.resentPages = precopyRounds.dropFirst().reduce(0) { $0 + $1.pages }
+            $0.resentPages = precopyRounds.dropFirst().reduce($0.resendProbePages ?? 0) { $0 + $1.pages }
         }
         return progress
     }
