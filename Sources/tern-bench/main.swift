@@ -1,7 +1,7 @@
 import Foundation
 import TernWire
 
-// Micro-benchmarks of Tern's codecs (`swift run -c release tern-bench xbzrle|crc32c`;
+// Micro-benchmarks of Tern's codecs (`swift run -c release tern-bench xbzrle|crc32c|fingerprint`;
 // bench/xbzrle.sh). Throughput is input page bytes per second on one core.
 
 func seconds(_ body: () -> Void) -> Double {
@@ -76,34 +76,40 @@ func xbzrle() {
     }
 }
 
-/// CRC32C in 4 KiB pages and 4 MiB pieces, over a buffer that stays in cache
-/// (a frame just staged) and over 64 MiB (from memory).
-func crc32c() {
+/// A checksum's throughput in pieces of the given sizes, over a buffer that stays in cache (a frame just
+/// staged, 4 MiB) and over 64 MiB (from memory). `sum` folds a piece into the running value.
+func checksumThroughput(_ name: String, pieces: [Int], _ sum: (UInt64, UnsafeRawBufferPointer) -> UInt64) {
     let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 20, alignment: 4096)
     defer { bytes.deallocate() }
     var rng = SystemRandomNumberGenerator()
     for i in 0..<bytes.count / 8 { bytes.storeBytes(of: UInt64.random(in: 0...UInt64.max, using: &rng), toByteOffset: i * 8, as: UInt64.self) }
-    print("| buffer | piece | CRC32C GB/s |")
+    print("| buffer | piece | \(name) GB/s |")
     print("| --- | --- | ---: |")
-    var crc: UInt32 = 0
-    for (buffer, piece) in [(4 << 20, 4096), (4 << 20, 4 << 20), (64 << 20, 4096), (64 << 20, 4 << 20)] {
-        let repeats = (1 << 30) / buffer
-        let time = seconds {
-            for _ in 0..<repeats {
-                for offset in stride(from: 0, to: buffer, by: piece) {
-                    crc = Checksum.crc32c(UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + piece]), seed: crc)
+    var value: UInt64 = 0
+    for buffer in [4 << 20, 64 << 20] {
+        for piece in pieces {
+            let repeats = (1 << 30) / buffer
+            let time = seconds {
+                for _ in 0..<repeats {
+                    for offset in stride(from: 0, to: buffer, by: piece) {
+                        value = sum(value, UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + piece]))
+                    }
                 }
             }
+            print("| \(buffer >> 20) MiB | \(piece) bytes | \(String(format: "%.1f", Double(repeats * buffer) / 1e9 / time)) |")
         }
-        print("| \(buffer >> 20) MiB | \(piece) bytes | \(String(format: "%.1f", Double(repeats * buffer) / 1e9 / time)) |")
     }
-    if crc == 0x1234_5678 { print("(unlikely CRC)") } // keeps the loop from being optimised away
+    if value == 0x1234_5678 { print("(unlikely value)") } // keeps the loop from being optimised away
 }
 
 switch CommandLine.arguments.dropFirst().first {
 case "xbzrle": xbzrle()
-case "crc32c": crc32c()
+case "crc32c":
+    checksumThroughput("CRC32C", pieces: [4096, 4 << 20]) { UInt64(Checksum.crc32c($1, seed: UInt32(truncatingIfNeeded: $0))) }
+case "fingerprint":
+    // Page fingerprints (SentPageFingerprints): one hash per 4 KiB page.
+    checksumThroughput("fingerprint", pieces: [4096]) { $0 ^ Checksum.fingerprint($1) }
 default:
-    FileHandle.standardError.write(Data("usage: tern-bench xbzrle|crc32c\n".utf8))
+    FileHandle.standardError.write(Data("usage: tern-bench xbzrle|crc32c|fingerprint\n".utf8))
     exit(2)
 }
