@@ -12,6 +12,16 @@ extension MigrationSource {
     /// left is mostly the round trip's jitter (on a WAN link), and a page would look nearly free.
     static let roundTripsToMeasureCost = 3.0
 
+    /// What a page cost end to end over pages sent and then synced (`durationMs`, the sync included), or
+    /// nil when that says too little: too few pages, too short beside a round trip, or paced by the cap
+    /// (the senders waited for tokens a tenth of the time or more; the stop-and-copy goes uncapped).
+    static func measuredPageCost(pages: UInt64, durationMs: Double, waitedSeconds: Double, streams: Int,
+                                 roundTripMs: Double) -> Double? {
+        let throttled = waitedSeconds * 1000 / Double(streams) > 0.1 * durationMs
+        guard pages >= pagesToMeasureCost, !throttled, durationMs >= roundTripsToMeasureCost * roundTripMs else { return nil }
+        return max(durationMs - roundTripMs, 0) / Double(pages)
+    }
+
     /// The switch-over reason for a `tern migrate-postcopy` taken between rounds.
     static func postcopyRequested(afterRounds rounds: Int) -> String {
         "post-copy requested (tern migrate-postcopy) after \(rounds) pre-copy round\(rounds == 1 ? "" : "s")"
@@ -168,13 +178,13 @@ extension MigrationSource {
             // smaller, and pages found unchanged cost nothing on the wire).
             let roundPages = sent.pagesCovered - before.pagesCovered
             let bytesPerPage = round > 0 && roundPages > 0 ? Double(roundBytes) / Double(roundPages) : Double(PageRun.pageSize + PageRun.headerSize)
-            // A page's end-to-end cost counts unless the cap set the pace (its senders waited for tokens a tenth of the round or more).
-            let throttled = (rateLimit.waitedSeconds - waitedBefore) * 1000 / Double(sender.senders.count) > 0.1 * duration
             let predictedMs = DowntimePrediction(
                 dirtyPages: dirty.count, wireBytesPerPage: bytesPerPage, throughputBytesPerSecond: throughput,
                 stateBytes: Self.stateBytesEstimate, roundTripMs: roundTripMs,
-                pageCostMs: round > 0 && roundPages >= Self.pagesToMeasureCost && !throttled && duration >= Self.roundTripsToMeasureCost * roundTripMs
-                    ? max(duration - roundTripMs, 0) / Double(roundPages) : (round == 0 ? probedPageCostMs : nil)).milliseconds
+                pageCostMs: round > 0
+                    ? Self.measuredPageCost(pages: roundPages, durationMs: duration, waitedSeconds: rateLimit.waitedSeconds - waitedBefore,
+                                            streams: sender.senders.count, roundTripMs: roundTripMs)
+                    : probedPageCostMs).milliseconds
             let record = MigrationReport.Round(
                 round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages) - (round == 0 ? probeSentPages : 0),
                 zeroPages: sent.zeroPages - before.zeroPages, bytes: roundBytes, dirtyPages: UInt64(dirty.count),

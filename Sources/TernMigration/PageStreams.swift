@@ -86,9 +86,11 @@ final class PageStreams: @unchecked Sendable {
         for sender in senders { sender.streamer.compressor = ZstdCompressor(level: level) }
     }
 
-    /// Pages whose bytes have not changed since they were sent are not sent again (SentPageFingerprints).
+    /// Pages whose bytes have not changed since they were sent are not sent again (SentPageFingerprints):
+    /// one table for all streams, each of which touches only the pages of its own partition.
     func skipUnchangedPages(pageCount: Int) {
-        for sender in senders { sender.streamer.fingerprints = SentPageFingerprints(pageCount: pageCount) }
+        let fingerprints = SentPageFingerprints(pageCount: pageCount)
+        for sender in senders { sender.streamer.fingerprints = fingerprints }
     }
 
     func setCacheWholePages(_ value: Bool) { for sender in senders { sender.streamer.cacheWholePages = value } }

@@ -10,13 +10,16 @@ import TernWire
 /// drops the whole mapping, and the guest's next read of each of the
 /// other 511 pages maps that page writable again, which KVM counts as a
 /// write. A guest that reads its 256 MiB working set once a second left
-/// 53-54K dirty pages after a 1.5 s first pass with huge pages at the
-/// source and 31-34K without (docs/MIGRATION.md, "Pages that did not
-/// change"). XBZRLE's cache finds such pages too, but only those it holds;
-/// this costs 8 bytes a page and a hash at about 20 GB/s.
+/// 51.7K dirty pages after its first pass with huge pages at the source,
+/// 21.7K of them unchanged, and 32.2K without (docs/MIGRATION.md, "Pages
+/// that did not change", has the command). XBZRLE's cache finds such pages
+/// too, but only those it holds; this costs 8 bytes a page and a hash at
+/// about 20 GB/s (`tern-bench fingerprint`).
 ///
-/// One per stream: a page always travels on the same stream.
-public final class SentPageFingerprints {
+/// Shared by a migration's page streams: a page always travels on the same
+/// stream, so each entry is only ever read and written by one stream's thread.
+public final class SentPageFingerprints: @unchecked Sendable {
+    // @unchecked Sendable: streams touch disjoint entries (StreamPartition); nothing else is mutable.
     private let table: UnsafeMutableBufferPointer<UInt64>
 
     public init(pageCount: Int) {
