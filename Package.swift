@@ -2,7 +2,7 @@
 import PackageDescription
 
 // Layers, top to bottom (each depends only on those below it):
-//   tern (CLI) -> TernAPI -> TernMigration -> TernMachine -> TernKVM -> CKVM (C shim)
+//   tern (CLI) -> TernAPI -> TernMigration -> TernMachine -> TernDevices -> TernKVM -> CKVM (C shim)
 //                                        \-> TernWire (frames, checksums, codecs) -> CChecksum, CZstd (libzstd)
 let strict: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
@@ -26,8 +26,13 @@ let package = Package(
         .target(name: "TernWire", dependencies: ["CChecksum", "CZstd"], swiftSettings: strict),
         .target(name: "TernKVM", dependencies: ["CKVM"], swiftSettings: strict),
         .target(
+            name: "TernDevices",
+            dependencies: ["TernKVM", "TernWire", "CKVM", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict
+        ),
+        .target(
             name: "TernMachine",
-            dependencies: ["TernKVM", "TernWire", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["TernKVM", "TernDevices", "TernWire", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict
         ),
         .target(
@@ -57,9 +62,10 @@ let package = Package(
         ),
         .executableTarget(name: "tern-bench", dependencies: ["TernWire"], swiftSettings: strict),
         .testTarget(name: "TernWireTests", dependencies: ["TernWire", "CChecksum"], swiftSettings: strict),
+        .testTarget(name: "TernDevicesTests", dependencies: ["TernDevices", "TernKVM", "TernWire"], swiftSettings: strict),
         .testTarget(name: "TernKVMTests", dependencies: ["TernKVM", "CKVM"], swiftSettings: strict),
-        .testTarget(name: "TernMachineTests", dependencies: ["TernMachine", "TernWire", "CKVM"], swiftSettings: strict),
-        .testTarget(name: "TernMigrationTests", dependencies: ["TernMigration", "TernMachine", "TernWire"], swiftSettings: strict),
+        .testTarget(name: "TernMachineTests", dependencies: ["TernMachine", "TernDevices", "TernKVM", "TernWire", "CKVM"], swiftSettings: strict),
+        .testTarget(name: "TernMigrationTests", dependencies: ["TernMigration", "TernMachine", "TernKVM", "TernWire"], swiftSettings: strict),
         .testTarget(name: "TernIntegrationTests", dependencies: ["TernAPI", "TernMachine", "TernWire", "TernMigration"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]

@@ -11,6 +11,11 @@ public final class VirtualMachine: Sendable {
     private let registeredMappings = Mutex<[UInt32: MemorySlot]>([:])
     /// Whether KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on (VirtualMachine+DirtyLog.swift).
     let manualDirtyLogProtection = Atomic<Bool>(false)
+    /// Eventfds registered as ioeventfds or irqfds: the kernel holds their file, but closing
+    /// ours while registered would let the number be reused under it.
+    private let registeredEventFDs = Mutex<[EventFD]>([])
+
+    func retainEventFD(_ event: EventFD) { registeredEventFDs.withLock { $0.append(event) } }
 
     init(fd: FileDescriptor, kvm: Kvm) {
         self.fd = fd

@@ -34,6 +34,8 @@ public final class GuestMemory: @unchecked Sendable {
     public let regions: [Region]
     public let file: FileDescriptor
     public let mapping: HostMapping
+    /// Pages devices wrote (`GuestRAM.noteDeviceWrite`), for migrations to merge with KVM's dirty log.
+    public let deviceWrites: DeviceWriteLog
 
     public enum Error: Swift.Error, Equatable, CustomStringConvertible {
         case badSize(UInt64)
@@ -68,6 +70,7 @@ public final class GuestMemory: @unchecked Sendable {
         let fd = file.rawValue
         guard ftruncate(fd, off_t(size)) == 0 else { throw SystemError("ftruncate guest RAM to \(size) bytes", errno: errno) }
         mapping = try HostMapping(length: Int(size), fd: fd, flags: MAP_SHARED | MAP_NORESERVE)
+        deviceWrites = DeviceWriteLog(pageCount: Int(size / Self.pageSize))
     }
 
     /// Allocates and touches every page now (`--prealloc`, like QEMU's

@@ -1,3 +1,5 @@
+import TernDevices
+
 /// Everything needed to build a VM, as given on `tern run`'s command line.
 public struct MachineConfiguration: Sendable, Equatable {
     /// The kernel to boot; nil when the VM's state and memory will be restored instead.
@@ -14,6 +16,8 @@ public struct MachineConfiguration: Sendable, Equatable {
     /// A VM restored from a snapshot or received by migration: the kernel it was first booted with,
     /// as that host named it (for `tern info`, and passed on with the VM; nothing reads the file).
     public var bootedKernel: String?
+    /// Disks and NICs (`--disk`, `--net`), in the order of their MMIO slots.
+    public var devices: [DeviceSpec] = []
 
     /// The kernel this VM runs, as whoever booted it named it.
     public var kernelName: String { kernelPath ?? bootedKernel ?? "" }

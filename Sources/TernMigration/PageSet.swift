@@ -124,12 +124,14 @@ public struct PageSet: Equatable, Sendable {
 }
 
 extension GuestMemory {
-    /// Reads and resets KVM's dirty log for every slot of this memory.
+    /// Reads and resets KVM's dirty log for every slot of this memory, and the pages devices wrote.
     func collectDirtyPages(from vm: VirtualMachine) throws -> PageSet {
         var set = PageSet(pageCount: Int(size / UInt64(PageRun.pageSize)))
         for (slot, region) in regions.enumerated() {
             set.merge(bitmap: try vm.dirtyLog(slot: UInt32(slot)), firstPage: Int(region.fileOffset / UInt64(PageRun.pageSize)))
         }
+        // Pages devices wrote from their threads, which KVM's log does not see.
+        set.merge(bitmap: deviceWrites.take(), firstPage: 0)
         return set
     }
 }

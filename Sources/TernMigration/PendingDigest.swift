@@ -1,4 +1,5 @@
 import Foundation
+import TernKVM
 import TernMachine
 
 /// A digest computed on a thread of its own while other work goes on (post-copy's

@@ -1,4 +1,5 @@
 import Foundation
+import TernKVM
 import TernMachine
 
 /// Runs one job on N page streams at once and waits for all of them: index 0

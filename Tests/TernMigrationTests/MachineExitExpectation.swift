@@ -1,5 +1,6 @@
 import Dispatch
 import Testing
+import TernKVM
 import TernMachine
 
 /// Quits `machine` and expects it to end within seconds: a vCPU that never leaves

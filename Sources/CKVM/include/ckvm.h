@@ -11,6 +11,7 @@
 #include <linux/memfd.h>
 #include <linux/falloc.h>
 #include <sys/ioctl.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -42,6 +43,8 @@ static const unsigned long CKVM_SET_CLOCK = KVM_SET_CLOCK;
 static const unsigned long CKVM_GET_DIRTY_LOG = KVM_GET_DIRTY_LOG;
 static const unsigned long CKVM_CLEAR_DIRTY_LOG = KVM_CLEAR_DIRTY_LOG;
 static const unsigned long CKVM_ENABLE_CAP = KVM_ENABLE_CAP;
+static const unsigned long CKVM_IOEVENTFD = KVM_IOEVENTFD;
+static const unsigned long CKVM_IRQFD = KVM_IRQFD;
 
 // vCPU ioctls.
 static const unsigned long CKVM_RUN = KVM_RUN;
@@ -118,6 +121,11 @@ static inline int ckvm_userfaultfd(int flags) {
 }
 
 static const unsigned int CKVM_MFD_CLOEXEC = MFD_CLOEXEC;
+static const int CKVM_EFD_CLOEXEC = EFD_CLOEXEC;
+static const int CKVM_EFD_NONBLOCK = EFD_NONBLOCK;
+static const unsigned int CKVM_IOEVENTFD_FLAG_DATAMATCH = KVM_IOEVENTFD_FLAG_DATAMATCH;
+static const unsigned int CKVM_IOEVENTFD_FLAG_DEASSIGN = KVM_IOEVENTFD_FLAG_DEASSIGN;
+static const unsigned int CKVM_IRQFD_FLAG_DEASSIGN = KVM_IRQFD_FLAG_DEASSIGN;
 
 /// fallocate(0): allocates (zeroed) pages for a range of a memfd, so later writes find them present.
 static inline int ckvm_allocate(int fd, int64_t offset, int64_t length) {
@@ -129,6 +137,11 @@ static inline int ckvm_punch_hole(int fd, int64_t offset, int64_t length) {
     return (int)syscall(SYS_fallocate, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
 }
 
+/// fallocate(ZERO_RANGE | KEEP_SIZE): a range reads as zeros, its blocks kept allocated.
+static inline int ckvm_zero_range(int fd, int64_t offset, int64_t length) {
+    return (int)syscall(SYS_fallocate, fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+
 /// Allocates a range of a file where it has holes (zero pages); what it holds already stays.
 static inline int ckvm_allocate_range(int fd, int64_t offset, int64_t length) {
     return (int)syscall(SYS_fallocate, fd, FALLOC_FL_KEEP_SIZE, offset, length);
@@ -136,6 +149,19 @@ static inline int ckvm_allocate_range(int fd, int64_t offset, int64_t length) {
 
 static inline int ckvm_gettid(void) {
     return (int)syscall(SYS_gettid);
+}
+
+/// Ordered accesses to rings a guest shares with a device thread (virtqueues): the
+/// index a guest publishes is read with acquire order, so the entries it guards are
+/// read after it; a device publishes its index with release order, after its entries.
+static inline uint16_t ckvm_load_acquire_u16(const void *p) {
+    return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
+}
+static inline void ckvm_store_release_u16(void *p, uint16_t v) {
+    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
+}
+static inline void ckvm_fence_seq_cst(void) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
 /// KVM's flexible-array structs: sizes for a given entry count, so Swift can

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Synchronization
+import TernKVM
 import TernWire
 
 /// A digest of all guest RAM that both ends of a migration (or a snapshot

@@ -1,21 +1,26 @@
+import TernDevices
 import TernWire
 
-/// What a VM is, independent of where it runs: sizes and the boot
-/// configuration. A receiver checks it before it accepts anything else.
+/// What a VM is, independent of where it runs: sizes, the boot configuration
+/// and its devices. A receiver checks it before it accepts anything else, and
+/// it is the one list of devices that snapshots, restores and migrations read.
 public struct MachineDescription: Equatable, Sendable {
-    public static let version: UInt32 = 1
+    /// Version 2 added the devices; version 1 (no devices) is still read.
+    public static let version: UInt32 = 2
     public static let tag = "MACH"
 
     public var memorySize: UInt64
     public var vcpuCount: UInt32
     public var kernelPath: String
     public var commandLine: String
+    public var devices: [DeviceSpec]
 
-    public init(memorySize: UInt64, vcpuCount: UInt32, kernelPath: String, commandLine: String) {
+    public init(memorySize: UInt64, vcpuCount: UInt32, kernelPath: String, commandLine: String, devices: [DeviceSpec] = []) {
         self.memorySize = memorySize
         self.vcpuCount = vcpuCount
         self.kernelPath = kernelPath
         self.commandLine = commandLine
+        self.devices = devices
     }
 
     public var section: StateSection {
@@ -24,18 +29,51 @@ public struct MachineDescription: Equatable, Sendable {
         w.write(vcpuCount)
         w.writeString(kernelPath)
         w.writeString(commandLine)
+        w.write(UInt16(devices.count))
+        for device in devices {
+            switch device {
+            case .disk(let disk):
+                w.write(UInt8(1))
+                w.writeString(disk.id)
+                w.writeString(disk.path)
+                w.write(UInt8(disk.readOnly ? 1 : 0))
+            case .network(let network):
+                w.write(UInt8(2))
+                w.writeString(network.id)
+                w.writeString(network.tap)
+                w.write(network.mac.bytes)
+            }
+        }
         return StateSection(tag: Self.tag, version: Self.version, body: w.bytes)
     }
 
     public init(section: StateSection) throws(WireError) {
-        guard section.version == Self.version else {
-            throw .unsupportedVersion("machine description version \(section.version) (this tern reads \(Self.version))")
+        guard section.version == 1 || section.version == Self.version else {
+            throw .unsupportedVersion("machine description version \(section.version) (this tern reads 1 and \(Self.version))")
         }
         var r = WireReader(section.body, context: "machine description")
         memorySize = try r.read()
         vcpuCount = try r.read()
         kernelPath = try r.readString()
         commandLine = try r.readString()
+        devices = []
+        if section.version >= 2 {
+            let count = Int(try r.read(UInt16.self))
+            guard count <= MmioWindow.deviceLimit else { throw .malformed("machine description: \(count) devices") }
+            for _ in 0..<count {
+                switch try r.read(UInt8.self) {
+                case 1:
+                    let id = try r.readString(maximum: 64), path = try r.readString(maximum: 4096)
+                    devices.append(.disk(DiskSpec(id: id, path: path, readOnly: try r.read(UInt8.self) != 0)))
+                case 2:
+                    let id = try r.readString(maximum: 64), tap = try r.readString(maximum: 16)
+                    devices.append(.network(NetworkSpec(id: id, tap: tap, mac: MACAddress(bytes: try r.readBytes(6)))))
+                case let kind:
+                    throw .malformed("machine description: device kind \(kind)")
+                }
+            }
+            do { try devices.validate() } catch { throw .malformed("machine description: \(error)") }
+        }
         try r.expectEnd()
         guard memorySize >= GuestMemory.minimumSize, memorySize <= GuestMemory.maximumSize, memorySize % (1 << 20) == 0 else {
             throw .malformed("machine description: memory size \(memorySize)")
@@ -53,9 +91,11 @@ public struct MachineStateSnapshot: Sendable {
     public var platform: PlatformState
     public var vcpus: [VcpuState]
     public var serial: Serial16550.State
+    /// One per device of `description.devices`, in the same order.
+    public var devices: [VirtioDeviceState]
 
     public var sections: [StateSection] {
-        [description.section, platform.section] + vcpus.map(\.section) + [serial.section]
+        [description.section, platform.section] + vcpus.map(\.section) + [serial.section] + devices.map(\.section)
     }
 
     /// Decodes sections, insisting on exactly the set a VM needs: an unknown
@@ -66,6 +106,7 @@ public struct MachineStateSnapshot: Sendable {
         var platform: PlatformState?
         var serial: Serial16550.State?
         var vcpus: [VcpuState] = []
+        var devices: [VirtioDeviceState] = []
         for section in sections {
             switch section.tag {
             case MachineDescription.tag:
@@ -79,6 +120,8 @@ public struct MachineStateSnapshot: Sendable {
             case Serial16550.State.tag:
                 guard serial == nil else { throw .malformed("state: two UART sections") }
                 serial = try Serial16550.State(section: section)
+            case VirtioDeviceState.tag:
+                devices.append(try VirtioDeviceState(section: section))
             default:
                 throw .malformed("state: unknown section '\(section.tag)' (written by a newer tern?)")
             }
@@ -89,13 +132,18 @@ public struct MachineStateSnapshot: Sendable {
         guard vcpus.map(\.id) == Array(0..<description.vcpuCount) else {
             throw .malformed("state: vCPU sections \(vcpus.map(\.id)) do not match \(description.vcpuCount) vCPUs")
         }
-        self.init(description: description, platform: platform, vcpus: vcpus, serial: serial)
+        guard devices.map(\.id) == description.devices.map(\.id) else {
+            throw .malformed("state: device sections \(devices.map(\.id)) do not match the devices \(description.devices.map(\.id))")
+        }
+        self.init(description: description, platform: platform, vcpus: vcpus, serial: serial, devices: devices)
     }
 
-    public init(description: MachineDescription, platform: PlatformState, vcpus: [VcpuState], serial: Serial16550.State) {
+    public init(description: MachineDescription, platform: PlatformState, vcpus: [VcpuState], serial: Serial16550.State,
+                devices: [VirtioDeviceState] = []) {
         self.description = description
         self.platform = platform
         self.vcpus = vcpus
         self.serial = serial
+        self.devices = devices
     }
 }
