@@ -58,15 +58,21 @@ struct GuestBuffers {
         return bytes
     }
 
-    /// Copies `bytes` in from the start (at most `count` of them) and records the write; returns how many went in.
+    /// Copies `bytes` in at byte `offset` of the buffers (as many as fit) and records the write;
+    /// returns how many went in.
     @discardableResult
-    func write(_ bytes: [UInt8], ram: any GuestRAM) -> Int {
-        var done = 0
+    func write(_ bytes: [UInt8], at offset: Int = 0, ram: any GuestRAM) -> Int {
+        var skip = offset, done = 0
         for piece in pieces where done < bytes.count {
-            let take = min(piece.length, bytes.count - done)
-            bytes.withUnsafeBytes { piece.pointer.copyMemory(from: $0.baseAddress! + done, byteCount: take) }
-            ram.noteDeviceWrite(at: piece.address, count: take)
+            if skip >= piece.length {
+                skip -= piece.length
+                continue
+            }
+            let take = min(piece.length - skip, bytes.count - done)
+            bytes.withUnsafeBytes { (piece.pointer + skip).copyMemory(from: $0.baseAddress! + done, byteCount: take) }
+            ram.noteDeviceWrite(at: piece.address + UInt64(skip), count: take)
             done += take
+            skip = 0
         }
         return done
     }

@@ -25,6 +25,9 @@ public protocol VirtioBackend: AnyObject, Sendable {
     /// Serves what the driver has made available on `queue`; returns whether any chain was used
     /// (then the transport interrupts the driver). Runs on the device's worker thread only.
     func serve(queue: Int, _ virtqueue: inout SplitVirtqueue, features: UInt64) throws(VirtqueueError) -> Bool
+    /// File descriptors whose readability should wake the worker (a TAP with packets waiting) as
+    /// things stand now; asked before each wait.
+    func readinessSources() -> [Int32]
     /// Finishes every write it has accepted onto stable storage (before a snapshot or a hand-over).
     func flush()
     /// Which backend this is, as a snapshot or migration records it and a restore checks it.

@@ -82,6 +82,9 @@ public final class VirtioBlock: VirtioBackend {
 
     public func flush() { _ = image.flush() }
 
+    /// Requests arrive only by notification.
+    public func readinessSources() -> [Int32] { [] }
+
     /// Serves one request; returns the bytes written into its device-writable buffers.
     func handle(_ chain: DescriptorChain, ram: any GuestRAM) -> UInt32 {
         let readable = GuestBuffers(chain.readable, ram: ram)

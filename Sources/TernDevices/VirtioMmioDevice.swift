@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 import Logging
 import Synchronization
 import TernKVM
@@ -9,7 +10,7 @@ import TernKVM
 ///
 /// Notifications: a guest's write to QueueNotify signals `notify` in the
 /// kernel (an ioeventfd per queue) and wakes the worker; interrupts go back
-/// through an irqfd. Without KVM (`activate` not called) a QueueNotify write
+/// through an irqfd. Without KVM (`connect` not called) a QueueNotify write
 /// that reaches the device signals `notify` itself.
 ///
 /// Locks: `registers` guards the transport's registers and is held only
@@ -52,21 +53,21 @@ public final class VirtioMmioDevice: @unchecked Sendable {
 
     // MARK: Running
 
-    /// Wires the device into a VM (an ioeventfd per queue on QueueNotify, an irqfd on its line)
-    /// and starts its worker. Called once, before any vCPU runs.
-    public func activate(on vm: VirtualMachine) throws(SystemError) {
+    /// Wires the device into a VM: an ioeventfd per queue on QueueNotify, an irqfd on its line.
+    /// Called once, before any vCPU runs.
+    public func connect(to vm: VirtualMachine) throws(SystemError) {
         for queue in backend.queueMaximumSizes.indices {
             try vm.registerIoEventFD(notify, mmioAddress: baseAddress + VirtioMmioRegister.queueNotify, length: 4, match: UInt64(queue))
         }
         try vm.registerIrqFD(interrupt, gsi: interruptLine)
-        startWorker()
     }
 
-    /// Starts the worker without KVM (tests drive the registers and memory directly).
-    public func startWorker() {
+    /// Starts the worker. `held`: it serves nothing until `release` (a VM that starts paused).
+    public func startWorker(held startHeld: Bool = false) {
         serving.lock()
         defer { serving.unlock() }
         guard worker == nil else { return }
+        held = startHeld
         worker = spawnThread(named: "virtio-\(id)") { [self] in runWorker() }
         // A restored device may hold requests the driver notified before the capture: look once.
         notify.signal()
@@ -74,7 +75,14 @@ public final class VirtioMmioDevice: @unchecked Sendable {
 
     private func runWorker() {
         while !stopping.load(ordering: .acquiring) {
-            _ = EventFD.wait([notify, control], timeoutMs: -1)
+            // The backend's own sources (a TAP with packets waiting) wake the worker too, while it can take them.
+            let sources = [notify.fd.rawValue, control.fd.rawValue] + backend.readinessSources()
+            var fds = sources.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+            let ready = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), -1) }
+            if ready < 0 && errno != EINTR {
+                logger.error("virtio device \(id): poll failed (errno \(errno)); the device stops serving")
+                return
+            }
             notify.consume()
             control.consume()
             guard !stopping.load(ordering: .acquiring) else { return }

@@ -144,6 +144,9 @@ public struct SplitVirtqueue {
         return DescriptorChain(head: head, segments: segments)
     }
 
+    /// Puts back the chain `next` just took, unused (a receive queue's buffer with no frame to fill it).
+    public mutating func giveBack() { state.nextAvailable &-= 1 }
+
     /// Returns a chain to the driver with `written` bytes filled in: the used element, then the
     /// used index with release order, so a driver that sees the index sees the element.
     public mutating func complete(_ head: UInt16, written: UInt32) throws(VirtqueueError) {

@@ -2,6 +2,7 @@ import CKVM
 import Foundation
 import Glibc
 import Logging
+import TernDevices
 import TernKVM
 
 /// A virtual machine: KVM VM, guest memory, vCPUs on their threads, and devices.
@@ -17,6 +18,8 @@ public final class Machine: @unchecked Sendable {
     public let vm: VirtualMachine
     public let memory: GuestMemory
     public let serial: Serial16550
+    /// Disks and NICs on the virtio-mmio window: the one device list state, snapshots and migrations read.
+    public let devices: MmioBus
     let bus: PortIOBus
     let runners: [VcpuRunner]
     private let logger: Logger
@@ -67,6 +70,12 @@ public final class Machine: @unchecked Sendable {
         try memory.register(with: vm)
         try vm.createIRQChip()
         try vm.createPIT2()
+        do {
+            devices = try MmioBus(specs: configuration.devices, ram: memory, logger: logger)
+        } catch {
+            throw ConfigurationError("\(error)")
+        }
+        try devices.connect(to: vm)
 
         let supportedCPUID = try kvm.supportedCPUID()
         msrIndices = try kvm.msrIndexList()
@@ -137,6 +146,7 @@ public final class Machine: @unchecked Sendable {
         startTime = .now
         lifecycle.unlock()
         serial.start()
+        devices.start(held: paused)
         spawnThread(named: "halt-watchdog") { [weak self] in self?.watchForDeadHalt() }
         for runner in runners {
             runner.start(paused: paused, handle: { [unowned self] exit in handle(exit, on: runner.vcpu) },
@@ -190,6 +200,9 @@ public final class Machine: @unchecked Sendable {
             for other in runners { other.resume() }
             throw LifecycleError.timeout
         }
+        // As QEMU's vm_stop drains and flushes block I/O: a paused VM does no I/O, and what it
+        // wrote is on stable storage, so its state can be captured or handed over.
+        devices.quiesce()
         state = .paused
     }
 
@@ -232,6 +245,7 @@ public final class Machine: @unchecked Sendable {
         lifecycle.lock()
         defer { lifecycle.unlock() }
         guard state == .paused else { throw LifecycleError.notPaused(state) }
+        devices.release()
         for runner in runners { runner.resume() }
         state = .running
     }
@@ -263,6 +277,7 @@ public final class Machine: @unchecked Sendable {
         let reason = exit!
         lifecycle.unlock()
         for runner in runners { runner.waitUntilStopped() }
+        devices.stop()
         serial.close()
         return reason
     }
@@ -275,14 +290,12 @@ public final class Machine: @unchecked Sendable {
         lifecycle.lock()
         defer { lifecycle.unlock() }
         guard state == .paused || state == .created else { throw LifecycleError.notPaused(state) }
-        let description = MachineDescription(memorySize: memory.size, vcpuCount: UInt32(runners.count),
-                                             kernelPath: configuration.kernelName, commandLine: configuration.commandLine)
         // vCPUs before the platform: reading a LAPIC can still move an interrupt into the IOAPIC/PIC view.
         let vcpus = try runners.enumerated().map { index, runner in
             try VcpuState.capture(runner.vcpu, cpuid: cpuids[index], msrIndices: msrIndices)
         }
         return MachineStateSnapshot(description: description, platform: try PlatformState.capture(vm), vcpus: vcpus,
-                                    serial: serial.snapshot())
+                                    serial: serial.snapshot(), devices: devices.captureStates())
     }
 
     /// Loads a captured state into this machine before it first runs (its
@@ -296,12 +309,27 @@ public final class Machine: @unchecked Sendable {
         guard snapshot.description.memorySize == memory.size, snapshot.vcpus.count == runners.count else {
             throw ConfigurationError("the state is for \(ByteSize(bytes: snapshot.description.memorySize)) and \(snapshot.vcpus.count) vCPUs, this VM has \(ByteSize(bytes: memory.size)) and \(runners.count)")
         }
+        let recorded = snapshot.description.devices.map(\.id), present = devices.specs.map(\.id)
+        guard recorded == present else {
+            throw ConfigurationError("the VM has devices [\(recorded.joined(separator: ", "))], this one is configured with [\(present.joined(separator: ", "))]")
+        }
+        do {
+            try devices.restore(snapshot.devices)
+        } catch {
+            throw ConfigurationError("\(error)")
+        }
         try snapshot.platform.restore(into: vm)
         for (runner, vcpuState) in zip(runners, snapshot.vcpus) {
             try vcpuState.restore(into: runner.vcpu)
         }
         cpuids = snapshot.vcpus.map(\.cpuid)
         serial.restore(snapshot.serial)
+    }
+
+    /// What this VM is (sizes, boot configuration, devices), as snapshots and migrations announce it.
+    public var description: MachineDescription {
+        MachineDescription(memorySize: memory.size, vcpuCount: UInt32(runners.count), kernelPath: configuration.kernelName,
+                           commandLine: configuration.commandLine, devices: devices.specs)
     }
 
     /// Keeps `object` alive as long as the machine.
@@ -356,11 +384,16 @@ public final class Machine: @unchecked Sendable {
                 bus.write(port: port, from: UnsafeRawBufferPointer(rebasing: data[i * size..<(i + 1) * size]))
             }
             return nil
-        case .mmioRead(_, let data):
-            // No MMIO devices yet: reads of unclaimed addresses float high, as on real hardware.
-            for i in data.indices { data[i] = 0xFF }
+        case .mmioRead(let address, let data):
+            if MmioBus.claims(address) {
+                devices.read(address: address, into: data)
+            } else {
+                // Reads of unclaimed addresses float high, as on real hardware.
+                for i in data.indices { data[i] = 0xFF }
+            }
             return nil
-        case .mmioWrite:
+        case .mmioWrite(let address, let data):
+            devices.write(address: address, from: data)
             return nil
         case .interrupted:
             return nil

@@ -53,7 +53,7 @@ public final class MigrationDestination {
     let preparedMemory: GuestMemory?
     static let maximumStateBytes: UInt64 = 16 << 20
     /// Devices this tern can restore, by state tag.
-    static let knownDevices: Set<String> = ["UART"]
+    static let knownDevices: Set<String> = ["UART", "virtio-blk", "virtio-net"]
     /// Fault injection for tests of the source's guarantees (docs/MIGRATION.md, "Guarantees").
     static let injectedFault = ProcessInfo.processInfo.environment["TERN_MIGRATION_FAULT"]
 
@@ -138,6 +138,8 @@ public final class MigrationDestination {
                 vcpuCount: Int(hello.machine.vcpuCount), serial: expectations.serial, kvmPath: expectations.kvmPath,
                 hugePages: fourKiBPages && expectations.hugePages == .auto ? .off : expectations.hugePages)
             configuration.bootedKernel = hello.machine.kernelPath.isEmpty ? nil : hello.machine.kernelPath
+            // Shared storage and the same TAP names: the destination opens what the source names.
+            configuration.devices = hello.machine.devices
             machine = try Machine(configuration: configuration, memory: preparedMemory, logger: logger)
             // Post-copy from the start into preallocated memory: unmap it now, before the source
             // pauses, so that the switch need not (its pages then wait for their contents by minor faults).

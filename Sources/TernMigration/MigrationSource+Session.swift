@@ -30,10 +30,8 @@ extension MigrationSource {
         setTimeouts(socket.rawValue, seconds: Self.replyTimeoutSeconds)
 
         // Handshake: the destination checks it can run this machine before any memory moves.
-        let state0 = machine.configuration
-        let description = MachineDescription(memorySize: machine.memory.size, vcpuCount: UInt32(state0.vcpuCount),
-                                             kernelPath: state0.kernelName, commandLine: state0.commandLine)
-        var hello = Hello(bootID: Clocks.bootID, machine: description, cpuid: machine.guestCPUID, devices: ["UART"],
+        var hello = Hello(bootID: Clocks.bootID, machine: machine.description, cpuid: machine.guestCPUID,
+                          devices: ["UART"] + machine.devices.kinds,
                           streams: UInt32(parameters.streams))
         if parameters.zstdLevel != nil { hello.features |= Hello.zstdFeature }
         if parameters.mode == .postcopy { hello.features |= Hello.postcopyFirstFeature }

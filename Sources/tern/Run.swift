@@ -4,6 +4,7 @@ import Glibc
 import Logging
 import Synchronization
 import TernAPI
+import TernDevices
 import TernKVM
 import TernMachine
 import TernMigration
@@ -30,6 +31,12 @@ struct Run: ParsableCommand {
     @Option(help: "Number of vCPUs (default 1, or the snapshot's).")
     var cpus: Int?
 
+    @Option(help: ArgumentHelp("A virtio-blk disk on a raw image: path=FILE[,readonly=on][,id=NAME] (repeatable; ids default to disk0, disk1, ...).", valueName: "options"))
+    var disk: [String] = []
+
+    @Option(help: ArgumentHelp("A virtio-net NIC on an existing TAP: tap=NAME[,mac=MAC][,id=NAME] (repeatable; ids default to net0, ...; without mac=, one derived from the id and TAP name).", valueName: "options"))
+    var net: [String] = []
+
     @Option(help: "Serial console: stdout, file:PATH, socket:PATH or off.")
     var serial: String = "stdout"
 
@@ -51,12 +58,28 @@ struct Run: ParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
+    /// The devices in the order given: disks first, then NICs (their slots in the MMIO window).
+    func deviceSpecs() throws -> [DeviceSpec] {
+        do {
+            let specs = try disk.enumerated().map { DeviceSpec.disk(try DiskSpec(parsing: $1, index: $0)) }
+                + net.enumerated().map { DeviceSpec.network(try NetworkSpec(parsing: $1, index: $0)) }
+            try specs.validate()
+            return specs
+        } catch {
+            throw ValidationError("\(error)")
+        }
+    }
+
     func validate() throws {
+        _ = try deviceSpecs()
         guard HugePages(rawValue: thp) != nil else { throw ValidationError("--thp must be auto, on or off") }
         if let incoming {
             _ = try Endpoint(parsing: incoming)
             if prealloc && memory == nil {
                 throw ValidationError("--prealloc with --incoming needs --memory (the memory is prepared before the source connects)")
+            }
+            guard disk.isEmpty, net.isEmpty else {
+                throw ValidationError("--incoming opens the devices the source names (shared storage, the same TAPs): no --disk or --net yet")
             }
             guard kernel == nil, restore == nil, cmdline.isEmpty, !paused else {
                 throw ValidationError("--incoming takes the VM from the source: no --kernel, --restore, --cmdline or --paused")
@@ -78,6 +101,7 @@ struct Run: ParsableCommand {
         do {
             let size = try memory.map { try ByteSize(parsing: $0).bytes }
             let serialTarget = try SerialTarget(parsing: serial)
+            let devices = try deviceSpecs()
             // The API socket is claimed first so that a path in use fails before any VM exists.
             let server = try apiSocket.map { try APIServer.bind(path: $0, logger: logger) }
             let machine: Machine
@@ -89,13 +113,14 @@ struct Run: ParsableCommand {
                     let statistics: SnapshotStatistics
                     (machine, statistics) = try Machine.restoring(from: restore, expectedMemory: size, expectedVcpus: cpus,
                                                                   serial: serialTarget, kvmPath: kvmDevice, preallocate: prealloc,
-                                                                  hugePages: hugePages)
+                                                                  hugePages: hugePages, devices: devices.isEmpty ? nil : devices)
                     let megabytes = Double(statistics.fileBytes) / 1e6
                     logger.info("restored \(restore): \(String(format: "%.1f MB in %.3f s (%.0f MB/s)", megabytes, statistics.seconds, megabytes / max(statistics.seconds, 1e-9)))")
                 } else {
-                    let configuration = MachineConfiguration(
+                    var configuration = MachineConfiguration(
                         kernelPath: kernel, commandLine: cmdline, memorySize: size ?? 512 << 20, vcpuCount: cpus ?? 1,
                         serial: serialTarget, kvmPath: kvmDevice, preallocate: prealloc, hugePages: hugePages)
+                    configuration.devices = devices
                     machine = try Machine(configuration: configuration, logger: logger)
                 }
             } catch {

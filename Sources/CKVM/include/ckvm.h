@@ -12,9 +12,12 @@
 #include <linux/falloc.h>
 #include <sys/ioctl.h>
 #include <sys/eventfd.h>
+#include <net/if.h>
+#include <linux/if_tun.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <string.h>
 #include <stdint.h>
 #include <stddef.h>
 
@@ -162,6 +165,21 @@ static inline void ckvm_store_release_u16(void *p, uint16_t v) {
 }
 static inline void ckvm_fence_seq_cst(void) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+/// Attaches `fd` (an open /dev/net/tun) to the existing TAP interface `name`, with a
+/// virtio-net header of `header_size` bytes in front of every frame (IFF_VNET_HDR) and no
+/// packet-information prefix. Returns 0, or -1 with errno (EBUSY: another process has it).
+static inline int ckvm_tap_attach(int fd, const char *name, int header_size) {
+    struct ifreq request;
+    memset(&request, 0, sizeof request);
+    strncpy(request.ifr_name, name, IFNAMSIZ - 1);
+    request.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    if (ioctl(fd, TUNSETIFF, &request) != 0) return -1;
+    if (ioctl(fd, TUNSETVNETHDRSZ, &header_size) != 0) return -1;
+    /* No offloads: the guest is offered none, so every frame is whole and checksummed. */
+    if (ioctl(fd, TUNSETOFFLOAD, 0UL) != 0) return -1;
+    return 0;
 }
 
 /// KVM's flexible-array structs: sizes for a given entry count, so Swift can

@@ -1,3 +1,4 @@
+import TernDevices
 /// Snapshots of a running VM (cold migration: suspend to a file, resume
 /// elsewhere with `tern run --restore`).
 extension Machine {
@@ -23,9 +24,10 @@ extension Machine {
     /// Builds a VM from a snapshot file: memory and state loaded, vCPUs not
     /// yet started. `expectedMemory`/`expectedVcpus` are what the user asked
     /// for on the command line, if anything; a disagreement is an error.
+    /// `devices`: the disks and NICs to attach instead of those the snapshot names (same ids).
     public static func restoring(from path: String, expectedMemory: UInt64?, expectedVcpus: Int?,
                                  serial: SerialTarget, kvmPath: String = "/dev/kvm", preallocate: Bool = false,
-                                 hugePages: HugePages = .auto) throws -> (Machine, SnapshotStatistics) {
+                                 hugePages: HugePages = .auto, devices: [DeviceSpec]? = nil) throws -> (Machine, SnapshotStatistics) {
         let reader = try SnapshotReader(path: path)
         let description = reader.state.description
         if let expectedMemory, expectedMemory != description.memorySize {
@@ -38,6 +40,8 @@ extension Machine {
                                                  memorySize: description.memorySize, vcpuCount: Int(description.vcpuCount),
                                                  serial: serial, kvmPath: kvmPath, preallocate: preallocate, hugePages: hugePages)
         configuration.bootedKernel = description.kernelPath.isEmpty ? nil : description.kernelPath
+        // The snapshot's own devices (the same image paths and TAPs), unless the user names others.
+        configuration.devices = devices ?? description.devices
         let machine = try Machine(configuration: configuration)
         let statistics = try reader.loadMemory(into: machine.memory)
         try machine.restoreState(reader.state)

@@ -1,0 +1,113 @@
+import Logging
+import TernKVM
+
+/// The VM's MMIO devices: the one list of devices that the machine, its
+/// snapshots and migrations read. Built from the user's `DeviceSpec`s (slot n
+/// holds the n-th), it routes vCPUs' accesses to the window's slots, wires the
+/// devices into KVM, and quiesces, captures and restores them together.
+public final class MmioBus: Sendable {
+    public let devices: [VirtioMmioDevice]
+    public let specs: [DeviceSpec]
+
+    /// Opens every backend (an image that cannot be opened is one clear error, before anything runs).
+    public init(specs: [DeviceSpec], ram: any GuestRAM, logger: Logger) throws(DeviceSetupError) {
+        do { try specs.validate() } catch { throw .invalid("\(error)") }
+        var devices: [VirtioMmioDevice] = []
+        for (slot, spec) in specs.enumerated() {
+            let backend: any VirtioBackend
+            switch spec {
+            case .disk(let disk):
+                do {
+                    backend = VirtioBlock(image: try DiskImage(path: disk.path, readOnly: disk.readOnly), serial: disk.id)
+                } catch {
+                    throw .backend(disk.id, "\(error)")
+                }
+            case .network(let network):
+                do {
+                    backend = VirtioNet(tap: try TapDevice(name: network.tap), mac: network.mac)
+                } catch {
+                    throw .backend(network.id, "\(error)")
+                }
+            }
+            do {
+                devices.append(try VirtioMmioDevice(id: spec.id, slot: slot, backend: backend, ram: ram, logger: logger))
+            } catch {
+                throw .backend(spec.id, "\(error)")
+            }
+        }
+        self.devices = devices
+        self.specs = specs
+    }
+
+    /// Whether `address` is in the device window (otherwise the access is not the bus's).
+    public static func claims(_ address: UInt64) -> Bool { MmioWindow.locate(address) != nil }
+
+    public func read(address: UInt64, into data: UnsafeMutableRawBufferPointer) {
+        guard let (slot, offset) = MmioWindow.locate(address) else { return }
+        if slot < devices.count {
+            devices[slot].read(offset: offset, into: data)
+        } else {
+            MmioWindow.readEmptySlot(offset: offset, into: data)
+        }
+    }
+
+    public func write(address: UInt64, from data: UnsafeRawBufferPointer) {
+        guard let (slot, offset) = MmioWindow.locate(address), slot < devices.count else { return }
+        devices[slot].write(offset: offset, from: data)
+    }
+
+    /// Registers each device's notifications and interrupt with KVM (before any vCPU runs).
+    public func connect(to vm: VirtualMachine) throws(SystemError) {
+        for device in devices { try device.connect(to: vm) }
+    }
+
+    /// Starts the devices' workers; `held`: serving nothing until `release` (a VM started paused).
+    public func start(held: Bool) {
+        for device in devices { device.startWorker(held: held) }
+    }
+
+    /// Finishes in-flight requests, flushes, and serves nothing more until `release` (vCPUs stopped first).
+    public func quiesce() { for device in devices { device.quiesce() } }
+    public func release() { for device in devices { device.release() } }
+    /// Ends the workers (the VM is gone); flushes what was written first.
+    public func stop() {
+        quiesce()
+        for device in devices { device.stop() }
+    }
+
+    /// The devices' states in slot order; quiesced (or never started), so nothing is in flight.
+    public func captureStates() -> [VirtioDeviceState] { devices.map { $0.captureState() } }
+
+    /// Loads captured states, one per device, matched by id (the machine description lists the same devices).
+    public func restore(_ states: [VirtioDeviceState]) throws(DeviceRestoreError) {
+        for state in states where !devices.contains(where: { $0.id == state.id }) { throw .missing(state.id) }
+        for device in devices {
+            guard let state = states.first(where: { $0.id == device.id }) else { throw .unexpected(device.id) }
+            try device.restore(state)
+        }
+    }
+
+    /// Device kinds for a migration's handshake ("virtio-blk", "virtio-net").
+    public var kinds: [String] { devices.map { $0.backend.deviceType.kindName } }
+}
+
+extension VirtioDeviceType {
+    public var kindName: String {
+        switch self {
+        case .block: "virtio-blk"
+        case .network: "virtio-net"
+        }
+    }
+}
+
+public enum DeviceSetupError: Error, Equatable, CustomStringConvertible {
+    case invalid(String)
+    case backend(String, String)
+
+    public var description: String {
+        switch self {
+        case .invalid(let why): why
+        case .backend(let id, let why): "device '\(id)': \(why)"
+        }
+    }
+}

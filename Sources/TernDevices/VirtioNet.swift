@@ -1,0 +1,123 @@
+import Synchronization
+
+/// virtio-net (virtio 1.x, 5.1 "Network Device") on a TAP: queue 0 receives,
+/// queue 1 transmits, frames carry the 12-byte virtio_net_hdr_v1 in front,
+/// and no offloads are offered, so every frame crosses whole and checksummed.
+/// The MAC is the VM's (it travels with it through snapshots and migrations).
+public final class VirtioNet: VirtioBackend {
+    public let tap: TapDevice
+    public let mac: MACAddress
+    public let statistics = NetworkStatistics()
+    /// Set when a frame waits on the TAP but the driver has no receive buffer posted: the TAP is
+    /// then left out of the worker's wait (it would wake it forever) until the driver adds buffers.
+    private let starved = Atomic<Bool>(false)
+
+    enum Feature {
+        static let mac: UInt64 = 1 << 5
+        static let status: UInt64 = 1 << 16
+    }
+
+    static let receiveQueue = 0, transmitQueue = 1
+    static let queueSize: UInt16 = 256
+    /// The largest frame with its header: 1514 bytes of Ethernet and the header (no offloads, so no GSO).
+    static let maximumFrame = 1514 + TapDevice.headerSize
+
+    public init(tap: TapDevice, mac: MACAddress) {
+        self.tap = tap
+        self.mac = mac
+    }
+
+    public var deviceType: VirtioDeviceType { .network }
+    public var queueMaximumSizes: [UInt16] { [Self.queueSize, Self.queueSize] }
+    public var offeredFeatures: UInt64 { VirtioFeature.version1 | Feature.mac | Feature.status }
+    public var identity: BackendIdentity { .network(tap: tap.name, mac: mac) }
+
+    /// struct virtio_net_config: mac[6], status (VIRTIO_NET_S_LINK_UP).
+    public var configuration: [UInt8] { mac.bytes + [1, 0] }
+
+    public func readinessSources() -> [Int32] { starved.load(ordering: .acquiring) ? [] : [tap.fd.rawValue] }
+
+    public func flush() {}
+
+    public func serve(queue: Int, _ virtqueue: inout SplitVirtqueue, features: UInt64) throws(VirtqueueError) -> Bool {
+        switch queue {
+        case Self.transmitQueue: return try transmit(&virtqueue)
+        case Self.receiveQueue: return try receive(&virtqueue)
+        default: return false
+        }
+    }
+
+    private func transmit(_ queue: inout SplitVirtqueue) throws(VirtqueueError) -> Bool {
+        var used = false
+        while let chain = try queue.next() {
+            let frame = GuestBuffers(chain.readable, ram: queue.ram)
+            if frame.count <= TapDevice.headerSize || frame.count > Self.maximumFrame || !chain.writable.isEmpty {
+                statistics.count(.dropped)
+            } else if tap.send(frame) {
+                statistics.count(.sent, bytes: frame.count - TapDevice.headerSize)
+            } else {
+                statistics.count(.dropped)
+            }
+            try queue.complete(chain.head, written: 0)
+            used = true
+        }
+        return used
+    }
+
+    private func receive(_ queue: inout SplitVirtqueue) throws(VirtqueueError) -> Bool {
+        starved.store(false, ordering: .releasing)
+        var used = false
+        while true {
+            guard try queue.hasAvailable() else {
+                // Buffers ran out: wake again only when the driver posts more (its notification).
+                starved.store(true, ordering: .releasing)
+                return used
+            }
+            guard let chain = try queue.next() else { return used }
+            let buffers = GuestBuffers(chain.writable, ram: queue.ram)
+            guard buffers.count >= Self.maximumFrame, chain.readable.isEmpty else {
+                // A buffer too small for any frame (no mergeable buffers are offered): returned empty.
+                statistics.count(.dropped)
+                try queue.complete(chain.head, written: 0)
+                used = true
+                continue
+            }
+            switch tap.receive(into: buffers) {
+            case nil:
+                queue.giveBack()
+                return used
+            case let count? where count > TapDevice.headerSize:
+                // num_buffers (the header's last field) is 1: one buffer per frame.
+                buffers.write([1, 0], at: TapDevice.headerSize - 2, ram: queue.ram)
+                buffers.noteWritten(count, ram: queue.ram)
+                statistics.count(.received, bytes: count - TapDevice.headerSize)
+                try queue.complete(chain.head, written: UInt32(count))
+                used = true
+            default:
+                queue.giveBack()
+                statistics.count(.dropped)
+                return used
+            }
+        }
+    }
+}
+
+/// Frames a network device moved, for tests and metrics.
+public final class NetworkStatistics: Sendable {
+    public enum Kind: Int, CaseIterable, Sendable {
+        case received, sent, dropped
+    }
+
+    private let counts = Mutex<[Int]>([Int](repeating: 0, count: Kind.allCases.count))
+    private let bytes = Mutex<(received: Int, sent: Int)>((0, 0))
+
+    func count(_ kind: Kind, bytes moved: Int = 0) {
+        counts.withLock { $0[kind.rawValue] += 1 }
+        if kind == .received { bytes.withLock { $0.received += moved } }
+        if kind == .sent { bytes.withLock { $0.sent += moved } }
+    }
+
+    public func frames(_ kind: Kind) -> Int { counts.withLock { $0[kind.rawValue] } }
+    public var bytesReceived: Int { bytes.withLock { $0.received } }
+    public var bytesSent: Int { bytes.withLock { $0.sent } }
+}
