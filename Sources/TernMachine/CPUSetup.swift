@@ -81,4 +81,42 @@ enum CPUSetup {
         try vcpu.setRegisters(regs)
         try vcpu.setFPU(initialFPU())
     }
+
+    /// The state the Linux 64-bit boot protocol defines: long mode with the identity map
+    /// LinuxLoader wrote, __BOOT_CS/__BOOT_DS flat segments, interrupts off, RSI = boot_params.
+    static func enterLinux64(_ vcpu: Vcpu, _ boot: LinuxEntry) throws {
+        var sregs = try vcpu.specialRegisters()
+        func segment(_ selector: UInt16, type: UInt8, long: Bool) -> kvm_segment {
+            var segment = kvm_segment()
+            segment.base = 0
+            segment.limit = 0xFFFF_FFFF
+            segment.selector = selector
+            segment.type = type
+            segment.present = 1
+            segment.s = 1
+            segment.g = 1
+            segment.l = long ? 1 : 0
+            segment.db = long ? 0 : 1
+            return segment
+        }
+        sregs.cs = segment(LinuxLayout.codeSelector, type: 0xB, long: true)
+        let data = segment(LinuxLayout.dataSelector, type: 0x3, long: false)
+        sregs.ds = data; sregs.es = data; sregs.fs = data; sregs.gs = data; sregs.ss = data
+        sregs.gdt.base = LinuxLayout.gdtAddress
+        sregs.gdt.limit = UInt16(LinuxLayout.gdt.count * 8 - 1)
+        sregs.cr3 = LinuxLayout.pml4Address
+        sregs.cr4 = 0x20                 // PAE
+        sregs.cr0 = 0x8000_0011          // PG | ET | PE
+        sregs.efer = 0x500               // LMA | LME
+        try vcpu.setSpecialRegisters(sregs)
+
+        var regs = kvm_regs()
+        regs.rip = boot.entry
+        regs.rsi = boot.bootParams
+        regs.rsp = LinuxLayout.stackPointer
+        regs.rbp = LinuxLayout.stackPointer
+        regs.rflags = 0x2
+        try vcpu.setRegisters(regs)
+        try vcpu.setFPU(initialFPU())
+    }
 }

@@ -47,7 +47,11 @@ public final class Machine: @unchecked Sendable {
         }
 
         // Read and check the kernel before touching KVM: a bad file is the most common mistake.
-        let image = try configuration.kernelPath.map { try MultibootImage(parsing: Self.readKernel($0)) }
+        let image = try configuration.kernelPath.map { try KernelImage(parsing: Self.readKernel($0)) }
+        let initrd = try configuration.initrdPath.map { path in
+            guard case .linux = image else { throw LinuxBootError.initrdWithoutKernel }
+            return try Self.readInitrd(path)
+        }
 
         do {
             kvm = try Kvm(path: configuration.kvmPath)
@@ -115,11 +119,25 @@ public final class Machine: @unchecked Sendable {
         self.bus = bus.build()
         resetTarget.machine = self
 
-        if let image {
-            let entry = try MultibootLoader.load(image, commandLine: configuration.commandLine, into: memory)
+        switch image {
+        case .multiboot(let multiboot):
+            let entry = try MultibootLoader.load(multiboot, commandLine: configuration.commandLine, into: memory)
             try CPUSetup.enterMultiboot(runners[0].vcpu, entry)
-            logger.debug("loaded kernel", metadata: ["entry": "0x\(String(entry.entry, radix: 16))"])
+            logger.debug("loaded a Multiboot kernel", metadata: ["entry": "0x\(String(entry.entry, radix: 16))"])
+        case .linux(let linux):
+            let entry = try LinuxLoader.load(linux, commandLine: configuration.commandLine, initrd: initrd, into: memory)
+            try CPUSetup.enterLinux64(runners[0].vcpu, entry)
+            logger.debug("loaded a Linux kernel (boot protocol \(linux.protocolVersion >> 8).\(linux.protocolVersion & 0xFF))")
+        case nil:
+            break
         }
+    }
+
+    static func readInitrd(_ path: String) throws -> [UInt8] {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw LinuxBootError.cannotReadInitrd(path, String(cString: strerror(errno)))
+        }
+        return [UInt8](data)
     }
 
     static func readKernel(_ path: String) throws -> [UInt8] {

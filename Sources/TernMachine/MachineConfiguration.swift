@@ -5,6 +5,8 @@ public struct MachineConfiguration: Sendable, Equatable {
     /// The kernel to boot; nil when the VM's state and memory will be restored instead.
     public var kernelPath: String?
     public var commandLine: String
+    /// An initial RAM disk for a Linux kernel (`--initrd`).
+    public var initrdPath: String?
     public var memorySize: UInt64
     public var vcpuCount: Int
     public var serial: SerialTarget

@@ -13,8 +13,11 @@ import TernWire
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Boot a kernel in a new VM and serve its API.")
 
-    @Option(help: "Multiboot kernel image (ELF or a.out-kludge).")
+    @Option(help: "Kernel to boot: a Multiboot image (ELF or a.out kludge) or a Linux bzImage (64-bit boot protocol).")
     var kernel: String?
+
+    @Option(help: "Initial RAM disk for a Linux kernel.")
+    var initrd: String?
 
     @Option(help: "Start from a snapshot file written by `tern snapshot` instead of booting a kernel.")
     var restore: String?
@@ -86,6 +89,7 @@ struct Run: ParsableCommand {
             }
             return
         }
+        if initrd != nil && kernel == nil { throw ValidationError("--initrd goes with --kernel") }
         switch (kernel, restore) {
         case (nil, nil): throw ValidationError("give --kernel FILE to boot, --restore FILE to resume a snapshot, or --incoming ADDRESS")
         case (.some, .some): throw ValidationError("--kernel and --restore exclude each other")
@@ -121,6 +125,7 @@ struct Run: ParsableCommand {
                         kernelPath: kernel, commandLine: cmdline, memorySize: size ?? 512 << 20, vcpuCount: cpus ?? 1,
                         serial: serialTarget, kvmPath: kvmDevice, preallocate: prealloc, hugePages: hugePages)
                     configuration.devices = devices
+                    configuration.initrdPath = initrd
                     machine = try Machine(configuration: configuration, logger: logger)
                 }
             } catch {
