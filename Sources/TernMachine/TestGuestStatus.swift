@@ -4,7 +4,8 @@
 public struct TestGuestStatus: Equatable, Sendable, Codable {
     public static let address = GuestAddress(0x102000)
     public static let magic: UInt64 = 0x5441_5453_4E52_4554 // "TERNSTAT"
-    public static let size = 0xA0
+    /// Version 2 (devices) ends at 0x100; a version-1 block ends at 0xA0 and reads zeros there.
+    public static let size = 0x100
 
     public enum Phase: UInt32, Codable, Sendable {
         case boot = 0, fill = 1, dirty = 2, idle = 3, error = 0xE, crashed = 0xF
@@ -25,6 +26,25 @@ public struct TestGuestStatus: Equatable, Sendable, Codable {
     public var ramBytes: UInt64
     public var exceptionVector: UInt64
     public var exceptionRIP: UInt64
+    /// Version 2: the disk and network workloads (docs/GUEST.md).
+    public var diskOps: UInt64
+    /// Blocks whose contents did not match the tag the guest kept, plus requests the device failed.
+    public var diskErrors: UInt64
+    public var diskVerified: UInt64
+    public var netReceived: UInt64
+    public var netSent: UInt64
+    public var diskWrites: UInt64
+    public var diskReads: UInt64
+    public var diskFlushes: UInt64
+    public var diskBytes: UInt64
+    public var diskCapacity: UInt64
+    public var diskState: DeviceState?
+    public var netState: DeviceState?
+    public var netAnnouncements: UInt64
+
+    public enum DeviceState: UInt32, Codable, Sendable {
+        case off = 0, running = 1, failed = 2
+    }
 
     /// Decodes a status block; nil until the guest has published one (magic written last).
     public init?(bytes: [UInt8]) {
@@ -46,5 +66,19 @@ public struct TestGuestStatus: Equatable, Sendable, Codable {
         ramBytes = r.u64(at: 0x60)!
         exceptionVector = r.u64(at: 0x80)!
         self.exceptionRIP = exceptionRIP
+        let word = { (offset: Int) in r.u64(at: offset) ?? 0 }
+        diskOps = word(0xA0)
+        diskErrors = word(0xA8)
+        diskVerified = word(0xB0)
+        netReceived = word(0xB8)
+        netSent = word(0xC0)
+        diskWrites = word(0xC8)
+        diskReads = word(0xD0)
+        diskFlushes = word(0xD8)
+        diskBytes = word(0xE0)
+        diskCapacity = word(0xE8)
+        diskState = DeviceState(rawValue: r.u32(at: 0xF0) ?? 0)
+        netState = DeviceState(rawValue: r.u32(at: 0xF4) ?? 0)
+        netAnnouncements = word(0xF8)
     }
 }

@@ -26,11 +26,11 @@ struct MigrationPair {
     let destination: TernProcess
     let address: String
 
-    init(cmdline: String, memory: String = "256M", destinationArguments: [String] = [], environment: [String: String] = [:],
-         address: String? = nil) throws {
+    init(cmdline: String, memory: String = "256M", sourceArguments: [String] = [], destinationArguments: [String] = [],
+         environment: [String: String] = [:], address: String? = nil) throws {
         self.address = address ?? "tcp:127.0.0.1:\(freePort())"
         destination = try TernProcess(["run", "--incoming", self.address, "--serial", "off"] + destinationArguments, environment: environment)
-        source = try TernProcess.guest(cmdline, memory: memory)
+        source = try TernProcess.guest(cmdline, memory: memory, extra: sourceArguments)
         try source.waitForAPI()
         let deadline = Date(timeIntervalSinceNow: 10)
         while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
