@@ -111,3 +111,63 @@ public enum DeviceSetupError: Error, Equatable, CustomStringConvertible {
         }
     }
 }
+
+/// One device as `tern info` and `GET /v1/vm` show it: where it is, what backs it, what it has done.
+public struct DeviceInfo: Codable, Equatable, Sendable {
+    public var id: String
+    public var kind: String
+    public var slot: Int
+    /// Guest-physical base of its virtio-mmio transport.
+    public var address: UInt64
+    public var interrupt: UInt32
+    public var path: String?
+    public var readOnly: Bool?
+    public var sizeBytes: UInt64?
+    public var tap: String?
+    public var mac: String?
+    /// virtio-blk: requests served by kind (reads, writes, flushes, discards, write_zeroes, failed,
+    /// malformed) and bytes; virtio-net: frames received, sent and dropped, and bytes.
+    public var counters: [String: Int]
+}
+
+extension MmioBus {
+    public var info: [DeviceInfo] {
+        devices.map { device in
+            var info = DeviceInfo(id: device.id, kind: device.backend.deviceType.kindName, slot: device.slot, address: device.baseAddress,
+                                  interrupt: device.interruptLine, counters: [:])
+            switch device.backend {
+            case let block as VirtioBlock:
+                info.path = block.image.path
+                info.readOnly = block.image.readOnly
+                info.sizeBytes = block.image.size
+                for kind in BlockStatistics.Kind.allCases { info.counters[kind.counterName] = block.statistics.requests(kind) }
+                info.counters["bytes_read"] = block.statistics.bytesRead
+                info.counters["bytes_written"] = block.statistics.bytesWritten
+            case let network as VirtioNet:
+                info.tap = network.tap.name
+                info.mac = network.mac.description
+                for kind in NetworkStatistics.Kind.allCases { info.counters["frames_\(kind)"] = network.statistics.frames(kind) }
+                info.counters["bytes_received"] = network.statistics.bytesReceived
+                info.counters["bytes_sent"] = network.statistics.bytesSent
+            default:
+                break
+            }
+            return info
+        }
+    }
+}
+
+extension BlockStatistics.Kind {
+    /// The counter's name in `DeviceInfo.counters`.
+    var counterName: String {
+        switch self {
+        case .read: "reads"
+        case .write: "writes"
+        case .flush: "flushes"
+        case .discard: "discards"
+        case .writeZeroes: "write_zeroes"
+        case .failed: "failed"
+        case .malformed: "malformed"
+        }
+    }
+}

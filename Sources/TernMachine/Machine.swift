@@ -384,7 +384,7 @@ public final class Machine: @unchecked Sendable {
         return MachineInfo(state: state, memoryBytes: memory.size, memoryHugePages: memory.usesHugePages, vcpus: runners.count,
                            uptimeMs: UInt64(uptime.components.seconds * 1000 + uptime.components.attoseconds / 1_000_000_000_000_000),
                            kernel: configuration.kernelName, cmdline: configuration.commandLine,
-                           pid: getpid(), exit: exit)
+                           pid: getpid(), exit: exit, devices: devices.info)
     }
 
     // MARK: Exits

@@ -57,4 +57,6 @@ public struct MachineInfo: Codable, Equatable, Sendable {
     public var cmdline: String
     public var pid: Int32
     public var exit: MachineExit?
+    /// Disks and NICs (absent from older tern: none).
+    public var devices: [DeviceInfo]?
 }

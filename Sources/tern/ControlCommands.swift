@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import NIOHTTP1
 import TernAPI
+import TernDevices
 import TernMachine
 
 /// Options every command that talks to a running VM shares.
@@ -66,6 +67,14 @@ enum InfoTable {
             ("pid", "\(info.pid)"),
         ]
         if let exit = info.exit { rows.append(("exit", "\(exit.kind.rawValue): \(exit.message)")) }
+        for device in info.devices ?? [] {
+            let backend = switch device.kind {
+            case "virtio-blk": "\(device.path ?? "?") (\(ByteSize(bytes: device.sizeBytes ?? 0))\(device.readOnly == true ? ", read-only" : ""))"
+            default: "tap \(device.tap ?? "?"), mac \(device.mac ?? "?")"
+            }
+            let counters = device.counters.filter { $0.value > 0 }.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+            rows.append(("device", "\(device.id): \(device.kind) at 0x\(String(device.address, radix: 16)) irq \(device.interrupt), \(backend)\(counters.isEmpty ? "" : "; " + counters)"))
+        }
         let width = rows.map(\.0.count).max() ?? 0
         return rows.map { $0.0.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + $0.1 }.joined(separator: "\n")
     }

@@ -40,6 +40,10 @@ struct DeviceTests {
         #expect(status.diskErrors == 0)
         #expect(status.diskCapacity == 16 << 20, "the guest read the capacity from the configuration space")
         #expect(status.diskWrites > 0 && status.diskBytes >= status.diskWrites * 4096)
+        let info = try APIJSON.decoder.decode(MachineInfo.self, from: try tern.client.request(.GET, "/v1/vm").body)
+        let device = try #require(info.devices?.first)
+        #expect(device.id == "disk0" && device.kind == "virtio-blk" && device.address == 0xFEB0_0000 && device.sizeBytes == 16 << 20)
+        #expect((device.counters["writes"] ?? 0) > 0 && (device.counters["flushes"] ?? 0) > 0 && device.counters["failed"] == 0)
         #expect(try tern.client.request(.PUT, "/v1/vm/pause").status == 204, "a pause flushes what was written")
         #expect(disk.nonZeroBytes > 0, "the writes are in the image file")
         #expect(try tern.client.request(.PUT, "/v1/vm/quit").status == 204)
@@ -120,5 +124,91 @@ struct DeviceTests {
         #expect(moved.diskWrites >= before.diskWrites)
         let later = try pair.destination.waitForStatus(timeout: 30) { $0.diskVerified > moved.diskVerified + 50 && $0.diskWrites > moved.diskWrites + 50 }
         #expect(later.diskErrors == 0, "no write was lost or stale across the switch-over")
+    }
+}
+
+/// A network namespace holding one TAP with an address, made by the test and
+/// removed with it: the guest's NIC sits on the TAP, and traffic never leaves
+/// the namespace.
+final class TapNamespace {
+    let name: String
+    let tap = "tap0"
+    let hostAddress: String
+    let guestAddress: String
+
+    init() throws {
+        let id = Int(getpid() % 200) + 20
+        name = "ternnet\(getpid() % 100000)"
+        hostAddress = "10.\(id).77.1"
+        guestAddress = "10.\(id).77.2"
+        shell("ip netns del \(name) 2>/dev/null")
+        let up = shell("""
+            set -e; ip netns add \(name); ip -n \(name) link set lo up
+            ip -n \(name) tuntap add dev \(tap) mode tap
+            ip -n \(name) addr add \(hostAddress)/24 dev \(tap); ip -n \(name) link set \(tap) up
+            """)
+        guard up.status == 0 else { throw ConfigurationError("cannot make namespace \(name): \(up.output)") }
+    }
+
+    var wrapper: [String] { ["/usr/sbin/ip", "netns", "exec", name] }
+
+    func run(_ command: String, timeout: Double = 60) -> (status: Int32, output: String) {
+        shell("ip netns exec \(name) \(command)", timeout: timeout)
+    }
+
+    deinit {
+        shell("for p in $(ip netns pids \(name) 2>/dev/null); do kill -9 $p; done; ip netns del \(name)")
+    }
+}
+
+@Suite(.serialized, .enabled(if: FileManager.default.isWritableFile(atPath: "/dev/kvm"), "needs /dev/kvm"),
+       .enabled(if: TestHosts.canCreate, "needs network namespaces (root, iproute2)"))
+struct NetworkDeviceTests {
+    @Test func theGuestAnswersARPPingAndUDPEchoThroughItsTAP() throws {
+        let namespace = try TapNamespace()
+        let tern = try TernProcess.guest("ip=\(namespace.guestAddress)/24 progress=0", memory: "64M",
+                                         extra: ["--net", "tap=\(namespace.tap),mac=52:54:00:ab:cd:01"], wrapper: namespace.wrapper)
+        try tern.waitForAPI()
+        _ = try tern.waitForStatus(timeout: 20) { $0.netState == .running }
+        let ping = namespace.run("ping -c 3 -W 2 -i 0.2 \(namespace.guestAddress)")
+        #expect(ping.status == 0, "ping: \(ping.output)")
+        #expect(namespace.run("ip neigh show \(namespace.guestAddress)").output.contains("52:54:00:ab:cd:01"), "ARP learned the VM's MAC")
+        let echo = namespace.run("python3 \(TernProcess.repository.path)/tools/udp_echo.py \(namespace.guestAddress) --count 200 --size 256")
+        #expect(echo.status == 0, "udp_echo: \(echo.output)")
+        let result = try JSONSerialization.jsonObject(with: Data(echo.output.utf8)) as? [String: Any]
+        #expect(result?["answered"] as? Int == 200 && result?["lost"] as? Int == 0, "\(echo.output)")
+        let status = try #require(try tern.status())
+        #expect(status.netReceived >= 200 && status.netSent >= 200)
+    }
+
+    /// Two hosts (namespaces joined by a veth), each with a TAP of the same name on which the
+    /// VM's NIC lands: after the move the VM answers on the destination host with the same MAC.
+    @Test func aMigratedNICKeepsItsMACAndAnswersOnTheDestination() throws {
+        let hosts = try TestHosts()
+        let mac = "52:54:00:ab:cd:02", guest = "10.\(hosts.subnet).77.2"
+        for host in ["\(hosts.prefix)-a", "\(hosts.prefix)-b"] {
+            let up = shell("set -e; ip -n \(host) tuntap add dev tap0 mode tap; ip -n \(host) addr add 10.\(hosts.subnet).77.1/24 dev tap0; ip -n \(host) link set tap0 up")
+            try #require(up.status == 0, "\(up.output)")
+        }
+        let port = freePort()
+        let destination = try TernProcess(["run", "--incoming", "tcp:\(hosts.destinationAddress):\(port)", "--serial", "off"],
+                                          wrapper: hosts.destinationHost)
+        let source = try TernProcess.guest("ip=\(guest)/24 dirty=8 rate=20 progress=0", memory: "64M",
+                                           extra: ["--net", "tap=tap0,mac=\(mac)"], wrapper: hosts.sourceHost)
+        try source.waitForAPI()
+        _ = try source.waitForStatus(timeout: 20) { $0.netState == .running }
+        #expect(shell("ip netns exec \(hosts.prefix)-a ping -c 2 -W 2 -i 0.2 \(guest)").status == 0, "the VM answers on the source host")
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
+        let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", "tcp:\(hosts.destinationAddress):\(port)", "--json"],
+                                  withAPI: false, wrapper: hosts.sourceHost)
+        #expect(cli.waitForExit(timeout: 60) == 0, "migrate: \(cli.stderr) \(cli.stdout)")
+        #expect(source.waitForExit(timeout: 10) == 0)
+        try destination.waitForAPI()
+        let ping = shell("ip netns exec \(hosts.prefix)-b ping -c 3 -W 2 -i 0.2 \(guest)")
+        #expect(ping.status == 0, "the VM answers on the destination host: \(ping.output)")
+        #expect(shell("ip netns exec \(hosts.prefix)-b ip neigh show \(guest)").output.contains(mac), "with the same MAC")
+        let moved = try #require(try destination.status())
+        #expect(moved.netReceived > 0 && moved.errors == 0)
     }
 }
