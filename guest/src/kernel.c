@@ -6,7 +6,7 @@
  * Under PVM every ring-0 instruction is emulated (~1M/s), so this file does
  * a fixed, small amount of work and leaves all loops over memory to ring 3.
  */
-#include "tern.h"
+#include "virtio.h"
 
 struct config cfg;
 
@@ -92,7 +92,8 @@ static void setup_cpu_tables(void)
 /* ---- memory ---- */
 static u64 ram_bytes;  /* sum of usable regions */
 static u64 ram_top;    /* end of the highest usable region */
-static u64 work_limit; /* end of the usable region holding WORK_BASE */
+u64 work_region_start; /* the usable region holding WORK_BASE */
+u64 work_limit;
 static u64 mapped_end;
 static char cmdline[512];
 
@@ -100,18 +101,19 @@ static void read_multiboot(const u8 *mbi)
 {
 	u32 flags = *(const u32 *)mbi;
 	/* do not trust .bss to be zero: a loader may skip that */
-	ram_bytes = ram_top = work_limit = 0;
+	ram_bytes = ram_top = work_limit = work_region_start = 0;
 	cmdline[0] = 0;
 	if (flags & (1u << 0)) {
 		u64 upper_end = 0x100000 + (u64) * (const u32 *)(mbi + 8) * 1024;
 		ram_bytes = (u64) * (const u32 *)(mbi + 4) * 1024 + upper_end - 0x100000;
 		ram_top = work_limit = upper_end;
+		work_region_start = 0x100000;
 	}
 	if (flags & (1u << 6)) {
 		/* each entry: u32 size (not counting itself), u64 addr, u64 len, u32 type */
 		const u8 *p = (const u8 *)(u64) * (const u32 *)(mbi + 48);
 		const u8 *end = p + *(const u32 *)(mbi + 44);
-		ram_bytes = ram_top = work_limit = 0;
+		ram_bytes = ram_top = work_limit = work_region_start = 0;
 		for (; p < end; p += *(const u32 *)p + 4) {
 			u64 addr = *(const u64 *)(p + 4), len = *(const u64 *)(p + 12);
 			if (*(const u32 *)(p + 20) != 1)
@@ -119,8 +121,10 @@ static void read_multiboot(const u8 *mbi)
 			ram_bytes += len;
 			if (addr + len > ram_top)
 				ram_top = addr + len;
-			if (addr <= WORK_BASE && WORK_BASE < addr + len)
+			if (addr <= WORK_BASE && WORK_BASE < addr + len) {
+				work_region_start = addr;
 				work_limit = addr + len;
+			}
 		}
 	}
 	if (flags & (1u << 2)) {
@@ -158,8 +162,8 @@ static u64 calibrate_tsc(void)
 {
 	const u64 latch = PIT_HZ / 100; /* 10 ms */
 	u8 saved = inb(0x61);
-	if (saved == 0xFF) /* nothing decodes port 0x61: no PIT to ask */
-		goto no_pit;
+	if (saved == 0xFF) /* nothing decodes port 0x61 (QEMU microvm): try channel 0 */
+		goto channel0;
 	outb(0x61, (saved & ~0x02) | 0x01); /* gate channel 2 on, speaker off */
 	outb(0x43, 0xB0);		    /* channel 2, lo/hi byte, mode 0, binary */
 	outb(0x42, latch & 0xFF);
@@ -175,8 +179,38 @@ static u64 calibrate_tsc(void)
 	outb(0x61, saved);
 	if (spins <= 200000)
 		return (t1 - t0) * PIT_HZ / (latch * 1000);
+	goto no_pit;
+
+channel0:
+	/* No gate port, but maybe a PIT: let channel 0 count down from 0xFFFF
+	   (mode 2; IF is 0, so its IRQ 0 goes nowhere) and read it back with
+	   latch commands until 10 ms of counts have passed. */
+	outb(0x43, 0x34); /* channel 0, lo/hi byte, mode 2, binary */
+	outb(0x40, 0xFF);
+	outb(0x40, 0xFF);
+	{
+		u32 c0 = 0, c = 0;
+		u64 t0 = 0, t1 = 0;
+		for (u32 turn = 0; turn < 20000; turn++) {
+			outb(0x43, 0x00); /* latch channel 0 */
+			u64 t = rdtsc();
+			u32 v = inb(0x40);
+			v |= (u32)inb(0x40) << 8;
+			if (turn == 0) {
+				c0 = v;
+				t0 = t;
+				if (c0 < 2 * latch) /* not counting from where we set it */
+					break;
+				continue;
+			}
+			c = v;
+			t1 = t;
+			if (c < c0 && c0 - c >= latch)
+				return (t1 - t0) * PIT_HZ / ((u64)(c0 - c) * 1000);
+		}
+	}
 no_pit:
-	serial_puts("tern-guest: warning: PIT channel 2 did not answer, assuming a 1 GHz TSC\n");
+	serial_puts("tern-guest: warning: the PIT did not answer (channel 2 nor 0), assuming a 1 GHz TSC\n");
 	return 1000000;
 }
 
@@ -298,6 +332,14 @@ void kmain(void)
 		line_hex(&l, WORK_BASE);
 		line_str(&l, " ends at ");
 		line_hex(&l, work_limit);
+		boot_error(buf);
+	}
+	if ((cfg.disk || cfg.ip) && work_region_start > DRIVER_BASE) {
+		line_init(&l, buf, sizeof buf);
+		line_str(&l, "the virtio drivers need RAM at 0x200000..0xffffff but the usable region holding ");
+		line_hex(&l, WORK_BASE);
+		line_str(&l, " starts at ");
+		line_hex(&l, work_region_start);
 		boot_error(buf);
 	}
 	compiler_barrier();

@@ -27,7 +27,7 @@ typedef long long i64;
 /* ---- status block: the guest's only interface to the VMM and tests ---- */
 #define STATUS_GPA 0x102000ULL
 #define STATUS_MAGIC 0x544154534E524554ULL /* "TERNSTAT" as a little-endian u64 */
-#define STATUS_VERSION 1
+#define STATUS_VERSION 2
 
 enum phase {
 	PHASE_BOOT = 0,
@@ -40,6 +40,8 @@ enum phase {
 
 enum pattern { PATTERN_SEQ = 0, PATTERN_RANDOM = 1, PATTERN_HOTSPOT = 2 };
 enum crash { CRASH_NONE = 0, CRASH_TRIPLE = 1, CRASH_UD = 2, CRASH_PF = 3 };
+enum disk_mode { DISK_OFF = 0, DISK_WRITE = 1, DISK_READ = 2 };
+enum disk_pattern { DISK_SEQ = 0, DISK_RAND = 1 };
 
 struct status {
 	u64 magic;	    /* 0x00 written last at boot */
@@ -64,7 +66,36 @@ struct status {
 	u64 exception_rip;  /* 0x88 */
 	u64 exception_err;  /* 0x90 */
 	u64 exception_cr2;  /* 0x98 */
+	/* version 2: devices */
+	u64 disk_ops;	    /* 0xA0 requests completed, all kinds */
+	u64 disk_errors;    /* 0xA8 content mismatches + error statuses */
+	u64 disk_verified;  /* 0xB0 blocks read back that matched */
+	u64 net_rx;	    /* 0xB8 packets received */
+	u64 net_tx;	    /* 0xC0 packets sent */
+	u64 disk_writes;    /* 0xC8 */
+	u64 disk_reads;	    /* 0xD0 */
+	u64 disk_flushes;   /* 0xD8 */
+	u64 disk_bytes;	    /* 0xE0 data bytes moved */
+	u64 disk_capacity;  /* 0xE8 bytes */
+	u32 disk_state;	    /* 0xF0 enum dev_state */
+	u32 net_state;	    /* 0xF4 enum dev_state */
+	u64 net_announces;  /* 0xF8 gratuitous ARPs sent */
+	u64 notifies;	    /* 0x100 QueueNotify writes, all devices */
+	u64 notify_ticks;   /* 0x108 TSC ticks the vCPU spent in them */
 };
+
+#define STATUS_CHECK(field, off) _Static_assert(__builtin_offsetof(struct status, field) == (off), #field)
+STATUS_CHECK(exception_cr2, 0x98);
+STATUS_CHECK(disk_ops, 0xA0);
+STATUS_CHECK(net_rx, 0xB8);
+STATUS_CHECK(disk_capacity, 0xE8);
+STATUS_CHECK(disk_state, 0xF0);
+STATUS_CHECK(net_state, 0xF4);
+STATUS_CHECK(net_announces, 0xF8);
+STATUS_CHECK(notify_ticks, 0x108);
+_Static_assert(sizeof(struct status) == 0x110, "status block size");
+
+enum dev_state { DEV_OFF = 0, DEV_RUNNING = 1, DEV_FAILED = 2 };
 
 #define STATUS ((volatile struct status *)STATUS_GPA)
 
@@ -78,7 +109,21 @@ struct config {
 	u32 pattern;
 	u32 bytes;	/* bytes written per touched page */
 	u32 crash;
+	/* disk workload (disk.c) */
+	u32 disk;	  /* enum disk_mode */
+	u32 disk_pattern; /* enum disk_pattern */
+	u64 disk_rate;	  /* MB/s, 0 = flat out */
+	u64 disk_block;	  /* bytes per request, a multiple of 512 */
+	u64 disk_flush;	  /* a flush every N writes, 0 = never */
+	u64 disk_verify;  /* a read-back every N requests, 0 = never */
+	u64 disk_blocks;  /* blocks of the disk used, 0 = all */
+	/* network responder (net.c) */
+	u32 ip;		  /* host byte order, 0 = off */
+	u32 ip_prefix;
 };
+
+/* kernel.c: the usable RAM region holding WORK_BASE, for ring 3's checks */
+extern u64 work_region_start, work_limit;
 
 extern struct config cfg;
 
@@ -126,6 +171,18 @@ static inline u64 mix64(u64 z)
 	z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
 	return z ^ (z >> 31);
 }
+
+static inline u64 xorshift64(u64 *s)
+{
+	u64 x = *s;
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	return *s = x;
+}
+
+/* uniform in [0, n) from the high bits of r, without a division */
+static inline u64 scale(u64 r, u64 n) { return (u64)(((unsigned __int128)r * n) >> 64); }
 
 /*
  * The "system call": ring 3 cannot do port I/O under PVM (IOPL from iretq is

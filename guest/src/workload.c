@@ -5,9 +5,21 @@
  * Ring 3 runs natively under PVM, so all loops over memory live here. Output
  * goes through the ud2 system call (tern.h); the hot loop never prints.
  */
-#include "tern.h"
+#include "virtio.h"
 
 static u64 ticks_per_s;
+/* a device workload runs: poll it from every loop (set in user_main: .bss
+   may not be zeroed by the loader) */
+static int io_active, disk_on, net_on;
+
+/* One look at each running device: completions, the next request, packets. */
+static void io_service(u64 now)
+{
+	if (disk_on)
+		disk_service(now);
+	if (net_on)
+		net_service(now);
+}
 static u64 next_progress; /* TSC deadline of the next progress line, 0 = never */
 
 static const char *phase_name(u32 p)
@@ -23,7 +35,7 @@ static const char *phase_name(u32 p)
 static void print_progress(void)
 {
 	volatile struct status *st = STATUS;
-	char buf[200];
+	char buf[300];
 	struct line l;
 	line_init(&l, buf, sizeof buf);
 	line_str(&l, "tern-guest: phase=");
@@ -36,6 +48,14 @@ static void print_progress(void)
 	line_dec(&l, st->verified);
 	line_str(&l, " errors=");
 	line_dec(&l, st->errors);
+	if (cfg.disk)
+		disk_progress(&l);
+	if (cfg.ip) {
+		line_str(&l, " net_rx=");
+		line_dec(&l, st->net_rx);
+		line_str(&l, " net_tx=");
+		line_dec(&l, st->net_tx);
+	}
 	if (st->phase == PHASE_FILL) {
 		line_str(&l, " filled=");
 		line_dec(&l, st->fill_bytes / MiB);
@@ -82,6 +102,8 @@ static void fill(void)
 		for (u64 j = 0; j < PAGE_SIZE / 8; j++)
 			p[j] = mix64((u64)&p[j]) | 1;
 		st->fill_bytes = off + PAGE_SIZE;
+		if (io_active && (off & (8 * PAGE_SIZE - 1)) == 0)
+			io_service(rdtsc());
 		if ((off & (MiB - 1)) == 0) {
 			u64 now = rdtsc();
 			st->tsc = now;
@@ -112,6 +134,8 @@ static void __attribute__((noreturn)) idle(void)
 	st->phase = PHASE_IDLE;
 	for (;;) {
 		u64 now = rdtsc();
+		if (io_active)
+			io_service(now);
 		if ((i64)(now - next) < 0) {
 			cpu_relax();
 			continue;
@@ -124,18 +148,6 @@ static void __attribute__((noreturn)) idle(void)
 		maybe_progress(now);
 	}
 }
-
-static inline u64 xorshift64(u64 *s)
-{
-	u64 x = *s;
-	x ^= x << 13;
-	x ^= x >> 7;
-	x ^= x << 17;
-	return *s = x;
-}
-
-/* uniform in [0, n) from the high bits of r, without a division */
-static inline u64 scale(u64 r, u64 n) { return (u64)(((unsigned __int128)r * n) >> 64); }
 
 static void self_check(u64 *sum)
 {
@@ -214,6 +226,8 @@ static void __attribute__((noreturn)) dirty(u64 sum)
 			if (verify && passes % verify == 0)
 				self_check(&sum);
 		}
+		if (io_active && touches % PACE_BATCH == 0)
+			io_service(now);
 		if (tpp && touches % PACE_BATCH == 0) {
 			u64 inc = PACE_BATCH * tpp + pace_frac;
 			pace_next += inc >> 16;
@@ -225,6 +239,8 @@ static void __attribute__((noreturn)) dirty(u64 sum)
 				pace_frac = 0;
 			}
 			while ((i64)(now - pace_next) < 0) {
+				if (io_active)
+					io_service(now);
 				cpu_relax();
 				now = rdtsc();
 			}
@@ -245,6 +261,15 @@ void user_main(void)
 		sys_print("tern-guest: crash=pf: ring-3 read of unmapped 0x40000000000\n");
 		(void)*(volatile u64 *)0x40000000000ULL;
 	}
+	/* devices first (a few ms of MMIO), so their workloads run from the start */
+	disk_on = net_on = 0;
+	if (cfg.disk || cfg.ip)
+		virtio_scan();
+	if (cfg.disk)
+		disk_on = disk_init() == 0;
+	if (cfg.ip)
+		net_on = net_init() == 0;
+	io_active = disk_on || net_on;
 	st->phase = PHASE_FILL;
 	fill();
 	u64 sum = sum_words(WORK_BASE, st->work_bytes);

@@ -2,14 +2,16 @@
 # Boots the test guests under QEMU and checks their serial output.
 #   guest/tools/qemu-smoke.sh [kvm|tcg]     (after make -C guest)
 # Needs qemu-system-x86_64 (Debian: qemu-system-x86). Each case runs a few
-# seconds; the whole script takes about two minutes on KVM.
+# seconds; the whole script takes about three minutes on KVM. The disk cases
+# boot QEMU's microvm machine with a virtio-blk device on a scratch image.
 set -u
 ACCEL=${1:-kvm}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 ELF=$HERE/build/tern-guest.elf
 AOUT=$HERE/build/aout-hello.bin
 OUT=$(mktemp)
-trap 'rm -f "$OUT"' EXIT
+IMG=$(mktemp)
+trap 'rm -f "$OUT" "$IMG"' EXIT
 fails=0
 
 # run SECONDS MEM KERNEL APPEND: serial output in $OUT, QEMU's status in $rc
@@ -17,6 +19,18 @@ run() {
 	timeout "$1" qemu-system-x86_64 -accel "$ACCEL" -m "$2" -kernel "$3" -append "$4" \
 		-serial stdio -display none -no-reboot -monitor none >"$OUT" 2>/dev/null
 	rc=$?
+}
+# runm SECONDS APPEND [QEMU ARGS]: the same on microvm, modern virtio-mmio
+runm() {
+	t=$1 a=$2
+	shift 2
+	timeout "$t" qemu-system-x86_64 -M microvm -accel "$ACCEL" -m 256M -nodefaults -nographic \
+		-no-reboot -global virtio-mmio.force-legacy=false -kernel "$ELF" -append "$a" \
+		-serial stdio "$@" >"$OUT" 2>/dev/null
+	rc=$?
+}
+blk() { # [DRIVE OPTIONS]: a virtio-blk device on $IMG
+	echo -device virtio-blk-device,drive=d0 -drive "id=d0,file=$IMG,format=raw,if=none,cache=none${1-}"
 }
 check() { # NAME: fails unless every further argument is a pattern found in $OUT
 	name=$1
@@ -79,6 +93,51 @@ check unknown-key "^tern-guest: error: unknown key in 'colour=blue'$"
 
 run 8 1024 "$ELF" "dirty=4 bytes=12"
 check bad-bytes "^tern-guest: error: bytes must be"
+
+# ---- disk (microvm, virtio-blk) ----
+truncate -s 0 "$IMG" && truncate -s 64M "$IMG"
+DISK_LINE="disk_ops=[1-9][0-9]* disk_errors=0 disk_verified=[1-9][0-9]*$"
+runm 8 "disk=write disk_pattern=rand disk_flush=16 progress=1" $(blk)
+check "disk write rand" "^tern-guest: disk: virtio-blk at 0xfeb[0-9a-f]+: 131072 sectors \(64 MiB\)" \
+	"^tern-guest: phase=idle iter=[1-9][0-9]* .* $DISK_LINE"
+refuse "disk write rand" "MISMATCH|DISK ERROR|exception|error:"
+
+runm 8 "disk=write disk_blocks=4096 progress=1" $(blk)
+check "disk write seq" "using 4096 blocks of 4096 bytes" "$DISK_LINE"
+refuse "disk write seq" "MISMATCH|DISK ERROR|exception|error:"
+
+runm 8 "disk=read disk_blocks=4096 progress=1" $(blk) # verified through the sectors' own headers
+check "disk read" "disk=read" "$DISK_LINE"
+refuse "disk read" "MISMATCH|DISK ERROR|exception|error:"
+
+runm 8 "fill=32 dirty=16 pattern=random rate=100 disk=write disk_block=1048576 disk_pattern=rand disk_rate=20 progress=1" $(blk)
+check "disk 1MiB + dirty" "using 64 blocks of 1048576 bytes" \
+	"^tern-guest: phase=dirty .* verified=[1-9][0-9]* errors=0 $DISK_LINE"
+refuse "disk 1MiB + dirty" "MISMATCH|DISK ERROR|exception|error:"
+
+# zeros written behind the guest's back must be found
+timeout 12 qemu-system-x86_64 -M microvm -accel "$ACCEL" -m 256M -nodefaults -nographic -no-reboot \
+	-global virtio-mmio.force-legacy=false -kernel "$ELF" -serial stdio $(blk) \
+	-append "disk=write disk_pattern=rand disk_blocks=2048 disk_rate=1 disk_verify=1 progress=1" \
+	>"$OUT" 2>/dev/null &
+sleep 6
+dd if=/dev/zero of="$IMG" bs=1M count=8 conv=notrunc oflag=direct 2>/dev/null
+wait
+check "disk corruption found" "^tern-guest: DISK MISMATCH block [0-9]+ sector [0-9]+ word 0: expected 0x314b4c424e524554 found 0x0" \
+	"disk_errors=[1-9][0-9]*"
+
+runm 6 "disk=write" $(blk ,readonly=on)
+check "disk read-only" "^tern-guest: disk: error: the disk is read-only"
+
+timeout 6 qemu-system-x86_64 -M microvm -accel "$ACCEL" -m 256M -nodefaults -nographic -no-reboot \
+	-kernel "$ELF" -append "disk=write" -serial stdio $(blk) >"$OUT" 2>/dev/null
+check "disk legacy" "^tern-guest: disk: error: .* version 1 \(legacy\).*-global virtio-mmio.force-legacy=false"
+
+runm 6 "disk=write progress=1"
+check "disk missing" "^tern-guest: disk: error: no virtio-blk device" "^tern-guest: phase=idle iter=[1-9]"
+
+run 8 1024 "$ELF" "disk=write disk_block=1000"
+check bad-disk-block "^tern-guest: error: disk_block must be"
 
 echo "$fails failure(s)"
 [ "$fails" = 0 ]

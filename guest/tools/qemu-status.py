@@ -24,8 +24,15 @@ FIELDS = [  # (offset, format, name)
     (0x6C, "I", "bytes_per_page"), (0x70, "Q", "rate_mbps"), (0x78, "Q", "boot_tsc"),
     (0x80, "Q", "exception"), (0x88, "Q", "exception_rip"),
     (0x90, "Q", "exception_err"), (0x98, "Q", "exception_cr2"),
+    # version 2: devices
+    (0xA0, "Q", "disk_ops"), (0xA8, "Q", "disk_errors"), (0xB0, "Q", "disk_verified"),
+    (0xB8, "Q", "net_rx"), (0xC0, "Q", "net_tx"), (0xC8, "Q", "disk_writes"),
+    (0xD0, "Q", "disk_reads"), (0xD8, "Q", "disk_flushes"), (0xE0, "Q", "disk_bytes"),
+    (0xE8, "Q", "disk_capacity"), (0xF0, "I", "disk_state"), (0xF4, "I", "net_state"),
+    (0xF8, "Q", "net_announces"), (0x100, "Q", "notifies"), (0x108, "Q", "notify_ticks"),
 ]
-SIZE = 0xA0
+SIZE = 0x110
+V1_SIZE = 0xA0  # a version-1 guest's block ends here; the rest reads as zeros
 
 
 def qmp(path):
@@ -53,7 +60,10 @@ def read_status(call):
     body = re.sub(r"^[0-9a-f]+:", "", out, flags=re.M)
     raw = bytes(int(b, 16) for b in re.findall(r"0x([0-9a-f]{2})\b", body))
     raw = raw[:SIZE]
-    return {name: struct.unpack_from("<" + fmt, raw, off)[0] for off, fmt, name in FIELDS}
+    st = {name: struct.unpack_from("<" + fmt, raw, off)[0] for off, fmt, name in FIELDS}
+    if st["version"] < 2:
+        st = {k: v for (off, _, k), v in zip(FIELDS, st.values()) if off < V1_SIZE}
+    return st
 
 
 def main():
