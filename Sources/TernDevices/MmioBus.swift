@@ -140,15 +140,15 @@ extension MmioBus {
                 info.path = block.image.path
                 info.readOnly = block.image.readOnly
                 info.sizeBytes = block.image.size
-                for kind in BlockStatistics.Kind.allCases { info.counters[kind.counterName] = block.statistics.requests(kind) }
-                info.counters["bytes_read"] = block.statistics.bytesRead
-                info.counters["bytes_written"] = block.statistics.bytesWritten
+                for kind in BlockRequestKind.allCases { info.counters[kind.counterName] = block.statistics.count(of: kind) }
+                info.counters["bytes_read"] = block.statistics.bytesIn
+                info.counters["bytes_written"] = block.statistics.bytesOut
             case let network as VirtioNet:
                 info.tap = network.tap.name
                 info.mac = network.mac.description
-                for kind in NetworkStatistics.Kind.allCases { info.counters["frames_\(kind)"] = network.statistics.frames(kind) }
-                info.counters["bytes_received"] = network.statistics.bytesReceived
-                info.counters["bytes_sent"] = network.statistics.bytesSent
+                for kind in NetworkFrameKind.allCases { info.counters["frames_\(kind)"] = network.statistics.count(of: kind) }
+                info.counters["bytes_received"] = network.statistics.bytesIn
+                info.counters["bytes_sent"] = network.statistics.bytesOut
             default:
                 break
             }
@@ -157,7 +157,7 @@ extension MmioBus {
     }
 }
 
-extension BlockStatistics.Kind {
+extension BlockRequestKind {
     /// The counter's name in `DeviceInfo.counters`.
     var counterName: String {
         switch self {

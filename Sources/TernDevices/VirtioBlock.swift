@@ -1,5 +1,3 @@
-import Synchronization
-
 /// virtio-blk (virtio 1.x, 5.2 "Block Device") on a raw image: read, write,
 /// flush, get-id, discard and write-zeroes, one request at a time on the
 /// device's worker thread, data moved straight between the image and the
@@ -7,7 +5,7 @@ import Synchronization
 public final class VirtioBlock: VirtioBackend {
     public let image: DiskImage
     public let serial: String
-    public let statistics = BlockStatistics()
+    public let statistics = DeviceCounters<BlockRequestKind>()
 
     enum RequestType: UInt32 {
         case read = 0, write = 1, flush = 4, getID = 8, discard = 11, writeZeroes = 13
@@ -111,14 +109,14 @@ public final class VirtioBlock: VirtioBackend {
             guard let offset = range(sector: sector, length: UInt64(dataIn.count)) else { return finish(.ioError, 0) }
             if image.read(into: dataIn, at: offset) != nil { return finish(.ioError, 0) }
             dataIn.noteWritten(dataIn.count, ram: ram)
-            statistics.count(.read, bytes: dataIn.count)
+            statistics.count(.read, bytesIn: dataIn.count)
             return finish(.ok, dataIn.count)
         case .write:
             guard !image.readOnly, let offset = range(sector: sector, length: UInt64(dataOut.count)) else {
                 return finish(.ioError, 0)
             }
             if image.write(from: dataOut, at: offset) != nil { return finish(.ioError, 0) }
-            statistics.count(.write, bytes: dataOut.count)
+            statistics.count(.write, bytesOut: dataOut.count)
             return finish(.ok, 0)
         case .flush:
             if image.flush() != nil { return finish(.ioError, 0) }
@@ -164,24 +162,4 @@ public final class VirtioBlock: VirtioBackend {
         statistics.count(type == .discard ? .discard : .writeZeroes)
         return .ok
     }
-}
-
-/// Requests a block device served, by kind, for tests and metrics.
-public final class BlockStatistics: Sendable {
-    public enum Kind: Int, CaseIterable, Sendable {
-        case read, write, flush, discard, writeZeroes, failed, malformed
-    }
-
-    private let counts = Mutex<[Int]>([Int](repeating: 0, count: Kind.allCases.count))
-    private let bytes = Mutex<(read: Int, written: Int)>((0, 0))
-
-    func count(_ kind: Kind, bytes moved: Int = 0) {
-        counts.withLock { $0[kind.rawValue] += 1 }
-        if kind == .read { bytes.withLock { $0.read += moved } }
-        if kind == .write { bytes.withLock { $0.written += moved } }
-    }
-
-    public func requests(_ kind: Kind) -> Int { counts.withLock { $0[kind.rawValue] } }
-    public var bytesRead: Int { bytes.withLock { $0.read } }
-    public var bytesWritten: Int { bytes.withLock { $0.written } }
 }

@@ -7,7 +7,7 @@ import Synchronization
 public final class VirtioNet: VirtioBackend {
     public let tap: TapDevice
     public let mac: MACAddress
-    public let statistics = NetworkStatistics()
+    public let statistics = DeviceCounters<NetworkFrameKind>()
     /// Set when a frame waits on the TAP but the driver has no receive buffer posted: the TAP is
     /// then left out of the worker's wait (it would wake it forever) until the driver adds buffers.
     private let starved = Atomic<Bool>(false)
@@ -54,7 +54,7 @@ public final class VirtioNet: VirtioBackend {
             if frame.count <= TapDevice.headerSize || frame.count > Self.maximumFrame || !chain.writable.isEmpty {
                 statistics.count(.dropped)
             } else if tap.send(frame) {
-                statistics.count(.sent, bytes: frame.count - TapDevice.headerSize)
+                statistics.count(.sent, bytesOut: frame.count - TapDevice.headerSize)
             } else {
                 statistics.count(.dropped)
             }
@@ -90,7 +90,7 @@ public final class VirtioNet: VirtioBackend {
                 // num_buffers (the header's last field) is 1: one buffer per frame.
                 buffers.write([1, 0], at: TapDevice.headerSize - 2, ram: queue.ram)
                 buffers.noteWritten(count, ram: queue.ram)
-                statistics.count(.received, bytes: count - TapDevice.headerSize)
+                statistics.count(.received, bytesIn: count - TapDevice.headerSize)
                 try queue.complete(chain.head, written: UInt32(count))
                 used = true
             default:
@@ -100,24 +100,4 @@ public final class VirtioNet: VirtioBackend {
             }
         }
     }
-}
-
-/// Frames a network device moved, for tests and metrics.
-public final class NetworkStatistics: Sendable {
-    public enum Kind: Int, CaseIterable, Sendable {
-        case received, sent, dropped
-    }
-
-    private let counts = Mutex<[Int]>([Int](repeating: 0, count: Kind.allCases.count))
-    private let bytes = Mutex<(received: Int, sent: Int)>((0, 0))
-
-    func count(_ kind: Kind, bytes moved: Int = 0) {
-        counts.withLock { $0[kind.rawValue] += 1 }
-        if kind == .received { bytes.withLock { $0.received += moved } }
-        if kind == .sent { bytes.withLock { $0.sent += moved } }
-    }
-
-    public func frames(_ kind: Kind) -> Int { counts.withLock { $0[kind.rawValue] } }
-    public var bytesReceived: Int { bytes.withLock { $0.received } }
-    public var bytesSent: Int { bytes.withLock { $0.sent } }
 }

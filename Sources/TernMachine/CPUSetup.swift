@@ -44,26 +44,32 @@ enum CPUSetup {
         return fpu
     }
 
+    /// Execute/read, accessed; read/write, accessed.
+    static let codeType: UInt8 = 0xB, dataType: UInt8 = 0x3
+
+    /// A ring-0 segment over all 4 GiB (base 0, page granularity): 32-bit, or a 64-bit code segment.
+    static func flatSegment(_ selector: UInt16, type: UInt8, long: Bool) -> kvm_segment {
+        var segment = kvm_segment()
+        segment.base = 0
+        segment.limit = 0xFFFF_FFFF
+        segment.selector = selector
+        segment.type = type
+        segment.present = 1
+        segment.dpl = 0
+        segment.s = 1
+        segment.g = 1
+        segment.l = long ? 1 : 0
+        segment.db = long ? 0 : 1
+        return segment
+    }
+
     /// The 32-bit protected-mode state the Multiboot specification defines:
     /// flat 4 GiB code and data segments, paging off, interrupts off,
     /// EAX = 0x2BADB002, EBX = the information structure.
     static func enterMultiboot(_ vcpu: Vcpu, _ boot: MultibootEntry) throws {
         var sregs = try vcpu.specialRegisters()
-        func flat(_ selector: UInt16, type: UInt8) -> kvm_segment {
-            var segment = kvm_segment()
-            segment.base = 0
-            segment.limit = 0xFFFF_FFFF
-            segment.selector = selector
-            segment.type = type
-            segment.present = 1
-            segment.dpl = 0
-            segment.db = 1
-            segment.s = 1
-            segment.g = 1
-            return segment
-        }
-        sregs.cs = flat(MultibootLayout.codeSelector, type: 0xB)
-        let data = flat(MultibootLayout.dataSelector, type: 0x3)
+        sregs.cs = flatSegment(MultibootLayout.codeSelector, type: codeType, long: false)
+        let data = flatSegment(MultibootLayout.dataSelector, type: dataType, long: false)
         sregs.ds = data; sregs.es = data; sregs.fs = data; sregs.gs = data; sregs.ss = data
         sregs.gdt.base = UInt64(boot.gdtAddress)
         sregs.gdt.limit = boot.gdtLimit
@@ -86,21 +92,8 @@ enum CPUSetup {
     /// LinuxLoader wrote, __BOOT_CS/__BOOT_DS flat segments, interrupts off, RSI = boot_params.
     static func enterLinux64(_ vcpu: Vcpu, _ boot: LinuxEntry) throws {
         var sregs = try vcpu.specialRegisters()
-        func segment(_ selector: UInt16, type: UInt8, long: Bool) -> kvm_segment {
-            var segment = kvm_segment()
-            segment.base = 0
-            segment.limit = 0xFFFF_FFFF
-            segment.selector = selector
-            segment.type = type
-            segment.present = 1
-            segment.s = 1
-            segment.g = 1
-            segment.l = long ? 1 : 0
-            segment.db = long ? 0 : 1
-            return segment
-        }
-        sregs.cs = segment(LinuxLayout.codeSelector, type: 0xB, long: true)
-        let data = segment(LinuxLayout.dataSelector, type: 0x3, long: false)
+        sregs.cs = flatSegment(LinuxLayout.codeSelector, type: codeType, long: true)
+        let data = flatSegment(LinuxLayout.dataSelector, type: dataType, long: false)
         sregs.ds = data; sregs.es = data; sregs.fs = data; sregs.gs = data; sregs.ss = data
         sregs.gdt.base = LinuxLayout.gdtAddress
         sregs.gdt.limit = UInt16(LinuxLayout.gdt.count * 8 - 1)

@@ -53,7 +53,7 @@ struct VirtioBlockTests {
         #expect(ram.get(4096, at: Self.data) == pattern)
         #expect(ram.deviceWrote(Self.data, count: 4096), "a read reports the guest pages it filled")
         #expect(try request(device, type: 4, sector: 0, length: 0, dataWritable: false).0 == 0, "flush")
-        #expect(device.statistics.requests(.write) == 1 && device.statistics.requests(.read) == 1 && device.statistics.requests(.flush) == 1)
+        #expect(device.statistics.count(of: .write) == 1 && device.statistics.count(of: .read) == 1 && device.statistics.count(of: .flush) == 1)
     }
 
     @Test func requestsPastTheEndFailWithoutTouchingTheImage() throws {
@@ -86,7 +86,7 @@ struct VirtioBlockTests {
         var queue = SplitVirtqueue(state: driver.state, ram: ram)
         _ = try device.serve(queue: 0, &queue, features: device.offeredFeatures)
         #expect(ram.get(UInt8.self, at: Self.status) == 1)
-        #expect(device.statistics.requests(.failed) >= 1)
+        #expect(device.statistics.count(of: .failed) >= 1)
 
         // No room for the status byte: returned unanswered, nothing written.
         var third = TestDriverQueue(ram: ram)
@@ -94,7 +94,7 @@ struct VirtioBlockTests {
         var other = SplitVirtqueue(state: third.state, ram: ram)
         _ = try device.serve(queue: 0, &other, features: device.offeredFeatures)
         #expect(third.takeUsed().map(\.written) == [0])
-        #expect(device.statistics.requests(.malformed) == 1)
+        #expect(device.statistics.count(of: .malformed) == 1)
     }
 
     @Test func writeZeroesAndDiscardClearARange() throws {

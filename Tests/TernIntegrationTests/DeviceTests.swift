@@ -109,16 +109,17 @@ struct DeviceTests {
         #expect(renamed.stderr.contains("devices [data]"), "stderr: \(renamed.stderr)")
     }
 
-    @Test func aLiveMigrationWithTheDiskWorkloadLosesNoWrite() throws {
+    @Test(arguments: [["--mode", "precopy"], ["--mode", "postcopy"], ["--mode", "hybrid"]])
+    func aLiveMigrationWithTheDiskWorkloadLosesNoWrite(mode: [String]) throws {
         let disk = TestDisk(size: 8 << 20)
         let pair = try MigrationPair(cmdline: "disk=write disk_pattern=rand disk_flush=4 disk_verify=2 disk_rate=4 progress=0",
                                      memory: "128M", sourceArguments: ["--disk", "path=\(disk.path)"])
         let before = try pair.source.waitForStatus(timeout: 30) { $0.diskWrites > 100 }
-        let (report, cli) = try pair.migrate(["--verify"])
+        let (report, cli) = try pair.migrate(["--verify"] + mode)
         let r = try #require(report, "no report: \(cli.stderr)")
         #expect(r.status == .completed, "\(r.reason ?? "")")
         #expect(r.verification?.match == true)
-        #expect(pair.source.waitForExit(timeout: 10) == 0)
+        #expect(pair.source.waitForExit(timeout: 30) == 0)
         try pair.destination.waitForAPI()
         let moved = try #require(try pair.destination.status())
         #expect(moved.diskWrites >= before.diskWrites)
