@@ -25,6 +25,9 @@ let package = Package(
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .target(name: "TernWire", dependencies: ["CChecksum", "CZstd"], swiftSettings: strict),
         .target(name: "TernKVM", dependencies: ["CKVM"], swiftSettings: strict),
+        // OpenSSL 3 from Debian's libssl-dev (installed by scripts/setup.sh).
+        .target(name: "CTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
+        .target(name: "TernTLS", dependencies: ["CTLS", "TernWire"], swiftSettings: strict),
         .target(
             name: "TernDevices",
             dependencies: ["TernKVM", "TernWire", "CKVM", .product(name: "Logging", package: "swift-log")],
@@ -54,14 +57,15 @@ let package = Package(
         .executableTarget(
             name: "tern",
             dependencies: [
-                "TernAPI", "TernMachine", "TernMigration",
+                "TernAPI", "TernMachine", "TernMigration", "TernTLS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict
         ),
-        .executableTarget(name: "tern-bench", dependencies: ["TernWire"], swiftSettings: strict),
+        .executableTarget(name: "tern-bench", dependencies: ["TernWire", "TernTLS"], swiftSettings: strict),
         .testTarget(name: "TernWireTests", dependencies: ["TernWire", "CChecksum"], swiftSettings: strict),
+        .testTarget(name: "TernTLSTests", dependencies: ["TernTLS", "TernWire"], swiftSettings: strict),
         .testTarget(name: "TernDevicesTests", dependencies: ["TernDevices", "TernKVM", "TernWire"], swiftSettings: strict),
         .testTarget(name: "TernKVMTests", dependencies: ["TernKVM", "CKVM"], swiftSettings: strict),
         .testTarget(name: "TernMachineTests", dependencies: ["TernMachine", "TernDevices", "TernKVM", "TernWire", "CKVM"], swiftSettings: strict),

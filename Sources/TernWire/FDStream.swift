@@ -1,12 +1,27 @@
 import Glibc
 
+/// An encrypted, authenticated channel over a connection's descriptor (TLS):
+/// when a stream has one, every byte goes through it.
+public protocol SecureTransport: AnyObject, Sendable {
+    /// Reads what is there (at least one byte, blocking until then); 0 at the end of input.
+    func readSome(into buffer: UnsafeMutableRawBufferPointer) throws -> Int
+    /// Writes all of `buffers`, in order.
+    func writeAll(_ buffers: [UnsafeRawBufferPointer]) throws
+}
+
 /// Blocking, exact reads and writes on a file descriptor (a file or a
-/// socket). Short reads and writes are continued; EINTR is retried; end of
-/// input in the middle of a read is a `WireError.truncated`.
+/// socket), in clear or through its `secure` channel. Short reads and writes
+/// are continued; EINTR is retried; end of input in the middle of a read is a
+/// `WireError.truncated`.
 public struct FDStream: ByteSource, Sendable {
     public let fd: Int32
+    /// The connection's TLS session, if it has one.
+    public let secure: (any SecureTransport)?
 
-    public init(fd: Int32) { self.fd = fd }
+    public init(fd: Int32, secure: (any SecureTransport)? = nil) {
+        self.fd = fd
+        self.secure = secure
+    }
 
     public struct IOError: Error, CustomStringConvertible, Sendable {
         public let operation: String
@@ -22,6 +37,12 @@ public struct FDStream: ByteSource, Sendable {
     public func readExactly(into buffer: UnsafeMutableRawBufferPointer, what: @autoclosure () -> String) throws {
         var done = 0
         while done < buffer.count {
+            if let secure {
+                let n = try secure.readSome(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]))
+                if n == 0 { throw WireError.truncated("\(what()): input ended after \(done) of \(buffer.count) bytes") }
+                done += n
+                continue
+            }
             let n = Glibc.read(fd, buffer.baseAddress! + done, buffer.count - done)
             if n > 0 { done += n; continue }
             if n == 0 { throw WireError.truncated("\(what()): input ended after \(done) of \(buffer.count) bytes") }
@@ -32,6 +53,7 @@ public struct FDStream: ByteSource, Sendable {
 
     /// Writes all of several buffers (writev), continuing after short writes.
     public func writeAll(_ buffers: [UnsafeRawBufferPointer]) throws {
+        if let secure { return try secure.writeAll(buffers) }
         var pending = buffers.filter { $0.count > 0 }
         while !pending.isEmpty {
             let batch = pending.prefix(1024) // IOV_MAX on Linux
