@@ -101,13 +101,25 @@ void virtio_driver_ok(u64 base)
 
 void virtio_fail(u64 base) { mmio_w32(base + VM_STATUS, mmio_r32(base + VM_STATUS) | VS_FAILED); }
 
-/* Makes the chain at `head` available and notifies the device, unless it
-   said it does not need it (VRING_USED_F_NO_NOTIFY: it is still looking). */
-void vq_publish(struct vq *q, u16 head)
+/* Makes the chain at `head` available, without telling the device. */
+void vq_add(struct vq *q, u16 head)
 {
 	q->avail[2 + (q->avail_idx & (q->size - 1))] = head;
 	compiler_barrier(); /* x86 keeps stores in order: ring entry before idx */
 	q->avail[1] = ++q->avail_idx;
+}
+
+/* Makes the chain at `head` available and notifies the device. */
+void vq_publish(struct vq *q, u16 head)
+{
+	vq_add(q, head);
+	vq_kick(q);
+}
+
+/* Notifies the device of what vq_add published, unless it said it does not
+   need it (VRING_USED_F_NO_NOTIFY: it is still looking at the ring). */
+void vq_kick(struct vq *q)
+{
 	mfence(); /* the idx store must be visible before we read used->flags */
 	if (!(q->used[0] & VRING_USED_F_NO_NOTIFY)) {
 		/* the vCPU waits for the VMM's exit handling: publish what it costs */

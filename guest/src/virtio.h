@@ -117,6 +117,8 @@ int virtio_set_features(u64 base, u64 features);
 int vq_setup(struct vq *q, u64 base, u16 index, u64 mem, u16 want);
 void virtio_driver_ok(u64 base);
 void virtio_fail(u64 base);
+void vq_add(struct vq *q, u16 head);
+void vq_kick(struct vq *q);
 void vq_publish(struct vq *q, u16 head);
 int vq_poll(struct vq *q, u32 *id, u32 *len);
 

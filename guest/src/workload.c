@@ -55,6 +55,8 @@ static void print_progress(void)
 		line_dec(&l, st->net_rx);
 		line_str(&l, " net_tx=");
 		line_dec(&l, st->net_tx);
+		line_str(&l, " net_announces=");
+		line_dec(&l, st->net_announces);
 	}
 	if (st->phase == PHASE_FILL) {
 		line_str(&l, " filled=");

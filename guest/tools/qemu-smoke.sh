@@ -3,7 +3,9 @@
 #   guest/tools/qemu-smoke.sh [kvm|tcg]     (after make -C guest)
 # Needs qemu-system-x86_64 (Debian: qemu-system-x86). Each case runs a few
 # seconds; the whole script takes about three minutes on KVM. The disk cases
-# boot QEMU's microvm machine with a virtio-blk device on a scratch image.
+# boot QEMU's microvm machine with a virtio-blk device on a scratch image; the
+# network case (root, iproute2 and python3 only, else skipped) runs QEMU in a
+# network namespace of its own with a TAP and pings the guest from inside it.
 set -u
 ACCEL=${1:-kvm}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,7 +13,8 @@ ELF=$HERE/build/tern-guest.elf
 AOUT=$HERE/build/aout-hello.bin
 OUT=$(mktemp)
 IMG=$(mktemp)
-trap 'rm -f "$OUT" "$IMG"' EXIT
+NS=ternsmoke$$
+trap 'rm -f "$OUT" "$IMG"; ip netns del "$NS" 2>/dev/null' EXIT
 fails=0
 
 # run SECONDS MEM KERNEL APPEND: serial output in $OUT, QEMU's status in $rc
@@ -138,6 +141,58 @@ check "disk missing" "^tern-guest: disk: error: no virtio-blk device" "^tern-gue
 
 run 8 1024 "$ELF" "disk=write disk_block=1000"
 check bad-disk-block "^tern-guest: error: disk_block must be"
+
+# ---- network (microvm, virtio-net on a TAP in a namespace made here) ----
+runm 5 "ip=192.168.77.2/24 progress=1"
+check "net missing" "^tern-guest: net: error: no virtio-net device" "net_rx=0 net_tx=0 net_announces=0$"
+
+run 8 1024 "$ELF" "ip=192.168.77.2"
+check bad-ip "^tern-guest: error: ip must be A.B.C.D/PREFIX"
+
+if [ "$(id -u)" = 0 ] && command -v ip >/dev/null && command -v python3 >/dev/null &&
+	ip netns add "$NS" 2>/dev/null; then
+	ip netns exec "$NS" sh -c 'ip link set lo up && ip tuntap add dev tap0 mode tap &&
+		ip addr add 192.168.77.1/24 dev tap0 && ip link set tap0 up'
+	ip netns exec "$NS" timeout 10 qemu-system-x86_64 -M microvm -accel "$ACCEL" -m 256M -nodefaults \
+		-nographic -no-reboot -global virtio-mmio.force-legacy=false -kernel "$ELF" -serial stdio \
+		-append "ip=192.168.77.2/24 progress=1" -netdev tap,id=n0,ifname=tap0,script=no,downscript=no \
+		-device virtio-net-device,netdev=n0 >"$OUT" 2>/dev/null &
+	sleep 4
+	# 20 ICMP echoes and 20 UDP echoes (port 7), all to the guest, inside the namespace
+	RES=$(ip netns exec "$NS" python3 -c '
+import os, socket, struct
+def cs(b):
+    b += b"\0" * (len(b) % 2)
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+g = "192.168.77.2"
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); r.settimeout(1)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(1)
+icmp = udp = 0
+for i in range(20):
+    p = os.urandom(32)
+    r.sendto(struct.pack("!BBHHH", 8, 0, cs(struct.pack("!BBHHH", 8, 0, 0, 77, i) + p), 77, i) + p, (g, 0))
+    try:
+        while True:
+            d = r.recv(2048)[20:]
+            if d[0] == 0 and d[4:8] == struct.pack("!HH", 77, i):
+                icmp += d[8:] == p and cs(d) == 0
+                break
+    except socket.timeout: pass
+    m = os.urandom(1 + 60 * i)
+    u.sendto(m, (g, 7))
+    try: udp += u.recv(2048) == m
+    except socket.timeout: pass
+print("net-echo icmp=%d/20 udp=%d/20" % (icmp, udp))' 2>&1)
+	wait
+	echo "$RES" >>"$OUT"
+	check "net echo" "^tern-guest: net: virtio-net at 0xfeb[0-9a-f]+: mac=([0-9a-f]{2}:){5}[0-9a-f]{2} ip=192.168.77.2/24 link=up" \
+		"^net-echo icmp=20/20 udp=20/20$" "net_rx=[1-9][0-9]* net_tx=[1-9][0-9]* net_announces=[1-9][0-9]*$"
+	ip netns del "$NS"
+else
+	echo "skip net echo (needs root, iproute2 and python3)"
+fi
 
 echo "$fails failure(s)"
 [ "$fails" = 0 ]
