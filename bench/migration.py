@@ -316,7 +316,7 @@ def run_tern(ctx, case, rep, order):
         for attempt in range(5):
             port = qm.free_port()
             dst = spawn("tern destination", [
-                tern, "run", "--incoming", "tcp:127.0.0.1:%d" % port, "--api-socket", dsock,
+                tern, "run", "--insecure", "--incoming", "tcp:127.0.0.1:%d" % port, "--api-socket", dsock,
                 "--serial", "file:" + os.path.join(d, "dst-serial.log")]
                 + (["--memory", "%dM" % a.memory_mib, "--prealloc"] if a.prealloc else [])
                 + shlex.split(a.tern_run_args), stderr=derr)
@@ -372,7 +372,7 @@ def run_tern(ctx, case, rep, order):
         rec["host_cpus"] = os.cpu_count()
         rec["host_loadavg_1m_before"] = round(os.getloadavg()[0], 2)
 
-        cmd = [tern, "migrate", "--api-socket", ssock, "--to", "tcp:127.0.0.1:%d" % port,
+        cmd = [tern, "migrate", "--insecure", "--api-socket", ssock, "--to", "tcp:127.0.0.1:%d" % port,
                "--max-downtime", "%g" % a.max_downtime_ms, "--timeout", "%g" % a.timeout_s, "--json"]
         if c["bandwidth"]:
             cmd += ["--bandwidth", str(c["bandwidth"])]

@@ -64,7 +64,7 @@ def status(tern, sock):
 def run_tern(tern, cmdline, extra, timeout_s, cap):
     work = tempfile.mkdtemp(prefix="tern-opt-")
     port = free_port()
-    dst = subprocess.Popen([tern, "run", "--incoming", "tcp:127.0.0.1:%d" % port, "--api-socket", work + "/d.sock", "--serial", "off"],
+    dst = subprocess.Popen([tern, "run", "--insecure", "--incoming", "tcp:127.0.0.1:%d" % port, "--api-socket", work + "/d.sock", "--serial", "off"],
                            stderr=subprocess.DEVNULL)
     src = subprocess.Popen([tern, "run", "--kernel", GUEST, "--memory", "1G", "--cmdline", cmdline, "--api-socket", work + "/s.sock",
                             "--serial", "off"], stderr=subprocess.DEVNULL)
@@ -75,7 +75,7 @@ def run_tern(tern, cmdline, extra, timeout_s, cap):
                 break
             time.sleep(0.2)
         time.sleep(2)
-        out = subprocess.run([tern, "migrate", "--api-socket", work + "/s.sock", "--to", "tcp:127.0.0.1:%d" % port,
+        out = subprocess.run([tern, "migrate", "--insecure", "--api-socket", work + "/s.sock", "--to", "tcp:127.0.0.1:%d" % port,
                               "--max-downtime", "300", "--timeout", str(timeout_s), "--json"]
                              + (["--bandwidth", str(cap)] if cap else []) + extra,
                              capture_output=True, text=True, timeout=timeout_s + 300).stdout

@@ -29,10 +29,10 @@ import mmap
 m = mmap.mmap(-1, 2 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 for o in range(0, 2 << 30, 4 << 20): m[o:o + (4 << 20)] = b'\x01' * (4 << 20)
 "
-$TERN run --incoming "tcp:127.0.0.1:$port" --api-socket "$work/d.sock" --serial off "$@" 2> "$work/dst.log" &
+$TERN run --insecure --incoming "tcp:127.0.0.1:$port" --api-socket "$work/d.sock" --serial off "$@" 2> "$work/dst.log" &
 dst=$!
 sleep 0.5
-perf record -q -a -g -o "$OUT" -- $TERN migrate --api-socket "$work/s.sock" --to "tcp:127.0.0.1:$port" --json ${MIGRATE_ARGS:-} > "$work/report.json" 2>/dev/null
+perf record -q -a -g -o "$OUT" -- $TERN migrate --insecure --api-socket "$work/s.sock" --to "tcp:127.0.0.1:$port" --json ${MIGRATE_ARGS:-} > "$work/report.json" 2>/dev/null
 python3 -c "
 import json; r = json.load(open('$work/report.json'))
 print('status %s, total %.0f ms, downtime %.1f ms, %.0f MB, rounds (pages, ms): %s' % (r['status'], r['total_ms'], r['downtime_ms'] or -1,

@@ -21,12 +21,12 @@ echo "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"
 for run in $(seq 1 "$RUNS"); do
     work=$(mktemp -d)
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    $TERN run --incoming "tcp:127.0.0.1:$port" --api-socket "$work/d.sock" --serial off --log-level debug ${DST_ARGS:-} 2> "$work/dst.log" &
+    $TERN run --insecure --incoming "tcp:127.0.0.1:$port" --api-socket "$work/d.sock" --serial off --log-level debug ${DST_ARGS:-} 2> "$work/dst.log" &
     dst=$!
     $TERN run --kernel $GUEST --memory 1G --cmdline "$CMDLINE" --api-socket "$work/s.sock" --serial off --log-level debug 2> "$work/src.log" &
     src=$!
     sleep 4
-    $TERN migrate --api-socket "$work/s.sock" --to "tcp:127.0.0.1:$port" --json "$@" > "$work/report.json" || true
+    $TERN migrate --insecure --api-socket "$work/s.sock" --to "tcp:127.0.0.1:$port" --json "$@" > "$work/report.json" || true
     kill $src $dst 2>/dev/null || true
     wait $src $dst 2>/dev/null || true
     sent=$(grep -o "[0-9]* pages sent [0-9]* ms after the pause" "$work/src.log" | head -1)

@@ -15,11 +15,11 @@ tern=${TERN:-.build/release/tern}
 dir=$(mktemp -d)
 port=$((20000 + RANDOM % 20000))
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"' EXIT
-$tern run --incoming tcp:127.0.0.1:$port --api-socket "$dir/dst.sock" ${3:-} > "$dir/dst.log" 2>&1 &
+$tern run --insecure --incoming tcp:127.0.0.1:$port --api-socket "$dir/dst.sock" ${3:-} > "$dir/dst.log" 2>&1 &
 $tern run --kernel guest/build/tern-guest.elf --memory 1G --cpus 1 --cmdline "$1" \
     --api-socket "$dir/src.sock" ${2:-} > "$dir/src.log" 2>&1 &
 sleep "${WARMUP_S:-7}"
-$tern migrate --api-socket "$dir/src.sock" --to tcp:127.0.0.1:$port --json ${4:-} > "$dir/report.json" \
+$tern migrate --insecure --api-socket "$dir/src.sock" --to tcp:127.0.0.1:$port --json ${4:-} > "$dir/report.json" \
     || { echo "two_tern.sh: the migration failed:" >&2; cat "$dir/report.json" >&2; exit 1; }
 python3 - "$dir/report.json" <<'PY'
 import json, sys

@@ -2,7 +2,8 @@
 # The main job: sets up a fresh machine, boots Tern's bundled test guest in one
 # tern process, live-migrates it to a second tern process over TCP on
 # loopback, prints the migration report, and shows the guest still running on
-# the destination.
+# the destination. The migration runs over mutual TLS 1.3 with certificates
+# made for the two "hosts" by `tern certs init`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh release
@@ -22,8 +23,12 @@ status() { # iterations, passes, verified, errors of the guest behind API socket
         python3 -c 'import struct,sys; b=sys.stdin.buffer.read(); print("iterations=%d passes=%d verified=%d errors=%d" % (struct.unpack_from("<Q",b,0x10)[0], *struct.unpack_from("<QQQ",b,0x30)))'
 }
 
-echo "== destination: tern run --incoming tcp:127.0.0.1:$port"
-$tern run --incoming "tcp:127.0.0.1:$port" --api-socket "$work/dst.sock" --serial "file:$work/dst-serial.log" &
+echo "== certificates: tern certs init (a CA, and one certificate each for the source and the destination)"
+$tern certs init "$work/tls-src" --name source.local
+$tern certs init "$work/tls-dst" --name destination.local --ca "$work/tls-src"
+echo "== destination: tern run --incoming tcp:127.0.0.1:$port --tls-dir ... --tls-allow source.local"
+$tern run --incoming "tcp:127.0.0.1:$port" --tls-dir "$work/tls-dst" --tls-allow source.local \
+    --api-socket "$work/dst.sock" --serial "file:$work/dst-serial.log" &
 echo "== source: a 1 GiB guest filling 512 MiB, then rewriting 64 MiB at random at 200 MB/s"
 $tern run --kernel guest/build/tern-guest.elf --memory 1G --api-socket "$work/src.sock" --serial "file:$work/src-serial.log" \
     --cmdline "fill=512 dirty=64 pattern=random rate=200 progress=1" &
@@ -31,8 +36,9 @@ for _ in $(seq 100); do [ -S "$work/src.sock" ] && grep -q "phase=dirty" "$work/
 sleep 2
 echo "   source guest: $(status "$work/src.sock")"
 
-echo "== tern migrate --to tcp:127.0.0.1:$port --verify"
-$tern migrate --api-socket "$work/src.sock" --to "tcp:127.0.0.1:$port" --max-downtime 300 --verify
+echo "== tern migrate --to tcp:127.0.0.1:$port --tls-dir ... --verify"
+$tern migrate --api-socket "$work/src.sock" --to "tcp:127.0.0.1:$port" --tls-dir "$work/tls-src" --tls-allow destination.local \
+    --max-downtime 300 --verify
 
 sleep 1
 echo "== the guest runs on the destination now (its own checksum of its working set holds):"

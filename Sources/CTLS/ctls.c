@@ -7,6 +7,7 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 #include <arpa/inet.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
@@ -48,6 +49,9 @@ ctls_context *ctls_context_new(int server, const char *ca, const char *cert, con
     SSL_CTX_set_mode(context, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     /* No session tickets: every migration connection is a fresh, fully authenticated handshake. */
     SSL_CTX_set_num_tickets(context, 0);
+    /* A peer that vanishes without close_notify is an end of input, as on a plain socket: the
+       migration protocol's own framing (lengths, end frames) tells a cut stream from a finished one. */
+    SSL_CTX_set_options(context, SSL_OP_IGNORE_UNEXPECTED_EOF);
     SSL_CTX_set_session_cache_mode(context, SSL_SESS_CACHE_OFF);
     return context;
 }
@@ -71,8 +75,9 @@ static int translate(SSL *session, int result) {
     case SSL_ERROR_WANT_WRITE: return CTLS_WANT_WRITE;
     case SSL_ERROR_ZERO_RETURN: return CTLS_CLOSED;
     case SSL_ERROR_SYSCALL:
-        /* EOF without close_notify, or a socket error: to the caller both end the stream. */
-        return ERR_peek_error() == 0 ? CTLS_CLOSED : CTLS_ERROR;
+        /* A socket error (errno says which), or EOF. */
+        if (ERR_peek_error() != 0) return CTLS_ERROR;
+        return errno != 0 ? CTLS_SOCKET_ERROR : CTLS_CLOSED;
     default: return CTLS_ERROR;
     }
 }
@@ -85,11 +90,13 @@ int ctls_handshake(ctls_session *session) {
 
 int ctls_read(ctls_session *session, void *buffer, int size) {
     ERR_clear_error();
+    errno = 0;
     return translate(session, SSL_read(session, buffer, size));
 }
 
 int ctls_write(ctls_session *session, const void *buffer, int size) {
     ERR_clear_error();
+    errno = 0;
     return translate(session, SSL_write(session, buffer, size));
 }
 

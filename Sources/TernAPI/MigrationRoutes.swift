@@ -2,6 +2,7 @@ import Foundation
 import Synchronization
 import TernMachine
 import TernMigration
+import TernTLS
 
 /// Body of PUT /v1/vm/migrate.
 public struct MigrateRequest: Codable, Sendable {
@@ -27,11 +28,20 @@ public struct MigrateRequest: Codable, Sendable {
     public var order: String?
     /// With dirty-frequency ordering, hold the hottest pages back for the stop-and-copy (default: only without XBZRLE).
     public var holdBack: Bool?
+    /// Mutual TLS: the directory with ca.pem, cert.pem and key.pem (read by this VM's tern process).
+    public var tlsDir: String?
+    /// With tls_dir: the destination's certificate must name one of these.
+    public var tlsAllow: [String]?
+    /// A tcp: migration without TLS must say so.
+    public var insecure: Bool?
 
     public init(destination: String?, resume: Bool? = nil, mode: String? = nil, maxDowntimeMs: Double? = nil, maxRounds: Int? = nil,
                 timeoutS: Double? = nil, bandwidth: UInt64? = nil, verify: Bool? = nil, precopyRounds: Int? = nil,
                 compress: String? = nil, xbzrleCacheBytes: UInt64? = nil, order: String? = nil, holdBack: Bool? = nil,
-                zstdLevel: Int? = nil, streams: Int? = nil) {
+                zstdLevel: Int? = nil, streams: Int? = nil, tlsDir: String? = nil, tlsAllow: [String]? = nil, insecure: Bool? = nil) {
+        self.tlsDir = tlsDir
+        self.tlsAllow = tlsAllow
+        self.insecure = insecure
         self.holdBack = holdBack
         self.zstdLevel = zstdLevel
         self.streams = streams
@@ -121,7 +131,13 @@ extension APIRouter {
         do { destination = try Endpoint(parsing: destinationText) } catch {
             return .error(400, "bad_request", "\(error)")
         }
-        var parameters = MigrationSource.Parameters(destination: destination)
+        let security: ChannelSecurity
+        switch ChannelSecurity.choose(tlsDirectory: request.tlsDir, allowedPeers: request.tlsAllow ?? [], insecure: request.insecure ?? false,
+                                      for: destination, role: .client) {
+        case .success(let chosen): security = chosen
+        case .failure(let refusal): return .error(400, "bad_request", refusal.description)
+        }
+        var parameters = MigrationSource.Parameters(destination: destination, security: security)
         if let value = request.maxDowntimeMs {
             guard value > 0 else { return .error(400, "bad_request", "max_downtime_ms must be positive") }
             parameters.maxDowntimeMs = value

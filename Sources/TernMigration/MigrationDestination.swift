@@ -20,9 +20,12 @@ public final class MigrationDestination {
         public var recoveryEndpoint: Endpoint?
         /// Huge pages for the guest RAM (`--thp`); `auto` means 4 KiB pages for a post-copy from the start.
         public var hugePages: HugePages
+        /// How connections are secured (also a post-copy's resumed connection).
+        public var security: ChannelSecurity
 
         public init(memorySize: UInt64? = nil, vcpuCount: Int? = nil, serial: SerialTarget = .stdout, kvmPath: String = "/dev/kvm",
-                    recoveryEndpoint: Endpoint? = nil, hugePages: HugePages = .auto) {
+                    recoveryEndpoint: Endpoint? = nil, hugePages: HugePages = .auto, security: ChannelSecurity = .plaintext) {
+            self.security = security
             self.hugePages = hugePages
             self.recoveryEndpoint = recoveryEndpoint
             self.memorySize = memorySize
@@ -67,9 +70,9 @@ public final class MigrationDestination {
     /// called as soon as the VM exists (paused, empty), e.g. to serve its API.
     /// Returns the started machine.
     /// `listener` accepts the source's extra page streams (`--streams`), if it asks for any.
-    public func receive(on socket: FileDescriptor, listener: StreamListener? = nil,
+    public func receive(on socket: Connection, listener: StreamListener? = nil,
                         machineCreated: (Machine) -> Void = { _ in }) throws -> (Machine, Outcome) {
-        let stream = FDStream(fd: socket.rawValue)
+        let stream = socket.stream
         // Every wait on the source is bounded until the hand-over (post-copy lifts this for its own reads).
         setTimeouts(socket.rawValue, seconds: MigrationSource.replyTimeoutSeconds)
         do {
@@ -84,7 +87,7 @@ public final class MigrationDestination {
 
     /// The protocol proper, over any byte source (tests feed it buffers).
     /// `connection` is kept open for as long as post-copy still needs it.
-    public func receive(from source: some ByteSource, replyTo sink: FDStream?, connection: FileDescriptor? = nil,
+    public func receive(from source: some ByteSource, replyTo sink: FDStream?, connection: Connection? = nil,
                         listener: StreamListener? = nil,
                         machineCreated: (Machine) -> Void = { _ in }) throws -> (Machine, Outcome) {
         var extraStreams: PageStreamReceivers?
@@ -99,7 +102,7 @@ public final class MigrationDestination {
         }
     }
 
-    private func receive(from source: some ByteSource, replyTo sink: FDStream?, connection: FileDescriptor?,
+    private func receive(from source: some ByteSource, replyTo sink: FDStream?, connection: Connection?,
                          listener: StreamListener?, extraStreams: inout PageStreamReceivers?,
                          machineCreated: (Machine) -> Void) throws -> (Machine, Outcome) {
         // 1. Hello: is this a Tern source, and can this host run its machine?
@@ -154,11 +157,11 @@ public final class MigrationDestination {
         let compressed = hello.features & Hello.zstdFeature != 0
         // --verify: the memory digest is kept as pages land, so the end need not read all RAM in the downtime.
         let digests = hello.features & Hello.verifyFeature != 0 ? PageDigests(pageCount: Int(machine.memory.size / UInt64(PageRun.pageSize))) : nil
-        var urgentConnection: FileDescriptor?
+        var urgentConnection: Connection?
         let wantsUrgent = hello.features & Hello.postcopyUrgentFeature != 0
         if streams > 1 || wantsUrgent, let listener {
             let accepted = try PageStreamReceivers.acceptConnections(streams: streams, urgent: wantsUrgent, token: token,
-                                                                     accept: listener.accept)
+                                                                     security: expectations.security, accept: listener.accept)
             if streams > 1 {
                 extraStreams = PageStreamReceivers(connections: accepted.pages, memory: machine.memory,
                                                    controlConnection: connection, decompress: compressed, digests: digests)
@@ -254,7 +257,7 @@ public final class MigrationDestination {
                 postcopy = try PostcopyReceiver(machine: machine, source: stream, connection: connection, expected: needed,
                                                 digestOfPresentPages: present, urgent: urgentConnection,
                                                 pushStreams: extraStreams?.connections ?? [],
-                                                recovery: expectations.recoveryEndpoint, token: token,
+                                                recovery: expectations.recoveryEndpoint, security: expectations.security, token: token,
                                                 afterPrecopy: hello.features & Hello.postcopyFirstFeature == 0, logger: logger)
                 if completion.memoryDigest != nil { ready.stateDigest = MemoryDigest.state(sections) }
                 logger.debug("post-copy's userfaultfd was ready \(sinceSourcePaused()) after the source paused")

@@ -36,6 +36,8 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     public var status: Status
     public var mode: String = "precopy"
     public var destination: String
+    /// How the connections were protected (TLS version, cipher, the peer's certificate name), once connected.
+    public var channel: ChannelReport?
     public var reason: String?
     public var switchoverReason: String?
     public var totalMs: Double = 0

@@ -196,10 +196,10 @@ extension MigrationSource {
             $0.destination = target.description
         }
         do {
-            let socket = try target.connect()
+            let socket = try dial(target)
             lock.withLock { connection = socket }
             setTimeouts(socket.rawValue, seconds: Self.replyTimeoutSeconds)
-            let stream = FDStream(fd: socket.rawValue)
+            let stream = socket.stream
             try stream.writeFrame(.postcopyResume, payload: PostcopyResume(token: context.token).encoded)
             let (_, payload) = try readReply(stream, expecting: .postcopyResumeReply, what: "the post-copy resume")
             let reply = try PostcopyResumeReply(decoding: payload, pageCount: context.neededAtSwitch.pageCount)

@@ -23,11 +23,15 @@ extension MigrationSource {
     /// machine), joins the extra page streams and the demand channel, and
     /// measures the round trip that the hand-over will cost.
     func openSession(started: ContinuousClock.Instant) throws -> Session {
-        let socket = try parameters.destination.connect()
+        let socket = try dial(parameters.destination)
         lock.withLock { connection = socket }
         if cancelled { throw Failure("cancelled") }
-        let stream = FDStream(fd: socket.rawValue)
+        let stream = socket.stream
         setTimeouts(socket.rawValue, seconds: Self.replyTimeoutSeconds)
+        update { $0.channel = ChannelReport(connection: socket, endpoint: parameters.destination) }
+        if case .tcp = parameters.destination, !parameters.security.isEncrypted {
+            logger.warning("migrating to \(parameters.destination) unencrypted (--insecure): anyone on the path can read the VM's memory")
+        }
 
         // Handshake: the destination checks it can run this machine before any memory moves.
         var hello = Hello(bootID: Clocks.bootID, machine: machine.description, cpuid: machine.guestCPUID,
@@ -59,13 +63,24 @@ extension MigrationSource {
                        roundTripMs: roundTripMs)
     }
 
+    /// Connects to `endpoint` and secures the connection as the migration's parameters say
+    /// (a TLS failure names the peer's refusal or what was wrong with its certificate).
+    func dial(_ endpoint: Endpoint) throws -> Connection {
+        let socket = try endpoint.connect()
+        do {
+            return try parameters.security.establish(socket)
+        } catch {
+            throw Failure("\(endpoint): \(error)")
+        }
+    }
+
     /// One more connection to the destination, joined to this migration as stream `index`
     /// (cut with the control connection on cancel or failure).
     private func join(index: UInt32, token: UInt64) throws -> FDStream {
-        let connection = try parameters.destination.connect()
+        let connection = try dial(parameters.destination)
         lock.withLock { extraConnections.append(connection) }
         setTimeouts(connection.rawValue, seconds: Self.replyTimeoutSeconds)
-        let stream = FDStream(fd: connection.rawValue)
+        let stream = connection.stream
         try stream.writeFrame(.streamHello, payload: StreamHello(token: token, index: index).encoded)
         return stream
     }

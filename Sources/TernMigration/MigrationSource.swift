@@ -45,8 +45,13 @@ public final class MigrationSource: @unchecked Sendable {
         public static func defaultStreams(for mode: MigrationMode) -> Int { mode == .postcopy ? 2 : 1 }
         /// zstd on pre-copy's page frames at this level (nil: off).
         public var zstdLevel: Int32?
+        /// In clear or over mutual TLS, on every connection of this migration.
+        public var security: ChannelSecurity
 
-        public init(destination: Endpoint) { self.destination = destination }
+        public init(destination: Endpoint, security: ChannelSecurity) {
+            self.destination = destination
+            self.security = security
+        }
     }
 
     let machine: Machine
@@ -55,9 +60,9 @@ public final class MigrationSource: @unchecked Sendable {
     let lock = NSLock()
     private var report: MigrationReport
     private var cancelReason: String?
-    var connection: FileDescriptor?
+    var connection: Connection?
     /// Extra page streams' connections (`--streams`), cut with the control connection on cancel.
-    var extraConnections: [FileDescriptor] = []
+    var extraConnections: [Connection] = []
     /// Set once `go` is on the wire: from then on the VM may run at the destination,
     /// so a cancel can no longer be honoured (it would lose the VM).
     private var committedFlag = false
@@ -238,9 +243,9 @@ public final class MigrationSource: @unchecked Sendable {
                 update { $0.status = .failed; $0.reason = "\(reason); the destination was told to start, so the VM stays paused here (resume it only if the destination is known dead)" }
             } else {
                 // Tell the destination why, so it does not mistake the end of the stream for damage.
-                if let fd = lock.withLock({ connection?.rawValue }) {
-                    setTimeouts(fd, seconds: 1)
-                    try? FDStream(fd: fd).writeFrame(.abort, payload: Array(reason.utf8))
+                if let control = lock.withLock({ connection }) {
+                    setTimeouts(control.rawValue, seconds: 1)
+                    try? control.stream.writeFrame(.abort, payload: Array(reason.utf8))
                 }
                 // Extra streams end with the control connection, so the destination's stream readers stop.
                 lock.withLock { extraConnections.forEach { shutdown($0.rawValue, Int32(SHUT_RDWR)) } }

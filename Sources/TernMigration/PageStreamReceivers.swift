@@ -13,12 +13,12 @@ import TernWire
 final class PageStreamReceivers: @unchecked Sendable {
     // @unchecked Sendable: `connections` and `appliers` are written before the threads start; results are guarded by `state`.
     /// Stream i + 1's connection; post-copy pushes pages over them once their pre-copy has ended.
-    let connections: [FileDescriptor]
+    let connections: [Connection]
     private let appliers: [PageRunApplier]
     private let state = Mutex<(finished: Int, error: String?)>((0, nil))
     private let done = DispatchSemaphore(value: 0)
     /// Held (not just its number) so that a late-failing stream can never cut a socket that reused the number.
-    private let controlConnection: FileDescriptor?
+    private let controlConnection: Connection?
 
     /// A source opens its streams right after the hello: they all have this long to join.
     static let joinSeconds = 5
@@ -31,18 +31,25 @@ final class PageStreamReceivers: @unchecked Sendable {
     /// connection that fails the check is turned away and the wait goes on
     /// (a port scanner must not end a migration); if the streams have not all
     /// joined within `joinSeconds`, the migration fails, naming what was turned away.
-    static func acceptConnections(streams: Int, urgent: Bool, token: UInt64,
-                                  accept: (Int) throws -> FileDescriptor) throws -> (pages: [FileDescriptor], urgent: FileDescriptor?) {
-        var byIndex: [UInt32: FileDescriptor] = [:]
+    static func acceptConnections(streams: Int, urgent: Bool, token: UInt64, security: ChannelSecurity,
+                                  accept: (Int) throws -> FileDescriptor) throws -> (pages: [Connection], urgent: Connection?) {
+        var byIndex: [UInt32: Connection] = [:]
         let wanted = streams - 1 + (urgent ? 1 : 0)
         let deadline = ContinuousClock.now + .seconds(joinSeconds)
         var turnedAway: [String] = []
         while byIndex.count < wanted {
             let left = deadline - ContinuousClock.now
-            guard left > .zero, let connection = try? accept(max(1, Int(left.components.seconds) + 1)) else {
+            guard left > .zero, let socket = try? accept(max(1, Int(left.components.seconds) + 1)) else {
                 let missing = wanted - byIndex.count
                 throw MigrationDestination.Refusal("\(missing) page stream\(missing == 1 ? "" : "s") did not join within \(joinSeconds) s"
                     + (turnedAway.isEmpty ? "" : " (turned away: \(turnedAway.joined(separator: "; ")))"))
+            }
+            let connection: Connection
+            do {
+                connection = try security.establish(socket)
+            } catch {
+                turnedAway.append("\(error)")
+                continue
             }
             do {
                 let index = try streamIndex(of: connection, streams: streams, urgent: urgent, token: token, taken: byIndex)
@@ -52,15 +59,15 @@ final class PageStreamReceivers: @unchecked Sendable {
                 byIndex[index] = connection
             } catch {
                 turnedAway.append("\(error)")
-                try? FDStream(fd: connection.rawValue).writeFrame(.abort, payload: Array("\(error)".utf8))
+                try? connection.stream.writeFrame(.abort, payload: Array("\(error)".utf8))
             }
         }
         return ((1..<streams).map { byIndex[UInt32($0)]! }, urgent ? byIndex[StreamHello.urgentIndex] : nil)
     }
 
     /// Reads a candidate's stream hello and returns its index, or throws why it is not one of ours.
-    private static func streamIndex(of connection: FileDescriptor, streams: Int, urgent: Bool, token: UInt64,
-                                    taken: [UInt32: FileDescriptor]) throws -> UInt32 {
+    private static func streamIndex(of connection: Connection, streams: Int, urgent: Bool, token: UInt64,
+                                    taken: [UInt32: Connection]) throws -> UInt32 {
         let payload = try readOpeningFrame(of: connection, type: .streamHello, within: openingSeconds,
                                            otherwise: "an extra connection did not open as a page stream")
         let hello = try StreamHello(decoding: payload)
@@ -73,7 +80,7 @@ final class PageStreamReceivers: @unchecked Sendable {
     }
 
     /// Starts reading the extra page streams (`connections[i]` is stream i + 1).
-    init(connections: [FileDescriptor], memory: GuestMemory, controlConnection: FileDescriptor?, decompress: Bool,
+    init(connections: [Connection], memory: GuestMemory, controlConnection: Connection?, decompress: Bool,
          digests: PageDigests? = nil) {
         let streams = connections.count + 1
         let partition = StreamPartition(streams: streams)
@@ -89,7 +96,7 @@ final class PageStreamReceivers: @unchecked Sendable {
         for (offset, connection) in connections.enumerated() {
             spawnThread(named: "tern-incoming-\(offset + 1)") { [self] in
                 // Each thread touches only its own applier until `join`.
-                let failure = receive(from: FDStream(fd: connection.rawValue), into: appliers[offset])
+                let failure = receive(from: connection.stream, into: appliers[offset])
                 let last = state.withLock { state in
                     if let failure, state.error == nil { state.error = "page stream \(offset + 1): \(failure)" }
                     state.finished += 1
@@ -155,9 +162,9 @@ final class PageStreamReceivers: @unchecked Sendable {
 /// The small first frame an extra connection must open with (a stream hello,
 /// a post-copy resume), read within a short time so that a silent peer cannot
 /// hold up the real one, with its type, size and CRC checked.
-func readOpeningFrame(of connection: FileDescriptor, type: FrameType, within seconds: Int, otherwise refusal: String) throws -> [UInt8] {
+func readOpeningFrame(of connection: Connection, type: FrameType, within seconds: Int, otherwise refusal: String) throws -> [UInt8] {
     setTimeouts(connection.rawValue, seconds: seconds)
-    let stream = FDStream(fd: connection.rawValue)
+    let stream = connection.stream
     let header = try stream.readFrameHeader()
     guard header.type == type, header.length <= 64 else {
         throw MigrationDestination.Refusal("\(refusal) (first frame is \(header.type))")

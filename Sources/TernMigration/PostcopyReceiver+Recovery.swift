@@ -13,7 +13,7 @@ extension PostcopyReceiver {
 
     /// Whether an error means the connection is gone (then a resume can repair it), not that the source misbehaved.
     static func isConnectionLoss(_ error: any Error) -> Bool {
-        if error is FDStream.IOError { return true }
+        if Connection.broke(error) { return true }
         if case WireError.truncated = error { return true }
         return false
     }
@@ -41,15 +41,22 @@ extension PostcopyReceiver {
                     throw error
                 }
             }
-            let candidate: FileDescriptor
-            do { candidate = try Endpoint.accept(listener, timeoutSeconds: 1) } catch { continue }
+            let socket: FileDescriptor
+            do { socket = try Endpoint.accept(listener, timeoutSeconds: 1) } catch { continue }
+            let candidate: Connection
+            do {
+                candidate = try security.establish(socket)
+            } catch {
+                logger.warning("refused a connection while waiting for the resume: \(error)")
+                continue
+            }
             do {
                 try adopt(candidate)
                 return
             } catch {
                 // A stranger or a stale source: turned away, the wait goes on.
                 logger.warning("refused a connection while waiting for the resume: \(error)")
-                try? FDStream(fd: candidate.rawValue).writeFrame(.abort, payload: Array("\(error)".utf8))
+                try? candidate.stream.writeFrame(.abort, payload: Array("\(error)".utf8))
             }
         }
     }
@@ -68,11 +75,11 @@ extension PostcopyReceiver {
     }
 
     /// Checks the resume, tells the source what is still missing, and re-asks for what vCPUs wait on.
-    func adopt(_ candidate: FileDescriptor) throws {
+    func adopt(_ candidate: Connection) throws {
         // A source sends its resume at once: a peer that stays silent must not hold up the real one for long.
         let payload = try readOpeningFrame(of: candidate, type: .postcopyResume, within: Self.resumeOpeningSeconds,
                                            otherwise: "expected a post-copy resume")
-        let stream = FDStream(fd: candidate.rawValue)
+        let stream = candidate.stream
         guard try PostcopyResume(decoding: payload).token == token else {
             throw MigrationDestination.Refusal("a resume for another migration (wrong token)")
         }

@@ -93,28 +93,31 @@ final class PostcopyReceiver: @unchecked Sendable {
     let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
     /// Post-copy's demand channel (QEMU calls it the preempt channel): replies to
     /// page requests arrive here, never queued behind the background push.
-    let urgent: FileDescriptor?
+    let urgent: Connection?
     let urgentBounce: UnsafeMutableRawBufferPointer
     let urgentDone = DispatchSemaphore(value: 0)
     /// The pre-copy's extra page streams (`--streams`), which carry pushed pages too: a thread
     /// each places them, so that placing fresh pages, post-copy's main cost here, takes more than one core.
-    let pushConnections: [FileDescriptor]
+    let pushConnections: [Connection]
     let pushBounces: [UnsafeMutableRawBufferPointer]
     /// Left by each push stream's thread when its stream ends (its `postcopyEnd`, or the connection dropped).
     let pushDone = DispatchGroup()
 
     /// The socket, owned here: post-copy outlives the call that accepted it.
-    var connection: FileDescriptor?
+    var connection: Connection?
+    /// How a resumed connection is secured: as the first one was.
+    let security: ChannelSecurity
 
     /// Minor-fault mode after pre-copy rounds: the 2 MiB blocks unmapped at the switch (runs of whole blocks,
     /// in pages), whose pages not needed are mapped again once the VM runs (`remapUnneededPages`).
     var unmappedBlocks: [(first: Int, count: Int)] = []
     static let blockPages = (2 << 20) / PageRun.pageSize
 
-    init(machine: Machine, source: FDStream, connection: FileDescriptor?, expected: PageSet, digestOfPresentPages: UInt64?,
-         urgent: FileDescriptor? = nil, pushStreams: [FileDescriptor] = [], recovery: Endpoint? = nil, token: UInt64 = 0,
-         afterPrecopy: Bool = false, logger: Logger) throws {
+    init(machine: Machine, source: FDStream, connection: Connection?, expected: PageSet, digestOfPresentPages: UInt64?,
+         urgent: Connection? = nil, pushStreams: [Connection] = [], recovery: Endpoint? = nil, security: ChannelSecurity = .plaintext,
+         token: UInt64 = 0, afterPrecopy: Bool = false, logger: Logger) throws {
         self.connection = connection
+        self.security = security
         self.urgent = urgent
         pushConnections = pushStreams
         pushBounces = pushStreams.map { _ in .allocate(byteCount: 1 << 20, alignment: 4096) }
@@ -203,14 +206,14 @@ final class PostcopyReceiver: @unchecked Sendable {
         if let urgent {
             spawnThread(named: "postcopy-urgent") { [self] in
                 makeCurrentThreadLatencyCritical()
-                receivePages(on: FDStream(fd: urgent.rawValue), .demandChannel, bounce: urgentBounce)
+                receivePages(on: urgent.stream, .demandChannel, bounce: urgentBounce)
                 urgentDone.signal()
             }
         }
         for (index, connection) in pushConnections.enumerated() {
             pushDone.enter()
             spawnThread(named: "postcopy-push-\(index + 1)") { [self] in
-                receivePages(on: FDStream(fd: connection.rawValue), .pushStream, bounce: pushBounces[index])
+                receivePages(on: connection.stream, .pushStream, bounce: pushBounces[index])
                 pushDone.leave()
             }
         }

@@ -38,7 +38,7 @@ final class PostcopySender: @unchecked Sendable {
     let memory: GuestMemory
     let stream: FDStream
     /// Owned for as long as the reader thread may use it.
-    let connection: FileDescriptor?
+    let connection: Connection?
     private var needed: PageSet
     /// What post-copy started with: only these pages are ever sent again.
     private let initiallyNeeded: PageSet
@@ -80,7 +80,7 @@ final class PostcopySender: @unchecked Sendable {
     /// charged to it, so the push makes room for them.
     private let rateLimit: RateLimiter
 
-    init(memory: GuestMemory, connection: FileDescriptor?, stream: FDStream, urgent: FDStream? = nil, pushStreams: [FDStream] = [],
+    init(memory: GuestMemory, connection: Connection?, stream: FDStream, urgent: FDStream? = nil, pushStreams: [FDStream] = [],
          needed: PageSet, rateLimit: RateLimiter = RateLimiter(bytesPerSecond: nil)) {
         self.connection = connection
         self.rateLimit = rateLimit
@@ -116,7 +116,7 @@ final class PostcopySender: @unchecked Sendable {
     func run() throws -> PostcopyStatistics {
         do {
             return try serve()
-        } catch let error as FDStream.IOError {
+        } catch where Connection.broke(error) {
             throw Failure(description: "lost the destination during post-copy: \(error)", connectionLost: true)
         }
     }
@@ -282,7 +282,7 @@ final class PostcopySender: @unchecked Sendable {
             condition.withLock {
                 if pushError == nil {
                     pushError = Failure(description: "lost the destination during post-copy (push stream): \(error)",
-                                        connectionLost: error is FDStream.IOError)
+                                        connectionLost: Connection.broke(error))
                 }
                 condition.broadcast()
             }

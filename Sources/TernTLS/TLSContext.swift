@@ -39,12 +39,13 @@ public final class TLSContext: @unchecked Sendable {
     deinit { ctls_context_free(context) }
 
     /// Runs the handshake on `fd` (a connected socket, made non-blocking for good) within
-    /// `timeoutSeconds`, checks the peer against `allowedPeers`, and returns the session.
+    /// `timeoutSeconds` and returns the session; `check(_:)` then says whether its peer is allowed.
     public func secure(fd: Int32, timeoutSeconds: Double = 10) throws(TLSError) -> TLSSession {
         let flags = fcntl(fd, F_GETFL)
         guard flags >= 0, fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0 else { throw .handshake("fcntl: \(String(cString: strerror(errno)))") }
-        guard let raw = ctls_session_new(context, fd, role == .server ? 1 : 0) else { throw .handshake("cannot create a TLS session") }
         let deadline = ContinuousClock.now + .milliseconds(Int(timeoutSeconds * 1000))
+        if role == .server { try Self.expectClientHello(fd, until: deadline, timeoutSeconds: timeoutSeconds) }
+        guard let raw = ctls_session_new(context, fd, role == .server ? 1 : 0) else { throw .handshake("cannot create a TLS session") }
         while true {
             let result = ctls_handshake(raw)
             if result == 1 { break }
@@ -53,6 +54,7 @@ public final class TLSContext: @unchecked Sendable {
                 ctls_last_error(raw, &error, error.count)
                 ctls_session_free(raw)
                 let reason = Int(result) == CTLS_CLOSED ? "the peer closed the connection (it refused us, or does not speak TLS)" : String(nulTerminated: error)
+                if role == .server { Self.lingerForAlert(fd) }
                 throw .handshake(reason)
             }
             let left = deadline - .now
@@ -65,13 +67,47 @@ public final class TLSContext: @unchecked Sendable {
         }
         var name = [CChar](repeating: 0, count: 256)
         ctls_peer_name(raw, &name, name.count)
-        let peer = String(nulTerminated: name)
-        if !allowedPeers.isEmpty && !allowedPeers.contains(where: { ctls_peer_matches(raw, $0) == 1 }) {
-            ctls_shutdown(raw)
-            ctls_session_free(raw)
-            throw .peerNotAllowed(peer, allowed: allowedPeers)
-        }
-        return TLSSession(session: raw, fd: fd, peerName: peer, version: String(cString: ctls_version(raw)),
+        return TLSSession(session: raw, fd: fd, peerName: String(nulTerminated: name), version: String(cString: ctls_version(raw)),
                           cipher: String(cString: ctls_cipher(raw)))
+    }
+
+    /// Throws unless the session's peer is one of `allowedPeers` (any peer of the CA when there are none).
+    public func check(_ session: TLSSession) throws(TLSError) {
+        guard !allowedPeers.isEmpty, !allowedPeers.contains(where: { session.peerMatches($0) }) else { return }
+        throw .peerNotAllowed(session.peerName, allowed: allowedPeers)
+    }
+
+    /// A TLS client speaks first, with a handshake record (content type 22): anything else is a peer in
+    /// clear, which the caller can then answer in clear.
+    static func expectClientHello(_ fd: Int32, until deadline: ContinuousClock.Instant, timeoutSeconds: Double) throws(TLSError) {
+        while true {
+            let left = deadline - .now
+            let milliseconds = Int32(max(0, left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000))
+            var entry = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&entry, 1, milliseconds)
+            if ready < 0 && errno == EINTR { continue }
+            guard ready > 0 else { throw .handshake("no answer within \(timeoutSeconds) s") }
+            var first: UInt8 = 0
+            let count = recv(fd, &first, 1, Int32(MSG_PEEK))
+            if count < 0 && (errno == EINTR || errno == EAGAIN) { continue }
+            guard count == 1 else { throw .handshake("the peer closed the connection before the TLS handshake") }
+            guard first == 22 else { throw .notTLS }
+            return
+        }
+    }
+
+    /// In TLS 1.3 a client learns that the server refused its certificate only from the alert that
+    /// follows its own Finished, while it is already sending. Closing at once, with its data unread,
+    /// would reset the connection and drop the alert; so the server stops writing and reads what
+    /// is still coming for a moment, and the client reads the reason.
+    static func lingerForAlert(_ fd: Int32) {
+        shutdown(fd, Int32(SHUT_WR))
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        let deadline = ContinuousClock.now + .milliseconds(500)
+        while ContinuousClock.now < deadline {
+            var entry = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&entry, 1, 100) > 0 else { continue }
+            if buffer.withUnsafeMutableBytes({ read(fd, $0.baseAddress, $0.count) }) <= 0 { return }
+        }
     }
 }

@@ -42,6 +42,7 @@ public final class TLSSession: SecureTransport, @unchecked Sendable {
             if result > 0 { return Int(result) }
             switch Int(result) {
             case CTLS_CLOSED: return 0
+            case CTLS_SOCKET_ERROR: throw FDStream.IOError(operation: "read", errno: errno)
             case CTLS_WANT_READ: try wait(for: Int16(POLLIN), timeoutOption: SO_RCVTIMEO, operation: "read")
             case CTLS_WANT_WRITE: try wait(for: Int16(POLLOUT), timeoutOption: SO_SNDTIMEO, operation: "read")
             default: throw TLSError.failed(lastError())
@@ -88,6 +89,7 @@ public final class TLSSession: SecureTransport, @unchecked Sendable {
             case CTLS_WANT_WRITE: try wait(for: Int16(POLLOUT), timeoutOption: SO_SNDTIMEO, operation: "write")
             case CTLS_WANT_READ: try wait(for: Int16(POLLIN), timeoutOption: SO_RCVTIMEO, operation: "write")
             case CTLS_CLOSED: throw FDStream.IOError(operation: "write", errno: EPIPE)
+            case CTLS_SOCKET_ERROR: throw FDStream.IOError(operation: "write", errno: errno)
             default: throw TLSError.failed(lastError())
             }
         }
@@ -95,6 +97,9 @@ public final class TLSSession: SecureTransport, @unchecked Sendable {
 
     /// Sends close_notify.
     public func close() { lock.withLock { _ in ctls_shutdown(session) } }
+
+    /// Whether the peer's certificate names `name` (a subject alternative name or the common name).
+    public func peerMatches(_ name: String) -> Bool { lock.withLock { _ in ctls_peer_matches(session, name) == 1 } }
 
     private func lastError() -> String {
         var text = [CChar](repeating: 0, count: 512)
@@ -126,6 +131,8 @@ public enum TLSError: Error, Equatable, CustomStringConvertible {
     case configuration(String)
     case handshake(String)
     case peerNotAllowed(String, allowed: [String])
+    /// The peer spoke first, and not TLS: a source migrating in clear.
+    case notTLS
     case failed(String)
 
     public var description: String {
@@ -133,6 +140,7 @@ public enum TLSError: Error, Equatable, CustomStringConvertible {
         case .configuration(let why): "TLS configuration: \(why)"
         case .handshake(let why): "TLS handshake failed: \(why)"
         case .peerNotAllowed(let name, let allowed): "the peer '\(name)' is not allowed (--tls-allow \(allowed.joined(separator: ", ")))"
+        case .notTLS: "the peer does not speak TLS (a migration in clear, to a destination that takes TLS only)"
         case .failed(let why): why
         }
     }

@@ -28,11 +28,14 @@ struct Certs: ParsableCommand {
         @Option(help: "Days the host certificate is valid.")
         var days: Int = 825
 
+        @Flag(help: ArgumentHelp("Make a host certificate that expired yesterday (for tests of the refusal).", visibility: .hidden))
+        var expired = false
+
         func run() throws {
             guard days > 0 else { throw ValidationError("--days must be positive") }
             do {
                 try CertificateAuthority.initialize(directory: directory, name: name, caDirectory: ca,
-                                                    validity: .init(notAfter: days))
+                                                    validity: expired ? .init(notBefore: -10, notAfter: -1) : .init(notAfter: days))
             } catch {
                 FileHandle.standardError.write(Data("tern: \(error)\n".utf8))
                 throw ExitCode.failure

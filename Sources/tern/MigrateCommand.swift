@@ -58,6 +58,15 @@ struct Migrate: ParsableCommand {
     @Flag(help: "Compare digests of memory and device state on both sides before handing over.")
     var verify = false
 
+    @Option(help: "Mutual TLS 1.3 on every connection, with the certificates in DIR (ca.pem, cert.pem, key.pem; `tern certs init`). A resume uses the first attempt's.")
+    var tlsDir: String?
+
+    @Option(help: "With --tls-dir: the destination's certificate must name NAME (repeatable).")
+    var tlsAllow: [String] = []
+
+    @Flag(help: "Migrate over tcp: in clear, without TLS (anyone on the path can read the VM's memory). unix: sockets need neither.")
+    var insecure = false
+
     func validate() throws {
         if let to { _ = try Endpoint(parsing: to) } else if !resume { throw ValidationError("--to is required (tcp:HOST:PORT or unix:PATH)") }
         guard MigrationMode(rawValue: mode) != nil else { throw ValidationError("--mode must be precopy, postcopy, hybrid or auto") }
@@ -76,6 +85,15 @@ struct Migrate: ParsableCommand {
         if let bandwidth, try Self.parseRate(bandwidth) < MigrateRequest.minimumBandwidth {
             throw ValidationError("--bandwidth must be at least 1M (1,000,000 bytes per second)")
         }
+        if !resume, let to, case .failure(let refusal) = ChannelSecurity.choose(tlsDirectory: nil, allowedPeers: [], insecure: insecure || tlsDir != nil,
+                                                                                 for: try Endpoint(parsing: to), role: .client) {
+            throw ValidationError(refusal.description)
+        }
+        if tlsDir != nil && insecure { throw ValidationError("--insecure and --tls-dir exclude each other") }
+        if !tlsAllow.isEmpty && tlsDir == nil { throw ValidationError("--tls-allow needs --tls-dir") }
+        if resume && (tlsDir != nil || insecure || !tlsAllow.isEmpty) {
+            throw ValidationError("--resume secures its connection as the migration it resumes did: no --tls-dir, --tls-allow or --insecure")
+        }
     }
 
     static func parseRate(_ text: String) throws -> UInt64 {
@@ -92,7 +110,10 @@ struct Migrate: ParsableCommand {
                                      timeoutS: timeout, bandwidth: try bandwidth.map(Self.parseRate), verify: verify,
                                      precopyRounds: precopyRounds, compress: compress,
                                      xbzrleCacheBytes: try CompressionChoice(parsing: compress).xbzrle ? try ByteSize(parsing: xbzrleCache).bytes : nil,
-                                     order: order, holdBack: holdBack, zstdLevel: zstdLevel, streams: streams)
+                                     order: order, holdBack: holdBack, zstdLevel: zstdLevel, streams: streams,
+                                     // The VM's tern process reads the directory: give it an absolute path.
+                                     tlsDir: tlsDir.map { URL(fileURLWithPath: $0).standardizedFileURL.path },
+                                     tlsAllow: tlsAllow.isEmpty ? nil : tlsAllow, insecure: insecure ? true : nil)
         let body = try APIJSON.encoder.encode(request)
         let client = api.client
         let outcome = Mutex<Result<APIClient.Response, any Error>?>(nil)
@@ -242,6 +263,11 @@ enum MigrationTable {
             ("status", r.status.rawValue + (r.reason.map { " (\($0))" } ?? "")),
             ("mode", r.mode),
             ("destination", r.destination),
+            ("channel", r.channel.map { channel in
+                channel.transport == "tls"
+                    ? "\(channel.tlsVersion ?? "TLS") \(channel.cipher ?? ""), peer '\(channel.peer ?? "")'"
+                    : r.destination.hasPrefix("tcp:") ? "plaintext (unencrypted, --insecure)" : "plaintext (unix socket)"
+            } ?? "-"),
             ("total", ms(r.totalMs)),
             ("setup", ms(r.setupMs)),
             ("downtime", ms(r.downtimeMs) + (r.downtimeClock.map { " (\($0) clock; upper bound \(ms(r.downtimeUpperBoundMs)))" } ?? "")),

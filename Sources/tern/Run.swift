@@ -46,6 +46,15 @@ struct Run: ParsableCommand {
     @Option(help: "Path of the Unix socket serving the HTTP/JSON API.")
     var apiSocket: String?
 
+    @Option(help: "With --incoming: mutual TLS 1.3 with the certificates in DIR (ca.pem, cert.pem, key.pem): only a source whose certificate chains to ca.pem may migrate a VM here.")
+    var tlsDir: String?
+
+    @Option(help: "With --tls-dir: accept only a source whose certificate names NAME (repeatable).")
+    var tlsAllow: [String] = []
+
+    @Flag(help: "With --incoming tcp:...: accept a migration in clear, without TLS (anyone who reaches the port can hand this host a VM, and anyone on the path can read its memory).")
+    var insecure = false
+
     @Flag(help: "Create the VM but leave its vCPUs paused.")
     var paused = false
 
@@ -76,8 +85,14 @@ struct Run: ParsableCommand {
     func validate() throws {
         _ = try deviceSpecs()
         guard HugePages(rawValue: thp) != nil else { throw ValidationError("--thp must be auto, on or off") }
+        if incoming == nil, tlsDir != nil || !tlsAllow.isEmpty || insecure {
+            throw ValidationError("--tls-dir, --tls-allow and --insecure go with --incoming")
+        }
         if let incoming {
-            _ = try Endpoint(parsing: incoming)
+            if case .failure(let refusal) = ChannelSecurity.choose(tlsDirectory: tlsDir, allowedPeers: tlsAllow, insecure: insecure,
+                                                                   for: try Endpoint(parsing: incoming), role: .server) {
+                throw ValidationError(refusal.description)
+            }
             if prealloc && memory == nil {
                 throw ValidationError("--prealloc with --incoming needs --memory (the memory is prepared before the source connects)")
             }
@@ -178,6 +193,8 @@ extension Run {
     /// SIGINT/SIGTERM while waiting abandon it cleanly (no VM ever ran).
     func receiveMigration(from endpoint: Endpoint, memory: UInt64?, serial: SerialTarget, server: APIServer?,
                           logger: Logger) throws -> Machine {
+        let security = try ChannelSecurity.choose(tlsDirectory: tlsDir, allowedPeers: tlsAllow, insecure: insecure, for: endpoint,
+                                                  role: .server).get()
         let listener = try endpoint.listen()
         defer { if case .unix(let path) = endpoint { unlink(path) } }
         var preparedMemory: GuestMemory?
@@ -199,28 +216,58 @@ extension Run {
             quitRequested.store(true, ordering: .relaxed)
             shutdown(listener.rawValue, Int32(SHUT_RDWR))
         }
-        logger.info("waiting for an incoming migration on \(endpoint)")
-        let connection: FileDescriptor
-        do {
-            connection = try Endpoint.accept(listener)
-        } catch {
-            if quitRequested.load(ordering: .relaxed) { throw QuitWhileWaiting() }
-            throw ConfigurationError("stopped waiting for an incoming migration")
+        logger.info("waiting for an incoming migration on \(endpoint)\(security.isEncrypted ? " (mutual TLS)" : "")")
+        if case .tcp = endpoint, !security.isEncrypted {
+            logger.warning("--insecure: a migration arrives in clear, and anyone who reaches \(endpoint) can hand this host a VM")
         }
-        connectionFD.value = connection.rawValue
-        let destination = MigrationDestination(
-            expectations: .init(memorySize: memory, vcpuCount: cpus, serial: serial, kvmPath: kvmDevice, recoveryEndpoint: endpoint,
-                                hugePages: hugePages),
-            preparedMemory: preparedMemory, logger: logger)
         // The listener stays open for the source's extra page streams (`--streams`), then closes.
         let streamListener = StreamListener(
             accept: { try Endpoint.accept(listener, timeoutSeconds: $0) },
             close: { shutdown(listener.rawValue, Int32(SHUT_RDWR)) })
         defer { streamListener.close() }
-        let (machine, outcome) = try destination.receive(on: connection, listener: streamListener) { server?.attach($0) }
+        // A connection that fails TLS, or fails before a VM is built for it (garbage, a silent peer, a
+        // refused hello), is turned away and the wait goes on: a stranger cannot end it.
+        while true {
+            let socket: FileDescriptor
+            do {
+                socket = try Endpoint.accept(listener)
+            } catch {
+                if quitRequested.load(ordering: .relaxed) { throw QuitWhileWaiting() }
+                throw ConfigurationError("stopped waiting for an incoming migration")
+            }
+            connectionFD.value = socket.rawValue
+            let control: Connection
+            do {
+                control = try security.establish(socket)
+            } catch {
+                logger.warning("refused a connection on \(endpoint): \(error); still waiting for the source")
+                connectionFD.value = nil
+                continue
+            }
+            if let session = control.session { logger.info("the source is '\(session.peerName)' (\(session.version), \(session.cipher))") }
+            let destination = MigrationDestination(
+                expectations: .init(memorySize: memory, vcpuCount: cpus, serial: serial, kvmPath: kvmDevice, recoveryEndpoint: endpoint,
+                                    hugePages: hugePages, security: security),
+                preparedMemory: preparedMemory, logger: logger)
+            let machineBuilt = Atomic<Bool>(false)
+            do {
+                let (machine, outcome) = try destination.receive(on: control, listener: streamListener) {
+                    machineBuilt.store(true, ordering: .relaxed)
+                    server?.attach($0)
+                }
+                logReceived(outcome, logger: logger)
+                return machine
+            } catch {
+                guard !machineBuilt.load(ordering: .relaxed), !quitRequested.load(ordering: .relaxed) else { throw error }
+                logger.warning("refused a connection on \(endpoint): \(error); still waiting for the source")
+                connectionFD.value = nil
+            }
+        }
+    }
+
+    func logReceived(_ outcome: MigrationDestination.Outcome, logger: Logger) {
         let megabytes = Double(outcome.bytes) / 1e6
         logger.info("migration received: \(String(format: "%.1f MB, %llu data pages, %llu zero pages", megabytes, outcome.dataPages, outcome.zeroPages))\(outcome.downtimeMs.map { String(format: ", downtime %.1f ms", $0) } ?? ""); \(outcome.paused ? "the VM is here now, paused as it was at the source (`tern resume` runs it)" : "the VM runs here now")")
-        return machine
     }
 }
 

@@ -52,12 +52,12 @@ struct BadInputTests {
     }
 
     @Test func migrateFlagsThatDoNotGoTogether() throws {
-        let migrate = try TernProcess(["migrate", "--api-socket", "/nonexistent.sock", "--to", "tcp:127.0.0.1:1", "--order", "sequential", "--hold-back"],
+        let migrate = try TernProcess(["migrate", "--insecure", "--api-socket", "/nonexistent.sock", "--to", "tcp:127.0.0.1:1", "--order", "sequential", "--hold-back"],
                                   withAPI: false)
         #expect(migrate.waitForExit() != 0)
         #expect(migrate.stderr.contains("need --order dirty-frequency"), "stderr: \(migrate.stderr)")
         // The CLI takes what the API takes: 1M is the lowest cap, refused before anything is asked of the API.
-        let slow = try TernProcess(["migrate", "--api-socket", "/nonexistent.sock", "--to", "tcp:127.0.0.1:1", "--bandwidth", "999K"],
+        let slow = try TernProcess(["migrate", "--insecure", "--api-socket", "/nonexistent.sock", "--to", "tcp:127.0.0.1:1", "--bandwidth", "999K"],
                                    withAPI: false)
         #expect(slow.waitForExit() != 0)
         #expect(slow.stderr.contains("--bandwidth must be at least 1M"), "stderr: \(slow.stderr)")

@@ -192,7 +192,7 @@ struct NetworkDeviceTests {
             try #require(up.status == 0, "\(up.output)")
         }
         let port = freePort()
-        let destination = try TernProcess(["run", "--incoming", "tcp:\(hosts.destinationAddress):\(port)", "--serial", "off"],
+        let destination = try TernProcess(["run", "--insecure", "--incoming", "tcp:\(hosts.destinationAddress):\(port)", "--serial", "off"],
                                           wrapper: hosts.destinationHost)
         let source = try TernProcess.guest("ip=\(guest)/24 dirty=8 rate=20 progress=0", memory: "64M",
                                            extra: ["--net", "tap=tap0,mac=\(mac)"], wrapper: hosts.sourceHost)
@@ -201,7 +201,7 @@ struct NetworkDeviceTests {
         #expect(shell("ip netns exec \(hosts.prefix)-a ping -c 2 -W 2 -i 0.2 \(guest)").status == 0, "the VM answers on the source host")
         let deadline = Date(timeIntervalSinceNow: 10)
         while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
-        let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", "tcp:\(hosts.destinationAddress):\(port)", "--json"],
+        let cli = try TernProcess(["migrate", "--insecure", "--api-socket", source.apiSocket, "--to", "tcp:\(hosts.destinationAddress):\(port)", "--json"],
                                   withAPI: false, wrapper: hosts.sourceHost)
         #expect(cli.waitForExit(timeout: 60) == 0, "migrate: \(cli.stderr) \(cli.stdout)")
         #expect(source.waitForExit(timeout: 10) == 0)

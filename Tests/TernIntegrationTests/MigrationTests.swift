@@ -29,7 +29,7 @@ struct MigrationPair {
     init(cmdline: String, memory: String = "256M", sourceArguments: [String] = [], destinationArguments: [String] = [],
          environment: [String: String] = [:], address: String? = nil) throws {
         self.address = address ?? "tcp:127.0.0.1:\(freePort())"
-        destination = try TernProcess(["run", "--incoming", self.address, "--serial", "off"] + destinationArguments, environment: environment)
+        destination = try TernProcess(["run", "--insecure", "--incoming", self.address, "--serial", "off"] + destinationArguments, environment: environment)
         source = try TernProcess.guest(cmdline, memory: memory, extra: sourceArguments)
         try source.waitForAPI()
         let deadline = Date(timeIntervalSinceNow: 10)
@@ -38,7 +38,7 @@ struct MigrationPair {
 
     /// Runs `tern migrate ... --json` and decodes its report.
     func migrate(_ extra: [String] = [], timeout: Double = 120) throws -> (MigrationReport?, TernProcess) {
-        let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", address, "--json"] + extra, withAPI: false)
+        let cli = try TernProcess(["migrate", "--insecure", "--api-socket", source.apiSocket, "--to", address, "--json"] + extra, withAPI: false)
         _ = cli.waitForExit(timeout: timeout)
         return (try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8)), cli)
     }
@@ -89,13 +89,13 @@ struct MigrationTests {
     /// Every vCPU moves, the ones the guest never started (waiting for their startup IPI) among them.
     @Test func aTwoVcpuVMMigrates() throws {
         let destinationPort = freePort()
-        let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(destinationPort)", "--serial", "off"])
+        let destination = try TernProcess(["run", "--insecure", "--incoming", "tcp:127.0.0.1:\(destinationPort)", "--serial", "off"])
         let source = try TernProcess.guest("fill=32 dirty=8 pattern=random rate=50 progress=0", memory: "256M", extra: ["--cpus", "2"])
         try source.waitForAPI()
         let before = try source.waitForStatus { $0.phase == .dirty }
         let deadline = Date(timeIntervalSinceNow: 10)
         while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
-        let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", "tcp:127.0.0.1:\(destinationPort)", "--json", "--verify"],
+        let cli = try TernProcess(["migrate", "--insecure", "--api-socket", source.apiSocket, "--to", "tcp:127.0.0.1:\(destinationPort)", "--json", "--verify"],
                                   withAPI: false)
         _ = cli.waitForExit(timeout: 60)
         let r = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8)), "no report: \(cli.stderr)")
@@ -189,7 +189,7 @@ struct MigrationTests {
     }
 
     @Test func preallocOnAnIncomingVMNeedsItsSize() throws {
-        let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(freePort())", "--prealloc"])
+        let destination = try TernProcess(["run", "--insecure", "--incoming", "tcp:127.0.0.1:\(freePort())", "--prealloc"])
         #expect(destination.waitForExit() != 0)
         #expect(destination.stderr.contains("--prealloc with --incoming needs --memory"))
     }
@@ -277,7 +277,7 @@ struct MigrationTests {
         func attempt(_ joins: [(index: UInt32, token: (UInt64) -> UInt64)], expecting text: String,
                      sourceLocation: SourceLocation = #_sourceLocation) throws {
             let port = freePort()
-            let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"])
+            let destination = try TernProcess(["run", "--insecure", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"])
             let deadline = Date(timeIntervalSinceNow: 10)
             while !destination.stderr.contains("waiting for an incoming") && Date() < deadline { usleep(20_000) }
             let endpoint = Endpoint.tcp(host: "127.0.0.1", port: port)
@@ -332,7 +332,7 @@ struct MigrationTests {
     func startCappedMigration() throws -> (MigrationPair, TernProcess) {
         let pair = try MigrationPair(cmdline: "fill=128 dirty=16 progress=0")
         _ = try pair.source.waitForStatus { $0.phase == .dirty }
-        let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json",
+        let cli = try TernProcess(["migrate", "--insecure", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json",
                                    "--bandwidth", "20M"], withAPI: false)
         try waitUntilPagesMove(pair.source)
         return (pair, cli)
@@ -492,7 +492,7 @@ struct MigrationTests {
     @Test func aPersonSeesProgressAndATable() throws {
         let pair = try MigrationPair(cmdline: "fill=64 dirty=16 pattern=random rate=50 progress=0")
         _ = try pair.source.waitForStatus { $0.phase == .dirty }
-        let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--bandwidth", "20M"],
+        let cli = try TernProcess(["migrate", "--insecure", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--bandwidth", "20M"],
                                   withAPI: false)
         #expect(cli.waitForExit(timeout: 60) == 0, "\(cli.stderr)")
         #expect(cli.stderr.contains("precopy round 0"), "\(cli.stderr)")
@@ -528,7 +528,7 @@ struct MigrationTests {
     @Test func migrateSetChangesTheLimitsOfARunningMigration() throws {
         let pair = try MigrationPair(cmdline: "fill=64 dirty=16 pattern=random progress=0")
         let before = try pair.source.waitForStatus { $0.phase == .dirty }
-        let cli = try TernProcess(["migrate", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json", "--verify",
+        let cli = try TernProcess(["migrate", "--insecure", "--api-socket", pair.source.apiSocket, "--to", pair.address, "--json", "--verify",
                                    "--bandwidth", "10M", "--max-downtime", "1"], withAPI: false)
         let deadline = Date(timeIntervalSinceNow: 30)
         while Date() < deadline, (pair.source.migrationReport()?.transferredBytes ?? 0) < 12_000_000 { usleep(50_000) }
@@ -588,7 +588,7 @@ struct MigrationTests {
     }
 
     @Test func quitEndsADestinationThatIsStillWaiting() throws {
-        let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(freePort())", "--serial", "off"])
+        let destination = try TernProcess(["run", "--insecure", "--incoming", "tcp:127.0.0.1:\(freePort())", "--serial", "off"])
         let deadline = Date(timeIntervalSinceNow: 10)
         while !destination.stderr.contains("waiting for an incoming") && Date() < deadline { usleep(20_000) }
         let info = try destination.client.request(.GET, "/v1/vm")
@@ -616,7 +616,7 @@ struct MigrationTests {
         #expect(first?.status == .completed)
         let other = try TernProcess.guest("progress=0", memory: "256M")
         try other.waitForAPI()
-        let cli = try TernProcess(["migrate", "--api-socket", other.apiSocket, "--to", pair.address, "--json"], withAPI: false)
+        let cli = try TernProcess(["migrate", "--insecure", "--api-socket", other.apiSocket, "--to", pair.address, "--json"], withAPI: false)
         #expect(cli.waitForExit(timeout: 30) == 1)
         let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
         #expect(report.status == .failed)
@@ -645,7 +645,7 @@ struct MigrationTests {
         server.start()
         let source = try TernProcess.guest("progress=0")
         try source.waitForAPI()
-        let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", "tcp:127.0.0.1:\(port)", "--json"], withAPI: false)
+        let cli = try TernProcess(["migrate", "--insecure", "--api-socket", source.apiSocket, "--to", "tcp:127.0.0.1:\(port)", "--json"], withAPI: false)
         #expect(cli.waitForExit(timeout: 60) == 1)
         let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
         #expect(report.status == .failed)
@@ -657,7 +657,7 @@ struct MigrationTests {
     @Test func destinationRejectsStreamsThatAreNotTern() throws {
         func attack(_ bytes: [UInt8], expecting text: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
             let port = freePort()
-            let destination = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"])
+            let destination = try TernProcess(["run", "--insecure", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"])
             let deadline = Date(timeIntervalSinceNow: 10)
             while !destination.stderr.contains("waiting for an incoming") && Date() < deadline { usleep(20_000) }
             let connection = try Endpoint.tcp(host: "127.0.0.1", port: port).connect()
@@ -680,10 +680,10 @@ struct MigrationTests {
 
     @Test func portInUseIsAClearError() throws {
         let port = freePort()
-        let first = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"])
+        let first = try TernProcess(["run", "--insecure", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"])
         let deadline = Date(timeIntervalSinceNow: 10)
         while !first.stderr.contains("waiting for an incoming") && Date() < deadline { usleep(20_000) }
-        let second = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"])
+        let second = try TernProcess(["run", "--insecure", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"])
         let code = second.waitForExit()
         #expect(code != nil && code != 0)
         #expect(second.stderr.contains("cannot listen on tcp:127.0.0.1:\(port)"))

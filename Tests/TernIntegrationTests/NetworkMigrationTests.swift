@@ -46,7 +46,7 @@ final class TestHosts {
        .enabled(if: TestHosts.canCreate, "needs network namespaces (root, iproute2)"))
 struct NetworkMigrationTests {
     func migrate(hosts: TestHosts, destinationListen: String, migrateTo: String, relay: String? = nil) throws -> (MigrationReport, TernProcess) {
-        let destination = try TernProcess(["run", "--incoming", destinationListen, "--serial", "off"], wrapper: hosts.destinationHost)
+        let destination = try TernProcess(["run", "--insecure", "--incoming", destinationListen, "--serial", "off"], wrapper: hosts.destinationHost)
         var relayProcess: Process?
         if let relay {
             // The relay says when it listens (namespaces share the file system): a fixed sleep was too short under load.
@@ -68,7 +68,7 @@ struct NetworkMigrationTests {
         let before = try source.waitForStatus { $0.phase == .dirty }
         let deadline = Date(timeIntervalSinceNow: 10)
         while !destination.stderr.contains("waiting for an incoming") && Date() < deadline { usleep(20_000) }
-        let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", migrateTo, "--json", "--verify"], withAPI: false)
+        let cli = try TernProcess(["migrate", "--insecure", "--api-socket", source.apiSocket, "--to", migrateTo, "--json", "--verify"], withAPI: false)
         #expect(cli.waitForExit(timeout: 120) == 0, "\(cli.stderr)")
         let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
         #expect(report.status == .completed)

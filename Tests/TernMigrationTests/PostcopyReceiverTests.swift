@@ -38,7 +38,7 @@ struct PostcopyReceiverTests {
             let listener = pushStream.map { stream in StreamListener(accept: { _ in stream }, close: {}) }
             do {
                 let (machine, _) = try MigrationDestination(expectations: .init(serial: .off, hugePages: hugePages))
-                    .receive(on: theirs, listener: listener)
+                    .receive(on: Connection(descriptor: theirs), listener: listener)
                 holder.set(machine)
             } catch {
                 holder.fail("\(error)")

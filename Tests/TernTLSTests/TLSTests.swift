@@ -118,8 +118,10 @@ struct TLSTests {
         let client = try TLSContext(directory: pki.directory("a"), role: .client)
         let outcome = handshake(server: server, client: client)
         defer { close(outcome.fds.0); close(outcome.fds.1) }
-        guard case .failure(let error) = outcome.server else { Issue.record("a name not allowed was accepted"); return }
-        #expect(error == .peerNotAllowed("host-a", allowed: ["host-c", "host-d"]))
+        let session = try outcome.server.get()
+        #expect(throws: TLSError.peerNotAllowed("host-a", allowed: ["host-c", "host-d"])) { try server.check(session) }
+        let allowing = try TLSContext(directory: pki.directory("b"), role: .server, allowedPeers: ["host-c", "host-a"])
+        try allowing.check(session)
     }
 
     @Test func plaintextAndSilentPeersAreRefused() throws {

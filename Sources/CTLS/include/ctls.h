@@ -26,6 +26,7 @@ enum {
     CTLS_WANT_WRITE = -2,
     CTLS_CLOSED = -3,   /* the peer closed the connection (close_notify or EOF) */
     CTLS_ERROR = -4,    /* see ctls_last_error */
+    CTLS_SOCKET_ERROR = -5, /* the socket failed: errno says how */
 };
 
 /// 1 once the handshake is done, or one of the codes above.
