@@ -40,13 +40,13 @@ let package = Package(
         ),
         .target(
             name: "TernMigration",
-            dependencies: ["TernMachine", "TernWire", "TernKVM", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["TernMachine", "TernWire", "TernKVM", "TernTLS", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict
         ),
         .target(
             name: "TernAPI",
             dependencies: [
-                "TernMachine", "TernMigration",
+                "TernMachine", "TernMigration", "TernTLS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
