@@ -36,7 +36,10 @@ public final class APIServer: Sendable {
             channel = try ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 16)
                 .childChannelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
+                    // The socket is 0600, and each client's uid is checked too (SO_PEERCRED): the file's mode
+                    // can be loosened, or the socket reached through a descriptor passed on.
+                    Self.peerIsAllowed(channel).flatMapThrowing { allowed in
+                        guard allowed else { throw APIServerError.peerNotAllowed }
                         try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                         try channel.pipeline.syncOperations.addHandler(NIOHTTPServerRequestAggregator(maxContentLength: 1 << 20))
                         try channel.pipeline.syncOperations.addHandler(APIRequestHandler(router: router))
@@ -44,10 +47,18 @@ public final class APIServer: Sendable {
                 }
                 .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: false)
                 .wait()
+            guard chmod(path, 0o600) == 0 else { throw ConfigurationError("chmod 0600 \(path): \(String(cString: strerror(errno)))") }
         } catch {
             try? group.syncShutdownGracefully()
             throw ConfigurationError("cannot serve the API on \(path): \(error)")
         }
+    }
+
+    /// Root, or the user this tern runs as.
+    static func peerIsAllowed(_ channel: any Channel) -> EventLoopFuture<Bool> {
+        guard let provider = channel as? any SocketOptionProvider else { return channel.eventLoop.makeSucceededFuture(false) }
+        let credentials: EventLoopFuture<PeerCredentials> = provider.unsafeGetSocketOption(level: .socket, name: .init(rawValue: SO_PEERCRED))
+        return credentials.map { $0.uid == 0 || $0.uid == getuid() }.recover { _ in false }
     }
 
     public func attach(_ machine: Machine) {
@@ -137,4 +148,16 @@ final class APIRequestHandler: ChannelInboundHandler, Sendable {
             after?()
         }
     }
+}
+
+enum APIServerError: Error {
+    /// A client of another user reached the API socket: its connection is closed unanswered.
+    case peerNotAllowed
+}
+
+/// struct ucred (glibc declares it only under _GNU_SOURCE): what SO_PEERCRED answers.
+struct PeerCredentials: Sendable {
+    var pid: Int32 = 0
+    var uid: UInt32 = 0
+    var gid: UInt32 = 0
 }

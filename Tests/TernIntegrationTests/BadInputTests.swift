@@ -139,3 +139,31 @@ struct BadInputTests {
         #expect(noServer.stderr.contains("cannot connect to the API socket"))
     }
 }
+
+/// The API socket is local and the VM's owner's only: mode 0600, and a client of another uid is
+/// turned away even when the file's mode lets it in (SO_PEERCRED).
+@Suite(.enabled(if: FileManager.default.isWritableFile(atPath: "/dev/kvm"), "needs /dev/kvm"),
+       .enabled(if: getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv"), "needs root and setpriv to act as another user"))
+struct APISocketAccessTests {
+    @Test func onlyTheOwnerReachesTheAPI() throws {
+        let tern = try TernProcess.guest("progress=0", memory: "32M")
+        try tern.waitForAPI()
+        var info = stat()
+        #expect(stat(tern.apiSocket, &info) == 0 && info.st_mode & 0o777 == 0o600, "mode \(String(info.st_mode & 0o777, radix: 8))")
+        // Loosen the file and the directory, then ask as nobody.
+        #expect(chmod(tern.apiSocket, 0o777) == 0 && chmod(tern.directory.path, 0o755) == 0)
+        let probe = """
+            import socket
+            s = socket.socket(socket.AF_UNIX); s.connect('\(tern.apiSocket)')
+            try:
+                s.sendall(b'GET /v1/vm HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')
+                print('answer:', s.recv(100)[:12])
+            except ConnectionResetError:
+                print('answer: reset')
+            """
+        let asNobody = shell("setpriv --reuid 65534 --regid 65534 --clear-groups /usr/bin/python3 -c \"\(probe)\"")
+        #expect(asNobody.output.contains("answer: b''") || asNobody.output.contains("answer: reset"),
+                "another user's request goes unanswered: \(asNobody.output)")
+        #expect(try tern.client.request(.GET, "/v1/vm").status == 200, "the owner is still served")
+    }
+}
