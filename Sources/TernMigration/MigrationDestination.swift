@@ -304,6 +304,14 @@ public final class MigrationDestination {
         if let vcpus = expectations.vcpuCount, vcpus != Int(hello.machine.vcpuCount) {
             throw Refusal("the source VM has \(hello.machine.vcpuCount) vCPUs; this destination was started with --cpus \(vcpus)")
         }
+        // Without --memory/--cpus the limits are what the host has: checked before anything is allocated.
+        if expectations.memorySize == nil, preparedMemory == nil, let available = HostResources.availableMemory(),
+           hello.machine.memorySize > available {
+            throw Refusal("the source VM has \(ByteSize(bytes: hello.machine.memorySize)) of RAM; this host has \(ByteSize(bytes: available)) available")
+        }
+        if expectations.vcpuCount == nil, Int(hello.machine.vcpuCount) > HostResources.processors {
+            throw Refusal("the source VM has \(hello.machine.vcpuCount) vCPUs; this host has \(HostResources.processors) processors")
+        }
         let unknown = Set(hello.devices).subtracting(Self.knownDevices)
         guard unknown.isEmpty else { throw Refusal("devices this tern cannot restore: \(unknown.sorted().joined(separator: ", "))") }
         let supported = try Kvm(path: expectations.kvmPath).supportedCPUID()

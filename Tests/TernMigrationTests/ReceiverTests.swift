@@ -143,6 +143,15 @@ struct ReceiverTests {
         // A destination started with --cpus 2 refuses a one-vCPU source.
         outcome = try refusalAndReply(s.hello + rest, expectations: .init(vcpuCount: 2, serial: .off))
         #expect(outcome.reply?.reason.contains("this destination was started with --cpus 2") == true, "\(String(describing: outcome.reply))")
+        // Without --memory/--cpus, a VM larger than the host has free is refused before anything is allocated.
+        var huge = try Hello(decoding: Array(s.hello.dropFirst(FrameHeader.size)))
+        huge.machine.memorySize = 1 << 40
+        outcome = try refusalAndReply(frame(.hello, huge.encoded) + rest)
+        #expect(outcome.reply?.reason.contains("of RAM; this host has") == true, "\(String(describing: outcome.reply))")
+        huge.machine.memorySize = 16 << 20
+        huge.machine.vcpuCount = 64
+        outcome = try refusalAndReply(frame(.hello, huge.encoded) + rest)
+        #expect(outcome.reply?.reason.contains("processors") == true, "\(String(describing: outcome.reply))")
         // Another protocol version: the rest of its hello is not read, but the reply still says why.
         var other = Array(s.hello.dropFirst(FrameHeader.size))
         other[8] = UInt8(Hello.protocolVersion + 1)
