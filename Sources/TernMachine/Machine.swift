@@ -125,7 +125,10 @@ public final class Machine: @unchecked Sendable {
             try CPUSetup.enterMultiboot(runners[0].vcpu, entry)
             logger.debug("loaded a Multiboot kernel", metadata: ["entry": "0x\(String(entry.entry, radix: 16))"])
         case .linux(let linux):
-            let entry = try LinuxLoader.load(linux, commandLine: configuration.commandLine, initrd: initrd, into: memory)
+            // Linux has no way to discover virtio-mmio devices: they are named on its command line, as Firecracker does.
+            let words = devices.devices.map { MmioWindow.linuxCommandLineWord(slot: $0.slot) }
+            let commandLine = ([configuration.commandLine] + words).filter { !$0.isEmpty }.joined(separator: " ")
+            let entry = try LinuxLoader.load(linux, commandLine: commandLine, initrd: initrd, into: memory)
             try CPUSetup.enterLinux64(runners[0].vcpu, entry)
             logger.debug("loaded a Linux kernel (boot protocol \(linux.protocolVersion >> 8).\(linux.protocolVersion & 0xFF))")
         case nil:

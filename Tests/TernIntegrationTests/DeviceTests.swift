@@ -50,6 +50,26 @@ struct DeviceTests {
         #expect(tern.waitForExit() == 0)
     }
 
+    /// Bad devices are one line on stderr and exit status 1 (64 for a malformed option), before any VM exists.
+    @Test func badDevicesAreOneClearErrorAtStartup() throws {
+        let disk = TestDisk(size: 1 << 20)
+        let cases: [([String], Int32, String)] = [
+            (["--disk", "path=/nonexistent/disk.img"], 1, "device 'disk0': cannot open disk image /nonexistent/disk.img: No such file or directory"),
+            (["--disk", "path=/tmp"], 1, "cannot open disk image /tmp: Is a directory"),
+            (["--disk", "path=\(disk.path),id=a", "--disk", "path=\(disk.path),id=a"], 64, "two devices have the id 'a'"),
+            (["--disk", "path=\(disk.path),size=3"], 64, "--disk: unknown key 'size'"),
+            (["--net", "tap=ternnosuchtap0"], 1, "no network interface 'ternnosuchtap0'"),
+            (["--net", "tap=lo"], 1, "interface 'lo' is not a TAP device"),
+            (["--net", "tap=t0,mac=01:00:00:00:00:01"], 64, "a multicast address cannot be a NIC's"),
+        ]
+        for (arguments, status, message) in cases {
+            let tern = try TernProcess(["run", "--kernel", TernProcess.guest, "--memory", "32M", "--serial", "off"] + arguments)
+            #expect(tern.waitForExit(timeout: 20) == status, "\(arguments): \(tern.stderr)")
+            #expect(tern.stderr.contains(message), "\(arguments): \(tern.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: tern.apiSocket), "\(arguments): no API socket is left")
+        }
+    }
+
     @Test func aReadOnlyDiskRefusesTheGuestsWrites() throws {
         let disk = TestDisk(size: 4 << 20)
         let tern = try TernProcess.guest("disk=write progress=0", memory: "64M", extra: ["--disk", "path=\(disk.path),readonly=on"])

@@ -22,7 +22,8 @@ struct LinuxBootTests {
         defer { try? FileManager.default.removeItem(at: directory) }
         let console = directory.appendingPathComponent("console.log").path
         let initrd = kernel.replacingOccurrences(of: "vmlinuz-", with: "initrd.img-")
-        var arguments = ["run", "--kernel", kernel, "--memory", "512M", "--serial", "file:\(console)",
+        let disk = TestDisk(size: 1 << 20, in: directory)
+        var arguments = ["run", "--kernel", kernel, "--memory", "512M", "--serial", "file:\(console)", "--disk", "path=\(disk.path)",
                          "--cmdline", "console=ttyS0 earlyprintk=ttyS0 panic=-1 tern.test=marker"]
         if FileManager.default.fileExists(atPath: initrd) { arguments += ["--initrd", initrd] }
         let tern = try TernProcess(arguments)
@@ -38,6 +39,7 @@ struct LinuxBootTests {
         print("Linux banner after \(String(format: "%.0f", Date().timeIntervalSince(started))) s")
         #expect(log.contains("Linux version "), "no banner on the serial console: \(log.prefix(500)); stderr: \(tern.stderr)")
         #expect(log.contains("tern.test=marker"), "the command line reached the kernel")
+        #expect(log.contains("virtio_mmio.device=512@0xfeb00000:5"), "the disk is named on the command line, where Linux looks for virtio-mmio devices")
         #expect(log.contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable"), "the e820 map reached the kernel")
         #expect(log.contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"))
         _ = try? tern.client.request(.PUT, "/v1/vm/quit")
