@@ -53,20 +53,39 @@ enum TestChannel: CustomStringConvertible, Sendable {
 @Suite(.serialized, .enabled(if: FileManager.default.isWritableFile(atPath: "/dev/kvm"), "needs /dev/kvm"),
        .enabled(if: TestHosts.canCreate, "needs network namespaces (root, iproute2)"))
 struct SecureMigrationTests {
+    /// Two namespace hosts: a TLS destination waiting on host b, and a guest running `cmdline` on host a.
+    struct Setup {
+        let hosts: TestHosts
+        let certificates: TestCertificates
+        let address: String
+        let destination: TernProcess
+        let source: TernProcess
+
+        init(cmdline: String, memory: String) throws {
+            hosts = try TestHosts()
+            certificates = try TestCertificates()
+            address = "tcp:\(hosts.destinationAddress):\(freePort())"
+            destination = try TernProcess(["run", "--incoming", address, "--serial", "off"] + TestChannel.tls.destinationArguments(certificates),
+                                          wrapper: hosts.destinationHost)
+            source = try TernProcess.guest(cmdline, memory: memory, wrapper: hosts.sourceHost)
+            try source.waitForAPI()
+            let deadline = Date(timeIntervalSinceNow: 10)
+            while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
+        }
+
+        /// `tern migrate` from host a with `arguments`.
+        func migrate(_ arguments: [String], to target: String? = nil) throws -> TernProcess {
+            try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", target ?? address, "--json"] + arguments,
+                            withAPI: false, wrapper: hosts.sourceHost)
+        }
+    }
+
     @Test(arguments: [["--streams", "2"], ["--mode", "hybrid", "--precopy-rounds", "1"], ["--mode", "postcopy"]])
     func aMigrationOverMutualTLSArrivesIntact(options: [String]) throws {
-        let hosts = try TestHosts()
-        let certificates = try TestCertificates()
-        let port = freePort(), address = "tcp:\(hosts.destinationAddress):\(port)"
-        let destination = try TernProcess(["run", "--incoming", address, "--serial", "off"] + TestChannel.tls.destinationArguments(certificates),
-                                          wrapper: hosts.destinationHost)
-        let source = try TernProcess.guest("fill=32 dirty=16 pattern=random progress=0", memory: "128M", wrapper: hosts.sourceHost)
-        try source.waitForAPI()
+        let setup = try Setup(cmdline: "fill=32 dirty=16 pattern=random progress=0", memory: "128M")
+        let (source, destination) = (setup.source, setup.destination)
         let before = try source.waitForStatus { $0.phase == .dirty }
-        let deadline = Date(timeIntervalSinceNow: 10)
-        while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
-        let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", address, "--json", "--verify"]
-                                  + TestChannel.tls.migrateArguments(certificates) + options, withAPI: false, wrapper: hosts.sourceHost)
+        let cli = try setup.migrate(["--verify"] + TestChannel.tls.migrateArguments(setup.certificates) + options)
         #expect(cli.waitForExit(timeout: 90) == 0, "\(cli.stderr)")
         let r = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8)), "\(cli.stderr)")
         #expect(r.status == .completed, "\(r.reason ?? "")")
@@ -80,16 +99,9 @@ struct SecureMigrationTests {
     }
 
     @Test func everyRefusalNamesItsReasonAndTheDestinationWaitsOn() throws {
-        let hosts = try TestHosts()
-        let certificates = try TestCertificates()
-        let port = freePort(), address = "tcp:\(hosts.destinationAddress):\(port)"
-        let destination = try TernProcess(["run", "--incoming", address, "--serial", "off"] + TestChannel.tls.destinationArguments(certificates),
-                                          wrapper: hosts.destinationHost)
-        let source = try TernProcess.guest("dirty=8 progress=0", memory: "64M", wrapper: hosts.sourceHost)
-        try source.waitForAPI()
+        let setup = try Setup(cmdline: "dirty=8 progress=0", memory: "64M")
+        let (hosts, certificates, source, destination) = (setup.hosts, setup.certificates, setup.source, setup.destination)
         _ = try source.waitForStatus { $0.phase == .dirty }
-        let deadline = Date(timeIntervalSinceNow: 10)
-        while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
 
         let stranger = try certificates.make("stranger", name: TestCertificates.sourceName)            // another CA
         let expired = try certificates.make("expired", name: TestCertificates.sourceName, ca: "source", expired: true)
@@ -102,8 +114,7 @@ struct SecureMigrationTests {
             ("a plaintext source at a TLS listener", ["--insecure"], "this destination takes migrations over mutual TLS only"),
         ]
         for (what, arguments, reason) in attempts {
-            let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", address, "--json"] + arguments,
-                                      withAPI: false, wrapper: hosts.sourceHost)
+            let cli = try setup.migrate(arguments)
             #expect(cli.waitForExit(timeout: 60) == 1, "\(what): \(cli.stderr)")
             let r = try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
             #expect(r?.status == .failed, "\(what)")
@@ -119,8 +130,7 @@ struct SecureMigrationTests {
         let plain = try TernProcess(["run", "--incoming", plainAddress, "--insecure", "--serial", "off"], wrapper: hosts.destinationHost)
         let plainDeadline = Date(timeIntervalSinceNow: 10)
         while !plain.stderr.contains("waiting for an incoming migration") && Date() < plainDeadline { usleep(20_000) }
-        let tlsAtPlain = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", plainAddress, "--json"]
-                                         + TestChannel.tls.migrateArguments(certificates), withAPI: false, wrapper: hosts.sourceHost)
+        let tlsAtPlain = try setup.migrate(TestChannel.tls.migrateArguments(certificates), to: plainAddress)
         #expect(tlsAtPlain.waitForExit(timeout: 60) == 1)
         let refused = try? APIJSON.decoder.decode(MigrationReport.self, from: Data(tlsAtPlain.stdout.utf8))
         #expect(refused?.reason?.contains("TLS handshake failed") == true, "\(refused?.reason ?? tlsAtPlain.stderr)")
@@ -130,8 +140,7 @@ struct SecureMigrationTests {
         #expect(plain.stderr.contains("refused a connection"), "\(plain.stderr)")
 
         // The real source still gets through.
-        let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", address, "--json", "--verify"]
-                                  + TestChannel.tls.migrateArguments(certificates), withAPI: false, wrapper: hosts.sourceHost)
+        let cli = try setup.migrate(["--verify"] + TestChannel.tls.migrateArguments(certificates))
         #expect(cli.waitForExit(timeout: 60) == 0, "\(cli.stderr)")
         #expect(source.waitForExit(timeout: 30) == 0)
     }
