@@ -1,3 +1,4 @@
+import Glibc
 import Logging
 import TernKVM
 
@@ -67,7 +68,12 @@ public final class MmioBus: Sendable {
     }
 
     /// Finishes in-flight requests, flushes, and serves nothing more until `release` (vCPUs stopped first).
-    public func quiesce() { for device in devices { device.quiesce() } }
+    /// Returns what failed to reach stable storage, if anything did.
+    @discardableResult
+    public func quiesce() -> String? {
+        let failures = devices.compactMap { device in device.quiesce().map { "device '\(device.id)': flush failed: \(String(cString: strerror($0)))" } }
+        return failures.isEmpty ? nil : failures.joined(separator: "; ")
+    }
     public func release() { for device in devices { device.release() } }
     /// Ends the workers (the VM is gone); flushes what was written first.
     public func stop() {

@@ -26,10 +26,11 @@ public protocol VirtioBackend: AnyObject, Sendable {
     /// (then the transport interrupts the driver). Runs on the device's worker thread only.
     func serve(queue: Int, _ virtqueue: inout SplitVirtqueue, features: UInt64) throws(VirtqueueError) -> Bool
     /// File descriptors whose readability should wake the worker (a TAP with packets waiting) as
-    /// things stand now; asked before each wait.
-    func readinessSources() -> [Int32]
+    /// things stand now, given the queues; asked before each wait, and only while the device serves.
+    func readinessSources(queues: [VirtqueueState]) -> [Int32]
     /// Finishes every write it has accepted onto stable storage (before a snapshot or a hand-over).
-    func flush()
+    /// Returns the errno of a failed flush, nil when everything written is on stable storage.
+    func flush() -> Int32?
     /// Which backend this is, as a snapshot or migration records it and a restore checks it.
     var identity: BackendIdentity { get }
 }

@@ -78,10 +78,10 @@ public final class VirtioBlock: VirtioBackend {
         return used
     }
 
-    public func flush() { _ = image.flush() }
+    public func flush() -> Int32? { image.flush() }
 
     /// Requests arrive only by notification.
-    public func readinessSources() -> [Int32] { [] }
+    public func readinessSources(queues: [VirtqueueState]) -> [Int32] { [] }
 
     /// Serves one request; returns the bytes written into its device-writable buffers.
     func handle(_ chain: DescriptorChain, ram: any GuestRAM) -> UInt32 {
@@ -92,14 +92,16 @@ public final class VirtioBlock: VirtioBackend {
             statistics.count(.malformed)
             return 0
         }
+        // The used length is 32 bits: a chain whose buffers add up to more is failed, not served.
+        let tooLarge = writable.count > Int(UInt32.max) - 1 || readable.count > Int(UInt32.max)
         let (dataIn, statusByte) = writable.split(at: writable.count - 1)
         let (headerBuffers, dataOut) = readable.split(at: 16)
         let finish = { (status: Status, written: Int) -> UInt32 in
             statusByte.write([status.rawValue], ram: ram)
             if status != .ok { self.statistics.count(.failed) }
-            return UInt32(written + 1)
+            return UInt32(clamping: written + 1)
         }
-        guard headerBuffers.count == 16 else { return finish(.ioError, 0) }
+        guard headerBuffers.count == 16, !tooLarge else { return finish(.ioError, 0) }
         let header = headerBuffers.read(limit: 16)
         let type = header.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 0, as: UInt32.self)) }
         let sector = header.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
@@ -107,8 +109,10 @@ public final class VirtioBlock: VirtioBackend {
         switch RequestType(rawValue: type) {
         case .read:
             guard let offset = range(sector: sector, length: UInt64(dataIn.count)) else { return finish(.ioError, 0) }
-            if image.read(into: dataIn, at: offset) != nil { return finish(.ioError, 0) }
+            // A read that fails part-way may have filled some of the buffers: they count as written either way.
+            let failed = image.read(into: dataIn, at: offset) != nil
             dataIn.noteWritten(dataIn.count, ram: ram)
+            if failed { return finish(.ioError, 0) }
             statistics.count(.read, bytesIn: dataIn.count)
             return finish(.ok, dataIn.count)
         case .write:

@@ -74,14 +74,24 @@ public final class VirtioMmioDevice: @unchecked Sendable {
     }
 
     private func runWorker() {
+        var backendFailed = false
         while !stopping.load(ordering: .acquiring) {
-            // The backend's own sources (a TAP with packets waiting) wake the worker too, while it can take them.
-            let sources = [notify.fd.rawValue, control.fd.rawValue] + backend.readinessSources()
-            var fds = sources.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+            // The backend's own sources (a TAP with packets waiting) wake the worker too, while it serves.
+            let serves = serving.withLock { !held }
+            let queues = registers.withLock { state in
+                state.status & VirtioStatus.driverOK != 0 && state.status & VirtioStatus.needsReset == 0 ? state.queues : nil
+            }
+            let own = serves && !backendFailed ? queues.map { backend.readinessSources(queues: $0) } ?? [] : []
+            var fds = ([notify.fd.rawValue, control.fd.rawValue] + own).map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
             let ready = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), -1) }
             if ready < 0 && errno != EINTR {
                 logger.error("virtio device \(id): poll failed (errno \(errno)); the device stops serving")
                 return
+            }
+            if fds.dropFirst(2).contains(where: { $0.revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 }) {
+                // A TAP deleted under the VM: stop waiting on it (it would wake the worker forever), serve the rest.
+                logger.error("virtio device \(id): its backend failed (the TAP was removed?); it receives nothing more")
+                backendFailed = true
             }
             notify.consume()
             control.consume()
@@ -102,13 +112,15 @@ public final class VirtioMmioDevice: @unchecked Sendable {
     /// and serves nothing more until `release`: after it, the device's state and the guest memory
     /// it wrote are final, for a snapshot or a switch-over. The vCPUs must be stopped first, or
     /// the guest could make more requests available.
-    public func quiesce() {
+    /// Returns the errno of a flush that failed (the device is held all the same).
+    @discardableResult
+    public func quiesce() -> Int32? {
         serving.lock()
         defer { serving.unlock() }
-        guard !held else { return }
+        guard !held else { return nil }
         serveQueues()
-        backend.flush()
         held = true
+        return backend.flush()
     }
 
     /// Serves requests again after `quiesce` (the VM resumed).

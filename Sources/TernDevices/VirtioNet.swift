@@ -35,9 +35,14 @@ public final class VirtioNet: VirtioBackend {
     /// struct virtio_net_config: mac[6], status (VIRTIO_NET_S_LINK_UP).
     public var configuration: [UInt8] { mac.bytes + [1, 0] }
 
-    public func readinessSources() -> [Int32] { starved.load(ordering: .acquiring) ? [] : [tap.fd.rawValue] }
+    /// The TAP, while the receive queue is set up and has buffers: otherwise a frame waiting there
+    /// would wake the worker over and over with nothing to put it in.
+    public func readinessSources(queues: [VirtqueueState]) -> [Int32] {
+        guard queues.indices.contains(Self.receiveQueue), queues[Self.receiveQueue].ready, !starved.load(ordering: .acquiring) else { return [] }
+        return [tap.fd.rawValue]
+    }
 
-    public func flush() {}
+    public func flush() -> Int32? { nil }
 
     public func serve(queue: Int, _ virtqueue: inout SplitVirtqueue, features: UInt64) throws(VirtqueueError) -> Bool {
         switch queue {
@@ -51,7 +56,9 @@ public final class VirtioNet: VirtioBackend {
         var used = false
         while let chain = try queue.next() {
             let frame = GuestBuffers(chain.readable, ram: queue.ram)
-            if frame.count <= TapDevice.headerSize || frame.count > Self.maximumFrame || !chain.writable.isEmpty {
+            if frame.count <= TapDevice.headerSize || frame.count > Self.maximumFrame || !chain.writable.isEmpty
+                || frame.read(limit: 2) != [0, 0] {
+                // No offloads were offered: a header asking for checksum or segmentation offload is not passed to the host.
                 statistics.count(.dropped)
             } else if tap.send(frame) {
                 statistics.count(.sent, bytesOut: frame.count - TapDevice.headerSize)
@@ -86,6 +93,11 @@ public final class VirtioNet: VirtioBackend {
             case nil:
                 queue.giveBack()
                 return used
+            case let count? where count > buffers.count:
+                // Truncated to the buffer by the TAP (a frame beyond the MTU offered): dropped, not passed on cut.
+                statistics.count(.dropped)
+                try queue.complete(chain.head, written: 0)
+                used = true
             case let count? where count > TapDevice.headerSize:
                 // num_buffers (the header's last field) is 1: one buffer per frame.
                 buffers.write([1, 0], at: TapDevice.headerSize - 2, ram: queue.ram)

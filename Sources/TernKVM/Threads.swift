@@ -1,10 +1,15 @@
 import Foundation
+import CKVM
 
 /// Starts a named OS thread. vCPUs and blocking socket loops need real
 /// threads, not tasks: they sit in ioctls and syscalls for long stretches.
 @discardableResult
 public func spawnThread(named name: String, _ body: @escaping @Sendable () -> Void) -> Thread {
-    let thread = Thread(block: body)
+    let thread = Thread {
+        // The kernel's name for the thread (top -H, /proc/PID/task/TID/comm): 15 bytes at most.
+        _ = ckvm_set_thread_name(name)
+        body()
+    }
     thread.name = name
     thread.stackSize = 1 << 20
     thread.start()

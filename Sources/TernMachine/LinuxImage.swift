@@ -20,6 +20,10 @@ public struct LinuxImage: Equatable, Sendable {
     public var initrdAddressMaximum: UInt32
     /// The longest command line the kernel takes, without its NUL (cmdline_size).
     public var commandLineSize: UInt32
+    /// Where the kernel decompresses itself: at least its preferred address (pref_address,
+    /// LOAD_PHYSICAL_ADDR, usually 16 MiB), aligned to kernel_alignment.
+    public var preferredAddress: UInt64
+    public var alignment: UInt64
 
     /// Whether `bytes` look like a bzImage (so the loader knows which protocol to use).
     public static func matches(_ bytes: [UInt8]) -> Bool {
@@ -37,9 +41,12 @@ public struct LinuxImage: Equatable, Sendable {
         if setupSectors == 0 { setupSectors = 4 }
         let kernelStart = (setupSectors + 1) * 512
         guard headerEnd <= kernelStart, kernelStart < bytes.count else { throw .truncated }
-        guard let initSize = r.u32(at: 0x260), let initrdMaximum = r.u32(at: 0x22C), let commandLineSize = r.u32(at: 0x238) else {
+        guard let initSize = r.u32(at: 0x260), let initrdMaximum = r.u32(at: 0x22C), let commandLineSize = r.u32(at: 0x238),
+              let preferred = r.u64(at: 0x258), let alignment = r.u32(at: 0x230) else {
             throw .truncated
         }
+        preferredAddress = preferred
+        self.alignment = alignment.nonzeroBitCount == 1 ? UInt64(alignment) : 0x20_0000
         setupHeader = Array(bytes[Self.setupHeaderOffset..<headerEnd])
         protocolVersion = version
         kernel = bytes[kernelStart...]

@@ -56,8 +56,14 @@ public enum LinuxLoader {
     /// protocol's selectors and page tables that identity-map the first 4 GiB.
     public static func load(_ image: LinuxImage, commandLine: String, initrd: [UInt8]?, into memory: GuestMemory) throws -> LinuxEntry {
         let low = memory.regions[0]
-        let kernelEnd = LinuxLayout.kernelAddress + UInt64(image.initSize)
-        guard kernelEnd <= low.end.rawValue else { throw LinuxBootError.doesNotFit("the kernel (\(image.initSize) bytes from 1 MiB as it decompresses)") }
+        // The kernel decompresses at the larger of its preferred address and where it was loaded (aligned),
+        // and needs init_size from there: nothing else may lie below that end.
+        let aligned = (LinuxLayout.kernelAddress + image.alignment - 1) / image.alignment * image.alignment
+        let decompressAt = max(aligned, image.preferredAddress)
+        let kernelEnd = max(LinuxLayout.kernelAddress + UInt64(image.kernel.count), decompressAt + UInt64(image.initSize))
+        guard kernelEnd <= low.end.rawValue else {
+            throw LinuxBootError.doesNotFit("the kernel (\(image.initSize) bytes from 0x\(String(decompressAt, radix: 16)) as it decompresses)")
+        }
         let commandLineBytes = Array(commandLine.utf8)
         let limit = min(image.commandLineSize, UInt32(LinuxLayout.commandLineCapacity - 1))
         guard commandLineBytes.count <= Int(limit) else { throw LinuxBootError.commandLineTooLong(commandLineBytes.count, limit: limit) }

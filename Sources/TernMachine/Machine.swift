@@ -200,12 +200,14 @@ public final class Machine: @unchecked Sendable {
         case notRunning(MachineState)
         case notPaused(MachineState)
         case timeout
+        case devicesNotQuiesced(String)
 
         public var description: String {
             switch self {
             case .notRunning(let state): "the VM is \(state.rawValue), not running"
             case .notPaused(let state): "the VM is \(state.rawValue), not paused"
             case .timeout: "vCPUs did not stop in time"
+            case .devicesNotQuiesced(let why): "the VM keeps running: \(why)"
             }
         }
     }
@@ -222,8 +224,13 @@ public final class Machine: @unchecked Sendable {
             throw LifecycleError.timeout
         }
         // As QEMU's vm_stop drains and flushes block I/O: a paused VM does no I/O, and what it
-        // wrote is on stable storage, so its state can be captured or handed over.
-        devices.quiesce()
+        // wrote is on stable storage, so its state can be captured or handed over. A flush that
+        // fails makes the pause fail: nothing may be handed over on data that is not there.
+        if let failure = devices.quiesce() {
+            devices.release()
+            for runner in runners { runner.resume() }
+            throw LifecycleError.devicesNotQuiesced(failure)
+        }
         state = .paused
     }
 

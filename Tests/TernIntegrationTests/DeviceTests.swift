@@ -202,6 +202,37 @@ struct NetworkDeviceTests {
         #expect(status.netReceived >= 200 && status.netSent >= 200)
     }
 
+    /// A NIC whose guest has not set it up (or a paused VM) leaves frames on the TAP and does not spin on them.
+    @Test func aNICTheGuestDoesNotDriveCostsNoCPU() throws {
+        let namespace = try TapNamespace()
+        let tern = try TernProcess.guest("progress=0", memory: "32M", extra: ["--net", "tap=\(namespace.tap)"], wrapper: namespace.wrapper)
+        try tern.waitForAPI()
+        // Frames for the TAP: pings to the guest's would-be address (ARP requests, broadcast).
+        let pinger = Process()
+        pinger.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        pinger.arguments = ["netns", "exec", namespace.name, "ping", "-i", "0.05", "-c", "80", "-W", "1", namespace.guestAddress]
+        pinger.standardOutput = FileHandle.nullDevice
+        pinger.standardError = FileHandle.nullDevice
+        try pinger.run()
+        defer { if pinger.isRunning { pinger.terminate() } }
+        func workerTicks() -> Int? {
+            let tasks = "/proc/\(tern.process.processIdentifier)/task"
+            for task in (try? FileManager.default.contentsOfDirectory(atPath: tasks)) ?? [] {
+                guard (try? String(contentsOfFile: "\(tasks)/\(task)/comm", encoding: .utf8))?.hasPrefix("virtio-net0") == true,
+                      let stat = try? String(contentsOfFile: "\(tasks)/\(task)/stat", encoding: .utf8) else { continue }
+                let fields = stat.split(separator: ")").last?.split(separator: " ") ?? []
+                guard fields.count > 13, let user = Int(fields[11]), let system = Int(fields[12]) else { return nil }
+                return user + system
+            }
+            return nil
+        }
+        sleep(1)
+        let before = try #require(workerTicks(), "no virtio-net0 thread")
+        sleep(2)
+        let after = try #require(workerTicks())
+        #expect(after - before < 20, "the NIC's worker used \(after - before) ticks of CPU in 2 s")
+    }
+
     /// Two hosts (namespaces joined by a veth), each with a TAP of the same name on which the
     /// VM's NIC lands: after the move the VM answers on the destination host with the same MAC.
     @Test func aMigratedNICKeepsItsMACAndAnswersOnTheDestination() throws {

@@ -18,6 +18,8 @@ func craftedBzImage(version: UInt16 = 0x020F, xloadflags: UInt16 = 1, kernelByte
     put(xloadflags, at: 0x236)
     put(commandLineSize, at: 0x238)
     put(initSize, at: 0x260)
+    put(UInt32(0x20_0000), at: 0x230)          // kernel_alignment
+    put(UInt64(0x100_0000), at: 0x258)         // pref_address: 16 MiB
     for i in 0..<kernelBytes { bytes[5 * 512 + i] = UInt8(truncatingIfNeeded: i * 13 + 1) }
     return bytes
 }
@@ -58,7 +60,8 @@ struct LinuxLoaderTests {
         #expect(try memory.read(GuestAddress(0x20000), count: 20) == Array("console=ttyS0 quiet".utf8) + [0])
         let initrdAddress = try #require(r.u32(at: 0x218))
         #expect(r.u32(at: 0x21C) == 10000 && initrdAddress % 4096 == 0)
-        #expect(UInt64(initrdAddress) + 10000 <= 64 << 20 && UInt64(initrdAddress) >= 0x100000 + 0x40000)
+        #expect(UInt64(initrdAddress) + 10000 <= 64 << 20 && UInt64(initrdAddress) >= 0x100_0000 + 0x40000,
+                "above where the kernel decompresses (16 MiB + init_size)")
         #expect(try memory.read(GuestAddress(UInt64(initrdAddress)), count: 10000) == initrd)
         // e820: low memory and RAM from 1 MiB.
         #expect(params[0x1E8] == 2)
@@ -71,16 +74,20 @@ struct LinuxLoaderTests {
     }
 
     @Test func refusesALongCommandLineAndAKernelThatDoesNotFit() throws {
-        let memory = try GuestMemory(size: 16 << 20)
+        let memory = try GuestMemory(size: 32 << 20)
         let image = try LinuxImage(parsing: craftedBzImage(commandLineSize: 16))
         #expect(throws: LinuxBootError.commandLineTooLong(20, limit: 16)) {
             try LinuxLoader.load(image, commandLine: String(repeating: "x", count: 20), initrd: nil, into: memory)
         }
-        let huge = try LinuxImage(parsing: craftedBzImage(initSize: 32 << 20))
+        let huge = try LinuxImage(parsing: craftedBzImage(initSize: 17 << 20))
+        // 17 MiB decompressed from 16 MiB does not fit in 32 MiB, though 1 MiB + 17 MiB would.
         #expect(throws: LinuxBootError.self) { try LinuxLoader.load(huge, commandLine: "", initrd: nil, into: memory) }
         let fits = try LinuxImage(parsing: craftedBzImage())
         #expect(throws: LinuxBootError.self) {
-            try LinuxLoader.load(fits, commandLine: "", initrd: [UInt8](repeating: 1, count: 15 << 20), into: memory)
+            try LinuxLoader.load(fits, commandLine: "", initrd: [UInt8](repeating: 1, count: 16 << 20), into: memory)
+        }
+        #expect(throws: Never.self, "an initrd that fits above the decompressed kernel") {
+            try LinuxLoader.load(fits, commandLine: "", initrd: [UInt8](repeating: 1, count: 12 << 20), into: memory)
         }
     }
 }

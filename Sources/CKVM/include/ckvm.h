@@ -15,6 +15,7 @@
 #include <net/if.h>
 #include <linux/if_tun.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <string.h>
@@ -148,6 +149,11 @@ static inline int ckvm_zero_range(int fd, int64_t offset, int64_t length) {
 /// Allocates a range of a file where it has holes (zero pages); what it holds already stays.
 static inline int ckvm_allocate_range(int fd, int64_t offset, int64_t length) {
     return (int)syscall(SYS_fallocate, fd, FALLOC_FL_KEEP_SIZE, offset, length);
+}
+
+/// Names the calling thread for the kernel (comm; top -H): the first 15 bytes of `name`.
+static inline int ckvm_set_thread_name(const char *name) {
+    return prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0);
 }
 
 static inline int ckvm_gettid(void) {
