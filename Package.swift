@@ -40,7 +40,7 @@ let package = Package(
         ),
         .target(
             name: "TernMigration",
-            dependencies: ["TernMachine", "TernWire", "TernKVM", "TernTLS", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["TernMachine", "TernDevices", "TernWire", "TernKVM", "TernTLS", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict
         ),
         .target(

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Logging
+import TernDevices
 import TernKVM
 import TernMachine
 import TernWire
@@ -22,10 +23,15 @@ public final class MigrationDestination {
         public var hugePages: HugePages
         /// How connections are secured (also a post-copy's resumed connection).
         public var security: ChannelSecurity
+        /// Where the VM's disks and NICs land here (`--disk id=NAME,path=FILE`, `--net id=NAME,tap=TAP`), by id:
+        /// a source never chooses what a destination opens.
+        public var devices: [DeviceSpec] = []
 
         public init(memorySize: UInt64? = nil, vcpuCount: Int? = nil, serial: SerialTarget = .stdout, kvmPath: String = "/dev/kvm",
-                    recoveryEndpoint: Endpoint? = nil, hugePages: HugePages = .auto, security: ChannelSecurity = .plaintext) {
+                    recoveryEndpoint: Endpoint? = nil, hugePages: HugePages = .auto, security: ChannelSecurity = .plaintext,
+                    devices: [DeviceSpec] = []) {
             self.security = security
+            self.devices = devices
             self.hugePages = hugePages
             self.recoveryEndpoint = recoveryEndpoint
             self.memorySize = memorySize
@@ -141,8 +147,7 @@ public final class MigrationDestination {
                 vcpuCount: Int(hello.machine.vcpuCount), serial: expectations.serial, kvmPath: expectations.kvmPath,
                 hugePages: fourKiBPages && expectations.hugePages == .auto ? .off : expectations.hugePages)
             configuration.bootedKernel = hello.machine.kernelPath.isEmpty ? nil : hello.machine.kernelPath
-            // Shared storage and the same TAP names: the destination opens what the source names.
-            configuration.devices = hello.machine.devices
+            configuration.devices = try Self.devices(for: hello.machine.devices, here: expectations.devices)
             machine = try Machine(configuration: configuration, memory: preparedMemory, logger: logger)
             // Post-copy from the start into preallocated memory: unmap it now, before the source
             // pauses, so that the switch need not (its pages then wait for their contents by minor faults).
@@ -294,6 +299,31 @@ public final class MigrationDestination {
         return (machine, Outcome(dataPages: applier.dataPages + (extraStreams?.dataPages ?? 0),
                                  zeroPages: applier.zeroPages + (extraStreams?.zeroPages ?? 0), bytes: bytes, downtimeMs: downtime,
                                  paused: keepPaused))
+    }
+
+    /// The VM's devices as this destination opens them: each one the VM has must be named here by
+    /// id and kind (the path or TAP is this host's choice); the MAC and read-only flag are the VM's.
+    static func devices(for announced: [DeviceSpec], here: [DeviceSpec]) throws -> [DeviceSpec] {
+        for local in here where !announced.contains(where: { $0.id == local.id }) {
+            throw Refusal("device '\(local.id)' is configured here, but the VM has no such device")
+        }
+        return try announced.map { device in
+            switch (device, here.first { $0.id == device.id }) {
+            case (.disk(let disk), .disk(var local)?):
+                guard !local.readOnly || disk.readOnly else {
+                    throw Refusal("the VM's disk '\(disk.id)' is writable; --disk id=\(disk.id) here says readonly=on")
+                }
+                local.readOnly = disk.readOnly
+                return .disk(local)
+            case (.network(let network), .network(var local)?):
+                local.mac = network.mac
+                return .network(local)
+            case (.disk(let disk), _):
+                throw Refusal("the VM has a disk '\(disk.id)': name where it lands here with --disk id=\(disk.id),path=FILE")
+            case (.network(let network), _):
+                throw Refusal("the VM has a NIC '\(network.id)' (MAC \(network.mac)): name its TAP here with --net id=\(network.id),tap=NAME")
+            }
+        }
     }
 
     /// Can this host run the announced machine?

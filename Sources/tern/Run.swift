@@ -96,9 +96,6 @@ struct Run: ParsableCommand {
             if prealloc && memory == nil {
                 throw ValidationError("--prealloc with --incoming needs --memory (the memory is prepared before the source connects)")
             }
-            guard disk.isEmpty, net.isEmpty else {
-                throw ValidationError("--incoming opens the devices the source names (shared storage, the same TAPs): no --disk or --net yet")
-            }
             guard kernel == nil, restore == nil, cmdline.isEmpty, !paused else {
                 throw ValidationError("--incoming takes the VM from the source: no --kernel, --restore, --cmdline or --paused")
             }
@@ -247,7 +244,7 @@ extension Run {
             if let session = control.session { logger.info("the source is '\(session.peerName)' (\(session.version), \(session.cipher))") }
             let destination = MigrationDestination(
                 expectations: .init(memorySize: memory, vcpuCount: cpus, serial: serial, kvmPath: kvmDevice, recoveryEndpoint: endpoint,
-                                    hugePages: hugePages, security: security),
+                                    hugePages: hugePages, security: security, devices: try deviceSpecs()),
                 preparedMemory: preparedMemory, logger: logger)
             let machineBuilt = Atomic<Bool>(false)
             do {

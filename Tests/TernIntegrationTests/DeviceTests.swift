@@ -112,6 +112,23 @@ struct DeviceTests {
         #expect(found.diskErrors > 0, "the guest notices blocks that lost their contents")
     }
 
+    /// A destination opens only what it names itself: a VM whose disk it was not told about is refused in
+    /// the handshake (the source keeps running it), as is a destination device the VM does not have.
+    @Test func aDestinationOpensOnlyTheDevicesItNames() throws {
+        let disk = TestDisk(size: 4 << 20)
+        for (arguments, refusal) in [([String](), "the VM has a disk 'disk0': name where it lands here with --disk id=disk0,path=FILE"),
+                                     (["--disk", "id=disk0,path=\(disk.path)", "--disk", "id=extra,path=\(disk.path)"],
+                                      "device 'extra' is configured here, but the VM has no such device")] {
+            let pair = try MigrationPair(cmdline: "disk=write progress=0", memory: "64M", sourceArguments: ["--disk", "path=\(disk.path)"],
+                                         destinationArguments: arguments)
+            let (report, cli) = try pair.migrate()
+            let r = try #require(report, "no report: \(cli.stderr)")
+            #expect(r.status == .failed && r.reason?.contains(refusal) == true, "\(r.reason ?? "")")
+            let info = try APIJSON.decoder.decode(MachineInfo.self, from: try pair.source.client.request(.GET, "/v1/vm").body)
+            #expect(info.state == .running, "the source keeps its VM")
+        }
+    }
+
     @Test func aRestoreRefusesADiskOfAnotherSize() throws {
         let disk = TestDisk(size: 4 << 20)
         let source = try TernProcess.guest("disk=write progress=0", memory: "64M", extra: ["--disk", "path=\(disk.path),id=data"])
@@ -132,8 +149,10 @@ struct DeviceTests {
     @Test(arguments: [["--mode", "precopy"], ["--mode", "postcopy"], ["--mode", "hybrid"]])
     func aLiveMigrationWithTheDiskWorkloadLosesNoWrite(mode: [String]) throws {
         let disk = TestDisk(size: 8 << 20)
+        // Shared storage: the destination names the same image for the VM's disk.
         let pair = try MigrationPair(cmdline: "disk=write disk_pattern=rand disk_flush=4 disk_verify=2 disk_rate=4 progress=0",
-                                     memory: "128M", sourceArguments: ["--disk", "path=\(disk.path)"])
+                                     memory: "128M", sourceArguments: ["--disk", "path=\(disk.path)"],
+                                     destinationArguments: ["--disk", "id=disk0,path=\(disk.path)"])
         let before = try pair.source.waitForStatus(timeout: 30) { $0.diskWrites > 100 }
         let (report, cli) = try pair.migrate(["--verify"] + mode)
         let r = try #require(report, "no report: \(cli.stderr)")
@@ -243,8 +262,8 @@ struct NetworkDeviceTests {
             try #require(up.status == 0, "\(up.output)")
         }
         let port = freePort()
-        let destination = try TernProcess(["run", "--insecure", "--incoming", "tcp:\(hosts.destinationAddress):\(port)", "--serial", "off"],
-                                          wrapper: hosts.destinationHost)
+        let destination = try TernProcess(["run", "--insecure", "--incoming", "tcp:\(hosts.destinationAddress):\(port)", "--serial", "off",
+                                           "--net", "id=net0,tap=tap0"], wrapper: hosts.destinationHost)
         let source = try TernProcess.guest("ip=\(guest)/24 dirty=8 rate=20 progress=0", memory: "64M",
                                            extra: ["--net", "tap=tap0,mac=\(mac)"], wrapper: hosts.sourceHost)
         try source.waitForAPI()
