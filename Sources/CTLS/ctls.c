@@ -144,8 +144,10 @@ static int add_extension(X509 *cert, X509 *issuer, int nid, const char *value) {
 }
 
 static int write_private(const char *path, EVP_PKEY *key) {
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0) return 0;
+    /* An existing file keeps its mode through O_TRUNC: make it the owner's only before the key goes in. */
+    if (fchmod(fd, 0600) != 0) { close(fd); return 0; }
     FILE *file = fdopen(fd, "w");
     if (!file) { close(fd); return 0; }
     int ok = PEM_write_PrivateKey(file, key, NULL, NULL, 0, NULL, NULL);

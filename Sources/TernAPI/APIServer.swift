@@ -32,6 +32,9 @@ public final class APIServer: Sendable {
         let router = RouterBox()
         self.group = group
         self.router = router
+        // Created owner-only (no window in which the socket exists with a looser mode).
+        let previousMask = umask(0o177)
+        defer { umask(previousMask) }
         do {
             channel = try ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 16)
@@ -47,7 +50,6 @@ public final class APIServer: Sendable {
                 }
                 .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: false)
                 .wait()
-            guard chmod(path, 0o600) == 0 else { throw ConfigurationError("chmod 0600 \(path): \(String(cString: strerror(errno)))") }
         } catch {
             try? group.syncShutdownGracefully()
             throw ConfigurationError("cannot serve the API on \(path): \(error)")

@@ -39,14 +39,14 @@ public enum ChannelSecurity: Sendable {
     /// How long a peer may take over the TLS handshake before it is dropped.
     public static let handshakeSeconds = 10.0
 
-    /// Secures a connected socket (nothing to do in clear).
-    public func establish(_ descriptor: FileDescriptor) throws -> Connection {
+    /// Secures a connected socket (nothing to do in clear), its handshake bounded by `timeoutSeconds`.
+    public func establish(_ descriptor: FileDescriptor, timeoutSeconds: Double = handshakeSeconds) throws -> Connection {
         switch self {
         case .plaintext: return Connection(descriptor: descriptor)
         case .tls(let context):
             let session: TLSSession
             do {
-                session = try context.secure(fd: descriptor.rawValue, timeoutSeconds: Self.handshakeSeconds)
+                session = try context.secure(fd: descriptor.rawValue, timeoutSeconds: timeoutSeconds)
             } catch .notTLS {
                 // Told in clear, which is what such a source reads.
                 try? FDStream(fd: descriptor.rawValue).writeFrame(.abort, payload: Array("this destination takes migrations over mutual TLS only (tern migrate --tls-dir DIR)".utf8))
@@ -60,6 +60,8 @@ public enum ChannelSecurity: Sendable {
                     try? FDStream(fd: descriptor.rawValue, secure: session).writeFrame(.abort, payload: Array("\(error)".utf8))
                 }
                 session.close()
+                // The client's unread hello would turn an immediate close into a reset that loses the reason.
+                if context.role == .server { TLSContext.lingerForAlert(descriptor.rawValue) }
                 throw error
             }
             return Connection(descriptor: descriptor, session: session)

@@ -46,7 +46,9 @@ final class PageStreamReceivers: @unchecked Sendable {
             }
             let connection: Connection
             do {
-                connection = try security.establish(socket)
+                // A silent stranger may hold up the wait only for the time the streams have left to join.
+                let seconds = Double((deadline - ContinuousClock.now).components.seconds)
+                connection = try security.establish(socket, timeoutSeconds: min(ChannelSecurity.handshakeSeconds, max(0.5, seconds)))
             } catch {
                 turnedAway.append("\(error)")
                 continue

@@ -100,7 +100,7 @@ public final class TLSContext: @unchecked Sendable {
     /// follows its own Finished, while it is already sending. Closing at once, with its data unread,
     /// would reset the connection and drop the alert; so the server stops writing and reads what
     /// is still coming for a moment, and the client reads the reason.
-    static func lingerForAlert(_ fd: Int32) {
+    public static func lingerForAlert(_ fd: Int32) {
         shutdown(fd, Int32(SHUT_WR))
         var buffer = [UInt8](repeating: 0, count: 4096)
         let deadline = ContinuousClock.now + .milliseconds(500)
