@@ -74,11 +74,19 @@ public final class VirtioNet: VirtioBackend {
     private func receive(_ queue: inout SplitVirtqueue) throws(VirtqueueError) -> Bool {
         starved.store(false, ordering: .releasing)
         var used = false
+        // While buffers are posted the worker waits on the TAP and looks at the ring whenever a frame
+        // comes, so the driver need not notify as it reposts them: one exit fewer per frame received.
+        try queue.suppressNotifications(true)
         while true {
-            guard try queue.hasAvailable() else {
-                // Buffers ran out: wake again only when the driver posts more (its notification).
-                starved.store(true, ordering: .releasing)
-                return used
+            if try !queue.hasAvailable() {
+                // Buffers ran out: ask for the driver's notification again, then look once more, since
+                // a buffer posted before it saw the flag comes without one.
+                try queue.suppressNotifications(false)
+                guard try queue.hasAvailable() else {
+                    starved.store(true, ordering: .releasing)
+                    return used
+                }
+                try queue.suppressNotifications(true)
             }
             guard let chain = try queue.next() else { return used }
             let buffers = GuestBuffers(chain.writable, ram: queue.ram)

@@ -144,6 +144,15 @@ public struct SplitVirtqueue {
         return DescriptorChain(head: head, segments: segments)
     }
 
+    /// Tells the driver whether to notify when it makes buffers available (VIRTQ_USED_F_NO_NOTIFY, a
+    /// hint it may ignore). Turning notifications back on is followed by a full fence, so that a caller
+    /// that then looks at the available ring again sees every buffer made available before the driver
+    /// could have read the flag.
+    public func suppressNotifications(_ suppressed: Bool) throws(VirtqueueError) {
+        guard ram.store(UInt16(suppressed ? 1 : 0), at: state.usedRing) else { throw .ringOutsideRAM("used ring", state.usedRing) }
+        if !suppressed { ckvm_fence_seq_cst() }
+    }
+
     /// Puts back the chain `next` just took, unused (a receive queue's buffer with no frame to fill it).
     public mutating func giveBack() { state.nextAvailable &-= 1 }
 

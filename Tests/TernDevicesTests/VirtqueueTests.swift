@@ -23,6 +23,16 @@ struct VirtqueueTests {
         #expect(queue.state.nextAvailable == 1 && queue.state.nextUsed == 1)
     }
 
+    @Test func notificationsAreSuppressedThroughTheUsedRingsFlags() throws {
+        let driver = TestDriverQueue(ram: ram)
+        let queue = SplitVirtqueue(state: driver.state, ram: ram)
+        try queue.suppressNotifications(true)
+        #expect(ram.get(UInt16.self, at: driver.used) == 1, "VIRTQ_USED_F_NO_NOTIFY")
+        #expect(ram.deviceWrote(driver.used, count: 2))
+        try queue.suppressNotifications(false)
+        #expect(ram.get(UInt16.self, at: driver.used) == 0)
+    }
+
     @Test func aLoopingChainEndsInAnError() throws {
         var driver = TestDriverQueue(ram: ram, size: 8)
         driver.descriptor(address: 0x8000, length: 16, writable: false, next: 1)
