@@ -113,8 +113,10 @@ struct PostcopyTests {
     /// order can be caught between two sweeps: since rounds clear each page's dirty bit as they copy it, such a
     /// guest's rounds shrink to a few milliseconds.)
     @Test func hybridMovesAGuestThatPrecopyCannotConverge() throws {
+        // Over a 50 MB/s cap the guest outruns the link whatever the host's speed (uncapped, a busy host once
+        // slowed the guest enough for a round to meet the target).
         let r = try migrateAndCheck(cmdline: "fill=64 dirty=32 pattern=random progress=0",
-                                    arguments: ["--mode", "hybrid", "--precopy-rounds", "3", "--max-downtime", "5"])
+                                    arguments: ["--mode", "hybrid", "--precopy-rounds", "3", "--max-downtime", "5", "--bandwidth", "50M"])
         let precopyRounds = r.rounds.dropLast()
         #expect(!precopyRounds.isEmpty && precopyRounds.count <= 3)
         #expect(precopyRounds.last.map { $0.predictedDowntimeMs > 5 } == true,
