@@ -27,13 +27,11 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
 import signal
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -43,8 +41,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(HERE, "qemu"))
-sys.dont_write_bytecode = True  # no __pycache__ in the source tree from the import below
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree from the imports below
 import qemu_migrate as qm  # noqa: E402  (QMP client and warm_host)
+import benchlib as bl  # noqa: E402
+from benchlib import (BenchError, Interrupted, blocked_signals, log, med, ratio, run_out, spawn,  # noqa: E402
+                      tail)
+
+bl.set_prog("devices")
 
 MARK_START = "<!-- devices-bench:start -->"
 MARK_END = "<!-- devices-bench:end -->"
@@ -99,60 +102,7 @@ GROUPS = {"disk": [c for c in CASES if CASES[c]["kind"] == "disk"],
 DEFAULT_AIO = {"writeback": "threads", "none": "threads"}
 
 
-def log(*a):
-    print("[devices]", *a, file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    pass
-
-
-class Interrupted(BaseException):
-    """SIGTERM, handled like Ctrl-C (KeyboardInterrupt)."""
-
-
-class blocked_signals:
-    """Defers SIGINT/SIGTERM while cleaning up, so a second Ctrl-C cannot leave processes behind."""
-
-    def __enter__(self):
-        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-
-    def __exit__(self, *exc):
-        signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
-        return False
-
-
 # ---------------------------------------------------------------- processes
-
-LIVE = {}  # pid -> (Popen, name): every process started here and not yet reaped
-
-
-def spawn(name, cmd, logpath):
-    """Starts a process in its own session (Ctrl-C reaches only this script, which stops it)."""
-    log("start %s: %s" % (name, shlex.join(cmd)))
-    with open(logpath, "wb") as out:
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                             start_new_session=True, cwd=REPO)
-    LIVE[p.pid] = (p, name)
-    return p
-
-
-def reap(p, timeout):
-    try:
-        p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return False
-    LIVE.pop(p.pid, None)
-    return True
-
-
-def signal_proc(p, sig):
-    if p.poll() is None:
-        try:
-            p.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
 
 def stop_proc(p, name, graceful=None):
     """graceful() (quit through the API/QMP) if given, then SIGTERM, then SIGKILL; all bounded."""
@@ -163,29 +113,11 @@ def stop_proc(p, name, graceful=None):
             graceful()
         except Exception as e:  # noqa: BLE001 - any failure of the polite way falls through to signals
             log("%s: quit failed (%s); sending SIGTERM" % (name, e))
-    if not reap(p, 5):
-        signal_proc(p, signal.SIGTERM)
-        if not reap(p, 10):
-            log("killing %s (pid %d)" % (name, p.pid))
-            signal_proc(p, signal.SIGKILL)
-            reap(p, 10)
-    LIVE.pop(p.pid, None)
-    return p.returncode
+    return bl.terminate(p, name, 5)
 
 
 def kill_leftovers():
-    for pid, (p, name) in list(LIVE.items()):
-        stop_proc(p, name)
-        LIVE.pop(pid, None)
-
-
-def tail(path, n=1500):
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        return data[-n:].decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
+    bl.kill_leftovers(stop_proc)
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -217,16 +149,8 @@ def host_busy_ticks():
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     kthreads = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if entry == "2" or fields[1] == "2":
+    for pid, fields in bl.processes():
+        if pid == 2 or fields[1] == "2":
             kthreads += int(fields[11]) + int(fields[12])
     return v[0] + v[1] + v[2], kthreads
 
@@ -253,14 +177,6 @@ def cpu_use(pid, a, b, ha, hb, seconds, client_s=0.0):
         "client_cores": round(client_s / seconds, 3),
         "foreign_busy_cores": round((hb - ha - total - (kb - ka)) * f - client_s / seconds, 3),
     }
-
-
-def run_out(cmd, timeout=15):
-    try:
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, cwd=REPO)
-        return r.stdout.decode("utf-8", "replace").strip() if r.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
 
 
 def sh(cmd, timeout=15, check=True):
@@ -345,7 +261,7 @@ class TernVM:
         if net:
             cmd = ["ip", "netns", "exec", ctx.netns] + cmd + ["--net", "tap=%s,mac=%s" % (ctx.tap, NET_MAC)]
         self.cmd = cmd
-        self.p = spawn("tern", cmd, self.logpath)
+        self.p = spawn("tern", cmd, stdout=self.logpath, stderr=subprocess.STDOUT)
 
     def status(self):
         if not os.path.exists(self.sock):
@@ -363,11 +279,7 @@ class TernVM:
         return self.p.poll() is None
 
     def stop(self):
-        def quit_api():
-            if os.path.exists(self.sock):
-                subprocess.run([self.ctx.tern, "quit", "--api-socket", self.sock], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
-        return stop_proc(self.p, "tern", quit_api)
+        return stop_proc(self.p, "tern", lambda: bl.tern_quit(self.ctx.tern, self.sock))
 
 
 class QemuVM:
@@ -390,7 +302,7 @@ class QemuVM:
                 "-netdev", "tap,id=n0,ifname=%s,script=no,downscript=no" % ctx.tap,
                 "-device", "virtio-net-device,netdev=n0,mac=%s" % NET_MAC]
         self.cmd = cmd
-        self.p = spawn("qemu", cmd, self.logpath)
+        self.p = spawn("qemu", cmd, stdout=self.logpath, stderr=subprocess.STDOUT)
 
     def status(self):
         if self.qmp is None:
@@ -742,11 +654,6 @@ def netns_down(ctx):
 
 # ---------------------------------------------------------------- report
 
-def med(values):
-    v = [x for x in values if x is not None]
-    return statistics.median(v) if v else None
-
-
 def fmt(v, unit=""):
     if v is None:
         return "-"
@@ -774,10 +681,6 @@ def cell(runs, key):
     if bad:
         s += ", %d failed" % bad
     return s, m
-
-
-def ratio(a, b):
-    return None if a is None or not b else a / b
 
 
 def vmm_label(vmm, drives):
@@ -949,72 +852,11 @@ def render_markdown(records, meta):
     return "\n".join(lines) + "\n"
 
 
-def write_markdown_file(path, section):
-    """Replaces what is between the markers (bench/migration.py's convention), else appends."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = None
-    if text is None:
-        new = "# Benchmarks\n\n" + section
-    elif MARK_START in text and MARK_END in text and text.index(MARK_START) < text.index(MARK_END):
-        i = text.index(MARK_START)
-        j = text.index(MARK_END) + len(MARK_END)
-        rest = text[j:]
-        if rest.startswith("\n"):
-            rest = rest[1:]
-        new = text[:i] + section + rest
-    else:
-        new = text + ("" if text.endswith("\n") else "\n") + "\n" + section
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- main
-
-def machine_facts(args, tern_info):
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for ln in f:
-                if ln.startswith("model name"):
-                    cpu = ln.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    qv = run_out([args.qemu, "--version"])
-    status = run_out(["git", "status", "--porcelain", "--untracked-files=no", "--", "Sources", "Package.swift", "guest"])
-    return {
-        "nproc": run_out(["nproc"]) or os.cpu_count(), "kernel": platform.release(), "cpu_model": cpu,
-        "loadavg": "%.2f" % os.getloadavg()[0],
-        "qemu_version": qv.splitlines()[0] if qv else "not found",
-        "tern_commit": run_out(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
-        "tern_tree_dirty": bool(status), "tern": tern_info,
-    }
-
 
 def commit_before(when):
     """The last commit at `when` (an ISO time): what a binary built then was at least built from."""
     return run_out(["git", "log", "-1", "--format=%h", "--until=" + when]) if when else None
-
-
-def pick_tern(path):
-    if path:
-        p = os.path.abspath(path)
-        if not os.access(p, os.X_OK):
-            sys.exit("devices.py: --tern %s is not an executable" % path)
-        return p
-    for sub in ("release", "debug"):
-        p = os.path.join(REPO, ".build", sub, "tern")
-        if os.access(p, os.X_OK):
-            if sub == "debug":
-                log("warning: no .build/release/tern; using the debug build (slower)")
-            return p
-    sys.exit("devices.py: no tern binary (.build/release/tern or .build/debug/tern); give --tern PATH")
 
 
 def parse_drive(spec):
@@ -1090,10 +932,7 @@ def parse_args():
                 ap.error("unknown case %r (known: %s; groups disk, net)" % (x, ", ".join(CASES)))
             if x not in args.case_list:
                 args.case_list.append(x)
-    args.vmm_names = [v.strip() for v in args.vmms.split(",") if v.strip()]
-    for v in args.vmm_names:
-        if v not in ("tern", "qemu"):
-            ap.error("unknown VMM %r (tern, qemu)" % v)
+    args.vmm_names = bl.vmm_names(ap, args.vmms)
     try:
         args.drive_list = [parse_drive(x.strip()) for x in (args.qemu_drive or ["writeback", "none"])]
     except (ValueError, KeyError) as e:
@@ -1104,13 +943,7 @@ def parse_args():
 
 
 def summarize(args):
-    with open(args.summarize) as f:
-        records = [json.loads(ln) for ln in f if ln.strip()]
-    records = [r for r in records if r.get("bench") == "devices"]
-    if not records:
-        sys.exit("devices.py: no device records in %s" % args.summarize)
-    run_id = records[-1]["run_id"]
-    records = [r for r in records if r["run_id"] == run_id]
+    records = bl.last_run(args.summarize, "devices", "device")
     for r in records:
         # the rates again from the two samples, with this version's arithmetic
         if r.get("sample_a") and r.get("sample_b"):
@@ -1123,11 +956,7 @@ def summarize(args):
     t = meta.get("machine", {}).get("tern") or {}
     if t and "commit_before_build" not in t:
         t["commit_before_build"] = commit_before(t.get("mtime"))
-    section = render_markdown(records, meta)
-    sys.stdout.write(section)
-    if args.markdown:
-        write_markdown_file(args.markdown, section)
-        log("report written to %s" % args.markdown)
+    bl.emit_report(render_markdown(records, meta), args.markdown, MARK_START, MARK_END)
     return 0
 
 
@@ -1142,16 +971,14 @@ def main():
     if args.summarize:
         return summarize(args)
 
-    def on_term(signum, frame):
-        raise Interrupted("signal %d" % signum)
-    signal.signal(signal.SIGTERM, on_term)
+    bl.raise_on_sigterm()
 
     ctx = Ctx()
     ctx.args = args
     guest_src = os.path.abspath(args.guest)
     if not os.path.isfile(guest_src):
         sys.exit("devices.py: guest not found: %s (make -C guest)" % guest_src)
-    tern_path = pick_tern(args.tern) if "tern" in args.vmm_names else None
+    tern_path = bl.pick_tern(args.tern) if "tern" in args.vmm_names else None
     if "qemu" in args.vmm_names and not shutil.which(args.qemu):
         sys.exit("devices.py: %s not found (apt-get install qemu-system-x86)" % args.qemu)
     # VMM names: "tern", and one QEMU per drive mode ("qemu-writeback", "qemu-none", ...)
@@ -1176,19 +1003,14 @@ def main():
     if tern_path:
         ctx.tern = os.path.join(ctx.tmp, "tern")
         shutil.copy2(tern_path, ctx.tern)
-        st = os.stat(tern_path)
-        tern_info = {
-            "path": os.path.relpath(tern_path, REPO) if tern_path.startswith(REPO + os.sep) else tern_path,
-            "build": "debug" if "/debug/" in tern_path else ("release" if "/release/" in tern_path else "unknown"),
-            "mtime": datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
+        tern_info = bl.tern_binary_info(tern_path)
         tern_info["commit_before_build"] = commit_before(tern_info["mtime"])
     ctx.netns = args.netns
     ctx.tap = "tbdev0"
     meta = {
         "command": "python3 " + shlex.join(sys.argv),
         "date": now.isoformat(timespec="seconds"),
-        "machine": machine_facts(args, tern_info),
+        "machine": bl.machine_facts(args.qemu, tern_info),
         "params": {"guest": os.path.relpath(guest_src, REPO), "guest_sha256": guest_sha,
                    "guest_mtime": datetime.datetime.fromtimestamp(os.stat(guest_src).st_mtime,
                                                                   datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -1228,8 +1050,7 @@ def main():
                             # other work on the machine took more than --max-other-cores during the window:
                             # kept in the JSON, left out of the tables, and the run is done again
                             rec["status"] = "disturbed"
-                        with open(args.out, "a") as f:
-                            f.write(json.dumps(rec) + "\n")
+                        bl.append_jsonl(args.out, rec)
                         records.append(rec)
                         if not retry:
                             break
@@ -1259,11 +1080,7 @@ def main():
             if not args.keep_tmp:
                 shutil.rmtree(ctx.tmp, ignore_errors=True)
     if records:
-        section = render_markdown(records, meta)
-        sys.stdout.write(section)
-        if args.markdown:
-            write_markdown_file(args.markdown, section)
-            log("report written to %s" % args.markdown)
+        bl.emit_report(render_markdown(records, meta), args.markdown, MARK_START, MARK_END)
     return 130 if interrupted else rc
 
 

@@ -21,11 +21,9 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
-import statistics
 import struct
 import subprocess
 import sys
@@ -35,8 +33,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(HERE, "qemu"))
-sys.dont_write_bytecode = True  # no __pycache__ in the source tree from the import below
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree from the imports below
 import qemu_migrate as qm  # noqa: E402  (constants and free_port only; the run itself is a subprocess)
+import benchlib as bl  # noqa: E402
+from benchlib import (BenchError, Interrupted, LIVE, blocked_signals, kill_hard, log, med, ratio,  # noqa: E402
+                      reap, signal_proc, spawn, tail)
+
+bl.set_prog("migration")
 
 QEMU_SCRIPT = os.path.join(HERE, "qemu", "qemu_migrate.py")
 MARK_START = "<!-- migration-bench:start -->"
@@ -85,113 +88,19 @@ CASES = {
 }
 
 
-def log(*a):
-    print("[migration]", *a, file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    pass
-
-
-class Interrupted(BaseException):
-    """SIGTERM, handled like Ctrl-C (KeyboardInterrupt)."""
-
-
 # ---------------------------------------------------------------- processes
-
-LIVE = {}  # pid -> (Popen, name): everything started here and not yet reaped
-
-
-class blocked_signals:
-    """Defers SIGINT/SIGTERM while cleaning up, so a second Ctrl-C cannot leave processes behind."""
-
-    def __enter__(self):
-        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-
-    def __exit__(self, *exc):
-        signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
-        return False
-
-
-def spawn(name, cmd, stdout=None, stderr=None):
-    """Starts a process in its own session (Ctrl-C on the terminal reaches only this script,
-    which then stops its children in order). stdout/stderr: a path, or None to inherit."""
-    log("start %s: %s" % (name, shlex.join(cmd)))
-    out = open(stdout, "wb") if stdout else None
-    err = open(stderr, "wb") if stderr else None
-    try:
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                             start_new_session=True, cwd=REPO)
-    finally:
-        for f in (out, err):
-            if f:
-                f.close()
-    LIVE[p.pid] = (p, name)
-    return p
-
-
-def reap(p, timeout):
-    """Waits up to `timeout` s; True if the process has exited."""
-    try:
-        p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return False
-    LIVE.pop(p.pid, None)
-    return True
-
-
-def signal_proc(p, sig):
-    if p.poll() is None:
-        try:
-            p.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-
-def kill_hard(p, name):
-    if p.poll() is None:
-        log("killing %s (pid %d)" % (name, p.pid))
-        signal_proc(p, signal.SIGKILL)
-    reap(p, 10)
-
 
 def children_of(pid):
     """Pids whose parent is `pid` (from /proc/*/stat)."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 1 and int(fields[1]) == pid:
-            kids.append(int(entry))
-    return kids
+    return [k for k, fields in bl.processes() if len(fields) > 1 and int(fields[1]) == pid]
 
 
 def stop_tern_run(tern, p, sock, name):
     """`tern quit` through the API, then SIGTERM (tern stops cleanly), then SIGKILL; all bounded."""
     if p is None:
         return None
-    quit_ok = False
-    if p.poll() is None and sock and os.path.exists(sock):
-        try:
-            # a destination still waiting for its migration answers "the VM is still being
-            # created" (exit 1): SIGTERM ends that wait
-            quit_ok = subprocess.run([tern, "quit", "--api-socket", sock], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     timeout=10).returncode == 0
-        except subprocess.TimeoutExpired:
-            pass
-    if not reap(p, 10 if quit_ok else 0.2):
-        signal_proc(p, signal.SIGTERM)
-        if not reap(p, 10):
-            kill_hard(p, name)
-    LIVE.pop(p.pid, None)
-    return p.returncode
+    quit_ok = p.poll() is None and bl.tern_quit(tern, sock)
+    return bl.terminate(p, name, 10 if quit_ok else 0.2)
 
 
 def stop_qemu_script(p):
@@ -215,24 +124,8 @@ def stop_qemu_script(p):
 
 
 def kill_leftovers():
-    for pid, (p, name) in list(LIVE.items()):
-        if p.poll() is None:
-            if name == "qemu_migrate.py":
-                stop_qemu_script(p)
-            else:
-                signal_proc(p, signal.SIGTERM)
-                if not reap(p, 10):
-                    kill_hard(p, name)
-        LIVE.pop(pid, None)
-
-
-def tail(path, n=1500):
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        return data[-n:].decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
+    bl.kill_leftovers(lambda p, name: stop_qemu_script(p) if name == "qemu_migrate.py"
+                      else bl.terminate(p, name, 0))
 
 
 # ------------------------------------------------------------- tern helpers
@@ -568,11 +461,6 @@ def run_qemu(ctx, case, rep, order):
 
 # ---------------------------------------------------------------- report
 
-def med(values):
-    v = [x for x in values if x is not None]
-    return statistics.median(v) if v else None
-
-
 def fmt(v, kind):
     if v is None:
         return "-"
@@ -606,12 +494,6 @@ def stat_cell(runs, key, kind, scale=1.0):
                  for r in runs]
         cell += " (" + ", ".join(parts) + ")"
     return cell, (m, incomplete)
-
-
-def ratio(a, b):
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
 
 
 def case_table(case, runs):
@@ -785,85 +667,7 @@ def render_markdown(records, meta):
     return "\n".join(lines) + "\n"
 
 
-def write_markdown_file(path, section):
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = None
-    if text is None:
-        new = "# Benchmarks\n\n" + section
-    elif marks()[0] in text and marks()[1] in text and text.index(marks()[0]) < text.index(marks()[1]):
-        i = text.index(marks()[0])
-        j = text.index(marks()[1]) + len(marks()[1])
-        rest = text[j:]
-        if rest.startswith("\n"):
-            rest = rest[1:]
-        new = text[:i] + section + rest
-    else:
-        new = text + ("" if text.endswith("\n") else "\n") + "\n" + section
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- main
-
-def run_out(cmd, timeout=15):
-    try:
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, cwd=REPO)
-        return r.stdout.decode("utf-8", "replace").strip() if r.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def machine_facts(args, tern_info):
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for ln in f:
-                if ln.startswith("model name"):
-                    cpu = ln.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    qv = run_out([args.qemu, "--version"])
-    # Only what the binary is built from: a benchmark that writes its results into
-    # docs/ must not mark the next benchmark's identical build as modified.
-    status = run_out(["git", "status", "--porcelain", "--untracked-files=no", "--", "Sources", "Package.swift", "guest"])
-    return {
-        "nproc": run_out(["nproc"]) or os.cpu_count(),
-        "kernel": platform.release(),
-        "cpu_model": cpu,
-        "loadavg": "%.2f" % os.getloadavg()[0],
-        "qemu_version": qv.splitlines()[0] if qv else "not found",
-        "tern_commit": run_out(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
-        "tern_tree_dirty": bool(status),
-        "tern": tern_info,
-    }
-
-
-def pick_tern(path):
-    if path:
-        p = os.path.abspath(path)
-        if not os.access(p, os.X_OK):
-            sys.exit("migration.py: --tern %s is not an executable" % path)
-        return p
-    rel = os.path.join(REPO, ".build", "release", "tern")
-    dbg = os.path.join(REPO, ".build", "debug", "tern")
-    if os.access(rel, os.X_OK):
-        if os.access(dbg, os.X_OK) and os.path.getmtime(dbg) > os.path.getmtime(rel):
-            log("warning: .build/release/tern is older than .build/debug/tern; using release anyway "
-                "(pass --tern .build/debug/tern to use the newer one)")
-        return rel
-    if os.access(dbg, os.X_OK):
-        log("warning: no .build/release/tern; using the debug build (slower)")
-        return dbg
-    sys.exit("migration.py: no tern binary (.build/release/tern or .build/debug/tern); give --tern PATH")
-
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -919,29 +723,16 @@ def parse_args():
     for c in args.case_list:
         if c not in CASES:
             ap.error("unknown case %r (known: %s)" % (c, ", ".join(CASES)))
-    args.vmm_list = [v.strip() for v in args.vmms.split(",") if v.strip()]
-    for v in args.vmm_list:
-        if v not in ("tern", "qemu"):
-            ap.error("unknown VMM %r (tern, qemu)" % v)
+    args.vmm_list = bl.vmm_names(ap, args.vmms)
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
     return args
 
 
 def summarize(args):
-    with open(args.summarize) as f:
-        records = [json.loads(ln) for ln in f if ln.strip()]
-    records = [r for r in records if r.get("bench") == "migration"]
-    if not records:
-        sys.exit("migration.py: no migration records in %s" % args.summarize)
-    run_id = records[-1]["run_id"]
-    records = [r for r in records if r["run_id"] == run_id]
+    records = bl.last_run(args.summarize, "migration", "migration")
     meta = records[0].get("meta", {})
-    section = render_markdown(records, meta)
-    sys.stdout.write(section)
-    if args.markdown:
-        write_markdown_file(args.markdown, section)
-        log("report written to %s" % args.markdown)
+    bl.emit_report(render_markdown(records, meta), args.markdown, *marks())
     return 0
 
 
@@ -954,23 +745,16 @@ def main():
     if args.summarize:
         return summarize(args)
 
-    def on_term(signum, frame):
-        raise Interrupted("signal %d" % signum)
-    signal.signal(signal.SIGTERM, on_term)
+    bl.raise_on_sigterm()
 
     ctx = Ctx()
     ctx.args = args
     ctx.guest = os.path.abspath(args.guest)
     if not os.path.isfile(ctx.guest):
         sys.exit("migration.py: guest not found: %s (make -C guest)" % ctx.guest)
-    tern_path = pick_tern(args.tern)
-    st = os.stat(tern_path)
-    ctx.tern_info = {
-        "path": os.path.relpath(tern_path, REPO) if tern_path.startswith(REPO + os.sep) else tern_path,
-        "build": "debug" if "/debug/" in tern_path else ("release" if "/release/" in tern_path else "unknown"),
-        "mtime": datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc).isoformat(timespec="seconds"),
-        "size": st.st_size,
-    }
+    tern_path = bl.pick_tern(args.tern)
+    ctx.tern_info = bl.tern_binary_info(tern_path)
+    ctx.tern_info["size"] = os.stat(tern_path).st_size
     now = datetime.datetime.now(datetime.timezone.utc)
     ctx.run_id = now.strftime("%Y%m%dT%H%M%SZ") + "-%d" % os.getpid()
     out = args.out or os.path.join(REPO, "bench", "results", "migration-%s.jsonl" % now.strftime("%Y%m%d-%H%M%S"))
@@ -978,7 +762,7 @@ def main():
     meta = {
         "command": "python3 " + shlex.join(sys.argv),
         "date": now.isoformat(timespec="seconds"),
-        "machine": machine_facts(args, ctx.tern_info),
+        "machine": bl.machine_facts(args.qemu, ctx.tern_info),
         "params": {"guest": os.path.relpath(ctx.guest, REPO), "memory_mib": args.memory_mib,
                    "max_downtime_ms": args.max_downtime_ms, "timeout_s": args.timeout_s,
                    "warmup_s": args.warmup_s, "warm_host_gib": args.warm_host_gib, "repeat": args.repeat, "cases": args.case_list,
@@ -1013,8 +797,7 @@ def main():
                     rec = fn(ctx, case, rep, pos)
                     rec["meta"] = meta
                     records.append(rec)
-                    with open(out, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                    bl.append_jsonl(out, rec)
                     log("== %s %s: %s, total %s ms, downtime %s ms%s, %s MB, destination %s%s" % (
                         case, vmm, rec.get("status"), fmt(rec.get("total_ms"), "ms"),
                         fmt(rec.get("downtime_ms"), "ms"),
@@ -1041,12 +824,7 @@ def main():
             else:
                 shutil.rmtree(ctx.tmp, ignore_errors=True)
     if records:
-        section = render_markdown(records, meta)
-        sys.stdout.write(section)
-        sys.stdout.flush()
-        if args.markdown:
-            write_markdown_file(args.markdown, section)
-            log("report written to %s" % args.markdown)
+        bl.emit_report(render_markdown(records, meta), args.markdown, *marks())
     log("results: %s" % out)
     return 130 if interrupted else rc
 

@@ -1,0 +1,298 @@
+"""What bench/migration.py and bench/devices.py share: logging, the processes they start
+(each in its own session, stopped in order on errors, Ctrl-C and SIGTERM), the tern binary
+and the machine's facts, JSON lines and the Markdown file's marked sections.
+
+Python 3 standard library only. Each script calls set_prog() first, for its log prefix.
+"""
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+PROG = ["bench"]  # the log prefix and the name in error messages: set_prog()
+
+
+def set_prog(name):
+    PROG[0] = name
+
+
+def log(*a):
+    print("[%s]" % PROG[0], *a, file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+class Interrupted(BaseException):
+    """SIGTERM, handled like Ctrl-C (KeyboardInterrupt)."""
+
+
+def raise_on_sigterm():
+    def on_term(signum, frame):
+        raise Interrupted("signal %d" % signum)
+    signal.signal(signal.SIGTERM, on_term)
+
+
+class blocked_signals:
+    """Defers SIGINT/SIGTERM while cleaning up, so a second Ctrl-C cannot leave processes behind."""
+
+    def __enter__(self):
+        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    def __exit__(self, *exc):
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+        return False
+
+
+# ---------------------------------------------------------------- processes
+
+LIVE = {}  # pid -> (Popen, name): everything started here and not yet reaped
+
+
+def spawn(name, cmd, stdout=None, stderr=None):
+    """Starts a process in its own session (Ctrl-C on the terminal reaches only this script,
+    which then stops its children in order). stdout: a path, or None to inherit; stderr: a path,
+    subprocess.STDOUT (into stdout's file), or None to inherit."""
+    log("start %s: %s" % (name, shlex.join(cmd)))
+    out = open(stdout, "wb") if stdout else None
+    err = open(stderr, "wb") if isinstance(stderr, str) else stderr
+    try:
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                             start_new_session=True, cwd=REPO)
+    finally:
+        if out:
+            out.close()
+        if isinstance(stderr, str):
+            err.close()
+    LIVE[p.pid] = (p, name)
+    return p
+
+
+def reap(p, timeout):
+    """Waits up to `timeout` s; True if the process has exited."""
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    LIVE.pop(p.pid, None)
+    return True
+
+
+def signal_proc(p, sig):
+    if p.poll() is None:
+        try:
+            p.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def kill_hard(p, name):
+    if p.poll() is None:
+        log("killing %s (pid %d)" % (name, p.pid))
+        signal_proc(p, signal.SIGKILL)
+    reap(p, 10)
+
+
+def terminate(p, name, wait_s):
+    """Waits `wait_s` for the process to end by itself (after a quit), then SIGTERM, then SIGKILL;
+    all bounded. Returns its exit status."""
+    if not reap(p, wait_s):
+        signal_proc(p, signal.SIGTERM)
+        if not reap(p, 10):
+            kill_hard(p, name)
+    LIVE.pop(p.pid, None)
+    return p.returncode
+
+
+def kill_leftovers(stop):
+    """stop(p, name) for every process started here that still runs (on the way out)."""
+    for pid, (p, name) in list(LIVE.items()):
+        if p.poll() is None:
+            stop(p, name)
+        LIVE.pop(pid, None)
+
+
+def processes():
+    """(pid, the fields of /proc/PID/stat after the command's name: state, ppid, ...) of every
+    process that is there as it is read."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        yield int(entry), stat[stat.rindex(")") + 2:].split()
+
+
+def tern_quit(tern, sock, timeout=10):
+    """`tern quit` on the API socket; True if it answered with success. A destination still
+    waiting for its migration answers "the VM is still being created" (exit 1): SIGTERM ends that."""
+    if not sock or not os.path.exists(sock):
+        return False
+    try:
+        return subprocess.run([tern, "quit", "--api-socket", sock], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=timeout).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def tail(path, n=1500):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return data[-n:].decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def run_out(cmd, timeout=15):
+    """stdout of a short command run in the repository, or None if it failed."""
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, cwd=REPO)
+        return r.stdout.decode("utf-8", "replace").strip() if r.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+# ---------------------------------------------------------------- the binary and the machine
+
+def pick_tern(path):
+    """--tern PATH, else .build/release/tern (a warning if the debug build is newer), else the debug build."""
+    if path:
+        p = os.path.abspath(path)
+        if not os.access(p, os.X_OK):
+            sys.exit("%s.py: --tern %s is not an executable" % (PROG[0], path))
+        return p
+    rel = os.path.join(REPO, ".build", "release", "tern")
+    dbg = os.path.join(REPO, ".build", "debug", "tern")
+    if os.access(rel, os.X_OK):
+        if os.access(dbg, os.X_OK) and os.path.getmtime(dbg) > os.path.getmtime(rel):
+            log("warning: .build/release/tern is older than .build/debug/tern; using release anyway "
+                "(pass --tern .build/debug/tern to use the newer one)")
+        return rel
+    if os.access(dbg, os.X_OK):
+        log("warning: no .build/release/tern; using the debug build (slower)")
+        return dbg
+    sys.exit("%s.py: no tern binary (.build/release/tern or .build/debug/tern); give --tern PATH" % PROG[0])
+
+
+def tern_binary_info(path):
+    """Which tern binary (relative to the repository where it is inside), its build and mtime."""
+    st = os.stat(path)
+    return {
+        "path": os.path.relpath(path, REPO) if path.startswith(REPO + os.sep) else path,
+        "build": "debug" if "/debug/" in path else ("release" if "/release/" in path else "unknown"),
+        "mtime": datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def machine_facts(qemu, tern_info):
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name"):
+                    cpu = ln.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    qv = run_out([qemu, "--version"])
+    # Only what the binary is built from: a benchmark that writes its results into
+    # docs/ must not mark the next benchmark's identical build as modified.
+    status = run_out(["git", "status", "--porcelain", "--untracked-files=no", "--", "Sources", "Package.swift", "guest"])
+    return {
+        "nproc": run_out(["nproc"]) or os.cpu_count(),
+        "kernel": platform.release(),
+        "cpu_model": cpu,
+        "loadavg": "%.2f" % os.getloadavg()[0],
+        "qemu_version": qv.splitlines()[0] if qv else "not found",
+        "tern_commit": run_out(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
+        "tern_tree_dirty": bool(status),
+        "tern": tern_info,
+    }
+
+
+# ---------------------------------------------------------------- results
+
+def append_jsonl(path, rec):
+    """One JSON line, appended as soon as a run ends (an interrupted run keeps what finished)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def last_run(path, bench, what):
+    """The records of `bench` in the JSON-lines file with the last run_id there; exits, saying
+    there are no `what` records, if it holds none."""
+    with open(path) as f:
+        records = [json.loads(ln) for ln in f if ln.strip()]
+    records = [r for r in records if r.get("bench") == bench]
+    if not records:
+        sys.exit("%s.py: no %s records in %s" % (PROG[0], what, path))
+    run_id = records[-1]["run_id"]
+    return [r for r in records if r["run_id"] == run_id]
+
+
+def write_markdown_file(path, section, start, end):
+    """Replaces what is between the markers `start` and `end` in the file, else appends the section
+    (the file is created if absent)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = None
+    if text is None:
+        new = "# Benchmarks\n\n" + section
+    elif start in text and end in text and text.index(start) < text.index(end):
+        i = text.index(start)
+        j = text.index(end) + len(end)
+        rest = text[j:]
+        if rest.startswith("\n"):
+            rest = rest[1:]
+        new = text[:i] + section + rest
+    else:
+        new = text + ("" if text.endswith("\n") else "\n") + "\n" + section
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, path)
+
+
+def emit_report(section, markdown, start, end):
+    """The report on stdout and, with --markdown FILE, into FILE between the markers."""
+    sys.stdout.write(section)
+    sys.stdout.flush()
+    if markdown:
+        write_markdown_file(markdown, section, start, end)
+        log("report written to %s" % markdown)
+
+
+def vmm_names(ap, text):
+    """--vmms: tern, qemu or both, in the order given."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    for v in names:
+        if v not in ("tern", "qemu"):
+            ap.error("unknown VMM %r (tern, qemu)" % v)
+    return names
+
+
+def med(values):
+    v = [x for x in values if x is not None]
+    return statistics.median(v) if v else None
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
