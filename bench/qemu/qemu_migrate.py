@@ -205,6 +205,16 @@ def qemu_cmd(args, tmp, role, incoming=False):
         # (QEMU's default anonymous RAM gets transparent huge pages: docs/BENCHMARKS.md, "First touch").
         cmd += ["-object", "memory-backend-memfd,id=ram,size=%dM,share=on%s" % (args.memory, ",prealloc=on" if prealloc else ""),
                 "-machine", "memory-backend=ram"]
+    tls_dir = args.tls_dst_dir if incoming else args.tls_src_dir
+    if tls_dir:
+        # TLS on the migration channel (QEMU's own docs: docs/devel/migration.rst, "TLS"): x509 credentials
+        # with the peer's certificate verified on both ends; the destination is the TLS server.
+        cmd += ["-object", "tls-creds-x509,id=tls0,dir=%s,endpoint=%s,verify-peer=on%s" % (
+            os.path.abspath(tls_dir), "server" if incoming else "client",
+            ",priority=" + args.tls_priority if args.tls_priority else "")]
+        # Trace events on stderr: the handshakes' outcome, checked after the migration
+        # (QEMU reports neither the TLS version nor the cipher through QMP).
+        cmd += ["-trace", "qio_channel_tls_handshake_*", "-trace", "qio_channel_tls_credentials_*"]
     if incoming:
         # "defer": the destination listens only after QMP migrate-incoming, so
         # its migration capabilities (multifd, postcopy-ram) and parameters
@@ -256,6 +266,24 @@ def tail(path, n=2000):
         return ""
 
 
+TLS_EVENTS = ("qio_channel_tls_handshake_complete", "qio_channel_tls_handshake_fail",
+              "qio_channel_tls_credentials_allow", "qio_channel_tls_credentials_deny")
+
+
+def tls_check(tmp):
+    """What each side's trace said of its TLS sessions (stderr, -trace qio_channel_tls_*): handshakes
+    completed and failed, peer certificates allowed and denied. `ok`: on both sides at least one
+    handshake completed and the peer's certificate was allowed, and nothing failed or was denied."""
+    out = {}
+    for role in ("src", "dst"):
+        lines = tail(os.path.join(tmp, "%s-stderr.log" % role), 1 << 20).splitlines()
+        out[role] = {e[len("qio_channel_tls_"):]: sum(1 for ln in lines if ln.startswith(e + " "))
+                     for e in TLS_EVENTS}
+    out["ok"] = all(out[r]["handshake_complete"] >= 1 and out[r]["credentials_allow"] >= 1
+                    and out[r]["handshake_fail"] == 0 and out[r]["credentials_deny"] == 0 for r in ("src", "dst"))
+    return out
+
+
 def check_alive(p, tmp, role):
     if p.poll() is not None:
         raise BenchError("%s QEMU exited with %s: %s" % (
@@ -298,6 +326,16 @@ def parse_args():
                     help="migration timeout in seconds (default 120)")
     ap.add_argument("--boot-timeout-s", type=float, default=120.0,
                     help="timeout for the guest to reach dirty/idle (default 120)")
+    ap.add_argument("--tls-src-dir", metavar="DIR",
+                    help="TLS: the source's tls-creds-x509 directory (ca-cert.pem, client-cert.pem, client-key.pem); "
+                         "with --tls-dst-dir and --tls-hostname")
+    ap.add_argument("--tls-dst-dir", metavar="DIR",
+                    help="TLS: the destination's directory (ca-cert.pem, server-cert.pem, server-key.pem)")
+    ap.add_argument("--tls-hostname", metavar="NAME",
+                    help="TLS: the name the destination's certificate must carry (migrate-set-parameters tls-hostname)")
+    ap.add_argument("--tls-priority", metavar="STR",
+                    help="TLS: GnuTLS priority string for both sides (tls-creds-x509 priority=; default QEMU's, "
+                         "\"NORMAL\", under which GnuTLS 3.7 takes TLS 1.3 with AES-256-GCM)")
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("--pretty", action="store_true", help="indent the JSON output")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
@@ -315,6 +353,11 @@ def main():
         print(json.dumps({"status": "error", "error": "postcopy and multifd are exclusive in QEMU"}))
         return 2
 
+    tls_opts = (args.tls_src_dir, args.tls_dst_dir, args.tls_hostname)
+    if any(tls_opts) and not all(tls_opts):
+        print(json.dumps({"status": "error", "error": "--tls-src-dir, --tls-dst-dir and --tls-hostname go together"}))
+        return 2
+
     bandwidth = args.bandwidth if args.bandwidth else UNLIMITED_BANDWIDTH
     result = {
         "status": "error",
@@ -330,6 +373,8 @@ def main():
         "warmup_s": args.warmup_s,
         "timeout_s": args.timeout_s,
         "guest": args.guest,
+        "channel": "tls" if args.tls_src_dir else "plain",
+        "tls_priority": args.tls_priority,
     }
     if args.mode == "postcopy":
         result["postcopy_after_syncs"] = args.postcopy_after_syncs
@@ -408,6 +453,10 @@ def main():
         if args.multifd:
             params["multifd-channels"] = args.multifd
             dq.cmd("migrate-set-parameters", **{"multifd-channels": args.multifd})
+        if args.tls_src_dir:
+            params["tls-creds"] = "tls0"
+            params["tls-hostname"] = args.tls_hostname
+            dq.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
         sq.cmd("migrate-set-parameters", **params)
         # destination starts listening now (free_port() may race with another
         # process grabbing the port: retry a few times)
@@ -424,7 +473,9 @@ def main():
         qp = sq.cmd("query-migrate-parameters")
         result["qemu_parameters"] = {k: qp.get(k) for k in (
             "downtime-limit", "max-bandwidth", "max-postcopy-bandwidth",
-            "xbzrle-cache-size", "multifd-channels", "multifd-compression")}
+            "xbzrle-cache-size", "multifd-channels", "multifd-compression", "tls-creds", "tls-hostname")}
+        result["qemu_parameters_dst"] = {k: v for k, v in dq.cmd("query-migrate-parameters").items()
+                                         if k in ("tls-creds", "tls-hostname", "tls-authz")}
         result["qemu_capabilities"] = [c["capability"] for c in
                                        sq.cmd("query-migrate-capabilities") if c["state"]]
         result["qemu_capabilities_dst"] = [c["capability"] for c in
@@ -572,6 +623,13 @@ def main():
             result["throughput_mbps"] = round(ram["transferred"] / (total_ms / 1000.0) / 1e6, 1)
         else:
             result["throughput_mbps"] = None
+
+        if args.tls_src_dir:
+            # QEMU does not say through QMP whether, or how, the channel was secured: its trace does.
+            result["tls_check"] = tls_check(tmp)
+            if info.get("status") == "completed" and not result["tls_check"]["ok"]:
+                raise BenchError("the migration completed but the TLS trace does not show a verified "
+                                 "session on both sides: %r" % result["tls_check"])
 
         # 6. verify the destination
         if info.get("status") == "completed":
