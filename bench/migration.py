@@ -12,6 +12,8 @@ written into a file between <!-- migration-bench:start/end --> markers).
     python3 bench/migration.py                       # all cases, once
     python3 bench/migration.py --cases idle,flat64 --repeat 3 \\
         --out /tmp/mig.jsonl --markdown docs/BENCHMARKS.md
+    python3 bench/migration.py --cases hot960,random256 --tls --warm-host-gib 2 \\
+        --repeat 3 --markdown docs/BENCHMARKS.md     # Tern plain and TLS, QEMU plain and TLS
     python3 bench/migration.py --summarize /tmp/mig.jsonl   # report only
 
 Python 3 standard library only. See bench/README.md.
@@ -19,6 +21,7 @@ Python 3 standard library only. See bench/README.md.
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import shlex
@@ -45,7 +48,7 @@ QEMU_SCRIPT = os.path.join(HERE, "qemu", "qemu_migrate.py")
 MARK_START = "<!-- migration-bench:start -->"
 MARK_END = "<!-- migration-bench:end -->"
 ARGS_MODE = ["precopy"]
-ARGS_VARIANTS = []  # "prealloc", "qemu-memfd", "warm-host", "tern-run": the run's setup, naming its section
+ARGS_VARIANTS = []  # "prealloc", "qemu-memfd", "warm-host", "tern-run", "tls": the run's setup, naming its section
 TERN_RUN_ARGS = [""]
 
 
@@ -72,6 +75,8 @@ def section_title():
         title += ", host memory warmed before each migration"
     if "tern-run" in ARGS_VARIANTS:
         title += ", tern run %s" % TERN_RUN_ARGS[0]
+    if "tls" in ARGS_VARIANTS:
+        title += ", in clear and over mutual TLS"
     return title
 STATUS_LEN = 0xA0
 
@@ -86,6 +91,11 @@ CASES = {
     "random256": {"cmdline": RANDOM256, "bandwidth": None, "qemu_case": "random256-r200"},
     "random256cap": {"cmdline": RANDOM256, "bandwidth": 100000000, "qemu_case": "random256-r200-bw100M"},
 }
+
+
+CHANNELS = ("plain", "tls")
+TLS_SOURCE_NAME = "source.local"
+TLS_DESTINATION_NAME = "destination.local"
 
 
 # ---------------------------------------------------------------- processes
@@ -175,12 +185,92 @@ def wait_for_line(p, path, needle, timeout):
         time.sleep(0.05)
 
 
+# ---------------------------------------------------------------- certificates
+
+def sha256_file(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def make_certificates(ctx):
+    """One CA and two host certificates for the run, with `tern certs init` (the source's directory
+    holds the CA): Tern reads DIR/ca.pem, cert.pem, key.pem; QEMU's tls-creds-x509 reads its own
+    names, so its two directories are symlinks to the same files: both VMMs use the same keys."""
+    d = os.path.join(ctx.tmp, "tls")
+    os.makedirs(d)
+    src, dst = os.path.join(d, "source"), os.path.join(d, "destination")
+    commands = [[ctx.tern, "certs", "init", src, "--name", TLS_SOURCE_NAME],
+                [ctx.tern, "certs", "init", dst, "--name", TLS_DESTINATION_NAME, "--ca", src]]
+    for cmd in commands:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        if r.returncode != 0:
+            sys.exit("migration.py: %s failed (exit %d): %s" % (shlex.join(cmd), r.returncode,
+                                                              r.stderr.decode("utf-8", "replace").strip()))
+    qsrc, qdst = os.path.join(d, "qemu-source"), os.path.join(d, "qemu-destination")
+    links = {qsrc: {"ca-cert.pem": "../source/ca.pem", "client-cert.pem": "../source/cert.pem",
+                    "client-key.pem": "../source/key.pem"},
+             qdst: {"ca-cert.pem": "../destination/ca.pem", "server-cert.pem": "../destination/cert.pem",
+                    "server-key.pem": "../destination/key.pem"}}
+    for qdir, names in links.items():
+        os.makedirs(qdir, mode=0o700)
+        for name, target in names.items():
+            os.symlink(target, os.path.join(qdir, name))
+    info = {
+        "tern_source_dir": src, "tern_destination_dir": dst, "qemu_source_dir": qsrc, "qemu_destination_dir": qdst,
+        "source_name": TLS_SOURCE_NAME, "destination_name": TLS_DESTINATION_NAME,
+        "commands": [shlex.join(["tern"] + c[1:]).replace(ctx.tmp, "$TMP") for c in commands],
+        "sha256": {"ca.pem": sha256_file(os.path.join(src, "ca.pem")),
+                   "source cert.pem": sha256_file(os.path.join(src, "cert.pem")),
+                   "destination cert.pem": sha256_file(os.path.join(dst, "cert.pem"))},
+    }
+    if sha256_file(os.path.join(dst, "ca.pem")) != info["sha256"]["ca.pem"]:
+        sys.exit("migration.py: the destination's ca.pem is not the source's CA")
+    log("certificates for the TLS cells: one CA, %s and %s, in %s" % (TLS_SOURCE_NAME, TLS_DESTINATION_NAME, d))
+    return info
+
+
+def check_tern_channel(rec, report, channel):
+    """The report's `channel` must say what the cell asked for: TLS 1.3, or plaintext."""
+    ch = report.get("channel") or {}
+    rec["tern_channel"] = ch
+    if channel == "tls":
+        ok = ch.get("transport") == "tls" and ch.get("tls_version") == "TLSv1.3"
+    else:
+        ok = ch.get("transport") == "plaintext"
+    rec["channel_ok"] = ok
+    if not ok:
+        rec["channel_error"] = "CHANNEL CHECK FAILED: the %s cell's report says channel %s" % (channel, json.dumps(ch))
+        log(rec["channel_error"])
+    return ok
+
+
+def check_qemu_channel(rec, report, channel):
+    """QEMU's side: tls-creds set on both QEMUs, and (TLS) its trace showing a completed handshake with
+    the peer's certificate allowed on both sides; plain: no tls-creds."""
+    src_creds = (report.get("qemu_parameters") or {}).get("tls-creds")
+    dst_creds = (report.get("qemu_parameters_dst") or {}).get("tls-creds")
+    rec["qemu_tls_creds"] = [src_creds, dst_creds]
+    if "tls_check" in report:
+        rec["qemu_tls_check"] = report["tls_check"]
+    if channel == "tls":
+        ok = (report.get("channel") == "tls" and src_creds == "tls0" and dst_creds == "tls0"
+              and bool((report.get("tls_check") or {}).get("ok")))
+    else:
+        ok = report.get("channel", "plain") == "plain" and not src_creds and not dst_creds
+    rec["channel_ok"] = ok
+    if not ok:
+        rec["channel_error"] = "CHANNEL CHECK FAILED: the %s cell's QEMU says tls-creds %r/%r, TLS trace %s" % (
+            channel, src_creds, dst_creds, json.dumps(report.get("tls_check")))
+        log(rec["channel_error"])
+    return ok
+
+
 # ---------------------------------------------------------------- one run
 
-def base_record(ctx, case, rep, vmm, order):
+def base_record(ctx, case, rep, vmm, order, channel):
     c = CASES[case]
     return {
-        "bench": "migration", "run_id": ctx.run_id, "case": case, "vmm": vmm, "repeat": rep,
+        "bench": "migration", "run_id": ctx.run_id, "case": case, "vmm": vmm, "channel": channel, "repeat": rep,
         "order": order, "cmdline": c["cmdline"], "memory_mib": ctx.args.memory_mib,
         "max_downtime_ms": ctx.args.max_downtime_ms, "bandwidth_bytes_per_s": c["bandwidth"],
         "timeout_s": ctx.args.timeout_s, "warmup_s": ctx.args.warmup_s,
@@ -190,10 +280,11 @@ def base_record(ctx, case, rep, vmm, order):
     }
 
 
-def run_tern(ctx, case, rep, order):
+def run_tern(ctx, case, rep, order, channel="plain"):
     a = ctx.args
     c = CASES[case]
-    rec = base_record(ctx, case, rep, "tern", order)
+    tls = channel == "tls"
+    rec = base_record(ctx, case, rep, "tern", order, channel)
     rec["tern_binary"] = ctx.tern_info
     rec["tern_max_rounds"] = a.tern_max_rounds
     rec["tern_verify"] = a.verify
@@ -209,7 +300,8 @@ def run_tern(ctx, case, rep, order):
         for attempt in range(5):
             port = qm.free_port()
             dst = spawn("tern destination", [
-                tern, "run", "--insecure", "--incoming", "tcp:127.0.0.1:%d" % port, "--api-socket", dsock,
+                tern, "run"] + (["--tls-dir", ctx.tls["tern_destination_dir"]] if tls else ["--insecure"]) + [
+                "--incoming", "tcp:127.0.0.1:%d" % port, "--api-socket", dsock,
                 "--serial", "file:" + os.path.join(d, "dst-serial.log")]
                 + (["--memory", "%dM" % a.memory_mib, "--prealloc"] if a.prealloc else [])
                 + shlex.split(a.tern_run_args), stderr=derr)
@@ -265,7 +357,10 @@ def run_tern(ctx, case, rep, order):
         rec["host_cpus"] = os.cpu_count()
         rec["host_loadavg_1m_before"] = round(os.getloadavg()[0], 2)
 
-        cmd = [tern, "migrate", "--insecure", "--api-socket", ssock, "--to", "tcp:127.0.0.1:%d" % port,
+        # TLS: the source pins the destination's name, as QEMU's tls-hostname does
+        cmd = [tern, "migrate"] + (["--tls-dir", ctx.tls["tern_source_dir"], "--tls-allow", TLS_DESTINATION_NAME]
+                                   if tls else ["--insecure"]) + [
+               "--api-socket", ssock, "--to", "tcp:127.0.0.1:%d" % port,
                "--max-downtime", "%g" % a.max_downtime_ms, "--timeout", "%g" % a.timeout_s, "--json"]
         if c["bandwidth"]:
             cmd += ["--bandwidth", str(c["bandwidth"])]
@@ -276,6 +371,8 @@ def run_tern(ctx, case, rep, order):
         if a.mode != "precopy":
             cmd += ["--mode", a.mode]
         cmd += shlex.split(a.tern_args)
+        if tls:
+            cmd += shlex.split(a.tern_tls_args)
         rec["tern_migrate_command"] = shlex.join(cmd)
         t_start = time.monotonic()
         mig = spawn("tern migrate", cmd, stdout=mout, stderr=merr)
@@ -325,6 +422,11 @@ def run_tern(ctx, case, rep, order):
         })
         if report.get("reason"):
             rec["error"] = report["reason"]
+        channel_ok = check_tern_channel(rec, report, channel)
+        # the destination's side of it, as its log says (recorded, not checked: a log line is no interface)
+        said = [ln for ln in tail(derr, 20000).splitlines() if "the source is" in ln]
+        if said:
+            rec["tern_dst_channel_log"] = said[-1]
 
         if report.get("status") == "completed":
             # the source ends by itself after a completed migration
@@ -351,6 +453,11 @@ def run_tern(ctx, case, rep, order):
             rec["dst_iterations_advancing"] = None
             rec["dst_errors"] = None
             rec.setdefault("error", "migration ended with status %s" % report.get("status"))
+        if not channel_ok:
+            # not the cell it claims to be: out of the medians, loudly
+            rec["migration_status"] = rec["status"]
+            rec["status"] = "error"
+            rec["error"] = rec["channel_error"] + ("; " + rec["error"] if rec.get("error") else "")
     except BenchError as e:
         if not rec.get("status"):
             rec["status"] = "error"
@@ -390,10 +497,10 @@ def run_tern(ctx, case, rep, order):
     return rec
 
 
-def run_qemu(ctx, case, rep, order):
+def run_qemu(ctx, case, rep, order, channel="plain"):
     a = ctx.args
     c = CASES[case]
-    rec = base_record(ctx, case, rep, "qemu", order)
+    rec = base_record(ctx, case, rep, "qemu", order, channel)
     d = tempfile.mkdtemp(prefix="qemu-%s-" % case, dir=ctx.tmp)
     out = os.path.join(d, "qemu_migrate.json")
     cmd = [sys.executable, QEMU_SCRIPT, "--guest", ctx.guest, "--memory", str(a.memory_mib),
@@ -411,6 +518,11 @@ def run_qemu(ctx, case, rep, order):
     if a.mode == "postcopy":
         # Switch to post-copy at once, before any pre-copy pass: the same as Tern's --mode postcopy.
         cmd += ["--mode", "postcopy", "--postcopy-after-syncs", "0"]
+    if channel == "tls":
+        cmd += ["--tls-src-dir", ctx.tls["qemu_source_dir"], "--tls-dst-dir", ctx.tls["qemu_destination_dir"],
+                "--tls-hostname", TLS_DESTINATION_NAME]
+        if a.qemu_tls_priority:
+            cmd += ["--tls-priority", a.qemu_tls_priority]
     rec["qemu_migrate_command"] = shlex.join(cmd)
     p = None
     try:
@@ -439,6 +551,10 @@ def run_qemu(ctx, case, rep, order):
                 rec[k] = report[k]
         rec["dst_ok"] = bool(report.get("dst_ok"))
         rec["status"] = report.get("status") or "error"
+        if not check_qemu_channel(rec, report, channel) and rec["status"] == "completed":
+            rec["migration_status"] = rec["status"]
+            rec["status"] = "error"
+            rec["error"] = rec["channel_error"] + ("; " + rec["error"] if rec.get("error") else "")
     except BenchError as e:
         rec["status"] = rec.get("status") or "error"
         rec["error"] = str(e)
@@ -496,11 +612,18 @@ def stat_cell(runs, key, kind, scale=1.0):
     return cell, (m, incomplete)
 
 
-def case_table(case, runs):
-    tern = [r for r in runs if r["vmm"] == "tern"]
-    qemu = [r for r in runs if r["vmm"] == "qemu"]
+CASE_ROWS = [  # label, Tern's key, QEMU's key, format, scale
+    ("total ms", "total_ms", "total_ms", "ms", 1.0),
+    ("downtime ms (Tern: pause→resume; QEMU: `downtime`)", "downtime_ms", "downtime_ms", "ms", 1.0),
+    ("downtime ms (Tern: pause→resume; QEMU: STOP→RESUME events)", "downtime_ms", "downtime_events_ms",
+     "ms", 1.0),
+    ("transferred MB", "transferred_bytes", "transferred_bytes", "mb", 1e6),
+]
+
+
+def case_opening(case, runs, n):
+    """A case's title (guest command line, cap) and, for several runs, how to read the cells."""
     c = CASES.get(case, {})
-    n = max(len(tern), len(qemu))
     lines = []
     title = "### %s: `%s`" % (case, c.get("cmdline", runs[0].get("cmdline")))
     bw = runs[0].get("bandwidth_bytes_per_s")
@@ -512,19 +635,38 @@ def case_table(case, runs):
         lines.append("Median of %d runs (completed runs only), then each run in order; * = that run did "
                      "not complete." % n)
         lines.append("")
+    return lines
+
+
+def dst_state(r):
+    if r.get("dst_ok"):
+        return "ok"
+    return "FAILED" if r.get("status") == "completed" else "not migrated"
+
+
+def failed_runs(runs, label):
+    """One line per run that did not complete or whose destination check failed; label(r) names its cell."""
+    errors = []
+    for r in runs:
+        if r.get("status") != "completed" or not r.get("dst_ok"):
+            msg = r.get("error") or r.get("tern_migrate_stderr") or ""
+            if r.get("switchover_reason") and r["vmm"] == "tern":
+                msg = (msg + "; " if msg else "") + "switch-over: " + r["switchover_reason"]
+            errors.append("- %s run %d: %s%s" % (label(r), r["repeat"] + 1, r.get("status"),
+                                                ": " + msg.replace("\n", " ")[:300] if msg else ""))
+    return [""] + errors if errors else []
+
+
+def case_table(case, runs):
+    tern = [r for r in runs if r["vmm"] == "tern"]
+    qemu = [r for r in runs if r["vmm"] == "qemu"]
+    lines = case_opening(case, runs, max(len(tern), len(qemu)))
     lines.append("| | Tern | QEMU 7.2 | Tern/QEMU |")
     lines.append("| --- | ---: | ---: | ---: |")
     lines.append("| status | %s | %s | |" % (counted([r["status"] for r in tern]) or "-",
                                               counted([r["status"] for r in qemu]) or "-"))
     summary = {}
-    rows = [
-        ("total ms", "total_ms", "total_ms", "ms", 1.0),
-        ("downtime ms (Tern: pause→resume; QEMU: `downtime`)", "downtime_ms", "downtime_ms", "ms", 1.0),
-        ("downtime ms (Tern: pause→resume; QEMU: STOP→RESUME events)", "downtime_ms", "downtime_events_ms",
-         "ms", 1.0),
-        ("transferred MB", "transferred_bytes", "transferred_bytes", "mb", 1e6),
-    ]
-    for label, tk, qk, kind, scale in rows:
+    for label, tk, qk, kind, scale in CASE_ROWS:
         tc, tm = stat_cell(tern, tk, kind, scale) if tern else ("-", (None, False))
         qc, qm_ = stat_cell(qemu, qk, kind, scale) if qemu else ("-", (None, False))
         r = fmt(ratio(tm[0], qm_[0]), "ratio")
@@ -541,27 +683,14 @@ def case_table(case, runs):
     if qemu:
         sc, _ = stat_cell(qemu, "dirty_sync_count", "n")
         lines.append("| QEMU dirty syncs | | %s | |" % sc)
-    def dst(r):
-        if r.get("dst_ok"):
-            return "ok"
-        return "FAILED" if r.get("status") == "completed" else "not migrated"
     lines.append("| destination runs (iterations advance, errors 0) | %s | %s | |" % (
-        counted([dst(r) for r in tern]) or "-", counted([dst(r) for r in qemu]) or "-"))
-    errors = []
-    for r in runs:
-        if r.get("status") != "completed" or not r.get("dst_ok"):
-            msg = r.get("error") or r.get("tern_migrate_stderr") or ""
-            if r.get("switchover_reason") and r["vmm"] == "tern":
-                msg = (msg + "; " if msg else "") + "switch-over: " + r["switchover_reason"]
-            errors.append("- %s run %d: %s%s" % (r["vmm"], r["repeat"] + 1, r.get("status"),
-                                                ": " + msg.replace("\n", " ")[:300] if msg else ""))
-    if errors:
-        lines.append("")
-        lines.extend(errors)
+        counted([dst_state(r) for r in tern]) or "-", counted([dst_state(r) for r in qemu]) or "-"))
+    lines.extend(failed_runs(runs, lambda r: r["vmm"]))
     return lines, summary
 
 
-def render_markdown(records, meta):
+def report_header(meta):
+    """The section's opening: markers, title, command, date, machine, builds and parameters."""
     lines = [marks()[0], section_title(), ""]
     lines.append("Generated by `bench/migration.py` (see `bench/README.md`).")
     lines.append("")
@@ -584,6 +713,13 @@ def render_markdown(records, meta):
                      p.get("warmup_s")) + ("; %g GiB of 4 KiB pages touched and freed just before each migration "
                                            "(`--warm-host-gib`), so both destinations find host-backed memory"
                                            % p["warm_host_gib"] if p.get("warm_host_gib") else ""))
+    return lines
+
+
+def render_markdown(records, meta):
+    if any(r.get("channel") == "tls" for r in records):
+        return render_channels_markdown(records, meta)
+    lines = report_header(meta)
     lines.append("")
     cases = []
     for r in records:
@@ -636,6 +772,13 @@ def render_markdown(records, meta):
                 "-" if median(qemu) is None else median(qemu)))
         lines.append("")
     lines.extend(body)
+    lines.extend(report_footer())
+    return "\n".join(lines) + "\n"
+
+
+def report_footer(extra=()):
+    """What the numbers are, and the closing marker."""
+    lines = []
     lines.append("What the numbers are:")
     lines.append("")
     lines.append("- **Tern downtime** (`downtime_ms`): from the moment the source paused the vCPUs to the "
@@ -663,7 +806,168 @@ def render_markdown(records, meta):
     lines.append("- 2-core host shared with other work: single runs of the same case vary up to 2x "
                  "(see `bench/qemu/README.md`); use `--repeat 3` or more and look at the load average "
                  "recorded in each JSON line (`host_loadavg_1m_before`).")
+    lines.extend(extra)
     lines.append(marks()[1])
+    return lines
+
+
+# ---------------------------------------------------------------- report: plain against TLS
+
+CELLS = [("tern", "plain"), ("tern", "tls"), ("qemu", "plain"), ("qemu", "tls")]
+CELL_LABELS = {("tern", "plain"): "Tern plain", ("tern", "tls"): "Tern TLS",
+               ("qemu", "plain"): "QEMU plain", ("qemu", "tls"): "QEMU TLS"}
+# numerator cell, denominator cell, label; shown where both cells ran
+CELL_RATIOS = [(("tern", "tls"), ("tern", "plain"), "Tern TLS/plain"),
+               (("tern", "tls"), ("qemu", "tls"), "Tern TLS/QEMU TLS"),
+               (("qemu", "tls"), ("qemu", "plain"), "QEMU TLS/plain")]
+# issue 24's aims: TLS adds at most 15% to Tern's total; Tern with TLS at most half of QEMU with TLS
+AIM_TLS_COST = 1.15
+AIM_VS_QEMU = 0.5
+
+
+def cell_runs(runs, cell):
+    return [r for r in runs if r["vmm"] == cell[0] and r.get("channel", "plain") == cell[1]]
+
+
+def channel_summary(r):
+    """What the channel was, as the run's own report showed it."""
+    if r["vmm"] == "tern":
+        ch = r.get("tern_channel") or (r.get("tern_report") or {}).get("channel") or {}
+        if ch.get("transport") == "tls":
+            return "%s %s" % (ch.get("tls_version"), ch.get("cipher"))
+        return ch.get("transport") or "-"
+    if r.get("channel") == "tls":
+        check = r.get("qemu_tls_check") or {}
+        if not check:
+            return "-"
+        return "TLS, handshake and peer verified on both sides" if check.get("ok") else "TLS NOT VERIFIED"
+    return "plaintext" if r.get("qemu_tls_creds") is not None else "-"
+
+
+def channel_case_table(case, runs):
+    """One case: a column per VMM and channel, then the ratios of their medians."""
+    cells = [cell for cell in CELLS if cell_runs(runs, cell)]
+    ratios = [x for x in CELL_RATIOS if x[0] in cells and x[1] in cells]
+    lines = case_opening(case, runs, max(len(cell_runs(runs, cell)) for cell in cells))
+    lines.append("| | " + " | ".join(CELL_LABELS[x] for x in cells) + "".join(" | " + x[2] for x in ratios) + " |")
+    lines.append("| --- |" + " ---: |" * (len(cells) + len(ratios)))
+    def row(label, texts):
+        lines.append("| %s | %s |" % (label, " | ".join(texts)))
+    row("status", [counted([r["status"] for r in cell_runs(runs, x)]) for x in cells] + [""] * len(ratios))
+    summary = {}
+    for label, tk, qk, kind, scale in CASE_ROWS:
+        stats = {}
+        texts = []
+        for x in cells:
+            text, m = stat_cell(cell_runs(runs, x), tk if x[0] == "tern" else qk, kind, scale)
+            stats[x] = m
+            texts.append(text)
+        for num, den, _ in ratios:
+            r = fmt(ratio(stats[num][0], stats[den][0]), "ratio")
+            if r != "-" and (stats[num][1] or stats[den][1]):
+                r += "*"
+            texts.append(r)
+        row(label, texts)
+        summary[(tk, qk)] = stats
+    def tern_only(label, key, kind=None, count=False):
+        texts = []
+        for x in cells:
+            rs = cell_runs(runs, x)
+            if x[0] != "tern":
+                texts.append("")
+            elif count:
+                texts.append(counted([r.get(key) or "-" for r in rs]))
+            else:
+                texts.append(stat_cell(rs, key, kind)[0])
+        row(label, texts + [""] * len(ratios))
+    tern_only("Tern downtime upper bound ms (pause → `resumed` back at the source)", "downtime_upper_bound_ms", "ms")
+    tern_only("Tern rounds (incl. stop-and-copy)", "rounds_count", "n")
+    tern_only("Tern switch-over", "switchover_reason", count=True)
+    if any(x[0] == "qemu" for x in cells):
+        row("QEMU dirty syncs", ["" if x[0] == "tern" else stat_cell(cell_runs(runs, x), "dirty_sync_count", "n")[0]
+                                 for x in cells] + [""] * len(ratios))
+    row("channel (from each run's report)", [counted([channel_summary(r) for r in cell_runs(runs, x)])
+                                             for x in cells] + [""] * len(ratios))
+    row("destination runs (iterations advance, errors 0)",
+        [counted([dst_state(r) for r in cell_runs(runs, x)]) for x in cells] + [""] * len(ratios))
+    lines.extend(failed_runs(runs, lambda r: CELL_LABELS[(r["vmm"], r.get("channel", "plain"))]))
+    return lines, summary
+
+
+def aim_text(value, aim):
+    if value is None:
+        return "-"
+    return "%s %s" % (fmt(value, "ratio"), "(met)" if value <= aim else "(not met)")
+
+
+def render_channels_markdown(records, meta):
+    lines = report_header(meta)
+    t = meta.get("tls") or {}
+    p = meta.get("params", {})
+    lines.append("- channels: plain (Tern `--insecure` on both sides; QEMU without `tls-creds`) and mutual TLS "
+                 "on the same certificates, made once for the run (%s: one P-256 CA, `%s` for the source, "
+                 "`%s` for the destination): Tern `tern run --tls-dir` and `tern migrate --tls-dir --tls-allow "
+                 "%s`%s; QEMU `-object tls-creds-x509,endpoint=server|client,verify-peer=on` on both sides over "
+                 "the same files (symlinks named as QEMU wants them), `tls-creds` on both and `tls-hostname %s` "
+                 "on the source%s. Every VMM runs every channel; the order of the cells alternates from case "
+                 "to case and run to run" % (
+                     "; ".join("`%s`" % c for c in t.get("commands", [])) or "`tern certs init`",
+                     t.get("source_name"), t.get("destination_name"), t.get("destination_name"),
+                     (", TLS cells also `%s`" % p["tern_tls_args"]) if p.get("tern_tls_args") else "",
+                     t.get("destination_name"),
+                     (", priority `%s`" % p["qemu_tls_priority"]) if p.get("qemu_tls_priority") else ""))
+    lines.append("")
+    cases = []
+    for r in records:
+        if r["case"] not in cases:
+            cases.append(r["case"])
+    overview = ["| case | Tern plain total ms | Tern TLS total ms | QEMU TLS total ms | Tern TLS/plain total "
+                "(aim ≤ %.2f) | Tern TLS/QEMU TLS total (aim ≤ %.1f) | Tern plain downtime ms | Tern TLS "
+                "downtime ms | QEMU TLS downtime ms (`downtime` / STOP→RESUME) | Tern TLS/QEMU TLS downtime "
+                "(aim ≤ %.1f; of `downtime` / of STOP→RESUME) | QEMU plain total / downtime ms |" % (
+                    AIM_TLS_COST, AIM_VS_QEMU, AIM_VS_QEMU),
+                "| --- |" + " ---: |" * 10]
+    body = []
+    for case in cases:
+        runs = [r for r in records if r["case"] == case]
+        tbl, s = channel_case_table(case, runs)
+        body.extend(tbl)
+        body.append("")
+        def get(key, cell):
+            return s[key].get(cell, (None, False))
+        def f(pair, kind):
+            v, incomplete = pair
+            return fmt(v, kind) + ("*" if incomplete and v is not None else "")
+        tot = ("total_ms", "total_ms")
+        dt = ("downtime_ms", "downtime_ms")
+        ev = ("downtime_ms", "downtime_events_ms")
+        tp, tt, qt, qp = (get(tot, x) for x in (("tern", "plain"), ("tern", "tls"), ("qemu", "tls"), ("qemu", "plain")))
+        dp, dtt, dq, dqp = (get(dt, x) for x in (("tern", "plain"), ("tern", "tls"), ("qemu", "tls"), ("qemu", "plain")))
+        eq = get(ev, ("qemu", "tls"))
+        overview.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s / %s | %s / %s | %s / %s |" % (
+            case, f(tp, "ms"), f(tt, "ms"), f(qt, "ms"),
+            aim_text(ratio(tt[0], tp[0]), AIM_TLS_COST), aim_text(ratio(tt[0], qt[0]), AIM_VS_QEMU),
+            f(dp, "ms"), f(dtt, "ms"), f(dq, "ms"), f(eq, "ms"),
+            aim_text(ratio(dtt[0], dq[0]), AIM_VS_QEMU), fmt(ratio(dtt[0], eq[0]), "ratio"),
+            f(qp, "ms"), f(dqp, "ms")))
+    lines.append("Overview (medians of completed runs; * = no run completed; a ratio is of two medians, "
+                 "the raw numbers beside it; details and every run below). Aims (issue 24): TLS adds at most "
+                 "15% to Tern's total time; Tern with TLS takes at most half of QEMU with TLS's total time and "
+                 "downtime (QEMU's own `downtime`, the smaller of its two figures):")
+    lines.append("")
+    lines.extend(overview)
+    lines.append("")
+    lines.extend(body)
+    lines.extend(report_footer([
+        "- **channel**: Tern, the `channel` section of its migration report (transport, TLS version, "
+        "cipher; a TLS cell must say TLS 1.3, a plain cell plaintext, or it is an error); QEMU, its "
+        "`tls-creds` on both sides and its trace (`qio_channel_tls_handshake_complete` and "
+        "`qio_channel_tls_credentials_allow` on both sides, no failure or denial). QEMU reports no TLS "
+        "version or cipher; with its default priority GnuTLS 3.7 takes TLS 1.3 with AES-256-GCM "
+        "(bench/qemu/README.md), Tern's OpenSSL AES-128-GCM.",
+        "- **Tern TLS/plain** and the other ratios are of two medians; Tern's total includes the TLS "
+        "handshakes of every connection (the control connection and any extra stream).",
+    ]))
     return "\n".join(lines) + "\n"
 
 
@@ -706,6 +1010,20 @@ def parse_args():
                     help="more options for tern migrate, e.g. '--streams 2' (quoted as one argument)")
     ap.add_argument("--tern-run-args", default="", metavar="ARGS",
                     help="more options for both tern run processes, e.g. '--thp off' (quoted as one argument)")
+    ap.add_argument("--channels", default="plain", metavar="LIST",
+                    help="comma-separated, from: plain, tls (default plain). plain: Tern with --insecure on both "
+                         "sides, QEMU without TLS; tls: mutual TLS 1.3 for Tern (tern run --tls-dir, tern migrate "
+                         "--tls-dir --tls-allow destination.local) and QEMU with tls-creds-x509 (verify-peer=on "
+                         "on both sides, tls-hostname destination.local) on the same certificates, made once per "
+                         "run with tern certs init (one CA, source.local, destination.local). Every VMM runs "
+                         "every channel; a cell whose report does not show the channel it asked for fails")
+    ap.add_argument("--tls", action="store_true", help="the same as --channels plain,tls")
+    ap.add_argument("--tern-tls-args", default="", metavar="ARGS",
+                    help="more options for tern migrate in the TLS cells only, e.g. '--streams 2'")
+    ap.add_argument("--qemu-tls-priority", metavar="STR",
+                    help="GnuTLS priority string for QEMU's TLS cells (tls-creds-x509 priority=; default "
+                         "QEMU's, under which it takes AES-256-GCM; 'NORMAL:-AES-256-GCM:-CHACHA20-POLY1305' "
+                         "leaves AES-128-GCM, Tern's first choice)")
     ap.add_argument("--verify", action="store_true",
                     help="tern migrate --verify (digests both sides; adds to Tern's downtime)")
     ap.add_argument("--no-copy", action="store_true",
@@ -715,9 +1033,18 @@ def parse_args():
     ap.add_argument("--summarize", metavar="JSONL",
                     help="no runs: print (and with --markdown write) the report of the last run_id in JSONL")
     args = ap.parse_args()
+    if args.tls:
+        args.channels = "plain,tls"
+    args.channel_list = [c.strip() for c in args.channels.split(",") if c.strip()]
+    for c in args.channel_list:
+        if c not in CHANNELS:
+            ap.error("unknown channel %r (plain, tls)" % c)
+    if not args.channel_list:
+        ap.error("--channels: at least one of plain, tls")
     ARGS_MODE[0] = getattr(args, "mode", "precopy")
     ARGS_VARIANTS[:] = ((["prealloc"] if args.prealloc else []) + (["qemu-memfd"] if args.qemu_ram == "memfd" else [])
-                        + (["warm-host"] if args.warm_host_gib else []) + (["tern-run"] if args.tern_run_args else []))
+                        + (["warm-host"] if args.warm_host_gib else []) + (["tern-run"] if args.tern_run_args else [])
+                        + (["tls"] if "tls" in args.channel_list else []))
     TERN_RUN_ARGS[0] = args.tern_run_args
     args.case_list = [c.strip() for c in args.cases.split(",") if c.strip()]
     for c in args.case_list:
@@ -731,6 +1058,8 @@ def parse_args():
 
 def summarize(args):
     records = bl.last_run(args.summarize, "migration", "migration")
+    if any(r.get("channel") == "tls" for r in records) and "tls" not in ARGS_VARIANTS:
+        ARGS_VARIANTS.append("tls")
     meta = records[0].get("meta", {})
     bl.emit_report(render_markdown(records, meta), args.markdown, *marks())
     return 0
@@ -766,7 +1095,7 @@ def main():
         "params": {"guest": os.path.relpath(ctx.guest, REPO), "memory_mib": args.memory_mib,
                    "max_downtime_ms": args.max_downtime_ms, "timeout_s": args.timeout_s,
                    "warmup_s": args.warmup_s, "warm_host_gib": args.warm_host_gib, "repeat": args.repeat, "cases": args.case_list,
-                   "vmms": args.vmm_list},
+                   "vmms": args.vmm_list, "channels": args.channel_list},
     }
     ctx.tmp = tempfile.mkdtemp(prefix="migbench-")
     if args.no_copy:
@@ -774,6 +1103,11 @@ def main():
     else:
         ctx.tern = os.path.join(ctx.tmp, "tern")
         shutil.copy2(tern_path, ctx.tern)
+    ctx.tls = make_certificates(ctx) if "tls" in args.channel_list else None
+    if ctx.tls:
+        meta["tls"] = {k: v for k, v in ctx.tls.items() if not k.endswith("_dir")}
+        meta["params"]["tern_tls_args"] = args.tern_tls_args
+        meta["params"]["qemu_tls_priority"] = args.qemu_tls_priority
     log("tern %s (%s build, %s), QEMU %s, results -> %s" % (
         ctx.tern_info["path"], ctx.tern_info["build"], ctx.tern_info["mtime"],
         meta["machine"]["qemu_version"], out))
@@ -785,21 +1119,23 @@ def main():
         step = 0
         for rep in range(args.repeat):
             for ci, case in enumerate(args.case_list):
-                order = list(args.vmm_list)
+                # one cell per VMM and channel: tern, qemu (plain), then tern, qemu (tls)
+                order = [(vmm, ch) for ch in args.channel_list for vmm in args.vmm_list]
                 if (rep + ci) % 2 == 1:
                     order.reverse()
-                for pos, vmm in enumerate(order):
+                for pos, (vmm, channel) in enumerate(order):
                     if step:
                         time.sleep(args.pause_s)
                     step += 1
-                    log("== %s, run %d/%d, %s" % (case, rep + 1, args.repeat, vmm))
+                    label = vmm if args.channel_list == ["plain"] else "%s %s" % (vmm, channel)
+                    log("== %s, run %d/%d, %s" % (case, rep + 1, args.repeat, label))
                     fn = run_tern if vmm == "tern" else run_qemu
-                    rec = fn(ctx, case, rep, pos)
+                    rec = fn(ctx, case, rep, pos, channel)
                     rec["meta"] = meta
                     records.append(rec)
                     bl.append_jsonl(out, rec)
                     log("== %s %s: %s, total %s ms, downtime %s ms%s, %s MB, destination %s%s" % (
-                        case, vmm, rec.get("status"), fmt(rec.get("total_ms"), "ms"),
+                        case, label, rec.get("status"), fmt(rec.get("total_ms"), "ms"),
                         fmt(rec.get("downtime_ms"), "ms"),
                         (" (STOP->RESUME %s ms)" % fmt(rec.get("downtime_events_ms"), "ms"))
                         if vmm == "qemu" else
