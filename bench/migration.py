@@ -265,6 +265,15 @@ def check_qemu_channel(rec, report, channel):
     return ok
 
 
+def channel_failed(rec):
+    """A migration that completed over another channel than its cell's is not the cell it claims to
+    be: status error (out of the medians), the check's words first in its error."""
+    if rec["status"] == "completed":
+        rec["migration_status"] = rec["status"]
+        rec["status"] = "error"
+        rec["error"] = rec["channel_error"] + ("; " + rec["error"] if rec.get("error") else "")
+
+
 # ---------------------------------------------------------------- one run
 
 def base_record(ctx, case, rep, vmm, order, channel):
@@ -454,10 +463,7 @@ def run_tern(ctx, case, rep, order, channel="plain"):
             rec["dst_errors"] = None
             rec.setdefault("error", "migration ended with status %s" % report.get("status"))
         if not channel_ok:
-            # not the cell it claims to be: out of the medians, loudly
-            rec["migration_status"] = rec["status"]
-            rec["status"] = "error"
-            rec["error"] = rec["channel_error"] + ("; " + rec["error"] if rec.get("error") else "")
+            channel_failed(rec)
     except BenchError as e:
         if not rec.get("status"):
             rec["status"] = "error"
@@ -551,10 +557,8 @@ def run_qemu(ctx, case, rep, order, channel="plain"):
                 rec[k] = report[k]
         rec["dst_ok"] = bool(report.get("dst_ok"))
         rec["status"] = report.get("status") or "error"
-        if not check_qemu_channel(rec, report, channel) and rec["status"] == "completed":
-            rec["migration_status"] = rec["status"]
-            rec["status"] = "error"
-            rec["error"] = rec["channel_error"] + ("; " + rec["error"] if rec.get("error") else "")
+        if not check_qemu_channel(rec, report, channel):
+            channel_failed(rec)
     except BenchError as e:
         rec["status"] = rec.get("status") or "error"
         rec["error"] = str(e)
