@@ -2,6 +2,7 @@
 import PackageDescription
 
 // Layers, top to bottom (each depends only on those below it):
+//   tern (CLI) -> TernAuth (tokens; TernMigration sees them through its MigrationAuthorizer protocol)
 //   tern (CLI) -> TernAPI -> TernMigration -> TernMachine -> TernDevices -> TernKVM -> CKVM (C shim)
 //                                        \-> TernWire (frames, checksums, codecs) -> CChecksum, CZstd (libzstd)
 let strict: [SwiftSetting] = [
@@ -18,6 +19,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        // Per-migration tokens: JWTs signed with Ed25519 (TernAuth only).
+        .package(url: "https://github.com/vapor/jwt-kit.git", from: "5.8.0"),
     ],
     targets: [
         .target(name: "CKVM"),
@@ -28,6 +31,8 @@ let package = Package(
         // OpenSSL 3 from Debian's libssl-dev (installed by scripts/setup.sh).
         .target(name: "CTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
         .target(name: "TernTLS", dependencies: ["CTLS", "TernWire"], swiftSettings: strict),
+        // Signed, expiring, single-use migration tokens (`--require-token`, `tern token`).
+        .target(name: "TernAuth", dependencies: [.product(name: "JWTKit", package: "jwt-kit")], swiftSettings: strict),
         .target(
             name: "TernDevices",
             dependencies: ["TernKVM", "TernWire", "CKVM", .product(name: "Logging", package: "swift-log")],
@@ -57,7 +62,7 @@ let package = Package(
         .executableTarget(
             name: "tern",
             dependencies: [
-                "TernAPI", "TernMachine", "TernMigration", "TernTLS",
+                "TernAPI", "TernMachine", "TernMigration", "TernTLS", "TernAuth",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -65,6 +70,7 @@ let package = Package(
         ),
         .executableTarget(name: "tern-bench", dependencies: ["TernWire", "TernTLS"], swiftSettings: strict),
         .testTarget(name: "TernWireTests", dependencies: ["TernWire", "CChecksum"], swiftSettings: strict),
+        .testTarget(name: "TernAuthTests", dependencies: ["TernAuth"], swiftSettings: strict),
         .testTarget(name: "TernTLSTests", dependencies: ["TernTLS", "TernWire"], swiftSettings: strict),
         .testTarget(name: "TernDevicesTests", dependencies: ["TernDevices", "TernKVM", "TernWire"], swiftSettings: strict),
         .testTarget(name: "TernKVMTests", dependencies: ["TernKVM", "CKVM"], swiftSettings: strict),

@@ -118,11 +118,24 @@ void ctls_peer_name(ctls_session *session, char *name, size_t name_size) {
     if (peer) X509_NAME_get_text_by_NID(X509_get_subject_name(peer), NID_commonName, name, (int)name_size);
 }
 
+static int certificate_matches(X509 *certificate, const char *name) {
+    if (!certificate) return 0;
+    if (X509_check_host(certificate, name, 0, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS, NULL) == 1) return 1;
+    return X509_check_ip_asc(certificate, name, 0) == 1;
+}
+
 int ctls_peer_matches(ctls_session *session, const char *name) {
-    X509 *peer = SSL_get0_peer_certificate(session);
-    if (!peer) return 0;
-    if (X509_check_host(peer, name, 0, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS, NULL) == 1) return 1;
-    return X509_check_ip_asc(peer, name, 0) == 1;
+    return certificate_matches(SSL_get0_peer_certificate(session), name);
+}
+
+void ctls_local_name(ctls_session *session, char *name, size_t name_size) {
+    name[0] = 0;
+    X509 *local = SSL_get_certificate(session);
+    if (local) X509_NAME_get_text_by_NID(X509_get_subject_name(local), NID_commonName, name, (int)name_size);
+}
+
+int ctls_local_matches(ctls_session *session, const char *name) {
+    return certificate_matches(SSL_get_certificate(session), name);
 }
 
 const char *ctls_version(ctls_session *session) { return SSL_get_version(session); }

@@ -34,11 +34,15 @@ public struct MigrateRequest: Codable, Sendable {
     public var tlsAllow: [String]?
     /// A tcp: migration without TLS must say so.
     public var insecure: Bool?
+    /// The migration token for a destination started with --require-token (a JWT from `tern token issue`).
+    public var token: String?
 
     public init(destination: String?, resume: Bool? = nil, mode: String? = nil, maxDowntimeMs: Double? = nil, maxRounds: Int? = nil,
                 timeoutS: Double? = nil, bandwidth: UInt64? = nil, verify: Bool? = nil, precopyRounds: Int? = nil,
                 compress: String? = nil, xbzrleCacheBytes: UInt64? = nil, order: String? = nil, holdBack: Bool? = nil,
-                zstdLevel: Int? = nil, streams: Int? = nil, tlsDir: String? = nil, tlsAllow: [String]? = nil, insecure: Bool? = nil) {
+                zstdLevel: Int? = nil, streams: Int? = nil, tlsDir: String? = nil, tlsAllow: [String]? = nil, insecure: Bool? = nil,
+                token: String? = nil) {
+        self.token = token
         self.tlsDir = tlsDir
         self.tlsAllow = tlsAllow
         self.insecure = insecure
@@ -138,6 +142,12 @@ extension APIRouter {
         case .failure(let refusal): return .error(400, "bad_request", refusal.description)
         }
         var parameters = MigrationSource.Parameters(destination: destination, security: security)
+        if let token = request.token {
+            guard token.utf8.count <= Hello.maximumAuthorizationBytes else {
+                return .error(400, "bad_request", "token longer than \(Hello.maximumAuthorizationBytes) bytes")
+            }
+            parameters.authorization = token
+        }
         if let value = request.maxDowntimeMs {
             guard value > 0 else { return .error(400, "bad_request", "max_downtime_ms must be positive") }
             parameters.maxDowntimeMs = value

@@ -357,7 +357,7 @@ public final class Machine: @unchecked Sendable {
     /// What this VM is (sizes, boot configuration, devices), as snapshots and migrations announce it.
     public var description: MachineDescription {
         MachineDescription(memorySize: memory.size, vcpuCount: UInt32(runners.count), kernelPath: configuration.kernelName,
-                           commandLine: configuration.commandLine, devices: devices.specs)
+                           commandLine: configuration.commandLine, devices: devices.specs, name: configuration.name)
     }
 
     /// Keeps `object` alive as long as the machine.
@@ -391,7 +391,7 @@ public final class Machine: @unchecked Sendable {
         lifecycle.lock()
         defer { lifecycle.unlock() }
         let uptime = startTime.map { ContinuousClock.now - $0 } ?? .zero
-        return MachineInfo(state: state, memoryBytes: memory.size, memoryHugePages: memory.usesHugePages, vcpus: runners.count,
+        return MachineInfo(name: configuration.name, state: state, memoryBytes: memory.size, memoryHugePages: memory.usesHugePages, vcpus: runners.count,
                            uptimeMs: UInt64(uptime.components.seconds * 1000 + uptime.components.attoseconds / 1_000_000_000_000_000),
                            kernel: configuration.kernelName, cmdline: configuration.commandLine,
                            pid: getpid(), exit: exit, devices: devices.info)

@@ -1,3 +1,4 @@
+import Foundation
 import TernDevices
 
 /// Everything needed to build a VM, as given on `tern run`'s command line.
@@ -20,11 +21,26 @@ public struct MachineConfiguration: Sendable, Equatable {
     public var bootedKernel: String?
     /// Disks and NICs (`--disk`, `--net`), in the order of their MMIO slots.
     public var devices: [DeviceSpec] = []
+    /// The VM's name (`--name`; default a new UUID), kept across snapshots and migrations.
+    public var name: String = MachineConfiguration.newName()
 
     /// The kernel this VM runs, as whoever booted it named it.
     public var kernelName: String { kernelPath ?? bootedKernel ?? "" }
 
     public static let maximumVcpus = 64
+    public static let maximumNameLength = 128
+
+    /// A fresh name for a VM that was given none.
+    public static func newName() -> String { UUID().uuidString.lowercased() }
+
+    /// Why `name` cannot name a VM (nil if it can): letters, digits, '.', '_' and '-', as host names and JWT claims carry them plainly.
+    public static func problem(withName name: String) -> String? {
+        guard !name.isEmpty, name.utf8.count <= maximumNameLength else { return "a VM name has 1 to \(maximumNameLength) characters" }
+        guard name.unicodeScalars.allSatisfy({ $0.isASCII && ($0.properties.isAlphabetic || ("0"..."9").contains($0) || ".-_".unicodeScalars.contains($0)) }) else {
+            return "a VM name has only letters, digits, '.', '_' and '-' (not '\(name)')"
+        }
+        return nil
+    }
 
     public init(kernelPath: String?, commandLine: String = "", memorySize: UInt64, vcpuCount: Int = 1,
                 serial: SerialTarget = .stdout, kvmPath: String = "/dev/kvm", preallocate: Bool = false,
@@ -47,6 +63,8 @@ public enum MachineState: String, Codable, Sendable {
 
 /// What `tern info` reports.
 public struct MachineInfo: Codable, Equatable, Sendable {
+    /// The VM's name (absent from older tern).
+    public var name: String?
     public var state: MachineState
     public var memoryBytes: UInt64
     /// Whether guest RAM is backed by transparent huge pages (absent from older tern: false).

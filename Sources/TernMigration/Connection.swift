@@ -101,6 +101,13 @@ public struct ChannelReport: Codable, Equatable, Sendable {
     public var cipher: String?
     /// The name the peer's certificate proves.
     public var peer: String?
+    /// The id of the migration token the destination accepted (`--require-token`).
+    public var tokenID: String?
+
+    // The API's snake_case keys read back as "tokenId", not "tokenID".
+    enum CodingKeys: String, CodingKey {
+        case transport, tlsVersion, cipher, peer, tokenID = "tokenId"
+    }
 
     public init(transport: String, tlsVersion: String? = nil, cipher: String? = nil, peer: String? = nil) {
         self.transport = transport

@@ -26,10 +26,13 @@ public final class MigrationDestination {
         /// Where the VM's disks and NICs land here (`--disk id=NAME,path=FILE`, `--net id=NAME,tap=TAP`), by id:
         /// a source never chooses what a destination opens.
         public var devices: [DeviceSpec] = []
+        /// Checks each migration's token (`--require-token`); nil: no token is asked for.
+        public var authorizer: (any MigrationAuthorizer)?
 
         public init(memorySize: UInt64? = nil, vcpuCount: Int? = nil, serial: SerialTarget = .stdout, kvmPath: String = "/dev/kvm",
                     recoveryEndpoint: Endpoint? = nil, hugePages: HugePages = .auto, security: ChannelSecurity = .plaintext,
-                    devices: [DeviceSpec] = []) {
+                    devices: [DeviceSpec] = [], authorizer: (any MigrationAuthorizer)? = nil) {
+            self.authorizer = authorizer
             self.security = security
             self.devices = devices
             self.hugePages = hugePages
@@ -49,6 +52,8 @@ public final class MigrationDestination {
         public var downtimeMs: Double?
         /// The VM came paused (it was paused at the source) and stays so until resumed here.
         public var paused = false
+        /// The id of the token that authorized the migration (`--require-token`).
+        public var tokenID: String?
     }
 
     public struct Refusal: Error, CustomStringConvertible {
@@ -126,7 +131,10 @@ public final class MigrationDestination {
         }
         let machine: Machine
         let streams = Int(hello.streams)
+        let tokenID: String?
         do {
+            // A source without the right token learns nothing about this host beyond the refusal.
+            tokenID = try expectations.authorizer.map { try $0.authorize(token: hello.authorization, vm: hello.machine.name, over: connection) }
             try check(hello)
             if (streams > 1 || hello.features & Hello.postcopyUrgentFeature != 0) && listener == nil {
                 throw Refusal("parallel page streams need a listening socket")
@@ -147,6 +155,7 @@ public final class MigrationDestination {
                 vcpuCount: Int(hello.machine.vcpuCount), serial: expectations.serial, kvmPath: expectations.kvmPath,
                 hugePages: fourKiBPages && expectations.hugePages == .auto ? .off : expectations.hugePages)
             configuration.bootedKernel = hello.machine.kernelPath.isEmpty ? nil : hello.machine.kernelPath
+            if !hello.machine.name.isEmpty { configuration.name = hello.machine.name }
             configuration.devices = try Self.devices(for: hello.machine.devices, here: expectations.devices)
             machine = try Machine(configuration: configuration, memory: preparedMemory, logger: logger)
             // Post-copy from the start into preallocated memory: unmap it now, before the source
@@ -157,7 +166,7 @@ public final class MigrationDestination {
             throw Refusal("refused the incoming VM: \(error)")
         }
         let token = UInt64.random(in: 1...UInt64.max)
-        try sink?.writeFrame(.helloReply, payload: Verdict(accepted: true, bootID: Clocks.bootID, token: token).encoded)
+        try sink?.writeFrame(.helloReply, payload: Verdict(accepted: true, bootID: Clocks.bootID, token: token, tokenID: tokenID ?? "").encoded)
         machineCreated(machine)
         let compressed = hello.features & Hello.zstdFeature != 0
         // --verify: the memory digest is kept as pages land, so the end need not read all RAM in the downtime.
@@ -298,7 +307,7 @@ public final class MigrationDestination {
         let downtime = hello.bootID == Clocks.bootID ? Clocks.milliseconds(from: completion.pausedMonotonicNs, to: resumed.monotonicNs) : nil
         return (machine, Outcome(dataPages: applier.dataPages + (extraStreams?.dataPages ?? 0),
                                  zeroPages: applier.zeroPages + (extraStreams?.zeroPages ?? 0), bytes: bytes, downtimeMs: downtime,
-                                 paused: keepPaused))
+                                 paused: keepPaused, tokenID: tokenID))
     }
 
     /// The VM's devices as this destination opens them: each one the VM has must be named here by
@@ -349,6 +358,15 @@ public final class MigrationDestination {
             throw Refusal("this host's KVM lacks CPU features the guest uses: \(missing)")
         }
     }
+}
+
+/// A destination's check that a migration is authorized (`tern run --incoming ... --require-token KEY`).
+/// The token rides in the hello, inside the TLS channel; the extra page streams, the demand channel and a
+/// post-copy resume join with the session token the hello's reply hands out over that authenticated channel.
+public protocol MigrationAuthorizer: Sendable {
+    /// Returns the id of `token` if it authorizes moving VM `vm` here from the peer of `connection`;
+    /// throws the reason the source is told otherwise. Called on the destination's own thread.
+    func authorize(token: String, vm: String, over connection: Connection?) throws -> String
 }
 
 /// Where a destination accepts the source's extra page streams, and how it stops accepting.

@@ -7,7 +7,7 @@ import TernWire
 /// about to arrive, so the destination can refuse before a byte of memory moves.
 public struct Hello: Equatable, Sendable {
     public static let magic = Array("TERNMIG\u{0}".utf8)
-    public static let protocolVersion: UInt32 = 5
+    public static let protocolVersion: UInt32 = 6
     /// Feature bit: pages frames may be zstd-compressed (`--compress zstd`).
     public static let zstdFeature: UInt64 = 1 << 0
     /// Feature bit: post-copy from the start (`--mode postcopy`): no pre-copy pages will come.
@@ -30,8 +30,13 @@ public struct Hello: Equatable, Sendable {
     public var devices: [String]
     /// Page streams: the control connection plus `streams - 1` extra connections.
     public var streams: UInt32
+    /// The migration token (`tern migrate --token`), a signed JWT; empty: none.
+    public var authorization: String = ""
+    public static let maximumAuthorizationBytes = 4096
 
-    public init(features: UInt64 = 0, bootID: String, machine: MachineDescription, cpuid: [CPUIDEntry], devices: [String], streams: UInt32 = 1) {
+    public init(features: UInt64 = 0, bootID: String, machine: MachineDescription, cpuid: [CPUIDEntry], devices: [String], streams: UInt32 = 1,
+                authorization: String = "") {
+        self.authorization = authorization
         self.protocolVersion = Self.protocolVersion
         self.features = features
         self.bootID = bootID
@@ -53,6 +58,7 @@ public struct Hello: Equatable, Sendable {
         w.write(UInt32(devices.count))
         for device in devices { w.writeString(device) }
         w.write(streams)
+        w.writeString(authorization)
         return w.bytes
     }
 
@@ -81,6 +87,7 @@ public struct Hello: Equatable, Sendable {
         self.devices = devices
         streams = try r.read()
         guard streams >= 1, streams <= Self.maximumStreams else { throw .malformed("hello: \(streams) page streams (1 to \(Self.maximumStreams) allowed)") }
+        authorization = try r.readString(maximum: Self.maximumAuthorizationBytes)
         try r.expectEnd()
     }
 }
@@ -95,8 +102,12 @@ public struct Verdict: Equatable, Sendable {
     public var bootID: String
     /// Hello reply: the token extra page streams present to join this migration.
     public var token: UInt64 = 0
+    /// Hello reply: the id of the migration token the destination accepted ("" if it asks for none).
+    public var tokenID: String = ""
 
-    public init(accepted: Bool, reason: String = "", memoryDigest: UInt64? = nil, stateDigest: UInt64? = nil, bootID: String = "", token: UInt64 = 0) {
+    public init(accepted: Bool, reason: String = "", memoryDigest: UInt64? = nil, stateDigest: UInt64? = nil, bootID: String = "", token: UInt64 = 0,
+                tokenID: String = "") {
+        self.tokenID = tokenID
         self.token = token
         self.accepted = accepted
         self.reason = reason
@@ -113,6 +124,7 @@ public struct Verdict: Equatable, Sendable {
         w.write(UInt8(stateDigest == nil ? 0 : 1)); w.write(stateDigest ?? 0)
         w.writeString(bootID)
         w.write(token)
+        w.writeString(tokenID)
         return w.bytes
     }
 
@@ -126,6 +138,7 @@ public struct Verdict: Equatable, Sendable {
         stateDigest = hasState ? state : nil
         bootID = try r.readString(maximum: 64)
         token = try r.read()
+        tokenID = try r.readString(maximum: 256)
         try r.expectEnd()
     }
 }

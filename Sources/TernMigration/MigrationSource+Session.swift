@@ -36,7 +36,7 @@ extension MigrationSource {
         // Handshake: the destination checks it can run this machine before any memory moves.
         var hello = Hello(bootID: Clocks.bootID, machine: machine.description, cpuid: machine.guestCPUID,
                           devices: ["UART"] + machine.devices.kinds,
-                          streams: UInt32(parameters.streams))
+                          streams: UInt32(parameters.streams), authorization: parameters.authorization)
         if parameters.zstdLevel != nil { hello.features |= Hello.zstdFeature }
         if parameters.mode == .postcopy { hello.features |= Hello.postcopyFirstFeature }
         if parameters.verify { hello.features |= Hello.verifyFeature }
@@ -46,6 +46,7 @@ extension MigrationSource {
         let (_, replyPayload) = try readReply(stream, expecting: .helloReply, what: "the handshake")
         let reply = try Verdict(decoding: replyPayload)
         guard reply.accepted else { throw Failure("the destination refused the VM: \(reply.reason)") }
+        if !reply.tokenID.isEmpty { update { $0.channel?.tokenID = reply.tokenID } }
         let sameHost = reply.bootID == Clocks.bootID
         // Extra page streams join with the token the destination handed out.
         var streamList = [stream]

@@ -47,6 +47,8 @@ public final class MigrationSource: @unchecked Sendable {
         public var zstdLevel: Int32?
         /// In clear or over mutual TLS, on every connection of this migration.
         public var security: ChannelSecurity
+        /// The migration token the destination asks for (`--token`); empty: none.
+        public var authorization = ""
 
         public init(destination: Endpoint, security: ChannelSecurity) {
             self.destination = destination

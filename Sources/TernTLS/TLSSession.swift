@@ -100,6 +100,14 @@ public final class TLSSession: SecureTransport, @unchecked Sendable {
 
     /// Whether the peer's certificate names `name` (a subject alternative name or the common name).
     public func peerMatches(_ name: String) -> Bool { lock.withLock { _ in ctls_peer_matches(session, name) == 1 } }
+    /// Whether this end's own certificate names `name` (a token's destination, checked by the destination).
+    public func localMatches(_ name: String) -> Bool { lock.withLock { _ in ctls_local_matches(session, name) == 1 } }
+    /// This end's own certificate's common name.
+    public var localName: String {
+        var text = [CChar](repeating: 0, count: 256)
+        lock.withLock { _ in ctls_local_name(session, &text, text.count) }
+        return String(nulTerminated: text)
+    }
 
     private func lastError() -> String {
         var text = [CChar](repeating: 0, count: 512)

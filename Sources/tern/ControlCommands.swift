@@ -58,6 +58,7 @@ struct Info: ParsableCommand {
 enum InfoTable {
     static func render(_ info: MachineInfo) -> String {
         var rows: [(String, String)] = [
+            ("name", info.name ?? "-"),
             ("state", info.state.rawValue),
             ("memory", ByteSize(bytes: info.memoryBytes).description + (info.memoryHugePages == true ? " (huge pages)" : " (4 KiB pages)")),
             ("vcpus", "\(info.vcpus)"),

@@ -67,7 +67,17 @@ struct Migrate: ParsableCommand {
     @Flag(help: "Migrate over tcp: in clear, without TLS (anyone on the path can read the VM's memory). unix: sockets need neither.")
     var insecure = false
 
+    @Option(help: "The migration token a destination started with --require-token asks for (`tern token issue`).")
+    var token: String?
+
+    @Option(help: "Read the migration token from FILE (keeps it out of the process list).")
+    var tokenFile: String?
+
     func validate() throws {
+        if token != nil && tokenFile != nil { throw ValidationError("--token and --token-file exclude each other") }
+        if resume && (token != nil || tokenFile != nil) {
+            throw ValidationError("--resume joins the migration the token already authorized: no --token")
+        }
         if let to { _ = try Endpoint(parsing: to) } else if !resume { throw ValidationError("--to is required (tcp:HOST:PORT or unix:PATH)") }
         guard MigrationMode(rawValue: mode) != nil else { throw ValidationError("--mode must be precopy, postcopy, hybrid or auto") }
         guard precopyRounds >= 1 else { throw ValidationError("--precopy-rounds must be at least 1") }
@@ -105,6 +115,16 @@ struct Migrate: ParsableCommand {
         return value * multiplier
     }
 
+    /// The token as given, or read from --token-file (surrounding whitespace dropped).
+    func migrationToken() throws -> String? {
+        guard let tokenFile else { return token }
+        do {
+            return try String(contentsOfFile: tokenFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        } catch {
+            fail("--token-file \(tokenFile): \(error.localizedDescription)")
+        }
+    }
+
     func run() throws {
         let request = MigrateRequest(destination: to, resume: resume ? true : nil, mode: mode, maxDowntimeMs: maxDowntime, maxRounds: maxRounds,
                                      timeoutS: timeout, bandwidth: try bandwidth.map(Self.parseRate), verify: verify,
@@ -113,7 +133,8 @@ struct Migrate: ParsableCommand {
                                      order: order, holdBack: holdBack, zstdLevel: zstdLevel, streams: streams,
                                      // The VM's tern process reads the directory: give it an absolute path.
                                      tlsDir: tlsDir.map { URL(fileURLWithPath: $0).standardizedFileURL.path },
-                                     tlsAllow: tlsAllow.isEmpty ? nil : tlsAllow, insecure: insecure ? true : nil)
+                                     tlsAllow: tlsAllow.isEmpty ? nil : tlsAllow, insecure: insecure ? true : nil,
+                                     token: try migrationToken())
         let body = try APIJSON.encoder.encode(request)
         let client = api.client
         let outcome = Mutex<Result<APIClient.Response, any Error>?>(nil)
@@ -265,7 +286,7 @@ enum MigrationTable {
             ("destination", r.destination),
             ("channel", r.channel.map { channel in
                 channel.transport == "tls"
-                    ? "\(channel.tlsVersion ?? "TLS") \(channel.cipher ?? ""), peer '\(channel.peer ?? "")'"
+                    ? "\(channel.tlsVersion ?? "TLS") \(channel.cipher ?? ""), peer '\(channel.peer ?? "")'\(channel.tokenID.map { ", token \($0)" } ?? "")"
                     : r.destination.hasPrefix("tcp:") ? "plaintext (unencrypted, --insecure)" : "plaintext (unix socket)"
             } ?? "-"),
             ("total", ms(r.totalMs)),

@@ -55,6 +55,15 @@ struct Run: ParsableCommand {
     @Flag(help: "With --incoming tcp:...: accept a migration in clear, without TLS (anyone who reaches the port can hand this host a VM, and anyone on the path can read its memory).")
     var insecure = false
 
+    @Option(help: "With --incoming and --tls-dir: accept a migration only with a token signed by the key whose public half is FILE (token.pub from `tern token init`), unexpired, unused, and naming the VM, the source and this host.")
+    var requireToken: String?
+
+    @Option(help: "With --require-token: the file that records used tokens, shared by destinations on this host (default $XDG_STATE_HOME/tern/used-tokens).")
+    var tokenLedger: String?
+
+    @Option(help: "The VM's name, which it keeps across snapshots and migrations (letters, digits, '.', '_', '-'; default a new UUID).")
+    var name: String?
+
     @Flag(help: "Create the VM but leave its vCPUs paused.")
     var paused = false
 
@@ -85,9 +94,14 @@ struct Run: ParsableCommand {
     func validate() throws {
         _ = try deviceSpecs()
         guard HugePages(rawValue: thp) != nil else { throw ValidationError("--thp must be auto, on or off") }
-        if incoming == nil, tlsDir != nil || !tlsAllow.isEmpty || insecure {
-            throw ValidationError("--tls-dir, --tls-allow and --insecure go with --incoming")
+        if incoming == nil, tlsDir != nil || !tlsAllow.isEmpty || insecure || requireToken != nil {
+            throw ValidationError("--tls-dir, --tls-allow, --insecure and --require-token go with --incoming")
         }
+        if requireToken != nil && tlsDir == nil {
+            throw ValidationError("--require-token needs --tls-dir: a token names the source and this host as their certificates prove them")
+        }
+        if tokenLedger != nil && requireToken == nil { throw ValidationError("--token-ledger goes with --require-token") }
+        if let name, let problem = MachineConfiguration.problem(withName: name) { throw ValidationError("--name: \(problem)") }
         if let incoming {
             if case .failure(let refusal) = ChannelSecurity.choose(tlsDirectory: tlsDir, allowedPeers: tlsAllow, insecure: insecure,
                                                                    for: try Endpoint(parsing: incoming), role: .server) {
@@ -96,8 +110,8 @@ struct Run: ParsableCommand {
             if prealloc && memory == nil {
                 throw ValidationError("--prealloc with --incoming needs --memory (the memory is prepared before the source connects)")
             }
-            guard kernel == nil, restore == nil, cmdline.isEmpty, !paused else {
-                throw ValidationError("--incoming takes the VM from the source: no --kernel, --restore, --cmdline or --paused")
+            guard kernel == nil, restore == nil, cmdline.isEmpty, !paused, name == nil else {
+                throw ValidationError("--incoming takes the VM from the source: no --kernel, --restore, --cmdline, --name or --paused")
             }
             return
         }
@@ -106,6 +120,7 @@ struct Run: ParsableCommand {
         case (nil, nil): throw ValidationError("give --kernel FILE to boot, --restore FILE to resume a snapshot, or --incoming ADDRESS")
         case (.some, .some): throw ValidationError("--kernel and --restore exclude each other")
         case (nil, .some) where !cmdline.isEmpty: throw ValidationError("--cmdline cannot change a restored VM")
+        case (nil, .some) where name != nil: throw ValidationError("--name cannot change a restored VM (it keeps the snapshot's)")
         default: break
         }
     }
@@ -138,6 +153,7 @@ struct Run: ParsableCommand {
                         serial: serialTarget, kvmPath: kvmDevice, preallocate: prealloc, hugePages: hugePages)
                     configuration.devices = devices
                     configuration.initrdPath = initrd
+                    if let name { configuration.name = name }
                     machine = try Machine(configuration: configuration, logger: logger)
                 }
             } catch {
@@ -192,6 +208,7 @@ extension Run {
                           logger: Logger) throws -> Machine {
         let security = try ChannelSecurity.choose(tlsDirectory: tlsDir, allowedPeers: tlsAllow, insecure: insecure, for: endpoint,
                                                   role: .server).get()
+        let authorizer = try requireToken.map { try TokenAuthorizer(publicKey: $0, ledger: tokenLedger ?? TokenAuthorizer.defaultLedger) }
         let listener = try endpoint.listen()
         defer { if case .unix(let path) = endpoint { unlink(path) } }
         var preparedMemory: GuestMemory?
@@ -213,7 +230,7 @@ extension Run {
             quitRequested.store(true, ordering: .relaxed)
             shutdown(listener.rawValue, Int32(SHUT_RDWR))
         }
-        logger.info("waiting for an incoming migration on \(endpoint)\(security.isEncrypted ? " (mutual TLS)" : "")")
+        logger.info("waiting for an incoming migration on \(endpoint)\(security.isEncrypted ? " (mutual TLS)" : "")\(authorizer != nil ? ", with a token" : "")")
         if case .tcp = endpoint, !security.isEncrypted {
             logger.warning("--insecure: a migration arrives in clear, and anyone who reaches \(endpoint) can hand this host a VM")
         }
@@ -244,7 +261,7 @@ extension Run {
             if let session = control.session { logger.info("the source is '\(session.peerName)' (\(session.version), \(session.cipher))") }
             let destination = MigrationDestination(
                 expectations: .init(memorySize: memory, vcpuCount: cpus, serial: serial, kvmPath: kvmDevice, recoveryEndpoint: endpoint,
-                                    hugePages: hugePages, security: security, devices: try deviceSpecs()),
+                                    hugePages: hugePages, security: security, devices: try deviceSpecs(), authorizer: authorizer),
                 preparedMemory: preparedMemory, logger: logger)
             let machineBuilt = Atomic<Bool>(false)
             do {
@@ -264,7 +281,7 @@ extension Run {
 
     func logReceived(_ outcome: MigrationDestination.Outcome, logger: Logger) {
         let megabytes = Double(outcome.bytes) / 1e6
-        logger.info("migration received: \(String(format: "%.1f MB, %llu data pages, %llu zero pages", megabytes, outcome.dataPages, outcome.zeroPages))\(outcome.downtimeMs.map { String(format: ", downtime %.1f ms", $0) } ?? ""); \(outcome.paused ? "the VM is here now, paused as it was at the source (`tern resume` runs it)" : "the VM runs here now")")
+        logger.info("migration received: \(String(format: "%.1f MB, %llu data pages, %llu zero pages", megabytes, outcome.dataPages, outcome.zeroPages))\(outcome.downtimeMs.map { String(format: ", downtime %.1f ms", $0) } ?? "")\(outcome.tokenID.map { ", token \($0)" } ?? ""); \(outcome.paused ? "the VM is here now, paused as it was at the source (`tern resume` runs it)" : "the VM runs here now")")
     }
 }
 

@@ -61,13 +61,13 @@ struct SecureMigrationTests {
         let destination: TernProcess
         let source: TernProcess
 
-        init(cmdline: String, memory: String) throws {
+        init(cmdline: String, memory: String, destinationExtra: (TestCertificates) -> [String] = { _ in [] }, sourceExtra: [String] = []) throws {
             hosts = try TestHosts()
             certificates = try TestCertificates()
             address = "tcp:\(hosts.destinationAddress):\(freePort())"
-            destination = try TernProcess(["run", "--incoming", address, "--serial", "off"] + TestChannel.tls.destinationArguments(certificates),
-                                          wrapper: hosts.destinationHost)
-            source = try TernProcess.guest(cmdline, memory: memory, wrapper: hosts.sourceHost)
+            destination = try TernProcess(["run", "--incoming", address, "--serial", "off"] + TestChannel.tls.destinationArguments(certificates)
+                                          + destinationExtra(certificates), wrapper: hosts.destinationHost)
+            source = try TernProcess.guest(cmdline, memory: memory, extra: sourceExtra, wrapper: hosts.sourceHost)
             try source.waitForAPI()
             let deadline = Date(timeIntervalSinceNow: 10)
             while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
@@ -143,6 +143,106 @@ struct SecureMigrationTests {
         let cli = try setup.migrate(["--verify"] + TestChannel.tls.migrateArguments(certificates))
         #expect(cli.waitForExit(timeout: 60) == 0, "\(cli.stderr)")
         #expect(source.waitForExit(timeout: 30) == 0)
+    }
+
+    /// `tern token issue` with the test key.
+    static func issue(key: String, vm: String = "vm-under-test", source: String = TestCertificates.sourceName,
+                      destination: String = TestCertificates.destinationName, ttl: Int = 300) throws -> String {
+        let cli = try TernProcess(["token", "issue", "--key", key, "--vm", vm, "--source", source, "--destination", destination,
+                                   "--ttl", "\(ttl)"], withAPI: false)
+        guard cli.waitForExit(timeout: 20) == 0 else { throw ConfigurationError("tern token issue failed: \(cli.stderr)") }
+        return cli.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    @Test func aMigrationNeedsItsOwnUnusedSignedTokenAndTheDestinationWaitsOn() throws {
+        let keys = NSTemporaryDirectory() + "tern-token-keys-\(UUID().uuidString.prefix(8))"
+        let other = keys + "/other"
+        defer { try? FileManager.default.removeItem(atPath: keys) }
+        for directory in [keys, other] {
+            let initialized = try TernProcess(["token", "init", directory], withAPI: false)
+            #expect(initialized.waitForExit(timeout: 20) == 0, "\(initialized.stderr)")
+        }
+        let ledger = keys + "/used-tokens"
+        let setup = try Setup(cmdline: "dirty=8 progress=0", memory: "64M",
+                              destinationExtra: { _ in ["--require-token", keys + "/token.pub", "--token-ledger", ledger] },
+                              sourceExtra: ["--name", "vm-under-test"])
+        let (source, destination) = (setup.source, setup.destination)
+        _ = try source.waitForStatus { $0.phase == .dirty }
+        let key = keys + "/token.key"
+        let good = try Self.issue(key: key)
+        let attempts: [(String, [String], String)] = [
+            ("no token", [], "takes a migration only with a token"),
+            ("an expired token", ["--token", try Self.issue(key: key, ttl: 1)], "expired"),
+            ("a token of another issuer", ["--token", try Self.issue(key: other + "/token.key")], "does not verify"),
+            ("a token for another VM", ["--token", try Self.issue(key: key, vm: "another-vm")], "for VM 'another-vm'"),
+            ("a token for another source", ["--token", try Self.issue(key: key, source: "elsewhere.test")], "for source 'elsewhere.test'"),
+            ("a token for another destination", ["--token", try Self.issue(key: key, destination: "elsewhere.test")], "for destination 'elsewhere.test'"),
+            ("a token that is not one", ["--token", "garbage"], "malformed"),
+        ]
+        sleep(2) // the one-second token has expired
+        for (what, arguments, reason) in attempts {
+            let cli = try setup.migrate(TestChannel.tls.migrateArguments(setup.certificates) + arguments)
+            #expect(cli.waitForExit(timeout: 60) == 1, "\(what): \(cli.stderr)")
+            let r = try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
+            #expect(r?.status == .failed, "\(what)")
+            #expect(r?.reason?.contains(reason) == true, "\(what): \(r?.reason ?? cli.stderr)")
+            let info = try APIJSON.decoder.decode(MachineInfo.self, from: try source.client.request(.GET, "/v1/vm").body)
+            #expect(info.state == .running, "\(what): the source runs on")
+            #expect(destination.process.isRunning, "\(what): the destination waits on")
+        }
+        // The right token, from a file: the report names it.
+        let tokenFile = keys + "/good.jwt"
+        try good.write(toFile: tokenFile, atomically: true, encoding: .utf8)
+        let cli = try setup.migrate(["--verify", "--token-file", tokenFile] + TestChannel.tls.migrateArguments(setup.certificates))
+        #expect(cli.waitForExit(timeout: 60) == 0, "\(cli.stderr)")
+        let r = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8)), "\(cli.stderr)")
+        let id = try Self.tokenID(good)
+        #expect(r.channel?.tokenID == id)
+        #expect(destination.stderr.contains("token \(id)"), "\(destination.stderr)")
+        #expect(source.waitForExit(timeout: 30) == 0)
+        try destination.waitForAPI()
+        let moved = try APIJSON.decoder.decode(MachineInfo.self, from: try destination.client.request(.GET, "/v1/vm").body)
+        #expect(moved.name == "vm-under-test", "the VM keeps its name")
+
+        // The same token again, to a fresh destination sharing the ledger, from a source running a VM of that name: a replay.
+        let replayAddress = "tcp:\(setup.hosts.destinationAddress):\(freePort())"
+        let replayDestination = try TernProcess(["run", "--incoming", replayAddress, "--serial", "off", "--require-token", keys + "/token.pub",
+                                                 "--token-ledger", ledger] + TestChannel.tls.destinationArguments(setup.certificates),
+                                                wrapper: setup.hosts.destinationHost)
+        let replaySource = try TernProcess.guest("dirty=8 progress=0", memory: "64M", extra: ["--name", "vm-under-test"], wrapper: setup.hosts.sourceHost)
+        try replaySource.waitForAPI()
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while !replayDestination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
+        let replay = try TernProcess(["migrate", "--api-socket", replaySource.apiSocket, "--to", replayAddress, "--json", "--token", good]
+                                     + TestChannel.tls.migrateArguments(setup.certificates), withAPI: false, wrapper: setup.hosts.sourceHost)
+        #expect(replay.waitForExit(timeout: 60) == 1, "\(replay.stderr)")
+        let refused = try? APIJSON.decoder.decode(MigrationReport.self, from: Data(replay.stdout.utf8))
+        #expect(refused?.reason?.contains("was used before") == true, "\(refused?.reason ?? replay.stderr)")
+        #expect(replayDestination.process.isRunning, "the destination waits on after a replay")
+    }
+
+    static func tokenID(_ token: String) throws -> String {
+        let cli = try TernProcess(["token", "inspect", token], withAPI: false)
+        guard cli.waitForExit(timeout: 20) == 0 else { throw ConfigurationError("tern token inspect failed: \(cli.stderr)") }
+        let line = try #require(cli.stdout.split(separator: "\n").first { $0.hasPrefix("id") })
+        return String(line.split(separator: " ").last!)
+    }
+
+    @Test func tokenOptionsAreCheckedBeforeAnythingRuns() throws {
+        let noTLS = try TernProcess(["run", "--incoming", "unix:/tmp/x.sock", "--require-token", "/nonexistent.pub"], withAPI: false)
+        #expect(noTLS.waitForExit() == 64)
+        #expect(noTLS.stderr.contains("--require-token needs --tls-dir"), "\(noTLS.stderr)")
+        let certificates = try TestCertificates()
+        let missingKey = try TernProcess(["run", "--incoming", "tcp:127.0.0.1:\(freePort())", "--serial", "off", "--require-token", "/nonexistent.pub",
+                                          "--token-ledger", NSTemporaryDirectory() + "tern-ledger-\(getpid())"]
+                                         + TestChannel.tls.destinationArguments(certificates), withAPI: false)
+        #expect(missingKey.waitForExit(timeout: 20) == 1)
+        #expect(missingKey.stderr.contains("/nonexistent.pub"), "\(missingKey.stderr)")
+        let badName = try TernProcess(["run", "--kernel", "/nonexistent", "--name", "bad name!"], withAPI: false)
+        #expect(badName.waitForExit() == 64)
+        #expect(badName.stderr.contains("a VM name has only"), "\(badName.stderr)")
+        let bothTokens = try TernProcess(["migrate", "--api-socket", "/nonexistent.sock", "--to", "unix:/tmp/x", "--token", "a", "--token-file", "b"], withAPI: false)
+        #expect(bothTokens.waitForExit() == 64)
     }
 
     @Test func aTCPMigrationInClearMustBeAskedFor() throws {

@@ -43,6 +43,8 @@ struct SnapshotTests {
         let restored = try TernProcess(["run", "--restore", file, "--paused", "--serial", "off"])
         try restored.waitForAPI()
         #expect(try memoryDigest(restored, size: 64 << 20) == sourceDigest, "memory is byte-identical at restore")
+        let restoredInfo = try APIJSON.decoder.decode(MachineInfo.self, from: try restored.client.request(.GET, "/v1/vm").body)
+        #expect(restoredInfo.name == info.name && info.name?.isEmpty == false, "the VM keeps its name")
         #expect(try restored.status() == sourceStatus)
         #expect(try restored.client.request(.PUT, "/v1/vm/resume").status == 204)
         // The snapshot may have caught the guest between counting a pass and verifying it,

@@ -137,14 +137,33 @@ struct MessageTests {
         var parallel = hello
         parallel.streams = 4
         parallel.features = Hello.zstdFeature
+        parallel.authorization = "header.claims.signature"
+        parallel.machine.name = "web-1"
         #expect(try Hello(decoding: parallel.encoded) == parallel)
+        var longToken = hello
+        longToken.authorization = String(repeating: "x", count: Hello.maximumAuthorizationBytes + 1)
+        #expect(throws: WireError.self) { try Hello(decoding: longToken.encoded) }
         for length in 0..<hello.encoded.count {
             #expect(throws: WireError.self) { try Hello(decoding: Array(hello.encoded.prefix(length))) }
         }
     }
 
+    @Test func theVMsNameTravelsAndOlderDescriptionsHaveNone() throws {
+        var named = description
+        named.name = "web-1"
+        #expect(try MachineDescription(section: named.section) == named)
+        // Version 2 is version 3 without the trailing name.
+        var body = named.section.body
+        body.removeLast(4 + 5)
+        let older = try MachineDescription(section: StateSection(tag: MachineDescription.tag, version: 2, body: body))
+        #expect(older.name == "" && older.memorySize == named.memorySize)
+        var hostile = description
+        hostile.name = "a b"
+        #expect(throws: WireError.self) { try MachineDescription(section: hostile.section) }
+    }
+
     @Test func controlMessagesRoundTrip() throws {
-        let verdict = Verdict(accepted: false, reason: "no", memoryDigest: 7, stateDigest: nil, bootID: "b", token: 0xfeed)
+        let verdict = Verdict(accepted: false, reason: "no", memoryDigest: 7, stateDigest: nil, bootID: "b", token: 0xfeed, tokenID: "jti-1")
         #expect(try Verdict(decoding: verdict.encoded) == verdict)
         let streamHello = StreamHello(token: 42, index: 3)
         #expect(try StreamHello(decoding: streamHello.encoded) == streamHello)

@@ -44,6 +44,10 @@ void ctls_last_error(ctls_session *session, char *error, size_t error_size);
 void ctls_peer_name(ctls_session *session, char *name, size_t name_size);
 /// Whether the peer's certificate names `name` (in its subject alternative names or common name).
 int ctls_peer_matches(ctls_session *session, const char *name);
+/// This end's own certificate's common name ("" if none).
+void ctls_local_name(ctls_session *session, char *name, size_t name_size);
+/// Whether this end's own certificate names `name`.
+int ctls_local_matches(ctls_session *session, const char *name);
 const char *ctls_version(ctls_session *session);
 const char *ctls_cipher(ctls_session *session);
 

@@ -40,6 +40,7 @@ extension Machine {
                                                  memorySize: description.memorySize, vcpuCount: Int(description.vcpuCount),
                                                  serial: serial, kvmPath: kvmPath, preallocate: preallocate, hugePages: hugePages)
         configuration.bootedKernel = description.kernelPath.isEmpty ? nil : description.kernelPath
+        if !description.name.isEmpty { configuration.name = description.name }
         // The snapshot's own devices (the same image paths and TAPs), unless the user names others.
         configuration.devices = devices ?? description.devices
         let machine = try Machine(configuration: configuration)

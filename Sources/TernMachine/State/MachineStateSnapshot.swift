@@ -5,8 +5,8 @@ import TernWire
 /// and its devices. A receiver checks it before it accepts anything else, and
 /// it is the one list of devices that snapshots, restores and migrations read.
 public struct MachineDescription: Equatable, Sendable {
-    /// Version 2 added the devices; version 1 (no devices) is still read.
-    public static let version: UInt32 = 2
+    /// Version 2 added the devices, version 3 the VM's name; versions 1 and 2 are still read (with no name).
+    public static let version: UInt32 = 3
     public static let tag = "MACH"
 
     public var memorySize: UInt64
@@ -14,8 +14,13 @@ public struct MachineDescription: Equatable, Sendable {
     public var kernelPath: String
     public var commandLine: String
     public var devices: [DeviceSpec]
+    /// The VM's name (`tern run --name`), which it keeps wherever it moves; migration tokens name it.
+    /// Empty in descriptions of older versions.
+    public var name: String
 
-    public init(memorySize: UInt64, vcpuCount: UInt32, kernelPath: String, commandLine: String, devices: [DeviceSpec] = []) {
+    public init(memorySize: UInt64, vcpuCount: UInt32, kernelPath: String, commandLine: String, devices: [DeviceSpec] = [],
+                name: String = "") {
+        self.name = name
         self.memorySize = memorySize
         self.vcpuCount = vcpuCount
         self.kernelPath = kernelPath
@@ -44,12 +49,13 @@ public struct MachineDescription: Equatable, Sendable {
                 w.write(network.mac.bytes)
             }
         }
+        w.writeString(name)
         return StateSection(tag: Self.tag, version: Self.version, body: w.bytes)
     }
 
     public init(section: StateSection) throws(WireError) {
-        guard section.version == 1 || section.version == Self.version else {
-            throw .unsupportedVersion("machine description version \(section.version) (this tern reads 1 and \(Self.version))")
+        guard (1...Self.version).contains(section.version) else {
+            throw .unsupportedVersion("machine description version \(section.version) (this tern reads 1 to \(Self.version))")
         }
         var r = WireReader(section.body, context: "machine description")
         memorySize = try r.read()
@@ -74,6 +80,8 @@ public struct MachineDescription: Equatable, Sendable {
             }
             do { try devices.validate() } catch { throw .malformed("machine description: \(error)") }
         }
+        name = section.version >= 3 ? try r.readString(maximum: MachineConfiguration.maximumNameLength) : ""
+        if !name.isEmpty, let problem = MachineConfiguration.problem(withName: name) { throw .malformed("machine description: \(problem)") }
         try r.expectEnd()
         guard memorySize >= GuestMemory.minimumSize, memorySize <= GuestMemory.maximumSize, memorySize % (1 << 20) == 0 else {
             throw .malformed("machine description: memory size \(memorySize)")
