@@ -210,17 +210,17 @@ public final class MigrationDestination {
                 stateBytes += header.length
                 guard sections.count < 1024, stateBytes <= Self.maximumStateBytes else { throw Refusal("too much VM state (\(stateBytes) bytes)") }
                 let payload = try source.readExactly(Int(header.length), what: "state frame")
-                guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("state frame") }
+                try source.checkPayload(payload, of: header, what: "state frame")
                 sections.append(try StateSection(decoding: payload))
             case .end:
                 extraCovered = try extraStreams?.join() ?? 0
                 let payload = try source.readExactly(Int(header.length), what: "end frame")
-                guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("end frame") }
+                try source.checkPayload(payload, of: header, what: "end frame")
                 completion = try Completion(decoding: payload)
             case .postcopyStart:
                 extraCovered = try extraStreams?.join() ?? 0
                 let payload = try source.readExactly(Int(header.length), what: "post-copy start")
-                guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("post-copy start frame") }
+                try source.checkPayload(payload, of: header, what: "post-copy start frame")
                 let start = try PostcopyStart(decoding: payload, pageCount: Int(machine.memory.size / UInt64(PageRun.pageSize)))
                 completion = start.completion
                 postcopyNeeded = start.needed
@@ -228,7 +228,7 @@ public final class MigrationDestination {
                 // The latency probe before the pages, and each round's sync: answered once everything before it is applied.
                 guard sections.isEmpty, header.length <= 64 else { throw Refusal("unexpected ping") }
                 let payload = try source.readExactly(Int(header.length), what: "ping")
-                guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("ping frame") }
+                try source.checkPayload(payload, of: header, what: "ping frame")
                 try sink?.writeFrame(.pong, payload: payload)
             case .abort:
                 let payload = try source.readExactly(Int(header.length), what: "abort frame")

@@ -123,7 +123,7 @@ final class PageStreamReceivers: @unchecked Sendable {
                     // A round's sync: answered once everything before it is applied.
                     guard header.length <= 64 else { return "a ping of \(header.length) bytes on a page stream" }
                     let payload = try stream.readExactly(Int(header.length), what: "ping")
-                    guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("ping frame") }
+                    try stream.checkPayload(payload, of: header, what: "ping frame")
                     try stream.writeFrame(.pong, payload: payload)
                 case .streamEnd:
                     _ = try stream.readExactly(Int(min(header.length, 64)), what: "stream end")
@@ -172,6 +172,6 @@ func readOpeningFrame(of connection: Connection, type: FrameType, within seconds
         throw MigrationDestination.Refusal("\(refusal) (first frame is \(header.type))")
     }
     let payload = try stream.readExactly(Int(header.length), what: "\(type) frame")
-    guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("\(type) frame") }
+    try stream.checkPayload(payload, of: header, what: "\(type) frame")
     return payload
 }

@@ -94,9 +94,7 @@ extension PostcopyReceiver {
         guard length <= bounce.count else { throw WireError.tooLarge("a post-copy pages frame of \(length) bytes") }
         let frame = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<length])
         try stream.readExactly(into: frame, what: "post-copy pages frame")
-        guard Checksum.crc32c(UnsafeRawBufferPointer(frame)) == header.payloadCRC else {
-            throw WireError.checksumMismatch("pages frame during post-copy")
-        }
+        try stream.checkPayload(UnsafeRawBufferPointer(frame), of: header, what: "pages frame during post-copy")
         var offset = 0
         while offset < length {
             guard length - offset >= PageRun.headerSize else { throw WireError.malformed("pages frame ends inside a run header") }

@@ -52,22 +52,25 @@ public final class TLSSession: SecureTransport, @unchecked Sendable {
 
     public func writeAll(_ buffers: [UnsafeRawBufferPointer]) throws {
         try writing.withLock { record in
+            // Small pieces (frame and run headers) are gathered into full records; the whole records' worth
+            // in the middle of a large piece (page data) is encrypted straight from where it lies, so page
+            // bytes are read once, by the cipher, and never copied here first.
             for buffer in buffers where buffer.count > 0 {
-                // Large buffers go straight out in record-sized writes; small ones are gathered first.
-                if record.isEmpty && buffer.count >= Self.recordSize {
-                    try send(buffer)
-                    continue
-                }
                 var offset = 0
-                while offset < buffer.count {
-                    let take = min(Self.recordSize - record.count, buffer.count - offset)
-                    record.append(contentsOf: UnsafeRawBufferPointer(rebasing: buffer[offset..<offset + take]))
-                    offset += take
-                    if record.count == Self.recordSize {
-                        try record.withUnsafeBytes { try send($0) }
-                        record.removeAll(keepingCapacity: true)
-                    }
+                if !record.isEmpty {
+                    let take = min(Self.recordSize - record.count, buffer.count)
+                    record.append(contentsOf: UnsafeRawBufferPointer(rebasing: buffer[0..<take]))
+                    offset = take
+                    guard record.count == Self.recordSize else { continue }
+                    try record.withUnsafeBytes { try send($0) }
+                    record.removeAll(keepingCapacity: true)
                 }
+                let direct = (buffer.count - offset) / Self.recordSize * Self.recordSize
+                if direct > 0 {
+                    try send(UnsafeRawBufferPointer(rebasing: buffer[offset..<offset + direct]))
+                    offset += direct
+                }
+                record.append(contentsOf: UnsafeRawBufferPointer(rebasing: buffer[offset...]))
             }
             if !record.isEmpty {
                 try record.withUnsafeBytes { try send($0) }

@@ -3,9 +3,31 @@
 public protocol ByteSource {
     /// Fills `buffer` completely; throws `WireError.truncated` at end of input.
     func readExactly(into buffer: UnsafeMutableRawBufferPointer, what: @autoclosure () -> String) throws
+    /// Whether the channel itself authenticates every byte (a TLS session's AEAD), so frames carry no
+    /// payload CRC and none is checked: a damaged record fails in the channel before any byte is read.
+    var authenticatesPayloads: Bool { get }
 }
 
 extension ByteSource {
+    public var authenticatesPayloads: Bool { false }
+
+    /// Checks a frame's payload against the CRC in its header, unless the channel authenticates it.
+    public func checkPayload(_ payload: UnsafeRawBufferPointer, of header: FrameHeader, what: @autoclosure () -> String) throws(WireError) {
+        guard !authenticatesPayloads else { return }
+        guard Checksum.crc32c(payload) == header.payloadCRC else {
+            let what = what()
+            throw .checksumMismatch("\(what) (\(header.length) bytes)")
+        }
+    }
+
+    public func checkPayload(_ payload: [UInt8], of header: FrameHeader, what: @autoclosure () -> String) throws(WireError) {
+        guard !authenticatesPayloads else { return }
+        guard Checksum.crc32c(payload) == header.payloadCRC else {
+            let what = what()
+            throw .checksumMismatch("\(what) (\(header.length) bytes)")
+        }
+    }
+
     public func readExactly(_ count: Int, what: @autoclosure () -> String) throws -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
         try bytes.withUnsafeMutableBytes { try readExactly(into: $0, what: what()) }
@@ -21,9 +43,7 @@ extension ByteSource {
     public func readFrame() throws -> (FrameHeader, [UInt8]) {
         let header = try readFrameHeader()
         let payload = try readExactly(Int(header.length), what: "\(header.type) frame payload")
-        guard Checksum.crc32c(payload) == header.payloadCRC else {
-            throw WireError.checksumMismatch("\(header.type) frame payload (\(header.length) bytes)")
-        }
+        try checkPayload(payload, of: header, what: "\(header.type) frame payload")
         return (header, payload)
     }
 }

@@ -23,6 +23,9 @@ public struct FDStream: ByteSource, Sendable {
         self.secure = secure
     }
 
+    /// A TLS record's tag covers what a frame's CRC would: one check, not two.
+    public var authenticatesPayloads: Bool { secure != nil }
+
     public struct IOError: Error, CustomStringConvertible, Sendable {
         public let operation: String
         public let errno: Int32
@@ -83,7 +86,7 @@ public struct FDStream: ByteSource, Sendable {
     /// Writes one frame: header and payload pieces (gathered, not copied).
     public func writeFrame(_ type: FrameType, flags: UInt32 = 0, payload: [UnsafeRawBufferPointer]) throws {
         let length = payload.reduce(0) { $0 + $1.count }
-        let crc = payload.reduce(UInt32(0)) { Checksum.crc32c($1, seed: $0) }
+        let crc = authenticatesPayloads ? 0 : payload.reduce(UInt32(0)) { Checksum.crc32c($1, seed: $0) }
         let header = FrameHeader(type: type, flags: flags, length: UInt64(length), payloadCRC: crc).encoded
         try header.withUnsafeBytes { try writeAll([$0] + payload) }
     }

@@ -33,6 +33,8 @@ public final class FramePayloadReader: ByteSource {
         end = 0
     }
 
+    public var authenticatesPayloads: Bool { source?.authenticatesPayloads ?? false }
+
     /// Bytes of the frame neither read by the caller nor left in the source.
     public var remaining: Int { end - start + unread }
 

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Glibc
 import Testing
 import TernAPI
@@ -176,9 +177,12 @@ final class TapNamespace {
     let hostAddress: String
     let guestAddress: String
 
+    /// Each namespace has a name of its own, even if two exist at once.
+    private static let made = Atomic<Int>(0)
+
     init() throws {
         let id = Int(getpid() % 200) + 20
-        name = "ternnet\(getpid() % 100000)"
+        name = "ternnet\(getpid() % 100000)n\(Self.made.add(1, ordering: .relaxed).newValue)"
         hostAddress = "10.\(id).77.1"
         guestAddress = "10.\(id).77.2"
         shell("ip netns del \(name) 2>/dev/null")

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Glibc
 import Testing
 import TernAPI
@@ -28,8 +29,11 @@ final class TestHosts {
     let prefix: String
     let subnet: Int
 
+    /// Suites run side by side: each pair of hosts needs names of its own, or one test's `up` removes another's namespaces.
+    private static let made = Atomic<Int>(0)
+
     init() throws {
-        prefix = "tt\(getpid() % 100000)"
+        prefix = "tt\(getpid() % 100000)n\(Self.made.add(1, ordering: .relaxed).newValue)"
         subnet = 200 + Int(getpid() % 50)
         let up = shell("NETNS_SUBNET=\(subnet) bash \(TernProcess.repository.path)/scripts/netns.sh up \(prefix)")
         guard up.status == 0 else { throw ConfigurationError("netns.sh up failed: \(up.output)") }

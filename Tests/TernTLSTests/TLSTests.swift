@@ -86,6 +86,51 @@ struct TLSTests {
         #expect(echoed == payload)
     }
 
+    /// Frames of pieces of every size around a record's (headers, page data, odd tails) arrive whole and in
+    /// order; over TLS they carry no CRC (the record tags check them), in clear the CRC still catches damage.
+    @Test func framesOverTLSRelyOnTheRecordTagsAndFramesInClearOnTheirCRC() throws {
+        let pki = try TestPKI()
+        let server = try TLSContext(directory: pki.directory("b"), role: .server)
+        let client = try TLSContext(directory: pki.directory("a"), role: .client)
+        let (serverSide, clientSide, fds) = handshake(server: server, client: client)
+        defer { close(fds.0); close(fds.1) }
+        let s = try serverSide.get(), c = try clientSide.get()
+        let sizes = [24, 12, 524_288, 5, 16_384, 16_385, 16_383, 1, 100_000, 32_768 + 7]
+        let data = (0..<sizes.reduce(0, +)).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ 3) }
+        let frames = 3
+        let writer = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            try? data.withUnsafeBytes { raw in
+                var offset = 0
+                let pieces = sizes.map { size in
+                    defer { offset += size }
+                    return UnsafeRawBufferPointer(rebasing: raw[offset..<offset + size])
+                }
+                for _ in 0..<frames { try FDStream(fd: fds.1, secure: c).writeFrame(.pages, payload: pieces) }
+            }
+            writer.signal()
+        }
+        let reader = FDStream(fd: fds.0, secure: s)
+        #expect(reader.authenticatesPayloads)
+        for _ in 0..<frames {
+            let (header, payload) = try reader.readFrame()
+            #expect(header.payloadCRC == 0 && payload == data)
+        }
+        writer.wait()
+
+        // In clear: the CRC is there, and a flipped byte is caught.
+        let (a, b) = socketPair()
+        defer { close(a); close(b) }
+        try FDStream(fd: b).writeFrame(.pages, payload: Array(data.prefix(4096)))
+        var header = try FDStream(fd: a).readFrameHeader()
+        #expect(header.payloadCRC == Checksum.crc32c(Array(data.prefix(4096))))
+        var payload = try FDStream(fd: a).readExactly(Int(header.length), what: "payload")
+        payload[100] ^= 1
+        #expect(throws: WireError.self) { try FDStream(fd: a).checkPayload(payload, of: header, what: "pages") }
+        header.payloadCRC = 0
+        #expect(throws: WireError.self, "a frame in clear without a CRC is not taken") { try FDStream(fd: a).checkPayload(Array(data.prefix(4096)), of: header, what: "pages") }
+    }
+
     @Test func aPeerOfAnotherCAIsRefusedOnBothSides() throws {
         let pki = try TestPKI()
         try CertificateAuthority.initialize(directory: pki.directory("stranger"), name: "host-a")

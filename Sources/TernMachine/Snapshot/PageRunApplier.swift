@@ -60,13 +60,14 @@ public final class PageRunApplier {
     public func apply(_ header: FrameHeader, from source: some ByteSource) throws {
         guard header.flags & PageRun.compressedFrameFlag != 0 else {
             frameReader.begin(source, length: Int(header.length))
-            return try applyRuns(length: Int(header.length), from: frameReader, expectedCRC: header.payloadCRC)
+            return try applyRuns(length: Int(header.length), from: frameReader,
+                                 expectedCRC: source.authenticatesPayloads ? nil : header.payloadCRC)
         }
         guard decompressionAllowed else { throw WireError.malformed("a compressed pages frame, but compression was not agreed") }
         guard header.length > 4 else { throw WireError.malformed("a compressed pages frame of \(header.length) bytes") }
         // The CRC covers the bytes on the wire; what zstd makes of checked bytes needs no second check.
         compressedPayload = try source.readExactly(Int(header.length), what: "compressed pages frame")
-        guard Checksum.crc32c(compressedPayload) == header.payloadCRC else { throw WireError.checksumMismatch("compressed pages frame (\(header.length) bytes)") }
+        try source.checkPayload(compressedPayload, of: header, what: "compressed pages frame")
         let length = Int(UInt32(compressedPayload[0]) | UInt32(compressedPayload[1]) << 8 | UInt32(compressedPayload[2]) << 16 | UInt32(compressedPayload[3]) << 24)
         guard length > 0, length <= PageRun.maximumUncompressedFrame else {
             throw WireError.malformed("a compressed pages frame announcing \(length) bytes")
@@ -84,7 +85,7 @@ public final class PageRunApplier {
     /// Reads `length` bytes of runs and applies them; checks their CRC when one is given.
     private func applyRuns(length: Int, from source: some ByteSource, expectedCRC: UInt32?) throws {
         var remaining = length
-        // A decompressed frame was checked on the wire: no second pass over its bytes.
+        // A decompressed frame was checked on the wire, and a TLS channel checks every record: no pass over their bytes.
         var crc: UInt32? = expectedCRC == nil ? nil : 0
         while remaining > 0 {
             guard remaining >= PageRun.headerSize else { throw WireError.malformed("pages frame ends inside a run header") }
