@@ -62,6 +62,8 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     /// zstd: payload bytes of the frames it shrank, before and after.
     public var zstdInputBytes: UInt64?
     public var zstdOutputBytes: UInt64?
+    /// zstd: frames sent raw without trying, while frames before them did not compress.
+    public var zstdSkippedFrames: UInt64?
     /// "sequential" or "dirty-frequency".
     public var order: String = PageOrder.dirtyFrequency.rawValue
     /// Parallel page streams used during pre-copy.

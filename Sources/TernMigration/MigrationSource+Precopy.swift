@@ -282,6 +282,7 @@ extension MigrationSource {
             if parameters.zstdLevel != nil {
                 $0.zstdInputBytes = sent.compressedInputBytes
                 $0.zstdOutputBytes = sent.compressedOutputBytes
+                $0.zstdSkippedFrames = sent.compressionSkippedFrames
             }
             $0.dataPages = sent.dataPages
             $0.zeroPages = sent.zeroPages

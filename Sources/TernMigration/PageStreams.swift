@@ -181,6 +181,7 @@ extension PageStreamCounters {
         deltaBytes += other.deltaBytes
         compressedInputBytes += other.compressedInputBytes
         compressedOutputBytes += other.compressedOutputBytes
+        compressionSkippedFrames += other.compressionSkippedFrames
         unchangedPages += other.unchangedPages
     }
 

@@ -300,6 +300,10 @@ enum MigrationTable {
             ("max downtime", ms(r.maxDowntimeMs)),
         ]
         rows.append(("compression", r.compression))
+        if let input = r.zstdInputBytes, let output = r.zstdOutputBytes {
+            rows.append(("zstd", String(format: "%.1f MB compressed to %.1f MB; %llu frames sent raw untried (they did not compress)",
+                                        Double(input) / 1e6, Double(output) / 1e6, r.zstdSkippedFrames ?? 0)))
+        }
         rows.append(("order", r.order))
         rows.append(("re-sent pages", "\(r.resentPages) after the first pass"))
         if let held = r.heldBackPages { rows.append(("held back", "\(held) hot pages, sent once in the stop-and-copy")) }

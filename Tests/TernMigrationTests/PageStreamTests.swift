@@ -71,6 +71,42 @@ struct PageStreamTests {
         #expect(try contents(copy) == contents(memory))
     }
 
+    /// Random pages first, then text: zstd backs off over the random half and compresses the text again.
+    @Test func zstdBacksOffWhereFramesDoNotCompressAndComesBack() throws {
+        let memory = try GuestMemory(size: Self.size)
+        var generator = SystemRandomNumberGenerator()
+        let pages = Int(Self.size / 4096)
+        for page in 0..<pages {
+            let bytes: [UInt8] = page < pages / 2 ? (0..<512).map { _ in generator.next() as UInt64 }.withUnsafeBytes { Array($0) }
+                : Array(String(repeating: "page \(page) of a guest's memory; ", count: 120).utf8.prefix(4096))
+            try memory.write(bytes, at: GuestAddress(UInt64(page) * 4096))
+        }
+        let (files, counters) = try send(memory, streams: 1, zstd: true)
+        defer { files.forEach { close($0.fd) } }
+        let halfFrames = UInt64(pages / 2 / PageStreamer.defaultFramePages)
+        #expect(counters.compressionSkippedFrames >= halfFrames / 2, "most random frames go untried: \(counters.compressionSkippedFrames) of \(halfFrames)")
+        #expect(counters.compressedInputBytes >= UInt64(Self.size / 2) * 3 / 4, "the text half is compressed again")
+        let copy = try GuestMemory(size: Self.size)
+        let applier = PageRunApplier(memory: copy, delivery: .repeated)
+        applier.decompressionAllowed = true
+        try applyAll(files[0], to: applier)
+        #expect(try contents(copy) == contents(memory))
+    }
+
+    @Test func theBackoffDoublesUpToItsLimitAndResetsOnAFrameThatCompresses() {
+        var backoff = CompressionBackoff()
+        var tried: [Int] = []
+        for frame in 0..<300 where backoff.shouldTry() {
+            tried.append(frame)
+            backoff.record(input: 1000, output: frame < 200 ? 950 : 100)
+        }
+        // Tries after gaps of 1, 2, 4 ... 64, 64 ...; from frame 200 on, the first try that compresses resets it.
+        #expect(Array(tried.prefix(8)) == [0, 2, 5, 10, 19, 36, 69, 134])
+        let firstGood = tried.first { $0 >= 200 }!
+        #expect(tried.drop { $0 < firstGood }.elementsEqual(firstGood..<300), "every frame is tried once frames compress again")
+        #expect(CompressionBackoff.worthwhile(input: 800, output: 700) && !CompressionBackoff.worthwhile(input: 800, output: 701))
+    }
+
     @Test func compressedFramesNeedAgreement() throws {
         let (files, _) = try send(try sourceMemory(), streams: 1, zstd: true)
         defer { files.forEach { close($0.fd) } }

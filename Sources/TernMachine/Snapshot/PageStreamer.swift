@@ -15,6 +15,8 @@ public struct PageStreamCounters: Sendable, Equatable {
     public var compressedOutputBytes: UInt64 = 0
     /// Pages not sent because the receiver already holds their bytes (SentPageFingerprints).
     public var unchangedPages: UInt64 = 0
+    /// zstd: frames sent raw without trying, after frames that did not compress (CompressionBackoff).
+    public var compressionSkippedFrames: UInt64 = 0
     public init() {}
 }
 
@@ -71,6 +73,8 @@ public final class PageStreamer {
     private var deltaUsed = 0
     /// zstd per frame (`--compress zstd`); a frame it cannot shrink goes as it is.
     public var compressor: ZstdCompressor?
+    /// Which frames zstd is tried on: it backs off while frames do not compress.
+    private var backoff = CompressionBackoff()
     /// Pre-copy: what the receiver holds of each page, so that pages unchanged since they were sent stay here.
     public var fingerprints: SentPageFingerprints?
     /// The fingerprint of each staged page, recorded once its frame is written.
@@ -258,8 +262,16 @@ public final class PageStreamer {
             }
         }
         var flags = frameFlags
-        if let compressor, let packed = try compressor.compress(pieces, size: size - FrameHeader.size),
-           packed.count + 4 < size - FrameHeader.size {
+        var packed: UnsafeRawBufferPointer?
+        if let compressor {
+            if backoff.shouldTry() {
+                let input = size - FrameHeader.size
+                packed = try compressor.compress(pieces, size: input).flatMap { $0.count + 4 < input ? $0 : nil }
+                backoff.record(input: input, output: packed.map { $0.count + 4 })
+            }
+            counters.compressionSkippedFrames = backoff.skippedFrames
+        }
+        if let packed {
             counters.compressedInputBytes += UInt64(size - FrameHeader.size)
             counters.compressedOutputBytes += UInt64(packed.count + 4)
             flags |= PageRun.compressedFrameFlag
