@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import TernMachine
 
 /// Maps API requests to machine operations. No I/O of its own (the server
@@ -23,6 +24,7 @@ public struct APIRouter: Sendable {
 
     let machine: Machine
     let migrations = MigrationSlot()
+    let snapshots = SnapshotGate()
 
     public init(machine: Machine) {
         self.machine = machine
@@ -36,19 +38,23 @@ public struct APIRouter: Sendable {
             return .json(machine.info)
         case "/v1/vm/pause":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
-            return runStateChange { try machine.pause() }
+            return snapshots.unlessWriting { runStateChange { try machine.pause() } } ?? SnapshotGate.busy
         case "/v1/vm/resume":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
             // After post-copy moved execution, running the VM here too would fork it.
             if migrations.suspended != nil {
                 return .error(409, "invalid_state", "the VM runs at the destination (post-copy, connection lost): resume the migration with `tern migrate --resume`, not the VM")
             }
-            return runStateChange { try machine.resume() }
+            // A resume in the middle of a snapshot would let the guest write memory the file is taking.
+            return snapshots.unlessWriting { runStateChange { try machine.resume() } } ?? SnapshotGate.busy
         case "/v1/vm/quit":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
-            // The pages a waiting post-copy still owes exist only here: quitting would lose the VM.
+            // The pages a post-copy still owes exist only here: quitting would lose the VM.
             if migrations.suspended != nil {
-                return .error(409, "postcopy_paused", "a post-copy migration waits to resume and this process holds the pages the destination still needs: `tern migrate --resume` (SIGTERM ends it regardless)")
+                return .error(409, "postcopy_paused", "a post-copy migration waits to resume and this process holds the pages the destination still needs: `tern migrate --resume` (only SIGKILL ends it regardless)")
+            }
+            if migrations.holdsOwedPages {
+                return .error(409, "postcopy_running", "the VM runs at the destination and this process holds pages it still needs: quit when the migration has completed (the process then ends by itself)")
             }
             let machine = self.machine
             return .noContent { machine.requestExit(MachineExit(kind: .quit, message: "quit requested through the API")) }
@@ -107,6 +113,11 @@ public struct APIRouter: Sendable {
             return .error(400, "bad_request", "expected a JSON body {\"path\": \"/absolute/file\", \"resume\": false}")
         }
         guard request.path.hasPrefix("/") else { return .error(400, "bad_request", "path must be absolute: \(request.path)") }
+        // One at a time, and never beside a migration: either could resume or hand over the VM mid-write.
+        if let busy = snapshots.begin(unless: { migrations.active != nil ? "a migration is in progress" : nil }) {
+            return .error(409, "busy", "no snapshot now: \(busy)")
+        }
+        defer { snapshots.end() }
         do {
             return .json(try machine.snapshot(to: request.path, resume: request.resume ?? false))
         } catch let error as Machine.LifecycleError {
@@ -156,4 +167,29 @@ public struct APIRouter: Sendable {
         if lower.hasPrefix("0x") { return UInt64(lower.dropFirst(2), radix: 16) }
         return UInt64(lower)
     }
+}
+
+/// At most one snapshot at a time, and none beside a migration, a pause or a resume: any of them could
+/// change the VM while the file takes its memory, and the torn file would pass every check.
+final class SnapshotGate: Sendable {
+    private let writing = Mutex<Bool>(false)
+
+    /// Starts a snapshot; returns why not (one is being written, or `conflict` names something) instead.
+    func begin(unless conflict: () -> String?) -> String? {
+        writing.withLock { busy in
+            if busy { return "a snapshot is being written" }
+            if let reason = conflict() { return reason }
+            busy = true
+            return nil
+        }
+    }
+
+    func end() { writing.withLock { $0 = false } }
+
+    /// Runs `body` while no snapshot is written (none starts until it returns); nil if one is.
+    func unlessWriting<T>(_ body: () -> T) -> T? {
+        writing.withLock { busy in busy ? nil : body() }
+    }
+
+    static let busy = APIResponse.error(409, "busy", "a snapshot is being written; try again when it is done")
 }

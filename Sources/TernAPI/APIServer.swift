@@ -74,6 +74,11 @@ public final class APIServer: Sendable {
     }
 
     /// Stops serving and removes the socket file.
+    /// Whether ending this process now would lose the VM (APIRouter: post-copy still owes pages).
+    public var holdsOwedPages: Bool { router.get()?.migrations.holdsOwedPages ?? false }
+    /// Whether a migration request is still being served (its report not yet handed back).
+    public var migrating: Bool { router.get()?.migrations.active != nil }
+
     public func shutdown() {
         try? channel.close().wait()
         try? group.syncShutdownGracefully()

@@ -110,6 +110,13 @@ final class MigrationSlot: Sendable {
     }
 
     var progress: MigrationReport? { current.withLock { $0?.progress } ?? last.withLock { $0 } }
+
+    /// Whether this process holds guest pages that exist nowhere else: post-copy moved execution to the
+    /// destination and its memory is not complete there yet (or the migration waits for a resume).
+    /// Ending the process now would lose the VM.
+    var holdsOwedPages: Bool {
+        suspended != nil || current.withLock { $0?.owesPostcopyPages ?? false }
+    }
     var active: MigrationSource? { current.withLock { $0 } }
 }
 
@@ -211,7 +218,8 @@ extension APIRouter {
             return .error(409, "invalid_state", "the VM's memory is still arriving from its previous host (post-copy)")
         }
         let source = MigrationSource(machine: machine, parameters: parameters)
-        guard migrations.begin(source) else { return .error(409, "busy", "a migration is already in progress") }
+        guard let claimed = snapshots.unlessWriting({ migrations.begin(source) }) else { return SnapshotGate.busy }
+        guard claimed else { return .error(409, "busy", "a migration is already in progress") }
         let report = source.run()
         migrations.end(report)
         return ended(report, exitMessage: "migrated to \(destination)")

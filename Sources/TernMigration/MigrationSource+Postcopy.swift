@@ -54,6 +54,8 @@ extension MigrationSource {
                                       stateDigest: stateDigest,
                                       destinationStateDigest: ready.stateDigest,
                                       started: started, round: round)
+        // `go` may reach the destination even if what follows fails: from here the pages are owed.
+        setOwesPostcopyPages(true)
         do {
             try handOver(stream, pausedMono: pausedMono, pausedReal: pausedReal, sameHost: sameHost, keepPaused: !pausedHere,
                          committed: &committed)
@@ -64,6 +66,10 @@ extension MigrationSource {
             lock.withLock { postcopyContext = saved }
             if let urgent { shutdown(urgent.fd, Int32(SHUT_RDWR)) }
             throw PostcopyInterrupted(description: "lost the destination right after the hand-over: \(error)")
+        } catch {
+            // `go` never went: the VM is still whole here.
+            setOwesPostcopyPages(false)
+            throw error
         }
         context.memoryDigest?.start()
         update {
@@ -143,6 +149,7 @@ extension MigrationSource {
             throw PostcopyInterrupted(description: failure.description)
         }
         lock.withLock { postcopyContext = nil }
+        setOwesPostcopyPages(false)
         var sent = context.earlier
         sent.add(postcopy.counters)
         let resent = context.earlierResent + postcopy.resent

@@ -70,6 +70,11 @@ public final class MigrationSource: @unchecked Sendable {
     private var committedFlag = false
     /// A post-copy whose connection dropped: what `resume` needs to go on (guarded by `lock`).
     var postcopyContext: PostcopyContext?
+    private let owesPages = Atomic<Bool>(false)
+    /// From post-copy's `go` until the destination holds all memory, this process has the only copy of
+    /// pages the running VM needs: ending it would lose the VM (quit and SIGTERM wait, APIRouter, Run).
+    public var owesPostcopyPages: Bool { owesPages.load(ordering: .relaxed) }
+    func setOwesPostcopyPages(_ owes: Bool) { owesPages.store(owes, ordering: .relaxed) }
     /// `tern migrate-postcopy`: switch to post-copy now (guarded by `lock`).
     private var postcopyRequested = false
     /// Set when pre-copy's rounds end: a request for post-copy comes too late from then on (guarded by `lock`).

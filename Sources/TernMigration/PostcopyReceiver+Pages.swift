@@ -79,12 +79,25 @@ extension PostcopyReceiver {
                 }
             }
         } catch where Self.isConnectionLoss(error) {
-            logger.debug("post-copy \(kind.rawValue) closed: \(error)")
-            if kind == .pushStream { writeLock.withLock { if connected && completion == nil { shutdown(source.fd, Int32(SHUT_RDWR)) } } }
+            // A damaged frame's pages are owed again, and only a resume (its reply lists what is missing) has them
+            // sent again: the control connection is cut, as a dropped push stream cuts it.
+            var damaged = false
+            if case WireError.checksumMismatch = error { damaged = true }
+            if damaged {
+                logger.warning("post-copy \(kind.rawValue): \(error); dropping the connections to resume")
+            } else {
+                logger.debug("post-copy \(kind.rawValue) closed: \(error)")
+            }
+            if kind == .pushStream || damaged {
+                writeLock.withLock { if connected && completion == nil { shutdown(source.fd, Int32(SHUT_RDWR)) } }
+            }
         } catch {
             fail("\(error)")
         }
     }
+
+    /// The fault hook damages one frame per process.
+    static let corruptedOnce = Atomic<Bool>(false)
 
     /// Reads a whole pages frame, checks its CRC, and only then places its
     /// pages: a running vCPU must never see bytes that fail the check.
@@ -94,6 +107,11 @@ extension PostcopyReceiver {
         guard length <= bounce.count else { throw WireError.tooLarge("a post-copy pages frame of \(length) bytes") }
         let frame = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<length])
         try stream.readExactly(into: frame, what: "post-copy pages frame")
+        if MigrationDestination.injectedFault == "corrupt-postcopy-frame", !stream.authenticatesPayloads, length > 0,
+           !Self.corruptedOnce.exchange(true, ordering: .relaxed) {
+            logger.warning("TERN_MIGRATION_FAULT=corrupt-postcopy-frame: damaging a pages frame as the wire might")
+            frame[length - 1] ^= 0xFF
+        }
         try stream.checkPayload(UnsafeRawBufferPointer(frame), of: header, what: "pages frame during post-copy")
         var offset = 0
         while offset < length {

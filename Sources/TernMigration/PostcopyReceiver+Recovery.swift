@@ -11,10 +11,14 @@ import TernWire
 extension PostcopyReceiver {
     static let resumeOpeningSeconds = 2
 
-    /// Whether an error means the connection is gone (then a resume can repair it), not that the source misbehaved.
+    /// Whether an error means the connection is gone or damaged (then a resume can repair it), not that
+    /// the source misbehaved. A frame that fails its CRC was damaged on the way: it is dropped whole before
+    /// any of its pages is placed (`place` checks first), the stream it came on can no longer be trusted,
+    /// and its pages are still owed, so they go again after the resume, as those of a cut frame do.
     static func isConnectionLoss(_ error: any Error) -> Bool {
         if Connection.broke(error) { return true }
         if case WireError.truncated = error { return true }
+        if case WireError.checksumMismatch = error { return true }
         return false
     }
 

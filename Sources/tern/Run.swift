@@ -164,7 +164,25 @@ struct Run: ParsableCommand {
             // A signal that came while a migration was being received either ended the receive (then
             // we are not here) or came after it: it stops the VM it was too late to prevent.
             TerminationSignals.shared.onSignal(replaying: true) { signalNumber in
-                machine.requestExit(MachineExit(kind: .quit, message: "stopped by signal \(signalNumber)"))
+                // A host shutting down must not kill the only holder of pages a post-copy still owes: the
+                // signal waits until the destination has all memory (or the migration ends otherwise).
+                guard let server, server.holdsOwedPages else {
+                    machine.requestExit(MachineExit(kind: .quit, message: "stopped by signal \(signalNumber)"))
+                    return
+                }
+                guard DeferredSignal.shared.defer() else {
+                    logger.warning("signal \(signalNumber): still deferred until post-copy's memory is complete at the destination")
+                    return
+                }
+                logger.warning("signal \(signalNumber) deferred: post-copy still owes the destination pages that exist only here; this process ends once its memory is complete there (SIGKILL would lose the VM)")
+                _ = spawnThread(named: "deferred-signal") {
+                    // A completed migration ends this process by itself once its report is sent; the signal
+                    // is acted on only if the migration ends otherwise, after its answer has had time to go.
+                    while server.holdsOwedPages || server.migrating { usleep(50_000) }
+                    sleep(1)
+                    logger.notice("the destination holds all memory: acting on the deferred signal \(signalNumber)")
+                    machine.requestExit(MachineExit(kind: .quit, message: "stopped by signal \(signalNumber), deferred until post-copy's memory was complete"))
+                }
             }
             machine.start(paused: paused) // no-op for a migrated VM, which is already running
             let exit = machine.waitForExit()
@@ -196,6 +214,14 @@ final class DescriptorBox: Sendable {
         get { stored.withLock { $0 } }
         set { stored.withLock { $0 = newValue } }
     }
+}
+
+/// A termination signal put off while post-copy owes pages: acted on once, however many arrive.
+final class DeferredSignal: Sendable {
+    static let shared = DeferredSignal()
+    private let pending = Atomic<Bool>(false)
+    /// True for the first signal deferred; later ones only wait with it.
+    func `defer`() -> Bool { !pending.exchange(true, ordering: .relaxed) }
 }
 
 /// `tern quit` on a destination that had not received a VM yet: a clean end, not an error.

@@ -296,7 +296,7 @@ struct PostcopyRecoveryTests {
         let deadline = Date(timeIntervalSinceNow: 10)
         while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
         let relay = try startRelay(from: relayPort, to: destinationPort, rateMbit: 200)
-        defer { if relay.isRunning { relay.terminate() } }
+        defer { if relay.isRunning { kill(relay.processIdentifier, SIGKILL); relay.waitUntilExit() } }
 
         // Two streams: the relay's death cuts the push streams and the demand channel with the control connection.
         let cli = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--to", "tcp:127.0.0.1:\(relayPort)", "--json",
@@ -349,6 +349,81 @@ struct PostcopyRecoveryTests {
         #expect(p.reconnections == 1)
         #expect(r.postcopyPagesByStream?.count == 2, "the push ran on both streams before the cut, on one after")
         #expect(destination.stderr.contains("refused a connection while waiting for the resume"))
+        #expect(source.waitForExit(timeout: 10) == 0)
+        let moved = try destination.waitForStatus { $0.iterations > before.iterations }
+        let later = try destination.waitForStatus { $0.verified > moved.verified }
+        #expect(later.errors == 0)
+    }
+
+    /// While post-copy still owes pages, the source is the only holder of them: `tern quit` is refused and
+    /// SIGTERM waits until the destination has all memory; then the source ends by itself.
+    @Test func theSourceOutlivesQuitAndSIGTERMUntilPostcopyHasDelivered() throws {
+        let destinationPort = freePort(), relayPort = freePort()
+        let destination = try TernProcess(["run", "--insecure", "--incoming", "tcp:127.0.0.1:\(destinationPort)", "--serial", "off"])
+        let source = try TernProcess.guest("fill=64 dirty=32 progress=0", memory: "256M")
+        try source.waitForAPI()
+        _ = try source.waitForStatus { $0.phase == .dirty }
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
+        // 80 Mbit/s: the 64 MiB the guest holds take about 7 s to push, long enough to ask the source to end.
+        let relay = try startRelay(from: relayPort, to: destinationPort, rateMbit: 80)
+        // SIGKILL: a relay told to stop keeps running while the connections it relayed linger, and holds the test's output open.
+        defer { if relay.isRunning { kill(relay.processIdentifier, SIGKILL); relay.waitUntilExit() } }
+        let cli = try TernProcess(["migrate", "--insecure", "--api-socket", source.apiSocket, "--to", "tcp:127.0.0.1:\(relayPort)",
+                                   "--json", "--mode", "postcopy", "--verify"], withAPI: false)
+        let movedBy = Date(timeIntervalSinceNow: 30)
+        var seen = source.migrationReport()
+        while seen?.status != .postcopy && Date() < movedBy {
+            usleep(20_000)
+            seen = source.migrationReport()
+        }
+        try #require(seen?.status == .postcopy, "\(seen?.status.rawValue ?? "none"): \(cli.stderr)")
+        let quit = try source.client.request(.PUT, "/v1/vm/quit")
+        #expect(quit.status == 409, "quit refused while pages are owed")
+        #expect(quit.errorMessage?.contains("holds pages it still needs") == true, "\(quit.errorMessage ?? "")")
+        kill(source.process.processIdentifier, SIGTERM)
+        let logged = Date(timeIntervalSinceNow: 10)
+        while !source.stderr.contains("deferred") && Date() < logged { usleep(20_000) }
+        #expect(source.stderr.contains("signal 15 deferred"), "\(source.stderr)")
+        #expect(source.process.isRunning, "the source holds on to the pages")
+
+        #expect(cli.waitForExit(timeout: 90) == 0, "\(cli.stderr)")
+        let r = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8)), "\(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.verification?.match == true)
+        #expect(source.waitForExit(timeout: 20) == 0)
+        try destination.waitForAPI()
+        #expect(try destination.status() != nil)
+    }
+
+    /// A post-copy frame damaged on the way (it fails its CRC at the destination) is dropped before any of its
+    /// pages is placed, and the migration waits for `--resume` as for a cut connection; its pages go again.
+    @Test func aDamagedFrameWaitsForTheResumeAndItsPagesComeAgain() throws {
+        let port = freePort()
+        let destination = try TernProcess(["run", "--insecure", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"],
+                                          environment: ["TERN_MIGRATION_FAULT": "corrupt-postcopy-frame"])
+        let source = try TernProcess.guest("fill=32 dirty=16 progress=0", memory: "128M")
+        try source.waitForAPI()
+        let before = try source.waitForStatus { $0.phase == .dirty }
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
+
+        let cli = try TernProcess(["migrate", "--insecure", "--api-socket", source.apiSocket, "--to", "tcp:127.0.0.1:\(port)", "--json",
+                                   "--mode", "postcopy", "--verify"], withAPI: false)
+        #expect(cli.waitForExit(timeout: 60) == 1)
+        let paused = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8)), "\(cli.stderr)")
+        #expect(paused.status == .postcopyPaused, "\(paused.reason ?? "")")
+        let waiting = Date(timeIntervalSinceNow: 10)
+        while !destination.stderr.contains("tern migrate --resume") && Date() < waiting { usleep(20_000) }
+        #expect(destination.stderr.contains("checksum mismatch") && destination.stderr.contains("post-copy connection lost"), "\(destination.stderr)")
+        #expect(!destination.stderr.contains("post-copy failed"), "the VM is not paused for good")
+
+        let resume = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--resume", "--json"], withAPI: false)
+        #expect(resume.waitForExit(timeout: 60) == 0, "\(resume.stderr)")
+        let r = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(resume.stdout.utf8)), "\(resume.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.verification?.match == true, "the damaged frame's pages arrived again, intact")
+        #expect(r.postcopy?.reconnections == 1)
         #expect(source.waitForExit(timeout: 10) == 0)
         let moved = try destination.waitForStatus { $0.iterations > before.iterations }
         let later = try destination.waitForStatus { $0.verified > moved.verified }

@@ -55,6 +55,29 @@ struct SnapshotTests {
         #expect(later.errors == 0, "the guest's own checksum of its working set still matches")
     }
 
+    /// The process writing a snapshot killed at points through the write: the directory then holds no file,
+    /// or a whole snapshot that restores, never a partial one or a leftover temporary file.
+    @Test(arguments: [5, 40, 120])
+    func aSnapshotKilledMidWriteLeavesNothingOrAWholeFile(killAfterMs: Int) throws {
+        let tern = try TernProcess.guest("fill=96 dirty=4 pattern=random progress=0", memory: "128M")
+        try tern.waitForAPI()
+        _ = try tern.waitForStatus { $0.phase == .dirty }
+        let directory = tern.directory.appendingPathComponent("snapshots").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let file = directory + "/vm.snap"
+        let cli = try TernProcess(["snapshot", "--api-socket", tern.apiSocket, "--to", file], withAPI: false)
+        usleep(UInt32(killAfterMs * 1000))
+        kill(tern.process.processIdentifier, SIGKILL)
+        _ = tern.waitForExit(timeout: 10)
+        _ = cli.waitForExit(timeout: 10)
+        let left = try FileManager.default.contentsOfDirectory(atPath: directory)
+        #expect(left.allSatisfy { $0 == "vm.snap" }, "no temporary file is left: \(left)")
+        if left.contains("vm.snap") {
+            let restored = try TernProcess(["run", "--restore", file, "--paused", "--serial", "off"])
+            try restored.waitForAPI()
+        }
+    }
+
     @Test func snapshotWithResumeKeepsTheGuestRunning() throws {
         let tern = try TernProcess.guest("dirty=4 progress=0", memory: "32M")
         try tern.waitForAPI()

@@ -287,6 +287,8 @@ struct PostcopyReceiverTests {
         withExtendedLifetime(socket) {}
     }
 
+    /// With no address to wait for a resume on (tests only; `tern run --incoming` always has one), a corrupt
+    /// frame ends post-copy; with one, it waits for the resume (PostcopyRecoveryTests).
     @Test(arguments: pageKinds)
     func aCorruptFrameIsRefusedBeforeAnyPageIsPlaced(hugePages: HugePages) throws {
         let target = 0x804

@@ -19,6 +19,8 @@ public enum SnapshotFormat {
     public static let major: UInt32 = 1
     public static let minor: UInt32 = 0
     public static let headerSize = 32
+    /// The most VM state (all state frames together) a reader takes: a VM's is tens of KiB per vCPU.
+    public static let maximumStateBytes: UInt64 = 16 << 20
 
     static func encodeHeader() -> [UInt8] {
         var w = WireWriter(capacity: headerSize)

@@ -29,6 +29,7 @@ public final class SnapshotReader {
             try SnapshotFormat.checkHeader(stream.readExactly(SnapshotFormat.headerSize, what: "snapshot header"))
             var sections: [StateSection] = []
             var frames: UInt64 = 0
+            var stateBytes: UInt64 = 0
             while true {
                 let header = try stream.readFrameHeader()
                 guard header.type == .state else {
@@ -36,6 +37,11 @@ public final class SnapshotReader {
                     break
                 }
                 guard sections.count < 1024 else { throw WireError.tooLarge("more than 1024 state sections") }
+                // A VM's state is tens of KiB per vCPU: what a hostile file makes this process hold is capped before it is read.
+                stateBytes += header.length
+                guard stateBytes <= SnapshotFormat.maximumStateBytes else {
+                    throw WireError.tooLarge("more than \(SnapshotFormat.maximumStateBytes >> 20) MiB of VM state")
+                }
                 let payload = try stream.readExactly(Int(header.length), what: "state frame")
                 guard Checksum.crc32c(payload) == header.payloadCRC else { throw WireError.checksumMismatch("state frame \(frames)") }
                 sections.append(try StateSection(decoding: payload))
