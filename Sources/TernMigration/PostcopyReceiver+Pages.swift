@@ -51,8 +51,8 @@ extension PostcopyReceiver {
 
     /// What a connection besides the control one carries in post-copy.
     enum SideConnection: String {
-        /// Replies to page requests (the demand channel). Dropped, it just ends: replies then come on
-        /// the control connection (after a resume, post-copy runs on that alone).
+        /// Replies to page requests (the demand channel). Dropped, it cuts the control connection too, since
+        /// replies it lost are owed again (after a resume, post-copy runs on the control connection alone).
         case demandChannel = "demand channel"
         /// Pushed pages (one of the pre-copy's extra streams). Dropped, it cuts the control connection
         /// too, so that the whole of post-copy waits for a resume rather than for the pages it would have carried.
@@ -79,8 +79,8 @@ extension PostcopyReceiver {
                 }
             }
         } catch where Self.isConnectionLoss(error) {
-            // A damaged frame's pages are owed again, and only a resume (its reply lists what is missing) has them
-            // sent again: the control connection is cut, as a dropped push stream cuts it.
+            // Pages in flight on it (a damaged frame's, or replies a dropped connection lost) are owed again, and only
+            // a resume (its reply lists what is missing) has them sent again: the control connection is cut too.
             var damaged = false
             if case WireError.checksumMismatch = error { damaged = true }
             if damaged {
@@ -88,9 +88,7 @@ extension PostcopyReceiver {
             } else {
                 logger.debug("post-copy \(kind.rawValue) closed: \(error)")
             }
-            if kind == .pushStream || damaged {
-                writeLock.withLock { if connected && completion == nil { shutdown(source.fd, Int32(SHUT_RDWR)) } }
-            }
+            writeLock.withLock { if connected && completion == nil { shutdown(source.fd, Int32(SHUT_RDWR)) } }
         } catch {
             fail("\(error)")
         }
