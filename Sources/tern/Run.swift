@@ -266,24 +266,21 @@ extension Run {
             close: { shutdown(listener.rawValue, Int32(SHUT_RDWR)) })
         defer { streamListener.close() }
         // A connection that fails TLS, or fails before a VM is built for it (garbage, a silent peer, a
-        // refused hello), is turned away and the wait goes on: a stranger cannot end it.
+        // refused hello), is turned away and the wait goes on: a stranger cannot end it. Handshakes run
+        // side by side, so a stranger slow in its own cannot hold up the source's either.
+        let incoming = try IncomingConnections(listener: listener, security: security) { error in
+            logger.warning("refused a connection on \(endpoint): \(error); still waiting for the source")
+        }
+        defer { incoming.close() }
         while true {
-            let socket: FileDescriptor
+            let control: Connection
             do {
-                socket = try Endpoint.accept(listener)
+                control = try incoming.next()
             } catch {
                 if quitRequested.load(ordering: .relaxed) { throw QuitWhileWaiting() }
                 throw ConfigurationError("stopped waiting for an incoming migration")
             }
-            connectionFD.value = socket.rawValue
-            let control: Connection
-            do {
-                control = try security.establish(socket)
-            } catch {
-                logger.warning("refused a connection on \(endpoint): \(error); still waiting for the source")
-                connectionFD.value = nil
-                continue
-            }
+            connectionFD.value = control.rawValue
             if let session = control.session { logger.info("the source is '\(session.peerName)' (\(session.version), \(session.cipher))") }
             let destination = MigrationDestination(
                 expectations: .init(memorySize: memory, vcpuCount: cpus, serial: serial, kvmPath: kvmDevice, recoveryEndpoint: endpoint,
@@ -293,6 +290,7 @@ extension Run {
             do {
                 let (machine, outcome) = try destination.receive(on: control, listener: streamListener) {
                     machineBuilt.store(true, ordering: .relaxed)
+                    incoming.close()
                     server?.attach($0)
                 }
                 logReceived(outcome, logger: logger)

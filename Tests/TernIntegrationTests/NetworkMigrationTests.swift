@@ -43,6 +43,16 @@ final class TestHosts {
     var destinationHost: [String] { ["/usr/sbin/ip", "netns", "exec", "\(prefix)-b"] }
     var destinationAddress: String { "10.\(subnet).0.2" }
 
+    /// A TCP connection from the source host that sends nothing (a stranger at the destination's port), held open until terminated.
+    func sourceHostConnect(host: String, port: UInt16) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: sourceHost[0])
+        process.arguments = Array(sourceHost.dropFirst()) + ["python3", "-c",
+            "import socket, time; s = socket.create_connection(('\(host)', \(port))); time.sleep(60)"]
+        try process.run()
+        return process
+    }
+
     deinit { shell("bash \(TernProcess.repository.path)/scripts/netns.sh down \(prefix)") }
 }
 

@@ -145,6 +145,23 @@ struct SecureMigrationTests {
         #expect(source.waitForExit(timeout: 30) == 0)
     }
 
+    /// Strangers that connect and then say nothing hold up only their own handshakes: the source behind
+    /// them is secured and migrates at once (one after another, they would outlast its 10 s handshake).
+    @Test func silentStrangersDoNotHoldUpTheSource() throws {
+        let setup = try Setup(cmdline: "dirty=8 progress=0", memory: "64M")
+        _ = try setup.source.waitForStatus { $0.phase == .dirty }
+        guard case .tcp(let host, let port) = try Endpoint(parsing: setup.address) else { Issue.record("not tcp"); return }
+        let strangers = try (0..<3).map { _ in try setup.hosts.sourceHostConnect(host: host, port: port) }
+        defer { strangers.forEach { $0.terminate() } }
+        usleep(300_000)
+        let cli = try setup.migrate(["--verify"] + TestChannel.tls.migrateArguments(setup.certificates))
+        #expect(cli.waitForExit(timeout: 60) == 0, "\(cli.stderr)")
+        let r = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8)), "\(cli.stderr)")
+        #expect(r.status == .completed && r.verification?.match == true, "\(r.reason ?? "")")
+        #expect(r.setupMs < ChannelSecurity.handshakeSeconds * 1000, "set up in \(r.setupMs) ms, not behind the strangers")
+        #expect(setup.source.waitForExit(timeout: 30) == 0)
+    }
+
     /// `tern token issue` with the test key.
     static func issue(key: String, vm: String = "vm-under-test", source: String = TestCertificates.sourceName,
                       destination: String = TestCertificates.destinationName, ttl: Int = 300) throws -> String {
