@@ -396,12 +396,13 @@ struct PostcopyRecoveryTests {
         #expect(try destination.status() != nil)
     }
 
-    /// A post-copy frame damaged on the way (it fails its CRC at the destination) is dropped before any of its
-    /// pages is placed, and the migration waits for `--resume` as for a cut connection; its pages go again.
-    @Test func aDamagedFrameWaitsForTheResumeAndItsPagesComeAgain() throws {
+    /// A post-copy to a destination started with `TERN_MIGRATION_FAULT=fault`: the migration must pause
+    /// (`postcopy-paused`) with the destination waiting as `waitingFor` says, then `--resume` must complete it
+    /// with identical memory, and the guest run on intact. `checkWaiting` looks at the destination's log.
+    func pausedThenResumed(fault: String, waitingFor: String, checkWaiting: (String) -> Void) throws -> (MigrationReport, TernProcess) {
         let port = freePort()
         let destination = try TernProcess(["run", "--insecure", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"],
-                                          environment: ["TERN_MIGRATION_FAULT": "corrupt-postcopy-frame"])
+                                          environment: ["TERN_MIGRATION_FAULT": fault])
         let source = try TernProcess.guest("fill=32 dirty=16 progress=0", memory: "128M")
         try source.waitForAPI()
         let before = try source.waitForStatus { $0.phase == .dirty }
@@ -414,53 +415,37 @@ struct PostcopyRecoveryTests {
         let paused = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8)), "\(cli.stderr)")
         #expect(paused.status == .postcopyPaused, "\(paused.reason ?? "")")
         let waiting = Date(timeIntervalSinceNow: 10)
-        while !destination.stderr.contains("tern migrate --resume") && Date() < waiting { usleep(20_000) }
-        #expect(destination.stderr.contains("checksum mismatch") && destination.stderr.contains("post-copy connection lost"), "\(destination.stderr)")
-        #expect(!destination.stderr.contains("post-copy failed"), "the VM is not paused for good")
+        while !destination.stderr.contains(waitingFor) && Date() < waiting { usleep(20_000) }
+        checkWaiting(destination.stderr)
 
         let resume = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--resume", "--json"], withAPI: false)
         #expect(resume.waitForExit(timeout: 60) == 0, "\(resume.stderr)")
         let r = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(resume.stdout.utf8)), "\(resume.stderr)")
         #expect(r.status == .completed, "\(r.reason ?? "")")
-        #expect(r.verification?.match == true, "the damaged frame's pages arrived again, intact")
+        #expect(r.verification?.match == true, "memory after the resume is identical to the source's at the switch")
         #expect(r.postcopy?.reconnections == 1)
         #expect(source.waitForExit(timeout: 10) == 0)
         let moved = try destination.waitForStatus { $0.iterations > before.iterations }
         let later = try destination.waitForStatus { $0.verified > moved.verified }
         #expect(later.errors == 0)
+        return (r, destination)
+    }
+
+    /// A post-copy frame damaged on the way (it fails its CRC at the destination) is dropped before any of its
+    /// pages is placed, and the migration waits for `--resume` as for a cut connection; its pages go again.
+    @Test func aDamagedFrameWaitsForTheResumeAndItsPagesComeAgain() throws {
+        _ = try pausedThenResumed(fault: "corrupt-postcopy-frame", waitingFor: "tern migrate --resume") { log in
+            #expect(log.contains("checksum mismatch") && log.contains("post-copy connection lost"), "\(log)")
+            #expect(!log.contains("post-copy failed"), "the VM is not paused for good")
+        }
     }
 
     /// The destination holds all memory but its `complete` never reaches the source: the source
     /// pauses, the destination stays resumable, and `--resume` ends the migration on both sides.
     @Test func aLostCompleteIsResumedAndBothSidesEnd() throws {
-        let port = freePort()
-        let destination = try TernProcess(["run", "--insecure", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "off"],
-                                          environment: ["TERN_MIGRATION_FAULT": "lose-complete"])
-        let source = try TernProcess.guest("fill=32 dirty=16 progress=0", memory: "128M")
-        try source.waitForAPI()
-        let before = try source.waitForStatus { $0.phase == .dirty }
-        let deadline = Date(timeIntervalSinceNow: 10)
-        while !destination.stderr.contains("waiting for an incoming migration") && Date() < deadline { usleep(20_000) }
-
-        let cli = try TernProcess(["migrate", "--insecure", "--api-socket", source.apiSocket, "--to", "tcp:127.0.0.1:\(port)", "--json",
-                                   "--mode", "postcopy", "--verify"], withAPI: false)
-        #expect(cli.waitForExit(timeout: 60) == 1)
-        let paused = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8)), "\(cli.stderr)")
-        #expect(paused.status == .postcopyPaused, "\(paused.reason ?? "")")
-        let waiting = Date(timeIntervalSinceNow: 10)
-        while !destination.stderr.contains("before the source confirmed") && Date() < waiting { usleep(20_000) }
-        #expect(destination.stderr.contains("all memory is here"))
-
-        let resume = try TernProcess(["migrate", "--api-socket", source.apiSocket, "--resume", "--json"], withAPI: false)
-        #expect(resume.waitForExit(timeout: 60) == 0, "\(resume.stderr)")
-        let r = try #require(try? APIJSON.decoder.decode(MigrationReport.self, from: Data(resume.stdout.utf8)), "\(resume.stderr)")
-        #expect(r.status == .completed, "\(r.reason ?? "")")
-        #expect(r.verification?.match == true)
-        #expect(r.postcopy?.reconnections == 1)
-        #expect(source.waitForExit(timeout: 10) == 0)
+        let (_, destination) = try pausedThenResumed(fault: "lose-complete", waitingFor: "before the source confirmed") { log in
+            #expect(log.contains("all memory is here"))
+        }
         #expect(destination.stderr.contains("`complete` sent again after the resume"))
-        let moved = try destination.waitForStatus { $0.iterations > before.iterations }
-        let later = try destination.waitForStatus { $0.verified > moved.verified }
-        #expect(later.errors == 0)
     }
 }
