@@ -53,7 +53,7 @@ public struct APIRouter: Sendable {
             if migrations.suspended != nil {
                 return .error(409, "postcopy_paused", "a post-copy migration waits to resume and this process holds the pages the destination still needs: `tern migrate --resume` (only SIGKILL ends it regardless)")
             }
-            if migrations.holdsOwedPages {
+            if !migrations.allowEnding() {
                 return .error(409, "postcopy_running", "the VM runs at the destination and this process holds pages it still needs: quit when the migration has completed (the process then ends by itself)")
             }
             let machine = self.machine

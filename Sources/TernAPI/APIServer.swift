@@ -76,6 +76,8 @@ public final class APIServer: Sendable {
     /// Stops serving and removes the socket file.
     /// Whether ending this process now would lose the VM (APIRouter: post-copy still owes pages).
     public var holdsOwedPages: Bool { router.get()?.migrations.holdsOwedPages ?? false }
+    /// Whether the process may end now (nothing owed); if so, no post-copy hand-over follows.
+    public func allowEnding() -> Bool { router.get()?.migrations.allowEnding() ?? true }
     /// Whether a migration request is still being served (its report not yet handed back).
     public var migrating: Bool { router.get()?.migrations.active != nil }
 

@@ -117,6 +117,11 @@ final class MigrationSlot: Sendable {
     var holdsOwedPages: Bool {
         suspended != nil || current.withLock { $0?.owesPostcopyPages ?? false }
     }
+
+    /// Whether the process may end now; if so, a running migration will not hand the VM over after all.
+    func allowEnding() -> Bool {
+        suspended == nil && current.withLock { $0?.allowEnding() ?? true }
+    }
     var active: MigrationSource? { current.withLock { $0 } }
 }
 

@@ -55,7 +55,7 @@ extension MigrationSource {
                                       destinationStateDigest: ready.stateDigest,
                                       started: started, round: round)
         // `go` may reach the destination even if what follows fails: from here the pages are owed.
-        setOwesPostcopyPages(true)
+        try owePostcopyPages()
         do {
             try handOver(stream, pausedMono: pausedMono, pausedReal: pausedReal, sameHost: sameHost, keepPaused: !pausedHere,
                          committed: &committed)

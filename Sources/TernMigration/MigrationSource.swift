@@ -70,11 +70,31 @@ public final class MigrationSource: @unchecked Sendable {
     private var committedFlag = false
     /// A post-copy whose connection dropped: what `resume` needs to go on (guarded by `lock`).
     var postcopyContext: PostcopyContext?
-    private let owesPages = Atomic<Bool>(false)
+    /// Whether the pages are owed, and whether this process was told to end: decided under one lock, so
+    /// that an end allowed just before post-copy's `go` stops that `go` instead of racing it.
+    private let ending = Mutex<(owesPages: Bool, endAllowed: Bool)>((false, false))
     /// From post-copy's `go` until the destination holds all memory, this process has the only copy of
     /// pages the running VM needs: ending it would lose the VM (quit and SIGTERM wait, APIRouter, Run).
-    public var owesPostcopyPages: Bool { owesPages.load(ordering: .relaxed) }
-    func setOwesPostcopyPages(_ owes: Bool) { owesPages.store(owes, ordering: .relaxed) }
+    public var owesPostcopyPages: Bool { ending.withLock { $0.owesPages } }
+
+    /// Whether this process may end now (nothing owed); once allowed, post-copy's `go` is not sent.
+    public func allowEnding() -> Bool {
+        ending.withLock { state in
+            if state.owesPages { return false }
+            state.endAllowed = true
+            return true
+        }
+    }
+
+    /// Marks the pages owed before `go` is written; throws if an end was allowed first.
+    func owePostcopyPages() throws {
+        try ending.withLock { state in
+            if state.endAllowed { throw Failure("this VM is ending here (quit or a signal) before post-copy's hand-over") }
+            state.owesPages = true
+        }
+    }
+
+    func setOwesPostcopyPages(_ owes: Bool) { ending.withLock { $0.owesPages = owes } }
     /// `tern migrate-postcopy`: switch to post-copy now (guarded by `lock`).
     private var postcopyRequested = false
     /// Set when pre-copy's rounds end: a request for post-copy comes too late from then on (guarded by `lock`).

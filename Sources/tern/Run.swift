@@ -166,7 +166,7 @@ struct Run: ParsableCommand {
             TerminationSignals.shared.onSignal(replaying: true) { signalNumber in
                 // A host shutting down must not kill the only holder of pages a post-copy still owes: the
                 // signal waits until the destination has all memory (or the migration ends otherwise).
-                guard let server, server.holdsOwedPages else {
+                guard let server, !server.allowEnding() else {
                     machine.requestExit(MachineExit(kind: .quit, message: "stopped by signal \(signalNumber)"))
                     return
                 }
