@@ -8,6 +8,7 @@
 #   bash bench/profile.sh "fill=960 dirty=16 pattern=hotspot progress=0" -- --thp off
 #   MIGRATE_ARGS="--mode postcopy" bash bench/profile.sh "fill=512 dirty=256 pattern=random rate=200 bytes=64 progress=0"
 #
+# TLS=1 migrates over mutual TLS (certificates made for the run) instead of in clear.
 # Needs perf (linux-perf), a release build and the guest. The perf data stays in
 # $PROFILE_OUT (default /tmp/tern-profile.data).
 set -euo pipefail
@@ -29,10 +30,16 @@ import mmap
 m = mmap.mmap(-1, 2 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 for o in range(0, 2 << 30, 4 << 20): m[o:o + (4 << 20)] = b'\x01' * (4 << 20)
 "
-$TERN run --insecure --incoming "tcp:127.0.0.1:$port" --api-socket "$work/d.sock" --serial off "$@" 2> "$work/dst.log" &
+channel_dst=(--insecure) channel_src=(--insecure)
+if [ "${TLS:-0}" = 1 ]; then
+    $TERN certs init "$work/tls-src" --name source.local > /dev/null
+    $TERN certs init "$work/tls-dst" --name destination.local --ca "$work/tls-src" > /dev/null
+    channel_dst=(--tls-dir "$work/tls-dst") channel_src=(--tls-dir "$work/tls-src")
+fi
+$TERN run "${channel_dst[@]}" --incoming "tcp:127.0.0.1:$port" --api-socket "$work/d.sock" --serial off "$@" 2> "$work/dst.log" &
 dst=$!
 sleep 0.5
-perf record -q -a -g -o "$OUT" -- $TERN migrate --insecure --api-socket "$work/s.sock" --to "tcp:127.0.0.1:$port" --json ${MIGRATE_ARGS:-} > "$work/report.json" 2>/dev/null
+perf record -q -a -g -o "$OUT" -- $TERN migrate "${channel_src[@]}" --api-socket "$work/s.sock" --to "tcp:127.0.0.1:$port" --json ${MIGRATE_ARGS:-} > "$work/report.json" 2>/dev/null
 python3 -c "
 import json; r = json.load(open('$work/report.json'))
 print('status %s, total %.0f ms, downtime %.1f ms, %.0f MB, rounds (pages, ms): %s' % (r['status'], r['total_ms'], r['downtime_ms'] or -1,

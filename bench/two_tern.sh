@@ -7,7 +7,8 @@
 #   e.g. bash bench/two_tern.sh "fill=512 dirty=256 pattern=random rate=200 progress=0" "--thp off" "" "--order sequential"
 #
 # TERN (default .build/release/tern) picks the binary; WARMUP_S (default 7) is
-# how long the guest runs (its fill, then dirtying) before the migration.
+# how long the guest runs (its fill, then dirtying) before the migration; TLS=1
+# migrates over mutual TLS (certificates made for the run) instead of in clear.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tern=${TERN:-.build/release/tern}
@@ -15,11 +16,17 @@ tern=${TERN:-.build/release/tern}
 dir=$(mktemp -d)
 port=$((20000 + RANDOM % 20000))
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"' EXIT
-$tern run --insecure --incoming tcp:127.0.0.1:$port --api-socket "$dir/dst.sock" ${3:-} > "$dir/dst.log" 2>&1 &
+channel_dst=(--insecure) channel_src=(--insecure)
+if [ "${TLS:-0}" = 1 ]; then
+    $tern certs init "$dir/tls-src" --name source.local > /dev/null
+    $tern certs init "$dir/tls-dst" --name destination.local --ca "$dir/tls-src" > /dev/null
+    channel_dst=(--tls-dir "$dir/tls-dst") channel_src=(--tls-dir "$dir/tls-src")
+fi
+$tern run "${channel_dst[@]}" --incoming tcp:127.0.0.1:$port --api-socket "$dir/dst.sock" ${3:-} > "$dir/dst.log" 2>&1 &
 $tern run --kernel guest/build/tern-guest.elf --memory 1G --cpus 1 --cmdline "$1" \
     --api-socket "$dir/src.sock" ${2:-} > "$dir/src.log" 2>&1 &
 sleep "${WARMUP_S:-7}"
-$tern migrate --insecure --api-socket "$dir/src.sock" --to tcp:127.0.0.1:$port --json ${4:-} > "$dir/report.json" \
+$tern migrate "${channel_src[@]}" --api-socket "$dir/src.sock" --to tcp:127.0.0.1:$port --json ${4:-} > "$dir/report.json" \
     || { echo "two_tern.sh: the migration failed:" >&2; cat "$dir/report.json" >&2; exit 1; }
 python3 - "$dir/report.json" <<'PY'
 import json, sys
