@@ -36,12 +36,15 @@ public struct MigrateRequest: Codable, Sendable {
     public var insecure: Bool?
     /// The migration token for a destination started with --require-token (a JWT from `tern token issue`).
     public var token: String?
+    /// "shared" (default: both hosts see the images) or "copy" (the disks move with the VM).
+    public var storage: String?
 
     public init(destination: String?, resume: Bool? = nil, mode: String? = nil, maxDowntimeMs: Double? = nil, maxRounds: Int? = nil,
                 timeoutS: Double? = nil, bandwidth: UInt64? = nil, verify: Bool? = nil, precopyRounds: Int? = nil,
                 compress: String? = nil, xbzrleCacheBytes: UInt64? = nil, order: String? = nil, holdBack: Bool? = nil,
                 zstdLevel: Int? = nil, streams: Int? = nil, tlsDir: String? = nil, tlsAllow: [String]? = nil, insecure: Bool? = nil,
-                token: String? = nil) {
+                token: String? = nil, storage: String? = nil) {
+        self.storage = storage
         self.token = token
         self.tlsDir = tlsDir
         self.tlsAllow = tlsAllow
@@ -209,6 +212,12 @@ extension APIRouter {
             guard (1...Hello.maximumStreams).contains(streams) else {
                 return .error(400, "bad_request", "streams must be between 1 and \(Hello.maximumStreams)")
             }
+        }
+        if let text = request.storage {
+            guard let storage = StorageMode(rawValue: text) else {
+                return .error(400, "bad_request", "unknown storage '\(text)' (shared or copy)")
+            }
+            parameters.storage = storage
         }
         parameters.mode = mode
         parameters.streams = request.streams ?? MigrationSource.Parameters.defaultStreams(for: mode)

@@ -11,7 +11,9 @@ public final class MmioBus: Sendable {
     public let specs: [DeviceSpec]
 
     /// Opens every backend (an image that cannot be opened is one clear error, before anything runs).
-    public init(specs: [DeviceSpec], ram: any GuestRAM, logger: Logger) throws(DeviceSetupError) {
+    /// `diskLocking`: `.deferred` for a migration's destination on shared storage, which locks its images
+    /// only once the source has let go of them (`lockDisks`).
+    public init(specs: [DeviceSpec], ram: any GuestRAM, diskLocking: DiskImage.Locking = .atOpen, logger: Logger) throws(DeviceSetupError) {
         do { try specs.validate() } catch { throw .invalid("\(error)") }
         var devices: [VirtioMmioDevice] = []
         for (slot, spec) in specs.enumerated() {
@@ -19,7 +21,7 @@ public final class MmioBus: Sendable {
             switch spec {
             case .disk(let disk):
                 do {
-                    backend = VirtioBlock(image: try DiskImage(path: disk.path, readOnly: disk.readOnly), serial: disk.id)
+                    backend = VirtioBlock(image: try DiskImage(path: disk.path, readOnly: disk.readOnly, locking: diskLocking), serial: disk.id)
                 } catch {
                     throw .backend(disk.id, "\(error)")
                 }
@@ -92,6 +94,19 @@ public final class MmioBus: Sendable {
             try device.restore(state)
         }
     }
+
+    /// The disks, in slot order.
+    public var disks: [VirtioBlock] { devices.compactMap { $0.backend as? VirtioBlock } }
+
+    /// Takes every disk image's lock (a destination on shared storage, after the source let go).
+    public func lockDisks() throws(DeviceSetupError) {
+        for (id, disk) in zip(devices.filter { $0.backend is VirtioBlock }.map(\.id), disks) {
+            do { try disk.image.acquireLock() } catch { throw .backend(id, "\(error)") }
+        }
+    }
+
+    /// Lets go of every disk image's lock (a source on shared storage, at the hand-over).
+    public func unlockDisks() { for disk in disks { disk.image.releaseLock() } }
 
     /// Device kinds for a migration's handshake ("virtio-blk", "virtio-net").
     public var kinds: [String] { devices.map { $0.backend.deviceType.kindName } }

@@ -6,6 +6,8 @@ public final class VirtioBlock: VirtioBackend {
     public let image: DiskImage
     public let serial: String
     public let statistics = DeviceCounters<BlockRequestKind>()
+    /// The blocks the guest changed, while a storage migration tracks them.
+    public let changedBlocks: BlockDirtyMap
 
     enum RequestType: UInt32 {
         case read = 0, write = 1, flush = 4, getID = 8, discard = 11, writeZeroes = 13
@@ -37,6 +39,7 @@ public final class VirtioBlock: VirtioBackend {
     public init(image: DiskImage, serial: String) {
         self.image = image
         self.serial = serial
+        changedBlocks = BlockDirtyMap(diskSize: image.size)
     }
 
     public var deviceType: VirtioDeviceType { .block }
@@ -119,7 +122,10 @@ public final class VirtioBlock: VirtioBackend {
             guard !image.readOnly, let offset = range(sector: sector, length: UInt64(dataOut.count)) else {
                 return finish(.ioError, 0)
             }
-            if image.write(from: dataOut, at: offset) != nil { return finish(.ioError, 0) }
+            // Marked after the write, failed or not (a failed one may have changed part of the range).
+            let failed = image.write(from: dataOut, at: offset) != nil
+            changedBlocks.mark(offset: offset, length: UInt64(dataOut.count))
+            if failed { return finish(.ioError, 0) }
             statistics.count(.write, bytesOut: dataOut.count)
             return finish(.ok, 0)
         case .flush:
@@ -161,7 +167,9 @@ public final class VirtioBlock: VirtioBackend {
             guard sectors <= Self.maximumZeroSectors, flags & ~(type == .writeZeroes ? 1 : 0) == 0 else { return .unsupported }
             guard let offset = range(sector: sector, length: UInt64(sectors) * Self.sectorSize) else { return .ioError }
             let deallocate = type == .discard || flags & 1 != 0
-            if image.zero(at: offset, length: UInt64(sectors) * Self.sectorSize, deallocate: deallocate) != nil { return .ioError }
+            let failed = image.zero(at: offset, length: UInt64(sectors) * Self.sectorSize, deallocate: deallocate) != nil
+            changedBlocks.mark(offset: offset, length: UInt64(sectors) * Self.sectorSize)
+            if failed { return .ioError }
         }
         statistics.count(type == .discard ? .discard : .writeZeroes)
         return .ok

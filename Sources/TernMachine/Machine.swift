@@ -75,7 +75,7 @@ public final class Machine: @unchecked Sendable {
         try vm.createIRQChip()
         try vm.createPIT2()
         do {
-            devices = try MmioBus(specs: configuration.devices, ram: memory, logger: logger)
+            devices = try MmioBus(specs: configuration.devices, ram: memory, diskLocking: configuration.diskLocking, logger: logger)
         } catch {
             throw ConfigurationError("\(error)")
         }

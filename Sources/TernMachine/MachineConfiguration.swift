@@ -21,6 +21,8 @@ public struct MachineConfiguration: Sendable, Equatable {
     public var bootedKernel: String?
     /// Disks and NICs (`--disk`, `--net`), in the order of their MMIO slots.
     public var devices: [DeviceSpec] = []
+    /// When disk images are locked: on open, or (a migration's destination on shared storage) once the source let go.
+    public var diskLocking: DiskImage.Locking = .atOpen
     /// The VM's name (`--name`; default a new UUID), kept across snapshots and migrations.
     public var name: String = MachineConfiguration.newName()
 

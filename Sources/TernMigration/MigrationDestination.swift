@@ -102,10 +102,13 @@ public final class MigrationDestination {
                         listener: StreamListener? = nil,
                         machineCreated: (Machine) -> Void = { _ in }) throws -> (Machine, Outcome) {
         var extraStreams: PageStreamReceivers?
+        var storageTargets: StorageTargets?
         do {
             return try receive(from: source, replyTo: sink, connection: connection, listener: listener,
-                               extraStreams: &extraStreams, machineCreated: machineCreated)
+                               extraStreams: &extraStreams, storageTargets: &storageTargets, machineCreated: machineCreated)
         } catch {
+            // A partly received disk is deleted: it must never be taken for a complete one.
+            storageTargets?.discard()
             // A failed page stream cut the control connection: its error is the one that explains.
             extraStreams?.cancel()
             if let failure = extraStreams?.failure, failure != "cancelled" { throw Refusal(failure) }
@@ -114,7 +117,7 @@ public final class MigrationDestination {
     }
 
     private func receive(from source: some ByteSource, replyTo sink: FDStream?, connection: Connection?,
-                         listener: StreamListener?, extraStreams: inout PageStreamReceivers?,
+                         listener: StreamListener?, extraStreams: inout PageStreamReceivers?, storageTargets: inout StorageTargets?,
                          machineCreated: (Machine) -> Void) throws -> (Machine, Outcome) {
         // 1. Hello: is this a Tern source, and can this host run its machine?
         let (helloHeader, helloPayload) = try source.readFrame()
@@ -157,6 +160,15 @@ public final class MigrationDestination {
             configuration.bootedKernel = hello.machine.kernelPath.isEmpty ? nil : hello.machine.kernelPath
             if !hello.machine.name.isEmpty { configuration.name = hello.machine.name }
             configuration.devices = try Self.devices(for: hello.machine.devices, here: expectations.devices)
+            switch hello.storage.mode {
+            case .copy where !hello.storage.disks.isEmpty:
+                let (targets, devices) = try StorageTargets.prepare(hello.storage, devices: configuration.devices)
+                storageTargets = targets
+                configuration.devices = devices
+            case .copy, .shared:
+                // Shared storage: the source still writes the image; it is locked here once the source lets go.
+                configuration.diskLocking = .deferred
+            }
             machine = try Machine(configuration: configuration, memory: preparedMemory, logger: logger)
             // Post-copy from the start into preallocated memory: unmap it now, before the source
             // pauses, so that the switch need not (its pages then wait for their contents by minor faults).
@@ -169,6 +181,11 @@ public final class MigrationDestination {
         try sink?.writeFrame(.helloReply, payload: Verdict(accepted: true, bootID: Clocks.bootID, token: token, tokenID: tokenID ?? "").encoded)
         machineCreated(machine)
         let compressed = hello.features & Hello.zstdFeature != 0
+        let storage = storageTargets.map { targets in
+            StorageReceiver(targets: targets, images: targets.targets.compactMap { target in
+                (machine.devices.devices.first { $0.id == target.id }?.backend as? VirtioBlock)?.image
+            }, verify: hello.features & Hello.verifyFeature != 0)
+        }
         // --verify: the memory digest is kept as pages land, so the end need not read all RAM in the downtime.
         let digests = hello.features & Hello.verifyFeature != 0 ? PageDigests(pageCount: Int(machine.memory.size / UInt64(PageRun.pageSize))) : nil
         var urgentConnection: Connection?
@@ -205,6 +222,10 @@ public final class MigrationDestination {
             case .pages:
                 guard sections.isEmpty else { throw Refusal("memory arrived after the VM state") }
                 try applier.apply(header, from: source)
+            case .blocks:
+                guard let storage else { throw Refusal("disk blocks arrived, but the migration's storage is not copied") }
+                guard sections.isEmpty else { throw Refusal("disk blocks arrived after the VM state") }
+                try storage.apply(header, from: source)
             case .state:
                 // A VM's state is tens of KiB per vCPU: cap what a hostile source can make us hold.
                 stateBytes += header.length
@@ -262,6 +283,12 @@ public final class MigrationDestination {
             }
             try machine.restoreState(state)
             logger.debug("the VM state was loaded \(sinceSourcePaused()) after the source paused")
+            if let storage {
+                try storage.flush()
+                if completion.memoryDigest != nil { ready.diskDigests = storage.digests() }
+                if Self.injectedFault == "wrong-disk-digest" { ready.diskDigests = ready.diskDigests.map { $0 ^ 1 } }
+                logger.debug("the disks were flushed \(sinceSourcePaused()) after the source paused")
+            }
             if Self.injectedFault == "reject-state" { throw Refusal("TERN_MIGRATION_FAULT=reject-state: the VM state is refused") }
             if let needed = postcopyNeeded {
                 guard let stream = sink else { throw Refusal("post-copy needs a two-way connection") }
@@ -297,8 +324,14 @@ public final class MigrationDestination {
             logger.warning("TERN_MIGRATION_FAULT=die-after-go: exiting abruptly")
             kill(getpid(), SIGKILL)
         }
-        // The VM may have been quit meanwhile (through its API): then it must not be reported as running.
         let keepPaused = try Go(decoding: goPayload).keepPaused
+        if let storage {
+            // The source committed: the received images take their names.
+            for failure in storage.targets.commit(images: storage.disks.map(\.image)) { logger.error("\(failure); the VM runs on the partial image") }
+        } else {
+            try lockSharedDisks(of: machine)
+        }
+        // The VM may have been quit meanwhile (through its API): then it must not be reported as running.
         guard machine.start(paused: keepPaused) else { throw Refusal("the VM was stopped here before it could start") }
         let resumed = Resumed(monotonicNs: Clocks.monotonicNs(), realtimeNs: Clocks.realtimeNs())
         // The VM runs now whatever happens to this last message: the source may not run it too.
@@ -308,6 +341,23 @@ public final class MigrationDestination {
         return (machine, Outcome(dataPages: applier.dataPages + (extraStreams?.dataPages ?? 0),
                                  zeroPages: applier.zeroPages + (extraStreams?.zeroPages ?? 0), bytes: bytes, downtimeMs: downtime,
                                  paused: keepPaused, tokenID: tokenID))
+    }
+
+    /// Shared storage: the source let go of the images just before its `go`; take them (a few tries, in
+    /// case its unlock is still on its way through its kernel).
+    private func lockSharedDisks(of machine: Machine) throws {
+        let deadline = ContinuousClock.now + .seconds(5)
+        while true {
+            do {
+                try machine.devices.lockDisks()
+                return
+            } catch {
+                guard ContinuousClock.now < deadline else {
+                    throw Refusal("\(error): the source has not let go of its disk; the VM does not start here")
+                }
+                Thread.sleep(forTimeInterval: 0.01)
+            }
+        }
     }
 
     /// The VM's devices as this destination opens them: each one the VM has must be named here by

@@ -7,7 +7,7 @@ import TernWire
 /// about to arrive, so the destination can refuse before a byte of memory moves.
 public struct Hello: Equatable, Sendable {
     public static let magic = Array("TERNMIG\u{0}".utf8)
-    public static let protocolVersion: UInt32 = 6
+    public static let protocolVersion: UInt32 = 7
     /// Feature bit: pages frames may be zstd-compressed (`--compress zstd`).
     public static let zstdFeature: UInt64 = 1 << 0
     /// Feature bit: post-copy from the start (`--mode postcopy`): no pre-copy pages will come.
@@ -33,6 +33,8 @@ public struct Hello: Equatable, Sendable {
     /// The migration token (`tern migrate --token`), a signed JWT; empty: none.
     public var authorization: String = ""
     public static let maximumAuthorizationBytes = 4096
+    /// How the disks move, and their sizes.
+    public var storage = StorageAnnouncement()
 
     public init(features: UInt64 = 0, bootID: String, machine: MachineDescription, cpuid: [CPUIDEntry], devices: [String], streams: UInt32 = 1,
                 authorization: String = "") {
@@ -59,6 +61,7 @@ public struct Hello: Equatable, Sendable {
         for device in devices { w.writeString(device) }
         w.write(streams)
         w.writeString(authorization)
+        storage.encode(into: &w)
         return w.bytes
     }
 
@@ -88,6 +91,7 @@ public struct Hello: Equatable, Sendable {
         streams = try r.read()
         guard streams >= 1, streams <= Self.maximumStreams else { throw .malformed("hello: \(streams) page streams (1 to \(Self.maximumStreams) allowed)") }
         authorization = try r.readString(maximum: Self.maximumAuthorizationBytes)
+        storage = try StorageAnnouncement(reading: &r)
         try r.expectEnd()
     }
 }
@@ -104,6 +108,8 @@ public struct Verdict: Equatable, Sendable {
     public var token: UInt64 = 0
     /// Hello reply: the id of the migration token the destination accepted ("" if it asks for none).
     public var tokenID: String = ""
+    /// Ready, with --verify and `--storage copy`: the digest of each disk as received, in the hello's order.
+    public var diskDigests: [UInt64] = []
 
     public init(accepted: Bool, reason: String = "", memoryDigest: UInt64? = nil, stateDigest: UInt64? = nil, bootID: String = "", token: UInt64 = 0,
                 tokenID: String = "") {
@@ -125,6 +131,8 @@ public struct Verdict: Equatable, Sendable {
         w.writeString(bootID)
         w.write(token)
         w.writeString(tokenID)
+        w.write(UInt32(diskDigests.count))
+        for digest in diskDigests { w.write(digest) }
         return w.bytes
     }
 
@@ -139,6 +147,9 @@ public struct Verdict: Equatable, Sendable {
         bootID = try r.readString(maximum: 64)
         token = try r.read()
         tokenID = try r.readString(maximum: 256)
+        let disks = Int(try r.read(UInt32.self))
+        guard disks <= 16 else { throw .tooLarge("verdict: \(disks) disk digests") }
+        diskDigests = try (0..<disks).map { _ throws(WireError) in try r.read(UInt64.self) }
         try r.expectEnd()
     }
 }

@@ -92,6 +92,8 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     /// The destination's account of post-copy: faults, fault latency, pushed vs pulled pages.
     public var postcopy: PostcopyStatistics?
     public var verification: Verification?
+    /// The VM's disks: shared, or copied with their account (bytes, blocks, zero blocks, dirty blocks per round).
+    public var storage: StorageReport?
     /// Live progress while running: the round being sent and how far it got.
     public var currentRound: Int?
     public var roundPercent: Double?

@@ -20,6 +20,12 @@ extension MigrationSource {
         rateLimit.lift()
         // Plus what the guest wrote since.
         needed.formUnion(try machine.memory.collectDirtyPages(from: machine.vm))
+        // Disks move before execution does: the blocks written since their last round go now.
+        if let storage {
+            try storage.sendChangedBlocks(on: stream, rateLimit: rateLimit)
+            storage.endRound()
+            updateStorageReport()
+        }
         logger.debug("post-copy switch: \(needed.count) pages still needed, known \(Int(Clocks.milliseconds(from: pausedMono, to: Clocks.monotonicNs()))) ms after the pause")
         // The extra streams' pre-copy ends here; post-copy's push goes on over them too.
         try sender.endExtraStreams()
@@ -45,6 +51,10 @@ extension MigrationSource {
         if parameters.verify && ready.stateDigest != stateDigest {
             try? stream.writeFrame(.abort, payload: Array("state digests differ".utf8))
             throw Failure("verification failed: the VM state differs between source and destination")
+        }
+        if parameters.verify, try !verifyDisks(ready, on: stream) {
+            try? stream.writeFrame(.abort, payload: Array("disk digests differ".utf8))
+            throw Failure("verification failed: the disks' digests differ between source and destination")
         }
         if cancelled { throw Failure("cancelled") }
 
@@ -75,7 +85,7 @@ extension MigrationSource {
         update {
             $0.executionMovedAtMs = milliseconds(since: started)
             $0.status = .postcopy
-            $0.transferredBytes = precopy.bytes + stateBytes
+            $0.transferredBytes = precopy.bytes + stateBytes + storageBytes
             if precopy.unchangedPages > 0 { $0.unchangedPages = precopy.unchangedPages }
         }
 
@@ -127,7 +137,7 @@ extension MigrationSource {
         // The cap was lifted for the switch (the downtime); the push shares the link again under it.
         let postcopy = PostcopySender(memory: machine.memory, connection: lock.withLock { connection }, stream: stream,
                                       urgent: urgent, pushStreams: pushStreams, needed: needed, rateLimit: makeRateLimiter())
-        let (earlierBytes, owed) = (context.precopy.bytes + context.stateBytes + context.earlier.bytes, needed.count)
+        let (earlierBytes, owed) = (context.precopy.bytes + context.stateBytes + context.earlier.bytes + storageBytes, needed.count)
         postcopy.onProgress = { [unowned self] left, bytes in
             update {
                 $0.transferredBytes = earlierBytes + bytes
@@ -157,7 +167,7 @@ extension MigrationSource {
         update {
             $0.postcopy = statistics
             $0.memoryCompleteAtMs = milliseconds(since: c.started)
-            $0.transferredBytes = c.precopy.bytes + c.stateBytes + sent.bytes
+            $0.transferredBytes = c.precopy.bytes + c.stateBytes + sent.bytes + storageBytes
             $0.dataPages = c.precopy.dataPages + sent.dataPages
             $0.zeroPages = c.precopy.zeroPages + sent.zeroPages
             $0.postcopyPagesSent = sent.dataPages + sent.zeroPages - resent

@@ -82,6 +82,8 @@ extension MigrationSource {
             }
             let roundStart = ContinuousClock.now
             let before = sender.counters
+            let storageBefore = storageBytes
+            var blocksSent = 0
             let waitedBefore = rateLimit.waitedSeconds
             update { $0.currentRound = round; $0.roundPercent = 0 }
             roundPlan.withLock { $0 = (before.pagesCovered, Double(pending.map { UInt64($0.count) } ?? totalPages)) }
@@ -118,6 +120,11 @@ extension MigrationSource {
                     resentAfterFirstPass = owed
                     firstPassSamples = learnt.samples
                 }
+                // The disks' blocks (round 0: the bulk pass), after memory's, on the control connection.
+                if let storage {
+                    blocksSent = try storage.sendChangedBlocks(on: sender.senders[0].streamer.stream, rateLimit: rateLimit,
+                                                               shouldStop: { [unowned self] in roundShouldStop })
+                }
             } catch is PageSender.Stopped where postcopyRequestPending && !cancelled {
                 // Cut short for post-copy: it takes over what this round had not sent (the first pass: every page
                 // that holds data), plus what the first pass owes from the dirty log it read already (held
@@ -138,9 +145,12 @@ extension MigrationSource {
                     zeroPages: sent.zeroPages - before.zeroPages, bytes: sent.bytes - before.bytes, dirtyPages: UInt64(rest.count),
                     durationMs: duration, throughputMBps: Double(sent.bytes - before.bytes) / 1e6 / max(duration / 1000, 0.001),
                     dirtyRatePagesPerSecond: 0, predictedDowntimeMs: 0)
+                let diskBytes = storageBytes
+                storage?.endRound()
+                updateStorageReport()
                 update {
                     $0.rounds.append(partial)
-                    $0.transferredBytes = sent.bytes
+                    $0.transferredBytes = sent.bytes + diskBytes
                     $0.dataPages = sent.dataPages
                     $0.zeroPages = sent.zeroPages
                 }
@@ -170,16 +180,20 @@ extension MigrationSource {
                 heldOver = nil
             }
             let sent = sender.counters
-            let roundBytes = sent.bytes - before.bytes
+            let diskBytes = storageBytes
+            let roundBytes = sent.bytes - before.bytes + diskBytes - storageBefore
             // Link speed: what the whole pre-copy achieved so far (single tiny rounds are too noisy).
             let elapsedPrecopy = max(milliseconds(since: started) - progress.setupMs, 0.001)
-            let throughput = Double(sent.bytes) / (elapsedPrecopy / 1000)
+            let throughput = Double(sent.bytes + diskBytes) / (elapsedPrecopy / 1000)
+            // Disk blocks are 4 KiB, as pages are: the prediction counts the blocks still to send as pages.
+            storage?.endRound()
+            let pendingBlocks = storage?.pendingBlocks ?? 0
             // Bytes a dirty page will cost: a whole page, or what re-sent pages cost in the last round (XBZRLE deltas are far
             // smaller, and pages found unchanged cost nothing on the wire).
-            let roundPages = sent.pagesCovered - before.pagesCovered
+            let roundPages = sent.pagesCovered - before.pagesCovered + UInt64(blocksSent)
             let bytesPerPage = round > 0 && roundPages > 0 ? Double(roundBytes) / Double(roundPages) : Double(PageRun.pageSize + PageRun.headerSize)
             let predictedMs = DowntimePrediction(
-                dirtyPages: dirty.count, wireBytesPerPage: bytesPerPage, throughputBytesPerSecond: throughput,
+                dirtyPages: dirty.count + pendingBlocks, wireBytesPerPage: bytesPerPage, throughputBytesPerSecond: throughput,
                 stateBytes: Self.stateBytesEstimate, roundTripMs: roundTripMs,
                 pageCostMs: round > 0
                     ? Self.measuredPageCost(pages: roundPages, durationMs: duration, waitedSeconds: rateLimit.waitedSeconds - waitedBefore,
@@ -190,9 +204,10 @@ extension MigrationSource {
                 zeroPages: sent.zeroPages - before.zeroPages, bytes: roundBytes, dirtyPages: UInt64(dirty.count),
                 durationMs: duration, throughputMBps: Double(roundBytes) / 1e6 / (duration / 1000),
                 dirtyRatePagesPerSecond: Double(dirty.count) / (duration / 1000), predictedDowntimeMs: predictedMs)
+            updateStorageReport()
             update {
                 $0.rounds.append(record)
-                $0.transferredBytes = sent.bytes
+                $0.transferredBytes = sent.bytes + diskBytes
                 $0.dataPages = sent.dataPages
                 $0.zeroPages = sent.zeroPages
                 $0.roundPercent = 100
@@ -205,7 +220,7 @@ extension MigrationSource {
                 samples: firstPassSamples, dirtyPages: dirty.count, roundMs: predictedMs, workingSetPages: frequency.pagesEverDirty)
             // `tern migrate-set` may have moved the target since the last round.
             policy.maxDowntimeMs = currentLimits.maxDowntimeMs
-            let decision = policy.decide(afterRound: round, dirtyPages: dirty.count, predictedMs: predictedMs,
+            let decision = policy.decide(afterRound: round, dirtyPages: dirty.count + pendingBlocks, predictedMs: predictedMs,
                                          elapsedSeconds: milliseconds(since: started) / 1000,
                                          dirtySetRewrittenWithinARound: rewritesFaster, history: &history)
             round += 1
@@ -237,6 +252,38 @@ extension MigrationSource {
         return PrecopyOutcome(pending: pending, round: round, switchover: switchover, usePostcopy: usePostcopy)
     }
 
+    /// --verify with `--storage copy`: records both sides' disk digests; true if they match (or no disk moved).
+    func verifyDisks(_ ready: Verdict, on stream: FDStream) throws -> Bool {
+        guard let storage else { return true }
+        let mine = storage.digests()
+        update {
+            $0.storage?.sourceDigests = mine.map { hex($0) }
+            $0.storage?.destinationDigests = ready.diskDigests.map { hex($0) }
+        }
+        return mine == ready.diskDigests
+    }
+
+    /// Post-copy from the start, with `--storage copy`: the disks' rounds before the switch (the bulk pass
+    /// was marked by `beginBulkPass`), until what the guest keeps writing would go within the downtime target.
+    func storageRounds(_ storage: StorageSender, on stream: FDStream, rateLimit: RateLimiter) throws {
+        for round in 0..<parameters.maxRounds {
+            let start = ContinuousClock.now
+            let before = storageBytes
+            try storage.sendChangedBlocks(on: stream, rateLimit: rateLimit, shouldStop: { [unowned self] in cancelled })
+            var marker = WireWriter()
+            marker.write(UInt64(round))
+            try stream.writeFrame(.ping, payload: marker.bytes)
+            _ = try readReply(stream, expecting: .pong, what: "the sync after a disk round")
+            storage.endRound()
+            updateStorageReport()
+            let seconds = max((ContinuousClock.now - start).inSeconds, 0.001)
+            let bytesPerSecond = Double(storageBytes - before) / seconds
+            let pendingMs = Double(storage.pendingBlocks * (BlockRunHeader.blockSize + FrameHeader.size)) / max(bytesPerSecond, 1) * 1000
+            logger.debug("disk round \(round): \(storageBytes - before) bytes in \(Int(seconds * 1000)) ms, \(storage.pendingBlocks) blocks changed since")
+            if pendingMs <= currentLimits.maxDowntimeMs / 2 { return }
+        }
+    }
+
     /// Pauses the VM, sends what is still dirty and the VM state, checks the
     /// digests (--verify) and hands over.
     func stopAndCopy(session: Session, sender: PageStreams, rateLimit: RateLimiter, pending: PageSet?, round: Int, switchover: String,
@@ -252,7 +299,14 @@ extension MigrationSource {
         var last = try machine.memory.collectDirtyPages(from: machine.vm)
         if let pending { last.formUnion(pending) }
         let before = sender.counters
+        let storageBefore = storageBytes
         let lastPages = last.count
+        // The disks are quiesced and flushed: the blocks written since the last round are the last.
+        if let storage {
+            let blocks = try storage.sendChangedBlocks(on: stream, rateLimit: rateLimit)
+            storage.endRound()
+            logger.debug("stop-and-copy: \(blocks) disk blocks sent \(Int(milliseconds(since: pauseInstant))) ms after the pause")
+        }
         try sender.send(last)
         try sender.endExtraStreams()
         logger.debug("stop-and-copy: \(lastPages) pages sent \(Int(milliseconds(since: pauseInstant))) ms after the pause")
@@ -269,13 +323,15 @@ extension MigrationSource {
         let stateDigest = parameters.verify ? MemoryDigest.state(sections) : nil
         let stateBytes = UInt64(sections.reduce(0) { $0 + $1.encoded.count + FrameHeader.size }) + UInt64(FrameHeader.size + completion.encoded.count)
         let sent = sender.counters
+        let diskBytes = storageBytes
+        updateStorageReport()
         update {
             $0.status = .completing
             $0.rounds.append(MigrationReport.Round(
                 round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages),
-                zeroPages: sent.zeroPages - before.zeroPages, bytes: sent.bytes - before.bytes + stateBytes, dirtyPages: 0,
+                zeroPages: sent.zeroPages - before.zeroPages, bytes: sent.bytes - before.bytes + stateBytes + diskBytes - storageBefore, dirtyPages: 0,
                 durationMs: milliseconds(since: pauseInstant), throughputMBps: 0, dirtyRatePagesPerSecond: 0, predictedDowntimeMs: 0))
-            $0.transferredBytes = sent.bytes + stateBytes
+            $0.transferredBytes = sent.bytes + stateBytes + diskBytes
             $0.deltaPages = sent.deltaPages
             $0.unchangedPages = sent.unchangedPages
             $0.xbzrle = sender.xbzrleStatistics
@@ -294,14 +350,16 @@ extension MigrationSource {
         let ready = try Verdict(decoding: readyPayload)
         guard ready.accepted else { throw Failure("the destination rejected the VM: \(ready.reason)") }
         if parameters.verify {
+            let disksMatch = try verifyDisks(ready, on: stream)
             let verification = MigrationReport.Verification(
                 sourceMemoryDigest: hex(memoryDigest), destinationMemoryDigest: hex(ready.memoryDigest),
                 sourceStateDigest: hex(stateDigest), destinationStateDigest: hex(ready.stateDigest),
-                match: memoryDigest == ready.memoryDigest && stateDigest == ready.stateDigest)
+                match: memoryDigest == ready.memoryDigest && stateDigest == ready.stateDigest && disksMatch)
             update { $0.verification = verification }
             guard verification.match else {
                 try? stream.writeFrame(.abort, payload: Array("digests differ".utf8))
-                throw Failure("verification failed: memory or state digests differ between source and destination")
+                throw Failure(disksMatch ? "verification failed: memory or state digests differ between source and destination"
+                                         : "verification failed: the disks' digests differ between source and destination")
             }
         }
         if cancelled { throw Failure("cancelled") }

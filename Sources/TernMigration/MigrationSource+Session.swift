@@ -37,6 +37,7 @@ extension MigrationSource {
         var hello = Hello(bootID: Clocks.bootID, machine: machine.description, cpuid: machine.guestCPUID,
                           devices: ["UART"] + machine.devices.kinds,
                           streams: UInt32(parameters.streams), authorization: parameters.authorization)
+        hello.storage = storage?.announcement ?? StorageAnnouncement(mode: parameters.storage)
         if parameters.zstdLevel != nil { hello.features |= Hello.zstdFeature }
         if parameters.mode == .postcopy { hello.features |= Hello.postcopyFirstFeature }
         if parameters.verify { hello.features |= Hello.verifyFeature }

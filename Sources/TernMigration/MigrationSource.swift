@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import Logging
 import Synchronization
+import TernDevices
 import TernKVM
 import TernMachine
 import TernWire
@@ -49,6 +50,8 @@ public final class MigrationSource: @unchecked Sendable {
         public var security: ChannelSecurity
         /// The migration token the destination asks for (`--token`); empty: none.
         public var authorization = ""
+        /// How the disks move (`--storage`).
+        public var storage = StorageMode.shared
 
         public init(destination: Endpoint, security: ChannelSecurity) {
             self.destination = destination
@@ -59,6 +62,8 @@ public final class MigrationSource: @unchecked Sendable {
     let machine: Machine
     let parameters: Parameters
     let logger: Logger
+    /// `--storage copy`: moves the disks beside memory (nil: shared storage, or no disk).
+    let storage: StorageSender?
     let lock = NSLock()
     private var report: MigrationReport
     private var cancelReason: String?
@@ -115,6 +120,8 @@ public final class MigrationSource: @unchecked Sendable {
         self.machine = machine
         self.parameters = parameters
         self.logger = logger
+        let disks = machine.devices.devices.compactMap { device in (device.backend as? VirtioBlock).map { (id: device.id, device: $0) } }
+        storage = parameters.storage == .copy && !disks.isEmpty ? StorageSender(disks: disks, verify: parameters.verify) : nil
         limits = (parameters.maxDowntimeMs, parameters.bandwidth)
         report = MigrationReport(status: .setup, destination: parameters.destination.description, ramBytes: machine.memory.size,
                                  maxDowntimeMs: parameters.maxDowntimeMs, bandwidthLimit: parameters.bandwidth)
@@ -123,6 +130,19 @@ public final class MigrationSource: @unchecked Sendable {
         // Post-copy alone runs no pre-copy round, so no order applies.
         report.order = parameters.mode == .postcopy ? "none" : parameters.order.rawValue
         report.streams = parameters.streams
+        if !disks.isEmpty {
+            report.storage = StorageReport(mode: parameters.storage, mirror: storage == nil ? nil : .rounds, disks: storage?.report ?? [])
+        }
+    }
+
+    /// Disk bytes sent so far (`--storage copy`).
+    var storageBytes: UInt64 { storage?.bytesSent ?? 0 }
+
+    /// The storage account in the report, brought up to date.
+    func updateStorageReport() {
+        guard let storage else { return }
+        let disks = storage.report
+        update { $0.storage?.disks = disks }
     }
 
     public var progress: MigrationReport { lock.withLock { report } }
@@ -276,6 +296,13 @@ public final class MigrationSource: @unchecked Sendable {
                 }
                 // Extra streams end with the control connection, so the destination's stream readers stop.
                 lock.withLock { extraConnections.forEach { shutdown($0.rawValue, Int32(SHUT_RDWR)) } }
+                // Shared storage: the images were let go of just before `go`, which never went.
+                if parameters.storage == .shared, let failure = Result(catching: { try machine.devices.lockDisks() }).failureDescription {
+                    update { $0.status = .failed; $0.reason = "\(reason); \(failure): the VM stays paused here" }
+                    logger.error("migration failed: \(reason); \(failure)")
+                    storage?.finish()
+                    return progress
+                }
                 if pausedHere { try? machine.resume() }
                 lock.withLock { switching = false }
                 update { $0.status = cancelReason != nil ? .cancelled : .failed; $0.reason = reason }
@@ -283,6 +310,8 @@ public final class MigrationSource: @unchecked Sendable {
             try? machine.vm.memorySlots.forEach { try machine.vm.setDirtyLogging(slot: $0.slot, enabled: false) }
             logger.error("migration \(report.status.rawValue): \(reason)")
         }
+        storage?.finish()
+        updateStorageReport()
         lock.withLock {
             connection = nil
             extraConnections = []
@@ -316,15 +345,21 @@ public final class MigrationSource: @unchecked Sendable {
                                  shouldStop: { [unowned self] in roundShouldStop },
                                  onProgress: { [unowned self] counters in
                                      let plan = roundPlan.withLock { $0 }
+                                     let storageBytes = storageBytes
                                      update {
                                          $0.roundPercent = min(100, Double(counters.pagesCovered - plan.pagesBefore) / max(plan.planned, 1) * 100)
-                                         $0.transferredBytes = counters.bytes
+                                         $0.transferredBytes = counters.bytes + storageBytes
                                      }
                                  })
         // Pre-copy's rounds send what the dirty log names; some of it holds what was sent already.
         if parameters.mode != .postcopy { sender.skipUnchangedPages(pageCount: Int(machine.memory.size / UInt64(PageRun.pageSize))) }
         if let cacheBytes = parameters.xbzrleCacheBytes { sender.useXBZRLE(cacheBytes: cacheBytes) }
         if let level = parameters.zstdLevel { sender.useZstd(level: level) }
+        if let storage {
+            try storage.beginBulkPass(on: session.control, rateLimit: rateLimit)
+            // Post-copy moves memory after execution, but disks before it: their bulk pass and rounds run now.
+            if parameters.mode == .postcopy { try storageRounds(storage, on: session.control, rateLimit: rateLimit) }
+        }
         var outcome = try precopyRounds(sender: sender, rateLimit: rateLimit, roundPlan: roundPlan,
                                           roundTripMs: session.roundTripMs, started: started)
         if parameters.mode == .postcopy { outcome.switchover = "post-copy: execution moves first" }
@@ -356,6 +391,8 @@ public final class MigrationSource: @unchecked Sendable {
     func handOver(_ stream: FDStream, pausedMono: UInt64, pausedReal: UInt64, sameHost: Bool, keepPaused: Bool,
                           committed: inout Bool) throws -> Resumed {
         try commit()
+        // Shared storage: the disks were flushed when the VM paused; the destination takes them once they are let go of.
+        if parameters.storage == .shared { machine.devices.unlockDisks() }
         try stream.writeFrame(.go, payload: Go(keepPaused: keepPaused).encoded)
         committed = true
         let (_, payload) = try readReply(stream, expecting: .resumed, what: "the destination's confirmation")
@@ -404,3 +441,11 @@ func milliseconds(since start: ContinuousClock.Instant) -> Double {
 }
 
 func hex(_ value: UInt64?) -> String { value.map { String(format: "%016llx", $0) } ?? "" }
+
+extension Result {
+    /// The error's description, or nil on success.
+    var failureDescription: String? {
+        if case .failure(let error) = self { return "\(error)" }
+        return nil
+    }
+}

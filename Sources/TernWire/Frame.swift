@@ -96,6 +96,10 @@ public struct FrameType: RawRepresentable, Hashable, Sendable, CustomStringConve
     /// S→D on an extra connection: this stream carries no more pages.
     public static let streamEnd = FrameType(rawValue: 29)
 
+    // Storage migration (docs/STORAGE.md).
+    /// S→D: a run of one disk's blocks, with their data or as zeros.
+    public static let blocks = FrameType(rawValue: 33)
+
     public var description: String {
         switch self {
         case .state: "state"
@@ -118,6 +122,7 @@ public struct FrameType: RawRepresentable, Hashable, Sendable, CustomStringConve
         case .postcopyResumeReply: "post-copy resume reply"
         case .streamHello: "stream hello"
         case .streamEnd: "stream end"
+        case .blocks: "blocks"
         default: "type-\(rawValue)"
         }
     }

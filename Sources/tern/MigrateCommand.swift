@@ -55,7 +55,10 @@ struct Migrate: ParsableCommand {
     @Option(help: "XBZRLE cache size, e.g. 256M (binary units).")
     var xbzrleCache: String = "256M"
 
-    @Flag(help: "Compare digests of memory and device state on both sides before handing over.")
+    @Option(help: "The disks: shared (both hosts open the same images; the default) or copy (they move with the VM; the destination names where with --disk id=NAME,path=FILE).")
+    var storage: String = "shared"
+
+    @Flag(help: "Compare digests of memory, device state and (with --storage copy) the disks on both sides before handing over.")
     var verify = false
 
     @Option(help: "Mutual TLS 1.3 on every connection, with the certificates in DIR (ca.pem, cert.pem, key.pem; `tern certs init`). A resume uses the first attempt's.")
@@ -84,6 +87,9 @@ struct Migrate: ParsableCommand {
         do { _ = try CompressionChoice(parsing: compress) } catch { throw ValidationError("--compress: \(error)") }
         guard (1...19).contains(zstdLevel) else { throw ValidationError("--zstd-level must be between 1 and 19") }
         if let streams, !(1...Hello.maximumStreams).contains(streams) { throw ValidationError("--streams must be between 1 and \(Hello.maximumStreams)") }
+        guard StorageMode(rawValue: storage) != nil else {
+            throw ValidationError("--storage must be shared or copy")
+        }
         guard PageOrder(rawValue: order) != nil else { throw ValidationError("--order must be sequential or dirty-frequency") }
         if holdBack != nil && order != PageOrder.dirtyFrequency.rawValue {
             throw ValidationError("--hold-back and --no-hold-back need --order dirty-frequency")
@@ -134,7 +140,7 @@ struct Migrate: ParsableCommand {
                                      // The VM's tern process reads the directory: give it an absolute path.
                                      tlsDir: tlsDir.map { URL(fileURLWithPath: $0).standardizedFileURL.path },
                                      tlsAllow: tlsAllow.isEmpty ? nil : tlsAllow, insecure: insecure ? true : nil,
-                                     token: try migrationToken())
+                                     token: try migrationToken(), storage: storage)
         let body = try APIJSON.encoder.encode(request)
         let client = api.client
         let outcome = Mutex<Result<APIClient.Response, any Error>?>(nil)
@@ -258,6 +264,10 @@ final class ProgressPrinter: @unchecked Sendable {
         if let round = report.currentRound { line += " round \(round)" }
         if let percent = report.roundPercent { line += String(format: " %3.0f%%", percent) }
         line += String(format: "  %.1f MB sent", Double(report.transferredBytes) / 1e6)
+        if let disks = report.storage?.disks, !disks.isEmpty {
+            line += String(format: " (disks %.1f MB, %llu blocks to go)", Double(disks.reduce(0) { $0 + $1.bytes }) / 1e6,
+                           disks.reduce(UInt64(0)) { $0 + ($1.dirtyBlocksPerRound.last ?? 0) })
+        }
         if report.status == .postcopy {
             line += "  pushing the pages still owed; the VM runs at the destination"
         } else if let last = report.rounds.last {
@@ -328,8 +338,17 @@ enum MigrationTable {
                                          p.faults, p.requests, p.faultLatencyP50Ms, p.faultLatencyP99Ms, p.faultLatencyMaxMs)))
         }
         if let limit = r.bandwidthLimit { rows.append(("bandwidth cap", String(format: "%.1f MB/s", Double(limit) / 1e6))) }
+        if let storage = r.storage {
+            rows.append(("storage", storage.mode.rawValue + (storage.mirror.map { ", writes during the copy re-sent by \($0.rawValue)" } ?? "")))
+            for disk in storage.disks {
+                rows.append(("disk \(disk.id)", String(format: "%.1f MB sent for %.1f MB: %llu blocks, %llu zero blocks; changed after each round: ",
+                                                    Double(disk.bytes) / 1e6, Double(disk.sizeBytes) / 1e6, disk.blocks, disk.zeroBlocks)
+                                             + disk.dirtyBlocksPerRound.map(String.init).joined(separator: ", ")))
+            }
+        }
         if let v = r.verification {
-            rows.append(("verify", v.match ? "memory \(v.sourceMemoryDigest) and state \(v.sourceStateDigest) match on both sides"
+            let disks = r.storage?.sourceDigests.map { ", disks " + $0.joined(separator: ", ") } ?? ""
+            rows.append(("verify", v.match ? "memory \(v.sourceMemoryDigest)\(disks) and state \(v.sourceStateDigest) match on both sides"
                                            : "MISMATCH: memory \(v.sourceMemoryDigest) vs \(v.destinationMemoryDigest), state \(v.sourceStateDigest) vs \(v.destinationStateDigest)"))
         }
         let width = rows.map(\.0.count).max() ?? 0

@@ -137,6 +137,9 @@ struct DeviceTests {
         _ = try source.waitForStatus(timeout: 20) { $0.diskWrites > 10 }
         let file = source.directory.appendingPathComponent("vm.snap").path
         #expect(try TernProcess(["snapshot", "--api-socket", source.apiSocket, "--to", file], withAPI: false).waitForExit(timeout: 60) == 0)
+        // The image is locked while the source runs: end it first.
+        #expect(try source.client.request(.PUT, "/v1/vm/quit").status == 204)
+        #expect(source.waitForExit() == 0)
         let other = TestDisk(size: 8 << 20)
         let attempt = try TernProcess(["run", "--restore", file, "--disk", "path=\(other.path),id=data", "--serial", "off"])
         #expect(attempt.waitForExit(timeout: 20) == 1)

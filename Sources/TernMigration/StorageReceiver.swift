@@ -1,0 +1,197 @@
+import Foundation
+import Glibc
+import TernDevices
+import TernMachine
+import TernWire
+
+/// Where a `--storage copy` migration's disks land at the destination, chosen
+/// before the VM is built: each disk the VM has is named here (`--disk
+/// id=NAME,path=FILE`). A missing file is received as `FILE.tern-partial`
+/// and takes its name only when the source commits, so a partly received
+/// image never looks complete (a failure deletes it; a killed destination
+/// leaves it under the partial name). An existing file is replaced the same
+/// way, and must have the VM's disk's size; a block device, which cannot be
+/// renamed, is written in place.
+struct StorageTargets {
+    struct Target {
+        let id: String
+        let sizeBytes: UInt64
+        /// The final path.
+        let path: String
+        /// Where the blocks are written until the commit (nil: in place).
+        let partialPath: String?
+    }
+
+    static let partialSuffix = ".tern-partial"
+    let targets: [Target]
+
+    /// Checks each announced disk's target and creates the partial files; returns the device list
+    /// with the disks pointing at where they are written. Throws a refusal before anything is created.
+    static func prepare(_ announcement: StorageAnnouncement, devices: [DeviceSpec]) throws -> (StorageTargets, [DeviceSpec]) {
+        var targets: [Target] = []
+        for disk in announcement.disks {
+            guard case .disk(let spec)? = devices.first(where: { $0.id == disk.id }) else {
+                throw MigrationDestination.Refusal("the VM has a disk '\(disk.id)': name where it lands here with --disk id=\(disk.id),path=FILE")
+            }
+            var info = stat()
+            if stat(spec.path, &info) == 0 {
+                let kind = info.st_mode & S_IFMT
+                guard kind == S_IFREG || kind == S_IFBLK else {
+                    throw MigrationDestination.Refusal("disk '\(disk.id)': \(spec.path) is neither a regular file nor a block device")
+                }
+                if DiskImage.isLockedElsewhere(spec.path) {
+                    throw MigrationDestination.Refusal("disk '\(disk.id)': \(spec.path) is in use by another process (it holds the image's lock)")
+                }
+                let size = kind == S_IFBLK ? try blockDeviceSize(spec.path, id: disk.id) : UInt64(info.st_size)
+                if size != disk.sizeBytes {
+                    throw MigrationDestination.Refusal(
+                        "disk '\(disk.id)': \(spec.path) is \(size) bytes, \(size < disk.sizeBytes ? "smaller" : "larger") than the VM's disk (\(disk.sizeBytes) bytes)")
+                }
+                targets.append(Target(id: disk.id, sizeBytes: disk.sizeBytes, path: spec.path, partialPath: kind == S_IFBLK ? nil : spec.path + partialSuffix))
+            } else if errno == ENOENT {
+                targets.append(Target(id: disk.id, sizeBytes: disk.sizeBytes, path: spec.path, partialPath: spec.path + partialSuffix))
+            } else {
+                throw MigrationDestination.Refusal("disk '\(disk.id)': \(spec.path): \(String(cString: strerror(errno)))")
+            }
+        }
+        let prepared = StorageTargets(targets: targets)
+        for target in targets {
+            guard let partial = target.partialPath else { continue }
+            do {
+                try createSparse(partial, size: target.sizeBytes)
+            } catch {
+                prepared.discard()
+                throw MigrationDestination.Refusal("disk '\(target.id)': \(error)")
+            }
+        }
+        let rewritten = devices.map { device -> DeviceSpec in
+            guard case .disk(var spec) = device, let target = targets.first(where: { $0.id == spec.id }), let partial = target.partialPath else { return device }
+            spec.path = partial
+            return .disk(spec)
+        }
+        return (prepared, rewritten)
+    }
+
+    /// Gives every received image its final name (the source committed); returns what failed.
+    func commit(images: [DiskImage]) -> [String] {
+        var failures: [String] = []
+        for (target, image) in zip(targets, images) {
+            guard let partial = target.partialPath else { continue }
+            if rename(partial, target.path) != 0 {
+                failures.append("disk '\(target.id)': renaming \(partial) to \(target.path): \(String(cString: strerror(errno)))")
+                continue
+            }
+            image.renamed(to: target.path)
+            Self.syncDirectory(of: target.path)
+        }
+        return failures
+    }
+
+    /// Deletes the partial images (the migration failed before the commit).
+    func discard() {
+        for target in targets { if let partial = target.partialPath { unlink(partial) } }
+    }
+
+    private static func createSparse(_ path: String, size: UInt64) throws {
+        let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard fd >= 0 else { throw MigrationDestination.Refusal("cannot create \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        guard ftruncate(fd, off_t(size)) == 0 else {
+            let reason = String(cString: strerror(errno))
+            unlink(path)
+            throw MigrationDestination.Refusal("cannot size \(path) to \(size) bytes: \(reason)")
+        }
+    }
+
+    private static func blockDeviceSize(_ path: String, id: String) throws -> UInt64 {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw MigrationDestination.Refusal("disk '\(id)': cannot open \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        let end = lseek(fd, 0, SEEK_END)
+        guard end >= 0 else { throw MigrationDestination.Refusal("disk '\(id)': \(path): \(String(cString: strerror(errno)))") }
+        return UInt64(end)
+    }
+
+    private static func syncDirectory(of path: String) {
+        let fd = open(URL(fileURLWithPath: path).deletingLastPathComponent().path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        fsync(fd)
+        close(fd)
+    }
+}
+
+/// Writes a `--storage copy` migration's blocks into the destination's disks as
+/// they arrive, checked against each disk's bounds, and keeps each block's CRC
+/// for `--verify`.
+final class StorageReceiver {
+    struct Disk {
+        let id: String
+        let image: DiskImage
+        let blockCount: UInt64
+        let digests: PageDigests?
+    }
+
+    let disks: [Disk]
+    let targets: StorageTargets
+    private(set) var bytes: UInt64 = 0
+
+    init(targets: StorageTargets, images: [DiskImage], verify: Bool) {
+        self.targets = targets
+        disks = zip(targets.targets, images).map { target, image in
+            let blocks = (image.size + UInt64(BlockRunHeader.blockSize) - 1) / UInt64(BlockRunHeader.blockSize)
+            return Disk(id: target.id, image: image, blockCount: blocks, digests: verify ? PageDigests(pageCount: Int(blocks)) : nil)
+        }
+    }
+
+    /// Reads and applies one `blocks` frame.
+    func apply(_ header: FrameHeader, from source: some ByteSource) throws {
+        guard header.length >= UInt64(BlockRunHeader.size),
+              header.length <= UInt64(BlockRunHeader.size + BlockRunHeader.maximumDataBlocks * BlockRunHeader.blockSize) else {
+            throw MigrationDestination.Refusal("a blocks frame of \(header.length) bytes")
+        }
+        let payload = try source.readExactly(Int(header.length), what: "blocks frame")
+        try source.checkPayload(payload, of: header, what: "blocks frame")
+        let run = try BlockRunHeader(decoding: payload)
+        guard Int(run.disk) < disks.count else {
+            throw MigrationDestination.Refusal("a blocks frame for disk \(run.disk); the VM has \(disks.count) disk\(disks.count == 1 ? "" : "s") to copy")
+        }
+        let disk = disks[Int(run.disk)]
+        guard run.blocks.upperBound <= disk.blockCount else {
+            throw MigrationDestination.Refusal("a blocks frame for blocks \(run.blocks.lowerBound)..<\(run.blocks.upperBound) of disk '\(disk.id)', which has \(disk.blockCount)")
+        }
+        guard payload.count == BlockRunHeader.size + run.dataBytes else {
+            throw MigrationDestination.Refusal("a blocks frame of \(run.count) \(run.kind) blocks with \(payload.count - BlockRunHeader.size) bytes of data")
+        }
+        let offset = run.first * UInt64(BlockRunHeader.blockSize)
+        // The disk's last block may be partial: what lies past its end is padding.
+        let length = min(UInt64(run.count) * UInt64(BlockRunHeader.blockSize), disk.image.size - offset)
+        let failure: Int32?
+        switch run.kind {
+        case .data:
+            failure = payload.withUnsafeBytes { raw in
+                let data = UnsafeRawBufferPointer(rebasing: raw[BlockRunHeader.size...])
+                disk.digests?.record(first: Int(run.first), pages: data)
+                return disk.image.write(UnsafeRawBufferPointer(rebasing: data[0..<Int(length)]), at: offset)
+            }
+        case .zeros:
+            failure = disk.image.zero(at: offset, length: length, deallocate: true)
+            disk.digests?.recordZero(first: Int(run.first), count: Int(run.count))
+        }
+        if let failure {
+            let why = failure == ENOSPC ? "the destination's disk is full" : "write failed"
+            throw MigrationDestination.Refusal("disk '\(disk.id)' (\(disk.image.path)): \(why): \(String(cString: strerror(failure)))")
+        }
+        bytes += UInt64(FrameHeader.size) + header.length
+    }
+
+    /// Puts everything received on stable storage (before `ready`).
+    func flush() throws {
+        for disk in disks {
+            if let failure = disk.image.flush() {
+                throw MigrationDestination.Refusal("disk '\(disk.id)' (\(disk.image.path)): flush failed: \(String(cString: strerror(failure)))")
+            }
+        }
+    }
+
+    func digests() -> [UInt64] { disks.map { $0.digests?.digest() ?? 0 } }
+}
