@@ -1,9 +1,10 @@
 /*
  * net.c - ring-3 polled virtio-net driver and a tiny responder (ip=A.B.C.D/N):
  * answers ARP requests for its address, ICMP echo requests and UDP echo
- * (port 7); sends a gratuitous ARP at start-up and whenever the device asks
- * for an announcement (VIRTIO_NET_S_ANNOUNCE, e.g. after a live migration),
- * acking it on the control queue.
+ * (port 7), and hands TCP to the echo service of tcp.c; sends a gratuitous
+ * ARP at start-up and whenever the device asks for an announcement
+ * (VIRTIO_NET_S_ANNOUNCE, e.g. after a live migration), acking it on the
+ * control queue.
  *
  * The main loop calls net_service() between disk requests and page batches
  * (continuously when everything else idles). It looks at the rx and tx used
@@ -11,7 +12,7 @@
  * packet (and per recycled rx batch, when the device asks for it), plus a
  * read of the config status every 100 ms when announcements are negotiated.
  */
-#include "virtio.h"
+#include "net.h"
 
 #define VIRTIO_NET_F_MAC (1ULL << 5)
 #define VIRTIO_NET_F_STATUS (1ULL << 16)
@@ -27,11 +28,6 @@
 #define TXQ 1
 #define CTRLQ 2
 
-#define ETH_ARP 0x0806
-#define ETH_IP 0x0800
-#define IP_ICMP 1
-#define IP_UDP 17
-#define UDP_ECHO 7
 
 static struct {
 	struct vq rx, tx, ctrl;
@@ -44,37 +40,6 @@ static struct {
 	u32 tx_nfree;
 	u64 ticks_per_s, next_status_poll;
 } n;
-
-static inline u16 get16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
-static inline void put16(u8 *p, u32 v)
-{
-	p[0] = (u8)(v >> 8);
-	p[1] = (u8)v;
-}
-static inline u32 get32(const u8 *p) { return (u32)p[0] << 24 | (u32)p[1] << 16 | (u32)p[2] << 8 | p[3]; }
-static inline void put32(u8 *p, u32 v)
-{
-	put16(p, v >> 16);
-	put16(p + 2, v);
-}
-static void copy(u8 *d, const u8 *s, u32 len)
-{
-	for (u32 i = 0; i < len; i++)
-		d[i] = s[i];
-}
-
-/* the Internet checksum (RFC 1071) of len bytes */
-static u16 csum(const u8 *p, u32 len)
-{
-	u64 sum = 0;
-	for (u32 i = 0; i + 1 < len; i += 2)
-		sum += get16(p + i);
-	if (len & 1)
-		sum += (u32)p[len - 1] << 8;
-	while (sum >> 16)
-		sum = (sum & 0xFFFF) + (sum >> 16);
-	return (u16)~sum;
-}
 
 static int fail(const char *why)
 {
@@ -95,11 +60,12 @@ static void tx_reclaim(void)
 }
 
 /* A frame buffer to fill (after its virtio-net header), or NULL if all are
-   in flight; then tx_send(id, frame length). */
-static u8 *tx_buffer(u16 *id)
+   in flight; then tx_send(id, frame length). net_tx_buffer leaves `keep`
+   buffers free, so TCP cannot starve the ARP, ping and UDP answers. */
+static u8 *tx_buffer_keep(u16 *id, u32 keep)
 {
 	tx_reclaim();
-	if (n.tx_nfree == 0)
+	if (n.tx_nfree <= keep)
 		return NULL;
 	*id = n.tx_free[--n.tx_nfree];
 	u8 *b = (u8 *)(NET_TX_BUFS + *id * NET_BUF_SIZE);
@@ -107,17 +73,30 @@ static u8 *tx_buffer(u16 *id)
 		b[i] = 0;
 	return b + NET_HDR;
 }
+static u8 *tx_buffer(u16 *id) { return tx_buffer_keep(id, 0); }
+u8 *net_tx_buffer(u16 *id, u32 keep) { return tx_buffer_keep(id, keep); }
 
-static void tx_send(u16 id, u32 frame_len)
+/* Makes the frame available to the device; tx_send also notifies it, net_tx_queue
+   leaves that to net_tx_kick, once for a batch. */
+static void tx_queue(u16 id, u32 frame_len)
 {
 	volatile struct vdesc *d = &n.tx.desc[id];
 	d->addr = NET_TX_BUFS + id * NET_BUF_SIZE;
 	d->len = NET_HDR + frame_len;
 	d->flags = 0;
 	d->next = 0;
-	vq_publish(&n.tx, id);
+	vq_add(&n.tx, id);
 	STATUS->net_tx++;
 }
+static void tx_send(u16 id, u32 frame_len)
+{
+	tx_queue(id, frame_len);
+	vq_kick(&n.tx);
+}
+void net_tx_queue(u16 id, u32 frame_len) { tx_queue(id, frame_len); }
+void net_tx_kick(void) { vq_kick(&n.tx); }
+const u8 *net_mac(void) { return n.mac; }
+u32 net_ip(void) { return n.ip; }
 
 /* Broadcast ARP request for our own address (sender = target = us), so
    switches and neighbours learn where we are. */
@@ -181,10 +160,14 @@ static void answer_ip(const u8 *f, u32 len)
 		return;
 	if (csum(ip, ihl) != 0)
 		return;
+	if (ip[9] == IP_TCP) {
+		tcp_input(f, ip, ihl, total);
+		return;
+	}
 	const u8 *l4 = ip + ihl;
 	u32 l4len = total - ihl;
 	int icmp = ip[9] == IP_ICMP && l4len >= 8 && l4[0] == 8 && l4[1] == 0;
-	int udp = ip[9] == IP_UDP && l4len >= 8 && get16(l4 + 2) == UDP_ECHO && get16(l4 + 4) <= l4len &&
+	int udp = ip[9] == IP_UDP && l4len >= 8 && get16(l4 + 2) == ECHO_PORT && get16(l4 + 4) <= l4len &&
 		  get16(l4 + 4) >= 8;
 	if (!icmp && !udp)
 		return;
@@ -289,6 +272,7 @@ void net_service(u64 now)
 	}
 	if (recycled)
 		vq_kick(&n.rx);
+	tcp_service(now);
 	if (n.can_announce)
 		announce_check(now);
 }
@@ -392,6 +376,7 @@ int net_init(void)
 	line_str(&l, n.can_announce ? " announce\n" : "\n");
 	sys_print(buf);
 
+	tcp_init(n.ticks_per_s);
 	st->net_state = DEV_RUNNING;
 	n.next_status_poll = rdtsc();
 	gratuitous_arp();

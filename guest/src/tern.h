@@ -27,7 +27,7 @@ typedef long long i64;
 /* ---- status block: the guest's only interface to the VMM and tests ---- */
 #define STATUS_GPA 0x102000ULL
 #define STATUS_MAGIC 0x544154534E524554ULL /* "TERNSTAT" as a little-endian u64 */
-#define STATUS_VERSION 2
+#define STATUS_VERSION 3
 
 enum phase {
 	PHASE_BOOT = 0,
@@ -82,6 +82,15 @@ struct status {
 	u64 net_announces;  /* 0xF8 gratuitous ARPs sent */
 	u64 notifies;	    /* 0x100 QueueNotify writes, all devices */
 	u64 notify_ticks;   /* 0x108 TSC ticks the vCPU spent in them */
+	/* version 3: the guest's own stall measure, TCP echo */
+	u64 max_stall_ticks;   /* 0x110 largest TSC gap between two turns of the main loops */
+	u64 max_stall_end_tsc; /* 0x118 rdtsc at the end of that gap */
+	u64 tcp_rx;	       /* 0x120 TCP segments received (checksum valid) */
+	u64 tcp_tx;	       /* 0x128 TCP segments sent, RSTs included */
+	u64 tcp_retransmits;   /* 0x130 segments sent again (timeout, duplicate ACKs) */
+	u64 tcp_accepted;      /* 0x138 connections that completed the handshake */
+	u64 tcp_resets;	       /* 0x140 RSTs sent */
+	u64 tcp_dropped;       /* 0x148 segments whose data was not all taken (out of order, full buffer) */
 };
 
 #define STATUS_CHECK(field, off) _Static_assert(__builtin_offsetof(struct status, field) == (off), #field)
@@ -93,7 +102,15 @@ STATUS_CHECK(disk_state, 0xF0);
 STATUS_CHECK(net_state, 0xF4);
 STATUS_CHECK(net_announces, 0xF8);
 STATUS_CHECK(notify_ticks, 0x108);
-_Static_assert(sizeof(struct status) == 0x110, "status block size");
+STATUS_CHECK(max_stall_ticks, 0x110);
+STATUS_CHECK(max_stall_end_tsc, 0x118);
+STATUS_CHECK(tcp_rx, 0x120);
+STATUS_CHECK(tcp_tx, 0x128);
+STATUS_CHECK(tcp_retransmits, 0x130);
+STATUS_CHECK(tcp_accepted, 0x138);
+STATUS_CHECK(tcp_resets, 0x140);
+STATUS_CHECK(tcp_dropped, 0x148);
+_Static_assert(sizeof(struct status) == 0x150, "status block size");
 
 enum dev_state { DEV_OFF = 0, DEV_RUNNING = 1, DEV_FAILED = 2 };
 

@@ -78,6 +78,9 @@
 #define NET_TX_BUFS 0x420000ULL
 #define NET_BUF_SIZE 2048ULL
 #define NET_BUFS 16
+#define NET_TCP_BUFS 0x430000ULL /* TCP_CONNS x TCP_BUF (to 0x4AFFFF): each connection's echo bytes */
+#define TCP_CONNS 8
+#define TCP_BUF 65536u		 /* a power of two; the window advertised is at most 65535 */
 #define VQ_MAX 256 /* a queue's rings fit one page each */
 
 struct vdesc {
@@ -130,5 +133,9 @@ void disk_progress(struct line *l);
 /* net.c */
 int net_init(void);
 void net_service(u64 now);
+
+/* tcp.c (net.h has what it shares with net.c) */
+void tcp_init(u64 ticks_per_s);
+void tcp_service(u64 now);
 
 #endif

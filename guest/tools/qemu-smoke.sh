@@ -5,7 +5,8 @@
 # seconds; the whole script takes about three minutes on KVM. The disk cases
 # boot QEMU's microvm machine with a virtio-blk device on a scratch image; the
 # network case (root, iproute2 and python3 only, else skipped) runs QEMU in a
-# network namespace of its own with a TAP and pings the guest from inside it.
+# network namespace of its own with a TAP and pings the guest from inside it,
+# echoes UDP and a TCP stream, and checks that a closed TCP port is refused.
 set -u
 ACCEL=${1:-kvm}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -184,11 +185,28 @@ for i in range(20):
     u.sendto(m, (g, 7))
     try: udp += u.recv(2048) == m
     except socket.timeout: pass
-print("net-echo icmp=%d/20 udp=%d/20" % (icmp, udp))' 2>&1)
+# TCP echo: 200 kB checked byte for byte, then both FINs; port 9 is refused (RST)
+t = socket.create_connection((g, 7), timeout=3)
+data, got = os.urandom(200000), b""
+for i in range(0, len(data), 4000):
+    t.sendall(data[i:i + 4000])
+    while len(got) < i + 4000:
+        got += t.recv(65536)
+t.shutdown(socket.SHUT_WR)
+tcp = got == data and t.recv(10) == b""
+t.close()
+try:
+    socket.create_connection((g, 9), timeout=2)
+    rst = False
+except ConnectionRefusedError:
+    rst = True
+except OSError:
+    rst = False
+print("net-echo icmp=%d/20 udp=%d/20 tcp=%s rst=%s" % (icmp, udp, tcp, rst))' 2>&1)
 	wait
 	echo "$RES" >>"$OUT"
 	check "net echo" "^tern-guest: net: virtio-net at 0xfeb[0-9a-f]+: mac=([0-9a-f]{2}:){5}[0-9a-f]{2} ip=192.168.77.2/24 link=up" \
-		"^net-echo icmp=20/20 udp=20/20$" "net_rx=[1-9][0-9]* net_tx=[1-9][0-9]* net_announces=[1-9][0-9]*$"
+		"^net-echo icmp=20/20 udp=20/20 tcp=True rst=True$" "net_rx=[1-9][0-9]* net_tx=[1-9][0-9]* net_announces=[1-9][0-9]*$"
 	ip netns del "$NS"
 else
 	echo "skip net echo (needs root, iproute2 and python3)"

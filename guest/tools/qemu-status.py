@@ -30,9 +30,14 @@ FIELDS = [  # (offset, format, name)
     (0xD0, "Q", "disk_reads"), (0xD8, "Q", "disk_flushes"), (0xE0, "Q", "disk_bytes"),
     (0xE8, "Q", "disk_capacity"), (0xF0, "I", "disk_state"), (0xF4, "I", "net_state"),
     (0xF8, "Q", "net_announces"), (0x100, "Q", "notifies"), (0x108, "Q", "notify_ticks"),
+    # version 3: the guest's own stall measure, TCP echo
+    (0x110, "Q", "max_stall_ticks"), (0x118, "Q", "max_stall_end_tsc"),
+    (0x120, "Q", "tcp_rx"), (0x128, "Q", "tcp_tx"), (0x130, "Q", "tcp_retransmits"),
+    (0x138, "Q", "tcp_accepted"), (0x140, "Q", "tcp_resets"), (0x148, "Q", "tcp_dropped"),
 ]
-SIZE = 0x110
+SIZE = 0x150
 V1_SIZE = 0xA0  # a version-1 guest's block ends here; the rest reads as zeros
+V2_SIZE = 0x110  # a version-2 guest's block ends here
 
 
 def qmp(path):
@@ -61,8 +66,10 @@ def read_status(call):
     raw = bytes(int(b, 16) for b in re.findall(r"0x([0-9a-f]{2})\b", body))
     raw = raw[:SIZE]
     st = {name: struct.unpack_from("<" + fmt, raw, off)[0] for off, fmt, name in FIELDS}
-    if st["version"] < 2:
-        st = {k: v for (off, _, k), v in zip(FIELDS, st.values()) if off < V1_SIZE}
+    end = V1_SIZE if st["version"] < 2 else V2_SIZE if st["version"] < 3 else SIZE
+    st = {k: v for (off, _, k), v in zip(FIELDS, st.values()) if off < end}
+    if "max_stall_ticks" in st and st["tsc_khz"]:
+        st["max_stall_ms"] = round(st["max_stall_ticks"] / st["tsc_khz"], 3)
     return st
 
 
