@@ -346,8 +346,10 @@ public final class MigrationSource: @unchecked Sendable {
                                  onProgress: { [unowned self] counters in
                                      let plan = roundPlan.withLock { $0 }
                                      let storageBytes = storageBytes
+                                     // A stream's progress may report counters read just before the round began.
+                                     let covered = counters.pagesCovered >= plan.pagesBefore ? counters.pagesCovered - plan.pagesBefore : 0
                                      update {
-                                         $0.roundPercent = min(100, Double(counters.pagesCovered - plan.pagesBefore) / max(plan.planned, 1) * 100)
+                                         $0.roundPercent = min(100, Double(covered) / max(plan.planned, 1) * 100)
                                          $0.transferredBytes = counters.bytes + storageBytes
                                      }
                                  })

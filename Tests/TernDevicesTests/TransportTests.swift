@@ -17,7 +17,8 @@ struct TransportTests {
     }
 
     func makeDevice(slot: Int = 3) throws -> VirtioMmioDevice {
-        let backend = VirtioBlock(image: try DiskImage(path: path, readOnly: false), serial: "vda")
+        // Several devices on one image at once: unlocked, as a migration's destination on shared storage opens it.
+        let backend = VirtioBlock(image: try DiskImage(path: path, readOnly: false, locking: .deferred), serial: "vda")
         return try VirtioMmioDevice(id: "vda", slot: slot, backend: backend, ram: ram)
     }
 

@@ -123,4 +123,25 @@ struct VirtioBlockTests {
         #expect(throws: DiskImage.OpenError.tooSmall(tiny)) { try DiskImage(path: tiny, readOnly: false) }
         #expect(throws: DiskImage.OpenError.notAFile("/tmp")) { try DiskImage(path: "/tmp", readOnly: true) }
     }
+
+    /// One writer per image; readers share it; a deferred open takes the lock when it is free.
+    @Test func imagesAreLockedWhileInUse() throws {
+        let image = path + ".locked"
+        _ = FileManager.default.createFile(atPath: image, contents: Data(count: 4096))
+        defer { unlink(image) }
+        var writer: DiskImage? = try DiskImage(path: image, readOnly: false)
+        #expect(throws: DiskImage.OpenError.inUse(image)) { try DiskImage(path: image, readOnly: false) }
+        #expect(throws: DiskImage.OpenError.inUse(image)) { try DiskImage(path: image, readOnly: true) }
+        #expect(DiskImage.isLockedElsewhere(image))
+        let waiting = try DiskImage(path: image, readOnly: false, locking: .deferred)
+        #expect(throws: DiskImage.OpenError.inUse(image)) { try waiting.acquireLock() }
+        writer?.releaseLock()
+        try waiting.acquireLock()
+        writer = nil
+        #expect(throws: DiskImage.OpenError.inUse(image)) { try DiskImage(path: image, readOnly: true) }
+        waiting.releaseLock()
+        let readers = try (0..<2).map { _ in try DiskImage(path: image, readOnly: true) }
+        #expect(readers.count == 2, "read-only opens share the image")
+        #expect(!DiskImage.isLockedElsewhere(image + ".missing"))
+    }
 }
