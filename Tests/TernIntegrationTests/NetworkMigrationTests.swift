@@ -59,8 +59,11 @@ final class TestHosts {
 @Suite(.serialized, .enabled(if: FileManager.default.isWritableFile(atPath: "/dev/kvm"), "needs /dev/kvm"),
        .enabled(if: TestHosts.canCreate, "needs network namespaces (root, iproute2)"))
 struct NetworkMigrationTests {
-    func migrate(hosts: TestHosts, destinationListen: String, migrateTo: String, relay: String? = nil) throws -> (MigrationReport, TernProcess) {
-        let destination = try TernProcess(["run", "--insecure", "--incoming", destinationListen, "--serial", "off"], wrapper: hosts.destinationHost)
+    /// With `disk`, the VM writes a disk that moves with it (`--storage copy`) to a path the destination names.
+    func migrate(hosts: TestHosts, destinationListen: String, migrateTo: String, relay: String? = nil,
+                 disk: TestDisk? = nil) throws -> (MigrationReport, TernProcess) {
+        let destination = try TernProcess(["run", "--insecure", "--incoming", destinationListen, "--serial", "off"]
+                                              + (disk.map { ["--disk", "id=disk0,path=\($0.path).moved"] } ?? []), wrapper: hosts.destinationHost)
         var relayProcess: Process?
         if let relay {
             // The relay says when it listens (namespaces share the file system): a fixed sleep was too short under load.
@@ -77,12 +80,15 @@ struct NetworkMigrationTests {
             try #require(FileManager.default.fileExists(atPath: ready), "the relay did not start listening")
         }
         defer { relayProcess?.terminate() }
-        let source = try TernProcess.guest("fill=64 dirty=16 pattern=random rate=50 progress=0", memory: "256M", wrapper: hosts.sourceHost)
+        let diskWorkload = disk == nil ? "" : " disk=write disk_pattern=rand disk_flush=4 disk_verify=2 disk_rate=8"
+        let source = try TernProcess.guest("fill=64 dirty=16 pattern=random rate=50 progress=0" + diskWorkload, memory: "256M",
+                                           extra: disk.map { ["--disk", "path=\($0.path)"] } ?? [], wrapper: hosts.sourceHost)
         try source.waitForAPI()
         let before = try source.waitForStatus { $0.phase == .dirty }
         let deadline = Date(timeIntervalSinceNow: 10)
         while !destination.stderr.contains("waiting for an incoming") && Date() < deadline { usleep(20_000) }
-        let cli = try TernProcess(["migrate", "--insecure", "--api-socket", source.apiSocket, "--to", migrateTo, "--json", "--verify"], withAPI: false)
+        let cli = try TernProcess(["migrate", "--insecure", "--api-socket", source.apiSocket, "--to", migrateTo, "--json", "--verify"]
+                                      + (disk == nil ? [] : ["--storage", "copy"]), withAPI: false)
         #expect(cli.waitForExit(timeout: 120) == 0, "\(cli.stderr)")
         let report = try APIJSON.decoder.decode(MigrationReport.self, from: Data(cli.stdout.utf8))
         #expect(report.status == .completed)
@@ -90,6 +96,11 @@ struct NetworkMigrationTests {
         try destination.waitForAPI()
         let moved = try destination.waitForStatus { $0.iterations > before.iterations }
         #expect(moved.errors == 0)
+        if disk != nil {
+            #expect((report.storage?.disks.first?.blocks ?? 0) > 0 && report.storage?.sourceDigests == report.storage?.destinationDigests)
+            let checked = try destination.waitForStatus(timeout: 30) { $0.diskVerified > moved.diskVerified + 100 }
+            #expect(checked.diskErrors == 0, "the disk arrived whole on the other host")
+        }
         #expect(source.waitForExit() == 0)
         return (report, destination)
     }
@@ -111,5 +122,19 @@ struct NetworkMigrationTests {
         #expect(downtime >= 50, "the hand-over needs at least a round trip over the slow link")
         #expect(report.setupMs >= 50, "the handshake is a round trip")
         #expect(report.throughputMBps < 130, "the link carries at most 125 MB/s")
+    }
+
+    /// The disk moves with the VM between two hosts, across the 50 ms, 1 Gbit/s link, while the guest writes it.
+    @Test func aDiskMovesWithTheVMOverAnEmulatedWAN() throws {
+        let hosts = try TestHosts()
+        let disk = TestDisk(size: 16 << 20)
+        try writeImage(disk.path, size: 16 << 20, data: [0..<(8 << 20)])
+        let relay = "--listen \(hosts.destinationAddress):4000 --connect 127.0.0.1:4001 --delay-ms 25 --rate-mbit 1000"
+        let (report, destination) = try migrate(hosts: hosts, destinationListen: "tcp:127.0.0.1:4001",
+                                                migrateTo: "tcp:\(hosts.destinationAddress):4000", relay: relay, disk: disk)
+        #expect(report.storage?.mode == .copy)
+        #expect((report.storage?.disks.first?.bytes ?? 0) >= 8 << 20, "the disk's data crossed the link")
+        #expect(FileManager.default.fileExists(atPath: disk.path + ".moved"))
+        _ = destination
     }
 }
