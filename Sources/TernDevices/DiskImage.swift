@@ -186,6 +186,13 @@ public final class DiskImage: Sendable {
         return nil
     }
 
+    /// Starts writing a range back to stable storage without waiting for it (sync_file_range), so that a
+    /// later flush has little left to do (a length of 0: to the end of the file): a migration's destination does this as blocks arrive, which keeps
+    /// writing back a whole disk out of the downtime's final flush.
+    public func startWriteback(at offset: UInt64, length: UInt64) {
+        _ = ckvm_start_writeback(file.rawValue, Int64(offset), Int64(length))
+    }
+
     /// fdatasync: what the guest wrote is on stable storage when this returns nil.
     public func flush() -> Int32? {
         while fdatasync(file.rawValue) != 0 {

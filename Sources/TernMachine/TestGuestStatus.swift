@@ -4,8 +4,9 @@
 public struct TestGuestStatus: Equatable, Sendable, Codable {
     public static let address = GuestAddress(0x102000)
     public static let magic: UInt64 = 0x5441_5453_4E52_4554 // "TERNSTAT"
-    /// Version 2 (devices) ends at 0x100; a version-1 block ends at 0xA0 and reads zeros there.
-    public static let size = 0x100
+    /// Version 3 (the guest's own stall, TCP) ends at 0x150; older blocks read zeros past their end
+    /// (version 2 ends at 0x110, version 1 at 0xA0).
+    public static let size = 0x150
 
     public enum Phase: UInt32, Codable, Sendable {
         case boot = 0, fill = 1, dirty = 2, idle = 3, error = 0xE, crashed = 0xF
@@ -41,6 +42,19 @@ public struct TestGuestStatus: Equatable, Sendable, Codable {
     public var diskState: DeviceState?
     public var netState: DeviceState?
     public var netAnnouncements: UInt64
+    /// Version 3: the largest TSC gap between two turns of the guest's loops, and the TSC at its end.
+    public var maxStallTicks: UInt64
+    public var maxStallEndTSC: UInt64
+    /// Version 3: the TCP echo service (port 7).
+    public var tcpReceived: UInt64
+    public var tcpSent: UInt64
+    public var tcpRetransmits: UInt64
+    public var tcpAccepted: UInt64
+    public var tcpResets: UInt64
+    public var tcpDropped: UInt64
+
+    /// The guest's own longest stall in milliseconds, on its TSC.
+    public var maxStallMs: Double { tscKHz > 0 ? Double(maxStallTicks) / Double(tscKHz) : 0 }
 
     public enum DeviceState: UInt32, Codable, Sendable {
         case off = 0, running = 1, failed = 2
@@ -80,5 +94,13 @@ public struct TestGuestStatus: Equatable, Sendable, Codable {
         diskState = DeviceState(rawValue: r.u32(at: 0xF0) ?? 0)
         netState = DeviceState(rawValue: r.u32(at: 0xF4) ?? 0)
         netAnnouncements = word(0xF8)
+        maxStallTicks = word(0x110)
+        maxStallEndTSC = word(0x118)
+        tcpReceived = word(0x120)
+        tcpSent = word(0x128)
+        tcpRetransmits = word(0x130)
+        tcpAccepted = word(0x138)
+        tcpResets = word(0x140)
+        tcpDropped = word(0x148)
     }
 }

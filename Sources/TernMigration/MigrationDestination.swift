@@ -251,6 +251,7 @@ public final class MigrationDestination {
                 let payload = try source.readExactly(Int(header.length), what: "ping")
                 try source.checkPayload(payload, of: header, what: "ping frame")
                 try sink?.writeFrame(.pong, payload: payload)
+                storage?.startWriteback()
             case .abort:
                 let payload = try source.readExactly(Int(header.length), what: "abort frame")
                 throw Refusal("the source aborted: \(String(decoding: payload, as: UTF8.self))")

@@ -278,7 +278,7 @@ extension MigrationSource {
             updateStorageReport()
             let seconds = max((ContinuousClock.now - start).inSeconds, 0.001)
             let bytesPerSecond = Double(storageBytes - before) / seconds
-            let pendingMs = Double(storage.pendingBlocks * (BlockRunHeader.blockSize + FrameHeader.size)) / max(bytesPerSecond, 1) * 1000
+            let pendingMs = Double(storage.pendingBlocks * (BlockFrame.blockSize + FrameHeader.size)) / max(bytesPerSecond, 1) * 1000
             logger.debug("disk round \(round): \(storageBytes - before) bytes in \(Int(seconds * 1000)) ms, \(storage.pendingBlocks) blocks changed since")
             if pendingMs <= currentLimits.maxDowntimeMs / 2 { return }
         }

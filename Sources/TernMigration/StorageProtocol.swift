@@ -65,66 +65,94 @@ public struct StorageAnnouncement: Equatable, Sendable {
     }
 }
 
-/// The fixed part of a `blocks` frame: which disk, which blocks, and whether their data follows
-/// (`count` × 4 KiB; the disk's last block is padded with zeros) or they are zeros.
+/// A `blocks` frame: runs of one disk's 4 KiB blocks, each with its data
+/// (the disk's last block padded with zeros) or as zeros, so that scattered
+/// blocks travel many to a frame rather than one frame each.
 ///
 ///     0  u16 disk      index in the hello's disk list
-///     2  u8  kind      0: data follows, 1: zeros
-///     3  u8  reserved  0
-///     4  u32 count     blocks
-///     8  u64 first     first block
-public struct BlockRunHeader: Equatable, Sendable {
+///     2  u16 runs      1 to 256
+///     4  u32 reserved  0
+///     8  runs × { u64 first block, u32 blocks, u8 kind (0 data, 1 zeros), 3 bytes 0 }
+///        then the data runs' blocks, in order (at most 256 blocks in all)
+public struct BlockFrame: Equatable, Sendable {
     public enum Kind: UInt8, Sendable {
         case data = 0
         case zeros = 1
     }
 
-    public static let size = 16
+    public struct Run: Equatable, Sendable {
+        public var first: UInt64
+        public var count: UInt32
+        public var kind: Kind
+        public init(first: UInt64, count: UInt32, kind: Kind) {
+            self.first = first
+            self.count = count
+            self.kind = kind
+        }
+        public var blocks: Range<UInt64> { first..<first + UInt64(count) }
+    }
+
+    public static let headerSize = 8
+    public static let runSize = 16
     public static let blockSize = 4096
-    /// Data blocks in one frame (1 MiB).
+    /// Data blocks in one frame (1 MiB), and runs.
     public static let maximumDataBlocks = 256
-    /// Zero blocks one marker may cover (4 GiB).
+    public static let maximumRuns = 256
+    /// Zero blocks one run may cover (4 GiB).
     public static let maximumZeroBlocks = 1 << 20
 
     public var disk: UInt16
-    public var kind: Kind
-    public var count: UInt32
-    public var first: UInt64
+    public var runs: [Run]
 
-    public init(disk: UInt16, kind: Kind, first: UInt64, count: UInt32) {
+    public init(disk: UInt16, runs: [Run]) {
         self.disk = disk
-        self.kind = kind
-        self.first = first
-        self.count = count
+        self.runs = runs
     }
 
-    public var blocks: Range<UInt64> { first..<first + UInt64(count) }
+    public var dataBlocks: Int { runs.reduce(0) { $0 + ($1.kind == .data ? Int($1.count) : 0) } }
+    /// Bytes of the header and run list, before the data.
+    public var encodedSize: Int { Self.headerSize + runs.count * Self.runSize }
 
-    /// Payload bytes that follow the header in the frame.
-    public var dataBytes: Int { kind == .data ? Int(count) * Self.blockSize : 0 }
-
+    /// The header and run list (the data follows them in the frame).
     public var encoded: [UInt8] {
-        var writer = WireWriter(capacity: Self.size)
+        var writer = WireWriter(capacity: encodedSize)
         writer.write(disk)
-        writer.write(kind.rawValue)
-        writer.write(UInt8(0))
-        writer.write(count)
-        writer.write(first)
+        writer.write(UInt16(runs.count))
+        writer.write(UInt32(0))
+        for run in runs {
+            writer.write(run.first)
+            writer.write(run.count)
+            writer.write(run.kind.rawValue)
+            writer.write(UInt8(0)); writer.write(UInt8(0)); writer.write(UInt8(0))
+        }
         return writer.bytes
     }
 
-    public init(decoding bytes: some Collection<UInt8>) throws(WireError) {
-        var reader = WireReader(Array(bytes.prefix(Self.size)), context: "blocks frame")
+    /// Decodes and checks the header and run list of `payload`, whose rest must be exactly the data runs' blocks.
+    public init(decoding payload: [UInt8]) throws(WireError) {
+        var reader = WireReader(Array(payload.prefix(Self.headerSize + Self.maximumRuns * Self.runSize)), context: "blocks frame")
         disk = try reader.read()
-        guard let kind = Kind(rawValue: try reader.read()) else { throw .malformed("blocks frame: unknown kind") }
-        self.kind = kind
-        guard try reader.read(UInt8.self) == 0 else { throw .malformed("blocks frame: reserved byte set") }
-        count = try reader.read()
-        first = try reader.read()
-        guard count > 0 else { throw .malformed("blocks frame: no blocks") }
-        // A disk's bytes fit in 64 bits, so its blocks in 52: beyond that no arithmetic on them is safe.
-        guard first < 1 << 52 else { throw .malformed("blocks frame: block \(first) is beyond any disk") }
-        let limit = kind == .data ? Self.maximumDataBlocks : Self.maximumZeroBlocks
-        guard count <= limit else { throw .tooLarge("blocks frame: \(count) blocks (limit \(limit))") }
+        let count = Int(try reader.read(UInt16.self))
+        guard try reader.read(UInt32.self) == 0 else { throw .malformed("blocks frame: reserved bits set") }
+        guard (1...Self.maximumRuns).contains(count) else { throw .malformed("blocks frame: \(count) runs (1 to \(Self.maximumRuns))") }
+        var runs: [Run] = []
+        for _ in 0..<count {
+            let first = try reader.read(UInt64.self), blocks = try reader.read(UInt32.self)
+            guard let kind = Kind(rawValue: try reader.read()) else { throw .malformed("blocks frame: unknown run kind") }
+            guard try reader.read(UInt8.self) == 0, try reader.read(UInt8.self) == 0, try reader.read(UInt8.self) == 0 else {
+                throw .malformed("blocks frame: reserved bits set")
+            }
+            guard blocks > 0 else { throw .malformed("blocks frame: an empty run") }
+            // A disk's bytes fit in 64 bits, so its blocks in 52: beyond that no arithmetic on them is safe.
+            guard first < 1 << 52 else { throw .malformed("blocks frame: block \(first) is beyond any disk") }
+            guard kind == .data || Int(blocks) <= Self.maximumZeroBlocks else { throw .tooLarge("blocks frame: a run of \(blocks) zero blocks") }
+            runs.append(Run(first: first, count: blocks, kind: kind))
+        }
+        self.runs = runs
+        let data = runs.reduce(0) { $0 + ($1.kind == .data ? Int($1.count) : 0) }
+        guard data <= Self.maximumDataBlocks else { throw .tooLarge("blocks frame: \(data) data blocks (limit \(Self.maximumDataBlocks))") }
+        guard payload.count == encodedSize + data * Self.blockSize else {
+            throw .malformed("blocks frame: \(data) data blocks with \(payload.count - min(payload.count, encodedSize)) bytes of data")
+        }
     }
 }

@@ -49,35 +49,51 @@ final class StorageSender: Sendable {
             let changed = disk.device.changedBlocks
             changed.startTracking()
             let size = disk.device.image.size
-            try disk.device.image.forEachExtent(granule: UInt64(BlockRunHeader.blockSize)) { range, isHole in
-                let blocks = Int(range.lowerBound / UInt64(BlockRunHeader.blockSize))..<Int((range.upperBound + UInt64(BlockRunHeader.blockSize) - 1) / UInt64(BlockRunHeader.blockSize))
+            let frames = BlockFrameBuilder(disk: UInt16(index))
+            try disk.device.image.forEachExtent(granule: UInt64(BlockFrame.blockSize)) { range, isHole in
                 if isHole {
-                    try sendZeros(blocks, of: index, on: stream, rateLimit: rateLimit)
+                    let blocks = Self.blocks(of: range)
+                    var first = blocks.lowerBound
+                    while first < blocks.upperBound {
+                        let count = min(blocks.upperBound - first, BlockFrame.maximumZeroBlocks)
+                        if frames.isFull { try send(frames, on: stream, rateLimit: rateLimit) }
+                        frames.addZeros(first: first, count: count)
+                        disk.digests?.recordZero(first: first, count: count)
+                        first += count
+                    }
                 } else {
                     changed.mark(offset: range.lowerBound, length: min(range.upperBound, size) - range.lowerBound)
                 }
             }
+            try send(frames, on: stream, rateLimit: rateLimit)
         }
     }
 
     /// Sends every block marked now, each disk from its start; blocks the guest marks behind the
     /// cursor wait for the next round. Stops between frames when `shouldStop` says so (what was not
-    /// sent stays marked). Returns the blocks sent.
+    /// taken stays marked; what was, goes). Returns the blocks sent.
     @discardableResult
     func sendChangedBlocks(on stream: FDStream, rateLimit: RateLimiter, shouldStop: () -> Bool = { false }) throws -> Int {
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: BlockRunHeader.maximumDataBlocks * BlockRunHeader.blockSize,
-                                                            alignment: 4096)
-        defer { buffer.deallocate() }
         var sent = 0
         for (index, disk) in disks.enumerated() {
+            let frames = BlockFrameBuilder(disk: UInt16(index))
             var cursor = 0
             while true {
-                if shouldStop() { throw PageSender.Stopped() }
-                guard let run = disk.device.changedBlocks.takeRun(from: cursor, maximum: BlockRunHeader.maximumDataBlocks) else { break }
-                try send(run, of: index, on: stream, rateLimit: rateLimit, buffer: buffer)
+                if shouldStop() {
+                    try send(frames, on: stream, rateLimit: rateLimit)
+                    throw PageSender.Stopped()
+                }
+                if frames.isFull { try send(frames, on: stream, rateLimit: rateLimit) }
+                // Each block of the run may become a run of its own (data and zeros alternating).
+                let room = min(frames.dataRoom, BlockFrame.maximumRuns - frames.runs.count)
+                guard let run = disk.device.changedBlocks.takeRun(from: cursor, maximum: room) else { break }
+                if let error = frames.read(run, from: disk.device.image) {
+                    throw MigrationSource.Failure("reading disk '\(disk.id)' (\(disk.device.image.path)): \(String(cString: strerror(error)))")
+                }
                 sent += run.count
                 cursor = run.upperBound
             }
+            try send(frames, on: stream, rateLimit: rateLimit)
         }
         return sent
     }
@@ -96,58 +112,90 @@ final class StorageSender: Sendable {
     /// Each disk's digest as sent (--verify), comparable with the destination's.
     func digests() -> [UInt64] { disks.map { $0.digests?.digest() ?? 0 } }
 
-    /// Reads `run` and sends it as frames of data blocks and zero markers (an all-zero block goes as a marker).
-    private func send(_ run: Range<Int>, of index: Int, on stream: FDStream, rateLimit: RateLimiter,
-                      buffer: UnsafeMutableRawBufferPointer) throws {
-        let disk = disks[index]
-        let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<run.count * BlockRunHeader.blockSize])
-        if let error = disk.device.image.read(into: bytes, at: UInt64(run.lowerBound) * UInt64(BlockRunHeader.blockSize)) {
-            throw MigrationSource.Failure("reading disk '\(disk.id)' (\(disk.device.image.path)): \(String(cString: strerror(error)))")
+    /// Writes what `frames` gathered as one frame (nothing if empty), and empties it.
+    private func send(_ frames: BlockFrameBuilder, on stream: FDStream, rateLimit: RateLimiter) throws {
+        guard !frames.runs.isEmpty else { return }
+        let index = Int(frames.disk)
+        let header = BlockFrame(disk: frames.disk, runs: frames.runs).encoded
+        let data = UnsafeRawBufferPointer(rebasing: frames.buffer[0..<frames.dataBlocks * BlockFrame.blockSize])
+        rateLimit.consume(FrameHeader.size + header.count + data.count)
+        try header.withUnsafeBytes { try stream.writeFrame(.blocks, payload: [$0, data]) }
+        var offset = 0
+        for run in frames.runs where run.kind == .data {
+            let bytes = Int(run.count) * BlockFrame.blockSize
+            disks[index].digests?.record(first: Int(run.first), pages: UnsafeRawBufferPointer(rebasing: data[offset..<offset + bytes]))
+            offset += bytes
         }
-        var start = 0
-        while start < run.count {
-            let zero = Self.isZero(bytes, block: start)
-            var end = start + 1
-            while end < run.count, Self.isZero(bytes, block: end) == zero { end += 1 }
-            let blocks = run.lowerBound + start..<run.lowerBound + end
-            if zero {
-                try sendZeros(blocks, of: index, on: stream, rateLimit: rateLimit)
+        let zeroBlocks = frames.runs.reduce(UInt64(0)) { $0 + ($1.kind == .zeros ? UInt64($1.count) : 0) }
+        let (dataBlocks, frameBytes) = (UInt64(frames.dataBlocks), UInt64(FrameHeader.size + header.count + data.count))
+        reports.withLock {
+            $0[index].bytes += frameBytes
+            $0[index].blocks += dataBlocks
+            $0[index].zeroBlocks += zeroBlocks
+        }
+        frames.clear()
+    }
+
+    static func blocks(of range: Range<UInt64>) -> Range<Int> {
+        let size = UInt64(BlockFrame.blockSize)
+        return Int(range.lowerBound / size)..<Int((range.upperBound + size - 1) / size)
+    }
+}
+
+/// One `blocks` frame being gathered: its runs, and its data blocks in order in a 1 MiB buffer.
+final class BlockFrameBuilder {
+    let disk: UInt16
+    private(set) var runs: [BlockFrame.Run] = []
+    private(set) var dataBlocks = 0
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: BlockFrame.maximumDataBlocks * BlockFrame.blockSize, alignment: 4096)
+
+    init(disk: UInt16) { self.disk = disk }
+    deinit { buffer.deallocate() }
+
+    var dataRoom: Int { BlockFrame.maximumDataBlocks - dataBlocks }
+    var isFull: Bool { dataRoom == 0 || runs.count == BlockFrame.maximumRuns }
+
+    func clear() {
+        runs.removeAll(keepingCapacity: true)
+        dataBlocks = 0
+    }
+
+    func addZeros(first: Int, count: Int) { append(first: first, count: count, kind: .zeros) }
+
+    /// Reads `blocks` (at most `dataRoom`, and no more than runs left) into the buffer; all-zero blocks
+    /// become zero runs and leave no data. Returns the errno of a failed read.
+    func read(_ blocks: Range<Int>, from image: DiskImage) -> Int32? {
+        let start = dataBlocks * BlockFrame.blockSize
+        let area = UnsafeMutableRawBufferPointer(rebasing: buffer[start..<start + blocks.count * BlockFrame.blockSize])
+        if let error = image.read(into: area, at: UInt64(blocks.lowerBound) * UInt64(BlockFrame.blockSize)) { return error }
+        for (i, block) in blocks.enumerated() {
+            let source = start + i * BlockFrame.blockSize
+            let bytes = UnsafeRawBufferPointer(rebasing: buffer[source..<source + BlockFrame.blockSize])
+            if Self.isZero(bytes) {
+                append(first: block, count: 1, kind: .zeros)
             } else {
-                let data = UnsafeRawBufferPointer(rebasing: bytes[start * BlockRunHeader.blockSize..<end * BlockRunHeader.blockSize])
-                let header = BlockRunHeader(disk: UInt16(index), kind: .data, first: UInt64(blocks.lowerBound), count: UInt32(blocks.count)).encoded
-                rateLimit.consume(FrameHeader.size + header.count + data.count)
-                try header.withUnsafeBytes { try stream.writeFrame(.blocks, payload: [$0, data]) }
-                disk.digests?.record(first: blocks.lowerBound, pages: data)
-                reports.withLock {
-                    $0[index].bytes += UInt64(FrameHeader.size + header.count + data.count)
-                    $0[index].blocks += UInt64(blocks.count)
-                }
+                let target = dataBlocks * BlockFrame.blockSize
+                if target != source { (buffer.baseAddress! + target).copyMemory(from: bytes.baseAddress!, byteCount: BlockFrame.blockSize) }
+                append(first: block, count: 1, kind: .data)
+                dataBlocks += 1
             }
-            start = end
+        }
+        return nil
+    }
+
+    /// Adds blocks to the last run when they continue it.
+    private func append(first: Int, count: Int, kind: BlockFrame.Kind) {
+        if let last = runs.last, last.kind == kind, last.blocks.upperBound == UInt64(first),
+           kind == .data || Int(last.count) + count <= BlockFrame.maximumZeroBlocks {
+            runs[runs.count - 1].count += UInt32(count)
+        } else {
+            runs.append(BlockFrame.Run(first: UInt64(first), count: UInt32(count), kind: kind))
         }
     }
 
-    private func sendZeros(_ blocks: Range<Int>, of index: Int, on stream: FDStream, rateLimit: RateLimiter) throws {
-        var first = blocks.lowerBound
-        while first < blocks.upperBound {
-            let count = min(blocks.upperBound - first, BlockRunHeader.maximumZeroBlocks)
-            let header = BlockRunHeader(disk: UInt16(index), kind: .zeros, first: UInt64(first), count: UInt32(count)).encoded
-            rateLimit.consume(FrameHeader.size + header.count)
-            try stream.writeFrame(.blocks, payload: header)
-            disks[index].digests?.recordZero(first: first, count: count)
-            reports.withLock {
-                $0[index].bytes += UInt64(FrameHeader.size + header.count)
-                $0[index].zeroBlocks += UInt64(count)
-            }
-            first += count
-        }
-    }
-
-    static func isZero(_ bytes: UnsafeMutableRawBufferPointer, block: Int) -> Bool {
-        let words = UnsafeRawBufferPointer(rebasing: bytes[block * BlockRunHeader.blockSize..<(block + 1) * BlockRunHeader.blockSize])
-            .bindMemory(to: UInt64.self)
+    static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
         var any: UInt64 = 0
-        for word in words { any |= word }
+        for word in bytes.bindMemory(to: UInt64.self) { any |= word }
         return any == 0
     }
 }

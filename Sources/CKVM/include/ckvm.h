@@ -151,6 +151,12 @@ static inline int ckvm_allocate_range(int fd, int64_t offset, int64_t length) {
     return (int)syscall(SYS_fallocate, fd, FALLOC_FL_KEEP_SIZE, offset, length);
 }
 
+/// sync_file_range(SYNC_FILE_RANGE_WRITE): starts writeback of a range without waiting (a GNU extension
+/// Swift does not import). 0x2 is SYNC_FILE_RANGE_WRITE in <fcntl.h>.
+static inline int ckvm_start_writeback(int fd, int64_t offset, int64_t length) {
+    return (int)syscall(SYS_sync_file_range, fd, offset, length, 0x2);
+}
+
 /// Names the calling thread for the kernel (comm; top -H): the first 15 bytes of `name`.
 static inline int ckvm_set_thread_name(const char *name) {
     return prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0);
