@@ -38,13 +38,16 @@ public struct MigrateRequest: Codable, Sendable {
     public var token: String?
     /// "shared" (default: both hosts see the images) or "copy" (the disks move with the VM).
     public var storage: String?
+    /// With storage "copy": "rounds" (default: writes during the copy are re-sent by the next round) or "sync".
+    public var storageMirror: String?
 
     public init(destination: String?, resume: Bool? = nil, mode: String? = nil, maxDowntimeMs: Double? = nil, maxRounds: Int? = nil,
                 timeoutS: Double? = nil, bandwidth: UInt64? = nil, verify: Bool? = nil, precopyRounds: Int? = nil,
                 compress: String? = nil, xbzrleCacheBytes: UInt64? = nil, order: String? = nil, holdBack: Bool? = nil,
                 zstdLevel: Int? = nil, streams: Int? = nil, tlsDir: String? = nil, tlsAllow: [String]? = nil, insecure: Bool? = nil,
-                token: String? = nil, storage: String? = nil) {
+                token: String? = nil, storage: String? = nil, storageMirror: String? = nil) {
         self.storage = storage
+        self.storageMirror = storageMirror
         self.token = token
         self.tlsDir = tlsDir
         self.tlsAllow = tlsAllow
@@ -218,6 +221,13 @@ extension APIRouter {
                 return .error(400, "bad_request", "unknown storage '\(text)' (shared or copy)")
             }
             parameters.storage = storage
+        }
+        if let text = request.storageMirror {
+            guard let mirror = StorageMirror(rawValue: text) else {
+                return .error(400, "bad_request", "unknown storage_mirror '\(text)' (rounds or sync)")
+            }
+            guard parameters.storage == .copy else { return .error(400, "bad_request", "storage_mirror needs storage copy") }
+            parameters.storageMirror = mirror
         }
         parameters.mode = mode
         parameters.streams = request.streams ?? MigrationSource.Parameters.defaultStreams(for: mode)

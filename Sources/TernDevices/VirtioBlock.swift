@@ -1,3 +1,5 @@
+import Synchronization
+
 /// virtio-blk (virtio 1.x, 5.2 "Block Device") on a raw image: read, write,
 /// flush, get-id, discard and write-zeroes, one request at a time on the
 /// device's worker thread, data moved straight between the image and the
@@ -8,6 +10,19 @@ public final class VirtioBlock: VirtioBackend {
     public let statistics = DeviceCounters<BlockRequestKind>()
     /// The blocks the guest changed, while a storage migration tracks them.
     public let changedBlocks: BlockDirtyMap
+    /// A synchronous storage mirror: called with each write's range once the image has it, on the
+    /// device's thread, before the guest's request completes; true if it reached the other side
+    /// (then the blocks need not be marked).
+    public typealias WriteMirror = @Sendable (_ offset: UInt64, _ length: UInt64) -> Bool
+    private let writeMirror = Mutex<WriteMirror?>(nil)
+
+    public func setWriteMirror(_ mirror: WriteMirror?) { writeMirror.withLock { $0 = mirror } }
+
+    /// What a write (or discard, or write-zeroes) changed: mirrored, or marked for the next round.
+    private func changed(offset: UInt64, length: UInt64) {
+        if let mirror = writeMirror.withLock({ $0 }), mirror(offset, length) { return }
+        changedBlocks.mark(offset: offset, length: length)
+    }
 
     enum RequestType: UInt32 {
         case read = 0, write = 1, flush = 4, getID = 8, discard = 11, writeZeroes = 13
@@ -124,7 +139,7 @@ public final class VirtioBlock: VirtioBackend {
             }
             // Marked after the write, failed or not (a failed one may have changed part of the range).
             let failed = image.write(from: dataOut, at: offset) != nil
-            changedBlocks.mark(offset: offset, length: UInt64(dataOut.count))
+            changed(offset: offset, length: UInt64(dataOut.count))
             if failed { return finish(.ioError, 0) }
             statistics.count(.write, bytesOut: dataOut.count)
             return finish(.ok, 0)
@@ -168,7 +183,7 @@ public final class VirtioBlock: VirtioBackend {
             guard let offset = range(sector: sector, length: UInt64(sectors) * Self.sectorSize) else { return .ioError }
             let deallocate = type == .discard || flags & 1 != 0
             let failed = image.zero(at: offset, length: UInt64(sectors) * Self.sectorSize, deallocate: deallocate) != nil
-            changedBlocks.mark(offset: offset, length: UInt64(sectors) * Self.sectorSize)
+            changed(offset: offset, length: UInt64(sectors) * Self.sectorSize)
             if failed { return .ioError }
         }
         statistics.count(type == .discard ? .discard : .writeZeroes)

@@ -103,12 +103,15 @@ public final class MigrationDestination {
                         machineCreated: (Machine) -> Void = { _ in }) throws -> (Machine, Outcome) {
         var extraStreams: PageStreamReceivers?
         var storageTargets: StorageTargets?
+        var mirror: StorageMirrorReceiver?
         do {
             return try receive(from: source, replyTo: sink, connection: connection, listener: listener,
-                               extraStreams: &extraStreams, storageTargets: &storageTargets, machineCreated: machineCreated)
+                               extraStreams: &extraStreams, storageTargets: &storageTargets, mirror: &mirror, machineCreated: machineCreated)
         } catch {
             // A partly received disk is deleted: it must never be taken for a complete one.
             storageTargets?.discard()
+            mirror?.cancel()
+            if let failure = mirror?.failed, failure != "cancelled" { throw Refusal(failure) }
             // A failed page stream cut the control connection: its error is the one that explains.
             extraStreams?.cancel()
             if let failure = extraStreams?.failure, failure != "cancelled" { throw Refusal(failure) }
@@ -118,7 +121,7 @@ public final class MigrationDestination {
 
     private func receive(from source: some ByteSource, replyTo sink: FDStream?, connection: Connection?,
                          listener: StreamListener?, extraStreams: inout PageStreamReceivers?, storageTargets: inout StorageTargets?,
-                         machineCreated: (Machine) -> Void) throws -> (Machine, Outcome) {
+                         mirror: inout StorageMirrorReceiver?, machineCreated: (Machine) -> Void) throws -> (Machine, Outcome) {
         // 1. Hello: is this a Tern source, and can this host run its machine?
         let (helloHeader, helloPayload) = try source.readFrame()
         guard helloHeader.type == .hello else {
@@ -139,8 +142,11 @@ public final class MigrationDestination {
             // A source without the right token learns nothing about this host beyond the refusal.
             tokenID = try expectations.authorizer.map { try $0.authorize(token: hello.authorization, vm: hello.machine.name, over: connection) }
             try check(hello)
-            if (streams > 1 || hello.features & Hello.postcopyUrgentFeature != 0) && listener == nil {
+            if (streams > 1 || hello.features & (Hello.postcopyUrgentFeature | Hello.syncMirrorFeature) != 0) && listener == nil {
                 throw Refusal("parallel page streams need a listening socket")
+            }
+            if hello.features & Hello.syncMirrorFeature != 0 && (hello.storage.mode != .copy || hello.storage.disks.isEmpty) {
+                throw Refusal("a synchronous disk mirror needs --storage copy and a disk")
             }
             // Post-copy from the start takes 4 KiB pages unless told otherwise (`--thp on`): on memory the host
             // had not backed yet it measured nearly three times as slow into huge pages. A hybrid or auto
@@ -190,8 +196,9 @@ public final class MigrationDestination {
         let digests = hello.features & Hello.verifyFeature != 0 ? PageDigests(pageCount: Int(machine.memory.size / UInt64(PageRun.pageSize))) : nil
         var urgentConnection: Connection?
         let wantsUrgent = hello.features & Hello.postcopyUrgentFeature != 0
-        if streams > 1 || wantsUrgent, let listener {
-            let accepted = try PageStreamReceivers.acceptConnections(streams: streams, urgent: wantsUrgent, token: token,
+        let wantsMirror = hello.features & Hello.syncMirrorFeature != 0
+        if streams > 1 || wantsUrgent || wantsMirror, let listener {
+            let accepted = try PageStreamReceivers.acceptConnections(streams: streams, urgent: wantsUrgent, mirror: wantsMirror, token: token,
                                                                      security: expectations.security, accept: listener.accept)
             if streams > 1 {
                 extraStreams = PageStreamReceivers(connections: accepted.pages, memory: machine.memory,
@@ -200,6 +207,11 @@ public final class MigrationDestination {
                 if let connection { setTimeouts(connection.rawValue, seconds: 0) }
             }
             urgentConnection = accepted.urgent
+            if let mirrorConnection = accepted.mirror, let storage {
+                // Blocks may take a while to come (a guest that writes nothing): no read timeout.
+                setTimeouts(mirrorConnection.rawValue, seconds: 0)
+                mirror = StorageMirrorReceiver(connection: mirrorConnection, storage: storage, controlConnection: connection)
+            }
         }
         // One migration per process: from here other connections are refused rather than queued.
         listener?.close()
@@ -224,6 +236,7 @@ public final class MigrationDestination {
                 try applier.apply(header, from: source)
             case .blocks:
                 guard let storage else { throw Refusal("disk blocks arrived, but the migration's storage is not copied") }
+                guard mirror == nil else { throw Refusal("disk blocks arrived on the control connection of a synchronous mirror") }
                 guard sections.isEmpty else { throw Refusal("disk blocks arrived after the VM state") }
                 try storage.apply(header, from: source)
             case .state:
@@ -235,11 +248,13 @@ public final class MigrationDestination {
                 sections.append(try StateSection(decoding: payload))
             case .end:
                 extraCovered = try extraStreams?.join() ?? 0
+                try mirror?.join()
                 let payload = try source.readExactly(Int(header.length), what: "end frame")
                 try source.checkPayload(payload, of: header, what: "end frame")
                 completion = try Completion(decoding: payload)
             case .postcopyStart:
                 extraCovered = try extraStreams?.join() ?? 0
+                try mirror?.join()
                 let payload = try source.readExactly(Int(header.length), what: "post-copy start")
                 try source.checkPayload(payload, of: header, what: "post-copy start frame")
                 let start = try PostcopyStart(decoding: payload, pageCount: Int(machine.memory.size / UInt64(PageRun.pageSize)))
@@ -250,8 +265,8 @@ public final class MigrationDestination {
                 guard sections.isEmpty, header.length <= 64 else { throw Refusal("unexpected ping") }
                 let payload = try source.readExactly(Int(header.length), what: "ping")
                 try source.checkPayload(payload, of: header, what: "ping frame")
+                try storage?.flushRound()
                 try sink?.writeFrame(.pong, payload: payload)
-                storage?.startWriteback()
             case .abort:
                 let payload = try source.readExactly(Int(header.length), what: "abort frame")
                 throw Refusal("the source aborted: \(String(decoding: payload, as: UTF8.self))")

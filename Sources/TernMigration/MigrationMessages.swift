@@ -17,6 +17,8 @@ public struct Hello: Equatable, Sendable {
     public static let postcopyUrgentFeature: UInt64 = 1 << 2
     /// Feature bit: the end will ask for digests (`--verify`): keep each page's CRC as it arrives.
     public static let verifyFeature: UInt64 = 1 << 3
+    /// Feature bit: `--storage-mirror sync`: the disks' blocks come on a connection of their own, and guest writes are acknowledged.
+    public static let syncMirrorFeature: UInt64 = 1 << 4
     /// At most this many parallel page streams.
     public static let maximumStreams = 16
 

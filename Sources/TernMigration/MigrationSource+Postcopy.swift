@@ -23,6 +23,7 @@ extension MigrationSource {
         // Disks move before execution does: the blocks written since their last round go now.
         if let storage {
             try storage.sendChangedBlocks(on: stream, rateLimit: rateLimit)
+            try storage.endMirror()
             storage.endRound()
             updateStorageReport()
         }

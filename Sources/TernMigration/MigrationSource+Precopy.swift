@@ -304,6 +304,7 @@ extension MigrationSource {
         // The disks are quiesced and flushed: the blocks written since the last round are the last.
         if let storage {
             let blocks = try storage.sendChangedBlocks(on: stream, rateLimit: rateLimit)
+            try storage.endMirror()
             storage.endRound()
             logger.debug("stop-and-copy: \(blocks) disk blocks sent \(Int(milliseconds(since: pauseInstant))) ms after the pause")
         }

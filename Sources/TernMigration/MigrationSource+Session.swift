@@ -12,6 +12,8 @@ extension MigrationSource {
         let pageStreams: [FDStream]
         /// Post-copy's demand channel (any mode that may end in post-copy).
         let urgent: FDStream?
+        /// The disks' connection under `--storage-mirror sync`.
+        let mirror: FDStream?
         /// The destination's token for this migration (extra streams and a post-copy resume show it).
         let token: UInt64
         /// Both ends run on one kernel: the downtime is read on the shared monotonic clock.
@@ -41,6 +43,8 @@ extension MigrationSource {
         if parameters.zstdLevel != nil { hello.features |= Hello.zstdFeature }
         if parameters.mode == .postcopy { hello.features |= Hello.postcopyFirstFeature }
         if parameters.verify { hello.features |= Hello.verifyFeature }
+        let syncMirror = storage != nil && parameters.storageMirror == .sync
+        if syncMirror { hello.features |= Hello.syncMirrorFeature }
         // Any mode that may end in post-copy gets a demand channel for page requests' replies.
         if parameters.mode != .precopy { hello.features |= Hello.postcopyUrgentFeature }
         try stream.writeFrame(.hello, payload: hello.encoded)
@@ -55,13 +59,14 @@ extension MigrationSource {
             streamList.append(try join(index: UInt32(index), token: reply.token))
         }
         let urgent = parameters.mode != .precopy ? try join(index: StreamHello.urgentIndex, token: reply.token) : nil
+        let mirror = syncMirror ? try join(index: StreamHello.mirrorIndex, token: reply.token) : nil
         // The hand-over costs about one and a half round trips beyond the data (end -> ready -> go -> resumed).
         let pingStart = ContinuousClock.now
         try stream.writeFrame(.ping, payload: [UInt8]())
         _ = try readReply(stream, expecting: .pong, what: "the latency probe")
         let roundTripMs = milliseconds(since: pingStart)
         update { $0.setupMs = milliseconds(since: started); $0.status = .precopy; $0.roundTripMs = roundTripMs }
-        return Session(control: stream, pageStreams: streamList, urgent: urgent, token: reply.token, sameHost: sameHost,
+        return Session(control: stream, pageStreams: streamList, urgent: urgent, mirror: mirror, token: reply.token, sameHost: sameHost,
                        roundTripMs: roundTripMs)
     }
 

@@ -52,6 +52,8 @@ public final class MigrationSource: @unchecked Sendable {
         public var authorization = ""
         /// How the disks move (`--storage`).
         public var storage = StorageMode.shared
+        /// With `copy`: how the guest's writes during the copy reach the destination (`--storage-mirror`).
+        public var storageMirror = StorageMirror.rounds
 
         public init(destination: Endpoint, security: ChannelSecurity) {
             self.destination = destination
@@ -131,7 +133,7 @@ public final class MigrationSource: @unchecked Sendable {
         report.order = parameters.mode == .postcopy ? "none" : parameters.order.rawValue
         report.streams = parameters.streams
         if !disks.isEmpty {
-            report.storage = StorageReport(mode: parameters.storage, mirror: storage == nil ? nil : .rounds, disks: storage?.report ?? [])
+            report.storage = StorageReport(mode: parameters.storage, mirror: storage == nil ? nil : parameters.storageMirror, disks: storage?.report ?? [])
         }
     }
 
@@ -145,7 +147,12 @@ public final class MigrationSource: @unchecked Sendable {
         update { $0.storage?.disks = disks }
     }
 
-    public var progress: MigrationReport { lock.withLock { report } }
+    /// The report as it stands, the disks' account included as it grows.
+    public var progress: MigrationReport {
+        var current = lock.withLock { report }
+        if let storage { current.storage?.disks = storage.report }
+        return current
+    }
 
     /// Asks the migration to stop. Before the hand-over the VM keeps running here.
     /// The sender notices between frames and tells the destination why; if it
@@ -279,7 +286,7 @@ public final class MigrationSource: @unchecked Sendable {
             update { $0.status = .completed }
         } catch {
             let cancelReason = lock.withLock { self.cancelReason }
-            let reason = cancelReason ?? "\(error)"
+            let reason = cancelReason ?? destinationsReason(after: error) ?? "\(error)"
             if error is PostcopyInterrupted {
                 update {
                     $0.status = .postcopyPaused
@@ -358,6 +365,7 @@ public final class MigrationSource: @unchecked Sendable {
         if let cacheBytes = parameters.xbzrleCacheBytes { sender.useXBZRLE(cacheBytes: cacheBytes) }
         if let level = parameters.zstdLevel { sender.useZstd(level: level) }
         if let storage {
+            if let mirror = session.mirror { storage.attachMirror(mirror) }
             try storage.beginBulkPass(on: session.control, rateLimit: rateLimit)
             // Post-copy moves memory after execution, but disks before it: their bulk pass and rounds run now.
             if parameters.mode == .postcopy { try storageRounds(storage, on: session.control, rateLimit: rateLimit) }
@@ -407,6 +415,19 @@ public final class MigrationSource: @unchecked Sendable {
             $0.downtimeClock = sameHost ? "shared-monotonic" : "realtime"
         }
         return resumed
+    }
+
+    /// A write that failed because the destination gave up (it refused a frame, its disk filled up) is
+    /// explained by the abort it sent before closing, which may still wait unread: its reason, if so.
+    func destinationsReason(after error: any Error) -> String? {
+        let (open, committed) = lock.withLock { (connection, committedFlag) }
+        guard let failure = error as? FDStream.IOError, failure.operation == "write", let control = open, !committed else { return nil }
+        setTimeouts(control.rawValue, seconds: 1)
+        for _ in 0..<64 {
+            guard let (header, payload) = try? control.stream.readFrame() else { return nil }
+            if header.type == .abort { return "the destination aborted: \(String(decoding: payload, as: UTF8.self))" }
+        }
+        return nil
     }
 
     /// Reads the next frame, which must be `expected`; an abort frame carries the peer's reason.

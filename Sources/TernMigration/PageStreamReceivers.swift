@@ -31,10 +31,10 @@ final class PageStreamReceivers: @unchecked Sendable {
     /// connection that fails the check is turned away and the wait goes on
     /// (a port scanner must not end a migration); if the streams have not all
     /// joined within `joinSeconds`, the migration fails, naming what was turned away.
-    static func acceptConnections(streams: Int, urgent: Bool, token: UInt64, security: ChannelSecurity,
-                                  accept: (Int) throws -> FileDescriptor) throws -> (pages: [Connection], urgent: Connection?) {
+    static func acceptConnections(streams: Int, urgent: Bool, mirror: Bool = false, token: UInt64, security: ChannelSecurity,
+                                  accept: (Int) throws -> FileDescriptor) throws -> (pages: [Connection], urgent: Connection?, mirror: Connection?) {
         var byIndex: [UInt32: Connection] = [:]
-        let wanted = streams - 1 + (urgent ? 1 : 0)
+        let wanted = streams - 1 + (urgent ? 1 : 0) + (mirror ? 1 : 0)
         let deadline = ContinuousClock.now + .seconds(joinSeconds)
         var turnedAway: [String] = []
         while byIndex.count < wanted {
@@ -54,7 +54,7 @@ final class PageStreamReceivers: @unchecked Sendable {
                 continue
             }
             do {
-                let index = try streamIndex(of: connection, streams: streams, urgent: urgent, token: token, taken: byIndex)
+                let index = try streamIndex(of: connection, streams: streams, urgent: urgent, mirror: mirror, token: token, taken: byIndex)
                 // A stream may carry nothing for a long time (the dirty pages of a round can all be other
                 // streams'): no read timeout; TCP keepalive finds a source that vanished.
                 setTimeouts(connection.rawValue, seconds: 0)
@@ -64,17 +64,19 @@ final class PageStreamReceivers: @unchecked Sendable {
                 try? connection.stream.writeFrame(.abort, payload: Array("\(error)".utf8))
             }
         }
-        return ((1..<streams).map { byIndex[UInt32($0)]! }, urgent ? byIndex[StreamHello.urgentIndex] : nil)
+        return ((1..<streams).map { byIndex[UInt32($0)]! }, urgent ? byIndex[StreamHello.urgentIndex] : nil,
+                mirror ? byIndex[StreamHello.mirrorIndex] : nil)
     }
 
     /// Reads a candidate's stream hello and returns its index, or throws why it is not one of ours.
-    private static func streamIndex(of connection: Connection, streams: Int, urgent: Bool, token: UInt64,
+    private static func streamIndex(of connection: Connection, streams: Int, urgent: Bool, mirror: Bool, token: UInt64,
                                     taken: [UInt32: Connection]) throws -> UInt32 {
         let payload = try readOpeningFrame(of: connection, type: .streamHello, within: openingSeconds,
                                            otherwise: "an extra connection did not open as a page stream")
         let hello = try StreamHello(decoding: payload)
         guard hello.token == token else { throw MigrationDestination.Refusal("a page stream presented the wrong migration token") }
-        guard (hello.index >= 1 && Int(hello.index) < streams) || (urgent && hello.index == StreamHello.urgentIndex) else {
+        guard (hello.index >= 1 && Int(hello.index) < streams) || (urgent && hello.index == StreamHello.urgentIndex)
+                || (mirror && hello.index == StreamHello.mirrorIndex) else {
             throw MigrationDestination.Refusal("a page stream presented index \(hello.index); this migration has streams 0 to \(streams - 1)")
         }
         guard taken[hello.index] == nil else { throw MigrationDestination.Refusal("two page streams presented index \(hello.index)") }

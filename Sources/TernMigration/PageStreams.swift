@@ -8,6 +8,8 @@ import TernWire
 public struct StreamHello: Equatable, Sendable {
     /// The index of post-copy's demand channel (not a page stream of pre-copy).
     public static let urgentIndex = UInt32.max
+    /// The index of the disks' connection under `--storage-mirror sync`.
+    public static let mirrorIndex = UInt32.max - 1
     public var token: UInt64
     public var index: UInt32
 

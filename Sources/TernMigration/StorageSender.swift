@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 import Synchronization
 import TernDevices
@@ -13,7 +14,11 @@ import TernWire
 /// with the image as the guest last flushed it.
 ///
 /// Blocks go on the control connection, between memory's frames and the
-/// round's sync, through the same rate limiter as pages.
+/// round's sync, through the same rate limiter as pages. Under
+/// `--storage-mirror sync` they go on a connection of their own (SyncMirror),
+/// and each guest write is sent there before it completes instead of being
+/// marked, so a guest that writes faster than rounds could send cannot keep
+/// the disk from converging.
 final class StorageSender: Sendable {
     struct Disk: Sendable {
         let id: String
@@ -24,6 +29,8 @@ final class StorageSender: Sendable {
 
     let disks: [Disk]
     private let reports: Mutex<[DiskMigrationReport]>
+    /// `--storage-mirror sync`: the disks' connection, once joined.
+    private let mirror = Mutex<SyncMirror?>(nil)
 
     init(disks: [(id: String, device: VirtioBlock)], verify: Bool) {
         self.disks = disks.map { Disk(id: $0.id, device: $0.device, digests: verify ? PageDigests(pageCount: $0.device.changedBlocks.blockCount) : nil) }
@@ -42,9 +49,30 @@ final class StorageSender: Sendable {
     /// Bytes sent so far, headers included.
     var bytesSent: UInt64 { reports.withLock { $0.reduce(0) { $0 + $1.bytes } } }
 
+    /// From here on the disks' blocks go on `stream`, and the guest's writes are mirrored there as they complete.
+    func attachMirror(_ stream: FDStream) {
+        let syncMirror = SyncMirror(stream: stream, disks: disks.count)
+        mirror.withLock { $0 = syncMirror }
+        for (index, disk) in disks.enumerated() {
+            disk.device.setWriteMirror { [self] offset, length in mirrorWrite(disk: index, offset: offset, length: length) }
+        }
+    }
+
+    /// The stream the disks' frames go on, and the lock each frame is sent under (nil: only the migration's thread sends).
+    private func channel(default stream: FDStream) -> (stream: FDStream, lock: NSLock?) {
+        guard let syncMirror = mirror.withLock({ $0 }) else { return (stream, nil) }
+        return (syncMirror.stream, syncMirror.lock)
+    }
+
+    private func locked<R>(_ lock: NSLock?, _ body: () throws -> R) rethrows -> R {
+        guard let lock else { return try body() }
+        return try lock.withLock(body)
+    }
+
     /// Starts tracking the guest's writes, sends each disk's unallocated ranges as zero markers and
     /// marks its allocated blocks for the rounds to send.
     func beginBulkPass(on stream: FDStream, rateLimit: RateLimiter) throws {
+        let (target, lock) = channel(default: stream)
         for (index, disk) in disks.enumerated() {
             let changed = disk.device.changedBlocks
             changed.startTracking()
@@ -56,7 +84,7 @@ final class StorageSender: Sendable {
                     var first = blocks.lowerBound
                     while first < blocks.upperBound {
                         let count = min(blocks.upperBound - first, BlockFrame.maximumZeroBlocks)
-                        if frames.isFull { try send(frames, on: stream, rateLimit: rateLimit) }
+                        if frames.isFull { try locked(lock) { try send(frames, on: target, rateLimit: rateLimit) } }
                         frames.addZeros(first: first, count: count)
                         disk.digests?.recordZero(first: first, count: count)
                         first += count
@@ -65,7 +93,7 @@ final class StorageSender: Sendable {
                     changed.mark(offset: range.lowerBound, length: min(range.upperBound, size) - range.lowerBound)
                 }
             }
-            try send(frames, on: stream, rateLimit: rateLimit)
+            try locked(lock) { try send(frames, on: target, rateLimit: rateLimit) }
         }
     }
 
@@ -74,28 +102,78 @@ final class StorageSender: Sendable {
     /// taken stays marked; what was, goes). Returns the blocks sent.
     @discardableResult
     func sendChangedBlocks(on stream: FDStream, rateLimit: RateLimiter, shouldStop: () -> Bool = { false }) throws -> Int {
+        let (target, lock) = channel(default: stream)
         var sent = 0
         for (index, disk) in disks.enumerated() {
             let frames = BlockFrameBuilder(disk: UInt16(index))
             var cursor = 0
-            while true {
-                if shouldStop() {
-                    try send(frames, on: stream, rateLimit: rateLimit)
-                    throw PageSender.Stopped()
+            var more = true
+            while more {
+                if shouldStop() { throw PageSender.Stopped() }
+                // A frame's blocks are taken, read and sent under the mirror's lock: a guest write mirrored
+                // meanwhile goes after them, so an older copy never lands over a newer one.
+                more = try locked(lock) {
+                    while !frames.isFull {
+                        // Each block of the run may become a run of its own (data and zeros alternating).
+                        let room = min(frames.dataRoom, BlockFrame.maximumRuns - frames.runs.count)
+                        guard let run = disk.device.changedBlocks.takeRun(from: cursor, maximum: room) else { break }
+                        if let error = frames.read(run, from: disk.device.image) {
+                            throw MigrationSource.Failure("reading disk '\(disk.id)' (\(disk.device.image.path)): \(String(cString: strerror(error)))")
+                        }
+                        sent += run.count
+                        cursor = run.upperBound
+                    }
+                    let full = frames.isFull
+                    try send(frames, on: target, rateLimit: rateLimit)
+                    return full
                 }
-                if frames.isFull { try send(frames, on: stream, rateLimit: rateLimit) }
-                // Each block of the run may become a run of its own (data and zeros alternating).
-                let room = min(frames.dataRoom, BlockFrame.maximumRuns - frames.runs.count)
-                guard let run = disk.device.changedBlocks.takeRun(from: cursor, maximum: room) else { break }
-                if let error = frames.read(run, from: disk.device.image) {
-                    throw MigrationSource.Failure("reading disk '\(disk.id)' (\(disk.device.image.path)): \(String(cString: strerror(error)))")
-                }
-                sent += run.count
-                cursor = run.upperBound
             }
-            try send(frames, on: stream, rateLimit: rateLimit)
         }
         return sent
+    }
+
+    /// A guest write, mirrored before it completes (`--storage-mirror sync`, on the device's thread):
+    /// its blocks are read back from the image and sent, and the destination's acknowledgement awaited.
+    /// False (the blocks are then marked) once the mirror has failed or ended.
+    private func mirrorWrite(disk index: Int, offset: UInt64, length: UInt64) -> Bool {
+        guard let syncMirror = mirror.withLock({ $0 }), length > 0 else { return false }
+        return syncMirror.lock.withLock {
+            guard syncMirror.usable else { return false }
+            let frames = syncMirror.builders[index]
+            let blocks = Self.blocks(of: offset..<offset + length)
+            var first = blocks.lowerBound
+            do {
+                while first < blocks.upperBound {
+                    let count = min(blocks.upperBound - first, frames.dataRoom, BlockFrame.maximumRuns - frames.runs.count)
+                    if let error = frames.read(first..<first + count, from: disks[index].device.image) {
+                        throw MigrationSource.Failure("reading disk '\(disks[index].id)': \(String(cString: strerror(error)))")
+                    }
+                    first += count
+                    try send(frames, on: syncMirror.stream, rateLimit: nil, flags: StorageMirrorReceiver.acknowledgeFlag)
+                    let header = try syncMirror.stream.readFrameHeader()
+                    guard header.type == .pong, header.length == 0 else {
+                        throw MigrationSource.Failure("the destination answered a mirrored write with a \(header.type) frame")
+                    }
+                }
+                reports.withLock { $0[index].mirroredWrites = ($0[index].mirroredWrites ?? 0) + 1 }
+                return true
+            } catch {
+                frames.clear()
+                syncMirror.fail("\(error)")
+                return false
+            }
+        }
+    }
+
+    /// The VM is paused and every block sent: the mirror ends, and the destination's reader with it.
+    func endMirror() throws {
+        guard let syncMirror = mirror.withLock({ $0 }) else { return }
+        for disk in disks { disk.device.setWriteMirror(nil) }
+        try syncMirror.lock.withLock {
+            if let failure = syncMirror.failure { throw MigrationSource.Failure("the disks' mirror failed: \(failure)") }
+            syncMirror.fail("ended")
+            try syncMirror.stream.writeFrame(.streamEnd, payload: [UInt8]())
+        }
     }
 
     /// Records, per disk, the blocks still marked after a round.
@@ -106,20 +184,26 @@ final class StorageSender: Sendable {
         }
     }
 
-    /// The migration ended, either way: writes are no longer tracked.
-    func finish() { for disk in disks { disk.device.changedBlocks.stopTracking() } }
+    /// The migration ended, either way: writes are neither mirrored nor tracked any more.
+    func finish() {
+        for disk in disks {
+            disk.device.setWriteMirror(nil)
+            disk.device.changedBlocks.stopTracking()
+        }
+        if let syncMirror = mirror.withLock({ $0 }) { syncMirror.lock.withLock { syncMirror.fail("ended") } }
+    }
 
     /// Each disk's digest as sent (--verify), comparable with the destination's.
     func digests() -> [UInt64] { disks.map { $0.digests?.digest() ?? 0 } }
 
     /// Writes what `frames` gathered as one frame (nothing if empty), and empties it.
-    private func send(_ frames: BlockFrameBuilder, on stream: FDStream, rateLimit: RateLimiter) throws {
+    private func send(_ frames: BlockFrameBuilder, on stream: FDStream, rateLimit: RateLimiter?, flags: UInt32 = 0) throws {
         guard !frames.runs.isEmpty else { return }
         let index = Int(frames.disk)
         let header = BlockFrame(disk: frames.disk, runs: frames.runs).encoded
         let data = UnsafeRawBufferPointer(rebasing: frames.buffer[0..<frames.dataBlocks * BlockFrame.blockSize])
-        rateLimit.consume(FrameHeader.size + header.count + data.count)
-        try header.withUnsafeBytes { try stream.writeFrame(.blocks, payload: [$0, data]) }
+        rateLimit?.consume(FrameHeader.size + header.count + data.count)
+        try header.withUnsafeBytes { try stream.writeFrame(.blocks, flags: flags, payload: [$0, data]) }
         var offset = 0
         for run in frames.runs where run.kind == .data {
             let bytes = Int(run.count) * BlockFrame.blockSize
@@ -140,6 +224,27 @@ final class StorageSender: Sendable {
         let size = UInt64(BlockFrame.blockSize)
         return Int(range.lowerBound / size)..<Int((range.upperBound + size - 1) / size)
     }
+}
+
+/// `--storage-mirror sync` at the source: the disks' own connection, and the lock that keeps one frame
+/// at a time on it (a round's take-read-send against a guest write's).
+final class SyncMirror: @unchecked Sendable {
+    // @unchecked: `failure` and the builders are used under `lock`.
+    let stream: FDStream
+    let lock = NSLock()
+    /// One frame builder per disk for mirrored writes (1 MiB each, allocated once).
+    let builders: [BlockFrameBuilder]
+    private(set) var failure: String?
+
+    init(stream: FDStream, disks: Int) {
+        self.stream = stream
+        builders = (0..<disks).map { BlockFrameBuilder(disk: UInt16($0)) }
+    }
+
+    /// Whether writes can still be mirrored (under `lock`).
+    var usable: Bool { failure == nil }
+    /// Marks the mirror failed or ended (under `lock`): later writes are marked instead.
+    func fail(_ reason: String) { if failure == nil { failure = reason } }
 }
 
 /// One `blocks` frame being gathered: its runs, and its data blocks in order in a 1 MiB buffer.
@@ -212,6 +317,8 @@ public struct DiskMigrationReport: Codable, Equatable, Sendable {
     public var zeroBlocks: UInt64 = 0
     /// Blocks the guest had changed and were still to send, after each round.
     public var dirtyBlocksPerRound: [UInt64] = []
+    /// `--storage-mirror sync`: guest writes sent to the destination before they completed.
+    public var mirroredWrites: UInt64?
 
     public init(id: String, sizeBytes: UInt64) {
         self.id = id
@@ -234,4 +341,7 @@ public struct StorageReport: Codable, Equatable, Sendable {
 public enum StorageMirror: String, Codable, Sendable {
     /// Marked, and sent again by the next round (the last one inside the downtime), as memory's dirty pages are.
     case rounds
+    /// Written on both sides before the guest's write completes (VMware's mirror driver, QEMU's
+    /// write-blocking mirror), on a connection of the disks' own.
+    case sync
 }

@@ -58,6 +58,9 @@ struct Migrate: ParsableCommand {
     @Option(help: "The disks: shared (both hosts open the same images; the default) or copy (they move with the VM; the destination names where with --disk id=NAME,path=FILE).")
     var storage: String = "shared"
 
+    @Option(help: "With --storage copy: rounds (writes made during the copy are re-sent by the next round; the default) or sync (each write reaches both sides before it completes, so a write-heavy guest cannot keep the copy from converging).")
+    var storageMirror: String?
+
     @Flag(help: "Compare digests of memory, device state and (with --storage copy) the disks on both sides before handing over.")
     var verify = false
 
@@ -89,6 +92,10 @@ struct Migrate: ParsableCommand {
         if let streams, !(1...Hello.maximumStreams).contains(streams) { throw ValidationError("--streams must be between 1 and \(Hello.maximumStreams)") }
         guard StorageMode(rawValue: storage) != nil else {
             throw ValidationError("--storage must be shared or copy")
+        }
+        if let storageMirror {
+            guard StorageMirror(rawValue: storageMirror) != nil else { throw ValidationError("--storage-mirror must be rounds or sync") }
+            guard storage == StorageMode.copy.rawValue else { throw ValidationError("--storage-mirror needs --storage copy") }
         }
         guard PageOrder(rawValue: order) != nil else { throw ValidationError("--order must be sequential or dirty-frequency") }
         if holdBack != nil && order != PageOrder.dirtyFrequency.rawValue {
@@ -140,7 +147,7 @@ struct Migrate: ParsableCommand {
                                      // The VM's tern process reads the directory: give it an absolute path.
                                      tlsDir: tlsDir.map { URL(fileURLWithPath: $0).standardizedFileURL.path },
                                      tlsAllow: tlsAllow.isEmpty ? nil : tlsAllow, insecure: insecure ? true : nil,
-                                     token: try migrationToken(), storage: storage)
+                                     token: try migrationToken(), storage: storage, storageMirror: storageMirror)
         let body = try APIJSON.encoder.encode(request)
         let client = api.client
         let outcome = Mutex<Result<APIClient.Response, any Error>?>(nil)
@@ -339,11 +346,13 @@ enum MigrationTable {
         }
         if let limit = r.bandwidthLimit { rows.append(("bandwidth cap", String(format: "%.1f MB/s", Double(limit) / 1e6))) }
         if let storage = r.storage {
-            rows.append(("storage", storage.mode.rawValue + (storage.mirror.map { ", writes during the copy re-sent by \($0.rawValue)" } ?? "")))
+            rows.append(("storage", storage.mode.rawValue + (storage.mirror.map {
+                $0 == .sync ? ", writes during the copy mirrored synchronously" : ", writes during the copy re-sent by rounds" } ?? "")))
             for disk in storage.disks {
                 rows.append(("disk \(disk.id)", String(format: "%.1f MB sent for %.1f MB: %llu blocks, %llu zero blocks; changed after each round: ",
                                                     Double(disk.bytes) / 1e6, Double(disk.sizeBytes) / 1e6, disk.blocks, disk.zeroBlocks)
-                                             + disk.dirtyBlocksPerRound.map(String.init).joined(separator: ", ")))
+                                             + disk.dirtyBlocksPerRound.map(String.init).joined(separator: ", ")
+                                             + (disk.mirroredWrites.map { "; \($0) writes mirrored" } ?? "")))
             }
         }
         if let v = r.verification {

@@ -73,7 +73,33 @@ struct StorageMigrationTests {
         #expect(try pair.destination.client.request(.PUT, "/v1/vm/quit").status == 204)
     }
 
-    /// The control for the test above: a destination that opens a stale copy of the image (shared storage
+    /// `--storage-mirror sync`: each guest write reaches the destination before it completes, so after the
+    /// bulk pass nothing is left marked however fast the guest writes (flat out here), in pre-copy and hybrid.
+    @Test(arguments: [["--mode", "precopy"], ["--mode", "hybrid"]])
+    func aSynchronousMirrorKeepsTheCopyCurrent(mode: [String]) throws {
+        let disk = TestDisk(size: 8 << 20)
+        try writeImage(disk.path, size: 8 << 20, data: [0..<(2 << 20)])
+        let target = disk.path + ".copy"
+        let pair = try MigrationPair(cmdline: "disk=write disk_pattern=rand disk_flush=4 disk_verify=2 progress=0", memory: "64M",
+                                     sourceArguments: ["--disk", "path=\(disk.path)"], destinationArguments: ["--disk", "id=disk0,path=\(target)"])
+        _ = try pair.source.waitForStatus(timeout: 30) { $0.diskWrites > 200 }
+        let (report, cli) = try pair.migrate(["--verify", "--storage", "copy", "--storage-mirror", "sync"] + mode)
+        let r = try #require(report, "no report: \(cli.stderr)")
+        #expect(r.status == .completed, "\(r.reason ?? "")")
+        #expect(r.verification?.match == true)
+        let storage = try #require(r.storage)
+        #expect(storage.mirror == .sync)
+        let copied = try #require(storage.disks.first)
+        #expect((copied.mirroredWrites ?? 0) > 0, "the guest's writes went to both sides")
+        #expect(copied.dirtyBlocksPerRound.last == 0)
+        try pair.destination.waitForAPI()
+        let moved = try #require(try pair.destination.status())
+        let later = try pair.destination.waitForStatus(timeout: 30) { $0.diskVerified > moved.diskVerified + 200 }
+        #expect(later.diskErrors == 0, "no write was lost or stale across the migration")
+        #expect(try pair.destination.client.request(.PUT, "/v1/vm/quit").status == 204)
+    }
+
+    /// The control for the copied-disk tests: a destination that opens a stale copy of the image (shared storage
     /// that is not shared) gives the guest blocks it wrote before; its own check finds them.
     @Test func theGuestsCheckFindsAStaleDisk() throws {
         let disk = TestDisk(size: 8 << 20)
