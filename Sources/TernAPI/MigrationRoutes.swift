@@ -40,12 +40,22 @@ public struct MigrateRequest: Codable, Sendable {
     public var storage: String?
     /// With storage "copy": "rounds" (default: writes during the copy are re-sent by the next round) or "sync".
     public var storageMirror: String?
+    /// The destination's announcements of the VM's NICs (QEMU's announce-self parameters); rounds 0: none.
+    public var announceRounds: Int?
+    public var announceInitialMs: Int?
+    public var announceMaxMs: Int?
+    public var announceStepMs: Int?
 
     public init(destination: String?, resume: Bool? = nil, mode: String? = nil, maxDowntimeMs: Double? = nil, maxRounds: Int? = nil,
                 timeoutS: Double? = nil, bandwidth: UInt64? = nil, verify: Bool? = nil, precopyRounds: Int? = nil,
                 compress: String? = nil, xbzrleCacheBytes: UInt64? = nil, order: String? = nil, holdBack: Bool? = nil,
                 zstdLevel: Int? = nil, streams: Int? = nil, tlsDir: String? = nil, tlsAllow: [String]? = nil, insecure: Bool? = nil,
-                token: String? = nil, storage: String? = nil, storageMirror: String? = nil) {
+                token: String? = nil, storage: String? = nil, storageMirror: String? = nil, announceRounds: Int? = nil,
+                announceInitialMs: Int? = nil, announceMaxMs: Int? = nil, announceStepMs: Int? = nil) {
+        self.announceRounds = announceRounds
+        self.announceInitialMs = announceInitialMs
+        self.announceMaxMs = announceMaxMs
+        self.announceStepMs = announceStepMs
         self.storage = storage
         self.storageMirror = storageMirror
         self.token = token
@@ -222,6 +232,10 @@ extension APIRouter {
             }
             parameters.storage = storage
         }
+        let defaults = AnnounceSchedule()
+        parameters.announce = AnnounceSchedule(rounds: request.announceRounds ?? defaults.rounds, initialMs: request.announceInitialMs ?? defaults.initialMs,
+                                               maxMs: request.announceMaxMs ?? defaults.maxMs, stepMs: request.announceStepMs ?? defaults.stepMs)
+        if let problem = parameters.announce.problem { return .error(400, "bad_request", problem) }
         if let text = request.storageMirror {
             guard let mirror = StorageMirror(rawValue: text) else {
                 return .error(400, "bad_request", "unknown storage_mirror '\(text)' (rounds or sync)")

@@ -1,5 +1,6 @@
 import Glibc
 import Logging
+import Synchronization
 import TernKVM
 
 /// The VM's MMIO devices: the one list of devices that the machine, its
@@ -95,6 +96,23 @@ public final class MmioBus: Sendable {
         }
     }
 
+    /// After a migration: asks every NIC's guest driver that negotiated VIRTIO_NET_F_GUEST_ANNOUNCE to
+    /// announce itself. Returns how many were asked.
+    @discardableResult
+    public func requestGuestAnnouncements() -> Int {
+        var asked = 0
+        for device in devices {
+            guard let network = device.backend as? VirtioNet, device.driverFeatures & VirtioNet.Feature.guestAnnounce != 0 else { continue }
+            network.requestGuestAnnouncement()
+            device.signalConfigurationChange()
+            asked += 1
+        }
+        return asked
+    }
+
+    /// The NICs, in slot order.
+    public var networks: [VirtioNet] { devices.compactMap { $0.backend as? VirtioNet } }
+
     /// The disks, in slot order.
     public var disks: [VirtioBlock] { devices.compactMap { $0.backend as? VirtioBlock } }
 
@@ -170,6 +188,9 @@ extension MmioBus {
                 for kind in NetworkFrameKind.allCases { info.counters["frames_\(kind)"] = network.statistics.count(of: kind) }
                 info.counters["bytes_received"] = network.statistics.bytesIn
                 info.counters["bytes_sent"] = network.statistics.bytesOut
+                info.counters["announcements_sent"] = network.announcementsSent.load(ordering: .relaxed)
+                info.counters["announcements_failed"] = network.announcementsFailed.load(ordering: .relaxed)
+                info.counters["guest_announcements"] = network.guestAnnouncements.load(ordering: .relaxed)
             default:
                 break
             }

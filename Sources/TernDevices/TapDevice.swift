@@ -58,6 +58,17 @@ public final class TapDevice: Sendable {
         }
     }
 
+    /// Writes one Ethernet frame the host makes (an announcement), behind a header that asks for nothing.
+    public func send(frame: [UInt8]) -> Bool {
+        let bytes = [UInt8](repeating: 0, count: Self.headerSize) + frame
+        while true {
+            let count = bytes.withUnsafeBytes { write(fd.rawValue, $0.baseAddress, $0.count) }
+            if count == bytes.count { return true }
+            if count < 0 && errno == EINTR { continue }
+            return false
+        }
+    }
+
     /// Writes one frame (header included). A full TAP queue drops the frame, as a wire would.
     func send(_ buffers: GuestBuffers) -> Bool {
         let vectors = buffers.withIOVecs { $0 }

@@ -166,6 +166,18 @@ public final class VirtioMmioDevice: @unchecked Sendable {
         }
     }
 
+    /// The features the driver accepted.
+    public var driverFeatures: UInt64 { registers.withLock { $0.driverFeatures } }
+
+    /// Tells the driver its configuration changed (a configuration-change interrupt, a new generation).
+    public func signalConfigurationChange() {
+        registers.withLock { registers in
+            registers.interruptStatus |= VirtioInterrupt.configurationChange
+            registers.configGeneration &+= 1
+        }
+        interrupt.signal()
+    }
+
     // MARK: Registers (vCPU threads)
 
     public func read(offset: UInt64, into data: UnsafeMutableRawBufferPointer) {

@@ -4,6 +4,9 @@ import Synchronization
 /// queue 1 transmits, frames carry the 12-byte virtio_net_hdr_v1 in front,
 /// and no offloads are offered, so every frame crosses whole and checksummed.
 /// The MAC is the VM's (it travels with it through snapshots and migrations).
+/// Queue 2 is the control queue, for VIRTIO_NET_F_GUEST_ANNOUNCE alone: after a
+/// migration the device sets the ANNOUNCE status bit and the guest sends its
+/// own gratuitous ARP, then acknowledges.
 public final class VirtioNet: VirtioBackend {
     public let tap: TapDevice
     public let mac: MACAddress
@@ -11,13 +14,23 @@ public final class VirtioNet: VirtioBackend {
     /// Set when a frame waits on the TAP but the driver has no receive buffer posted: the TAP is
     /// then left out of the worker's wait (it would wake it forever) until the driver adds buffers.
     private let starved = Atomic<Bool>(false)
+    /// VIRTIO_NET_S_ANNOUNCE: set after a migration, until the guest acknowledges it.
+    private let announcing = Atomic<Bool>(false)
+    /// RARP announcements the host sent on the TAP, and those the TAP refused.
+    public let announcementsSent = Atomic<Int>(0)
+    public let announcementsFailed = Atomic<Int>(0)
+    /// Announcements the guest acknowledged (VIRTIO_NET_CTRL_ANNOUNCE_ACK).
+    public let guestAnnouncements = Atomic<Int>(0)
 
     enum Feature {
         static let mac: UInt64 = 1 << 5
         static let status: UInt64 = 1 << 16
+        static let controlQueue: UInt64 = 1 << 17
+        static let guestAnnounce: UInt64 = 1 << 21
     }
 
-    static let receiveQueue = 0, transmitQueue = 1
+    static let receiveQueue = 0, transmitQueue = 1, controlQueue = 2
+    static let controlQueueSize: UInt16 = 64
     static let queueSize: UInt16 = 256
     /// The largest frame with its header: 1514 bytes of Ethernet and the header (no offloads, so no GSO).
     static let maximumFrame = 1514 + TapDevice.headerSize
@@ -28,12 +41,29 @@ public final class VirtioNet: VirtioBackend {
     }
 
     public var deviceType: VirtioDeviceType { .network }
-    public var queueMaximumSizes: [UInt16] { [Self.queueSize, Self.queueSize] }
-    public var offeredFeatures: UInt64 { VirtioFeature.version1 | Feature.mac | Feature.status }
+    public var queueMaximumSizes: [UInt16] { [Self.queueSize, Self.queueSize, Self.controlQueueSize] }
+    public var offeredFeatures: UInt64 {
+        VirtioFeature.version1 | Feature.mac | Feature.status | Feature.controlQueue | Feature.guestAnnounce
+    }
     public var identity: BackendIdentity { .network(tap: tap.name, mac: mac) }
 
-    /// struct virtio_net_config: mac[6], status (VIRTIO_NET_S_LINK_UP).
-    public var configuration: [UInt8] { mac.bytes + [1, 0] }
+    /// struct virtio_net_config: mac[6], status (VIRTIO_NET_S_LINK_UP, and VIRTIO_NET_S_ANNOUNCE while asked).
+    public var configuration: [UInt8] { mac.bytes + [announcing.load(ordering: .acquiring) ? 3 : 1, 0] }
+
+    /// Asks the guest to announce itself; the caller signals the configuration change.
+    public func requestGuestAnnouncement() { announcing.store(true, ordering: .releasing) }
+
+    /// The host's announcement on the TAP, as QEMU's announce-self sends it: a broadcast RARP
+    /// (ethertype 0x8035, reverse request) from the VM's MAC, which teaches every learning
+    /// switch on the way where the MAC now is.
+    public func sendRARP() -> Bool {
+        var frame = [UInt8](repeating: 0xFF, count: 6) + mac.bytes + [0x80, 0x35]
+        frame += [0, 1, 0x08, 0x00, 6, 4, 0, 3] + mac.bytes + [0, 0, 0, 0] + mac.bytes + [0, 0, 0, 0]
+        frame += [UInt8](repeating: 0, count: 60 - frame.count)
+        let sent = tap.send(frame: frame)
+        if sent { announcementsSent.add(1, ordering: .relaxed) } else { announcementsFailed.add(1, ordering: .relaxed) }
+        return sent
+    }
 
     /// The TAP, while the receive queue is set up and has buffers: otherwise a frame waiting there
     /// would wake the worker over and over with nothing to put it in.
@@ -48,8 +78,29 @@ public final class VirtioNet: VirtioBackend {
         switch queue {
         case Self.transmitQueue: return try transmit(&virtqueue)
         case Self.receiveQueue: return try receive(&virtqueue)
+        case Self.controlQueue: return try control(&virtqueue)
         default: return false
         }
+    }
+
+    /// Control commands {u8 class, u8 command, data} with a one-byte ack: only the announcement's
+    /// acknowledgement (class 3, command 0) is known; anything else is answered VIRTIO_NET_ERR.
+    private func control(_ queue: inout SplitVirtqueue) throws(VirtqueueError) -> Bool {
+        var used = false
+        while let chain = try queue.next() {
+            let command = GuestBuffers(chain.readable, ram: queue.ram).read(limit: 2)
+            let ack = GuestBuffers(chain.writable, ram: queue.ram)
+            var status: UInt8 = 1
+            if command == [3, 0] {
+                announcing.store(false, ordering: .releasing)
+                guestAnnouncements.add(1, ordering: .relaxed)
+                status = 0
+            }
+            let written = ack.count >= 1 ? ack.write([status], ram: queue.ram) : 0
+            try queue.complete(chain.head, written: UInt32(written))
+            used = true
+        }
+        return used
     }
 
     private func transmit(_ queue: inout SplitVirtqueue) throws(VirtqueueError) -> Bool {

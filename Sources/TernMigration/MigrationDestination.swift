@@ -353,6 +353,8 @@ public final class MigrationDestination {
         // The VM runs now whatever happens to this last message: the source may not run it too.
         try? sink?.writeFrame(.resumed, payload: resumed.encoded)
         postcopy?.start(vmStartedNs: resumed.monotonicNs)
+        // Where the VM is now: switches on the way learn its MACs behind this host (a VM kept paused is not announced).
+        if !keepPaused { NetworkAnnouncer.start(for: machine, schedule: hello.announce, logger: logger) }
         let downtime = hello.bootID == Clocks.bootID ? Clocks.milliseconds(from: completion.pausedMonotonicNs, to: resumed.monotonicNs) : nil
         return (machine, Outcome(dataPages: applier.dataPages + (extraStreams?.dataPages ?? 0),
                                  zeroPages: applier.zeroPages + (extraStreams?.zeroPages ?? 0), bytes: bytes, downtimeMs: downtime,

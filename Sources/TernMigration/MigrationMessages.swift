@@ -37,6 +37,8 @@ public struct Hello: Equatable, Sendable {
     public static let maximumAuthorizationBytes = 4096
     /// How the disks move, and their sizes.
     public var storage = StorageAnnouncement()
+    /// How the destination announces the VM's NICs once it runs there.
+    public var announce = AnnounceSchedule()
 
     public init(features: UInt64 = 0, bootID: String, machine: MachineDescription, cpuid: [CPUIDEntry], devices: [String], streams: UInt32 = 1,
                 authorization: String = "") {
@@ -64,6 +66,7 @@ public struct Hello: Equatable, Sendable {
         w.write(streams)
         w.writeString(authorization)
         storage.encode(into: &w)
+        announce.encode(into: &w)
         return w.bytes
     }
 
@@ -94,6 +97,7 @@ public struct Hello: Equatable, Sendable {
         guard streams >= 1, streams <= Self.maximumStreams else { throw .malformed("hello: \(streams) page streams (1 to \(Self.maximumStreams) allowed)") }
         authorization = try r.readString(maximum: Self.maximumAuthorizationBytes)
         storage = try StorageAnnouncement(reading: &r)
+        announce = try AnnounceSchedule(reading: &r)
         try r.expectEnd()
     }
 }

@@ -40,6 +40,7 @@ extension MigrationSource {
                           devices: ["UART"] + machine.devices.kinds,
                           streams: UInt32(parameters.streams), authorization: parameters.authorization)
         hello.storage = storage?.announcement ?? StorageAnnouncement(mode: parameters.storage)
+        hello.announce = parameters.announce
         if parameters.zstdLevel != nil { hello.features |= Hello.zstdFeature }
         if parameters.mode == .postcopy { hello.features |= Hello.postcopyFirstFeature }
         if parameters.verify { hello.features |= Hello.verifyFeature }

@@ -54,6 +54,8 @@ public final class MigrationSource: @unchecked Sendable {
         public var storage = StorageMode.shared
         /// With `copy`: how the guest's writes during the copy reach the destination (`--storage-mirror`).
         public var storageMirror = StorageMirror.rounds
+        /// How the destination announces the VM's NICs (`--announce-*`).
+        public var announce = AnnounceSchedule()
 
         public init(destination: Endpoint, security: ChannelSecurity) {
             self.destination = destination

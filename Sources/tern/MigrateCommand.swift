@@ -61,6 +61,18 @@ struct Migrate: ParsableCommand {
     @Option(help: "With --storage copy: rounds (writes made during the copy are re-sent by the next round; the default) or sync (each write reaches both sides before it completes, so a write-heavy guest cannot keep the copy from converging).")
     var storageMirror: String?
 
+    @Option(help: "Announcement rounds the destination sends for the VM's NICs once it runs there (a RARP per NIC each round, and the guest's own announcement in the first); 0: none (QEMU announce-self's default, 5).")
+    var announceRounds: Int?
+
+    @Option(help: "Milliseconds before the second announcement round (default 50).")
+    var announceInitial: Int?
+
+    @Option(help: "Each later gap between rounds is this many milliseconds longer (default 100).")
+    var announceStep: Int?
+
+    @Option(help: "The longest gap between rounds in milliseconds (default 550).")
+    var announceMax: Int?
+
     @Flag(help: "Compare digests of memory, device state and (with --storage copy) the disks on both sides before handing over.")
     var verify = false
 
@@ -92,6 +104,11 @@ struct Migrate: ParsableCommand {
         if let streams, !(1...Hello.maximumStreams).contains(streams) { throw ValidationError("--streams must be between 1 and \(Hello.maximumStreams)") }
         guard StorageMode(rawValue: storage) != nil else {
             throw ValidationError("--storage must be shared or copy")
+        }
+        let defaults = AnnounceSchedule()
+        if let problem = AnnounceSchedule(rounds: announceRounds ?? defaults.rounds, initialMs: announceInitial ?? defaults.initialMs,
+                                          maxMs: announceMax ?? defaults.maxMs, stepMs: announceStep ?? defaults.stepMs).problem {
+            throw ValidationError("--" + problem.replacingOccurrences(of: "announce ", with: "announce-"))
         }
         if let storageMirror {
             guard StorageMirror(rawValue: storageMirror) != nil else { throw ValidationError("--storage-mirror must be rounds or sync") }
@@ -147,7 +164,9 @@ struct Migrate: ParsableCommand {
                                      // The VM's tern process reads the directory: give it an absolute path.
                                      tlsDir: tlsDir.map { URL(fileURLWithPath: $0).standardizedFileURL.path },
                                      tlsAllow: tlsAllow.isEmpty ? nil : tlsAllow, insecure: insecure ? true : nil,
-                                     token: try migrationToken(), storage: storage, storageMirror: storageMirror)
+                                     token: try migrationToken(), storage: storage, storageMirror: storageMirror,
+                                     announceRounds: announceRounds, announceInitialMs: announceInitial, announceMaxMs: announceMax,
+                                     announceStepMs: announceStep)
         let body = try APIJSON.encoder.encode(request)
         let client = api.client
         let outcome = Mutex<Result<APIClient.Response, any Error>?>(nil)
