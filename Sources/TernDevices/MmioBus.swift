@@ -73,8 +73,10 @@ public final class MmioBus: Sendable {
     /// Finishes in-flight requests, flushes, and serves nothing more until `release` (vCPUs stopped first).
     /// Returns what failed to reach stable storage, if anything did.
     @discardableResult
-    public func quiesce() -> String? {
-        let failures = devices.compactMap { device in device.quiesce().map { "device '\(device.id)': flush failed: \(String(cString: strerror($0)))" } }
+    /// `flushing: false` when nothing reads the images from stable storage next (a migration that copies
+    /// the disks reads them through the page cache, and the destination flushes its copy).
+    public func quiesce(flushing: Bool = true) -> String? {
+        let failures = devices.compactMap { device in device.quiesce(flushing: flushing).map { "device '\(device.id)': flush failed: \(String(cString: strerror($0)))" } }
         return failures.isEmpty ? nil : failures.joined(separator: "; ")
     }
     public func release() { for device in devices { device.release() } }

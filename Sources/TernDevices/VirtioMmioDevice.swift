@@ -114,13 +114,13 @@ public final class VirtioMmioDevice: @unchecked Sendable {
     /// the guest could make more requests available.
     /// Returns the errno of a flush that failed (the device is held all the same).
     @discardableResult
-    public func quiesce() -> Int32? {
+    public func quiesce(flushing: Bool = true) -> Int32? {
         serving.lock()
         defer { serving.unlock() }
         guard !held else { return nil }
         serveQueues()
         held = true
-        return backend.flush()
+        return flushing ? backend.flush() : nil
     }
 
     /// Serves requests again after `quiesce` (the VM resumed).

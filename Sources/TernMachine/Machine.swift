@@ -213,7 +213,9 @@ public final class Machine: @unchecked Sendable {
     }
 
     /// Parks every vCPU outside KVM_RUN; returns once all are parked.
-    public func pause() throws {
+    /// `flushingDisks: false` leaves what the guest wrote without flushing in the page cache (a migration
+    /// that copies the disks: flushing there put whatever the host had not written back into the downtime).
+    public func pause(flushingDisks: Bool = true) throws {
         lifecycle.lock()
         defer { lifecycle.unlock() }
         guard state == .running else { throw LifecycleError.notRunning(state) }
@@ -226,7 +228,7 @@ public final class Machine: @unchecked Sendable {
         // As QEMU's vm_stop drains and flushes block I/O: a paused VM does no I/O, and what it
         // wrote is on stable storage, so its state can be captured or handed over. A flush that
         // fails makes the pause fail: nothing may be handed over on data that is not there.
-        if let failure = devices.quiesce() {
+        if let failure = devices.quiesce(flushing: flushingDisks) {
             devices.release()
             for runner in runners { runner.resume() }
             throw LifecycleError.devicesNotQuiesced(failure)

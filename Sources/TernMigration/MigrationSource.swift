@@ -253,7 +253,9 @@ public final class MigrationSource: @unchecked Sendable {
         try lock.withLock {
             switching = true
             guard machine.currentState != .paused else { return false }
-            try machine.pause()
+            // Copied disks are read through the page cache and flushed at the destination: what the guest
+            // flushed is on this host's stable storage already, and the rest need not be, here.
+            try machine.pause(flushingDisks: storage == nil)
             return true
         }
     }
