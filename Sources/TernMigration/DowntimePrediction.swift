@@ -22,6 +22,10 @@ public struct DowntimePrediction: Sendable {
     /// Milliseconds a page took in the last round, end to end (sent and applied); nil when the
     /// cap set that round's pace, the round was too small or short to tell, or there is none yet.
     public var pageCostMs: Double?
+    /// Disk blocks still to send (`--storage copy`), and what flushing one at the destination cost in the
+    /// last round's sync (its random 4 KiB writes reach stable storage before `ready`, inside the downtime).
+    public var pendingBlocks = 0
+    public var blockFlushCostMs = 0.0
 
     /// end → ready → go → resumed: one and a half round trips beyond the data.
     static let handOverRoundTrips = 1.5
@@ -39,6 +43,6 @@ public struct DowntimePrediction: Sendable {
     public var milliseconds: Double {
         let link = max(throughputBytesPerSecond, 1)
         let pages = pageCostMs.map { Double(dirtyPages) * $0 } ?? Double(dirtyPages) * wireBytesPerPage / link * 1000
-        return pages + Double(stateBytes) / link * 1000 + Self.handOverRoundTrips * roundTripMs
+        return pages + Double(pendingBlocks) * blockFlushCostMs + Double(stateBytes) / link * 1000 + Self.handOverRoundTrips * roundTripMs
     }
 }

@@ -6,6 +6,8 @@ import TernWire
 
 extension MigrationSource {
     static let learningIntervalPages = 8192
+    /// A flush of fewer blocks says little about what one costs.
+    static let blocksToMeasureFlush = 256
     /// A round of fewer pages says little about what a page costs (its sync's round trip and fixed costs dominate).
     static let pagesToMeasureCost: UInt64 = 256
     /// Nor does a round not much longer than a round trip: less the round trip it ends with, what is
@@ -48,6 +50,8 @@ extension MigrationSource {
         var probedPageCostMs: Double?
         /// The probe's pages, re-sends rather than part of the first pass: not counted in round 0's pages.
         var probeSentPages: UInt64 = 0
+        /// What the destination took to flush one received disk block, measured in the last round's sync.
+        var blockFlushCostMs = 0.0
         /// The dirty log read at the end of the last round, before held-back pages join it.
         var latestDirty: PageSet?
         // The first pass learns as it goes, from the dirty log read after its first megabyte and then at
@@ -164,7 +168,13 @@ extension MigrationSource {
             if interruptible { sender.recordSentPages(false, pageCount: pageCount) }
             // Pages re-sent from now on are likely to be re-sent again: keep them for deltas.
             sender.setCacheWholePages(true)
+            let syncStart = ContinuousClock.now
             try sender.synchronise(round: round) { [unowned self] in try readReply($0, expecting: .pong, what: "the sync after a round").1 }
+            // The destination flushes the round's disk blocks before it answers the sync: beyond the round
+            // trip, the sync's time is that flush, which the last round's blocks will cost in the downtime.
+            if round > 0, blocksSent >= Self.blocksToMeasureFlush {
+                blockFlushCostMs = max(milliseconds(since: syncStart) - roundTripMs, 0) / Double(blocksSent)
+            }
             let duration = max(milliseconds(since: roundStart), 0.001)
             var dirty = try machine.memory.collectDirtyPages(from: machine.vm)
             frequency.record(dirty)
@@ -192,13 +202,16 @@ extension MigrationSource {
             // smaller, and pages found unchanged cost nothing on the wire).
             let roundPages = sent.pagesCovered - before.pagesCovered + UInt64(blocksSent)
             let bytesPerPage = round > 0 && roundPages > 0 ? Double(roundBytes) / Double(roundPages) : Double(PageRun.pageSize + PageRun.headerSize)
-            let predictedMs = DowntimePrediction(
+            var prediction = DowntimePrediction(
                 dirtyPages: dirty.count + pendingBlocks, wireBytesPerPage: bytesPerPage, throughputBytesPerSecond: throughput,
                 stateBytes: Self.stateBytesEstimate, roundTripMs: roundTripMs,
                 pageCostMs: round > 0
                     ? Self.measuredPageCost(pages: roundPages, durationMs: duration, waitedSeconds: rateLimit.waitedSeconds - waitedBefore,
                                             streams: sender.senders.count, roundTripMs: roundTripMs)
-                    : probedPageCostMs).milliseconds
+                    : probedPageCostMs)
+            prediction.pendingBlocks = pendingBlocks
+            prediction.blockFlushCostMs = blockFlushCostMs
+            let predictedMs = prediction.milliseconds
             let record = MigrationReport.Round(
                 round: round, pages: (sent.dataPages + sent.zeroPages) - (before.dataPages + before.zeroPages) - (round == 0 ? probeSentPages : 0),
                 zeroPages: sent.zeroPages - before.zeroPages, bytes: roundBytes, dirtyPages: UInt64(dirty.count),
@@ -220,9 +233,12 @@ extension MigrationSource {
                 samples: firstPassSamples, dirtyPages: dirty.count, roundMs: predictedMs, workingSetPages: frequency.pagesEverDirty)
             // `tern migrate-set` may have moved the target since the last round.
             policy.maxDowntimeMs = currentLimits.maxDowntimeMs
-            let decision = policy.decide(afterRound: round, dirtyPages: dirty.count + pendingBlocks, predictedMs: predictedMs,
+            var decision = policy.decide(afterRound: round, dirtyPages: dirty.count + pendingBlocks, predictedMs: predictedMs,
                                          elapsedSeconds: milliseconds(since: started) / 1000,
                                          dirtySetRewrittenWithinARound: rewritesFaster, history: &history)
+            // The bulk pass's flush, of long runs, says nothing of what the guest's scattered blocks cost to
+            // flush: a copied disk converges only after a round of those has measured it.
+            if storage != nil, round == 0, case .switchover(let reason) = decision, reason.hasPrefix("converged") { decision = .iterate }
             round += 1
             // A request for post-copy that came during this round wins over whatever the policy decided.
             if interruptible && postcopyRequestPending {
