@@ -158,6 +158,18 @@ def tail(path, n=1500):
         return ""
 
 
+def sh(cmd, timeout=15, check=True):
+    """Runs a short admin command (ip ...); raises BenchError if it fails and check is set."""
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError("%s did not finish within %d s" % (shlex.join(cmd), timeout))
+    if check and r.returncode != 0:
+        raise BenchError("%s failed (exit %d): %s" % (shlex.join(cmd), r.returncode,
+                                                      r.stderr.decode("utf-8", "replace").strip()))
+    return r
+
+
 def run_out(cmd, timeout=15):
     """stdout of a short command run in the repository, or None if it failed."""
     try:

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.join(HERE, "qemu"))
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree from the imports below
 import qemu_migrate as qm  # noqa: E402  (QMP client and warm_host)
 import benchlib as bl  # noqa: E402
-from benchlib import (BenchError, Interrupted, blocked_signals, log, med, ratio, run_out, spawn,  # noqa: E402
+from benchlib import (BenchError, Interrupted, blocked_signals, log, med, ratio, run_out, sh, spawn,  # noqa: E402
                       tail)
 
 bl.set_prog("devices")
@@ -179,16 +179,6 @@ def cpu_use(pid, a, b, ha, hb, seconds, client_s=0.0):
     }
 
 
-def sh(cmd, timeout=15, check=True):
-    """Runs a short admin command (ip ...); raises BenchError if it fails and check is set."""
-    try:
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BenchError("%s did not finish within %d s" % (shlex.join(cmd), timeout))
-    if check and r.returncode != 0:
-        raise BenchError("%s failed (exit %d): %s" % (shlex.join(cmd), r.returncode,
-                                                      r.stderr.decode("utf-8", "replace").strip()))
-    return r
 
 
 # ---------------------------------------------------------------- status block

@@ -59,7 +59,7 @@ import qemu_migrate as qm  # noqa: E402  (QMP client, warm_host)
 import benchlib as bl  # noqa: E402
 import devices as dv  # noqa: E402  (status block decoding, the Tern API over its socket)
 from benchlib import (BenchError, Interrupted, LIVE, blocked_signals, kill_hard, log, med, ratio,  # noqa: E402
-                      reap, signal_proc, spawn, tail)
+                      reap, sh, signal_proc, spawn, tail)
 
 bl.set_prog("storage")
 
@@ -111,15 +111,16 @@ def guest_cmdline(args, case):
 
 # ---------------------------------------------------------------- small helpers
 
-def sh(cmd, timeout=15, check=True):
-    try:
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BenchError("%s did not finish within %d s" % (shlex.join(cmd), timeout))
-    if check and r.returncode != 0:
-        raise BenchError("%s failed (exit %d): %s" % (shlex.join(cmd), r.returncode,
-                                                      r.stderr.decode("utf-8", "replace").strip()))
-    return r
+def record_failure(rec, e):
+    """A cell that failed (BenchError) or was interrupted: its status and why; a status it had set stays."""
+    if isinstance(e, BenchError):
+        rec["status"] = rec.get("status") if rec.get("status") not in (None, "error", "running") else "error"
+        rec["error"] = str(e)
+    else:
+        rec["status"] = "interrupted"
+        rec["error"] = "interrupted (Ctrl-C or SIGTERM)"
+
+
 
 
 def in_ns(ctx, cmd):
@@ -594,12 +595,8 @@ def run_qemu(ctx, case, rep, order, copy_mode):
         rec["image_check"] = check_image(base, dst_img, tags)
         rec["dst_image_allocated_bytes"] = allocated(dst_img)
         finish_checks(rec)
-    except BenchError as e:
-        rec["status"] = rec.get("status") if rec.get("status") not in (None, "error", "running") else "error"
-        rec["error"] = str(e)
-    except (KeyboardInterrupt, Interrupted):
-        rec["status"] = "interrupted"
-        rec["error"] = "interrupted (Ctrl-C or SIGTERM)"
+    except (BenchError, KeyboardInterrupt, Interrupted) as e:
+        record_failure(rec, e)
     finally:
         with blocked_signals():
             rec["dst_exit"] = stop_qemu(dst, dq, "qemu destination")
@@ -806,12 +803,8 @@ def run_tern(ctx, case, rep, order):
         rec["image_check"] = check_image(base, dst_img, tags)
         rec["dst_image_allocated_bytes"] = allocated(dst_img)
         finish_checks(rec)
-    except BenchError as e:
-        rec["status"] = rec.get("status") if rec.get("status") not in (None, "error", "running") else "error"
-        rec["error"] = str(e)
-    except (KeyboardInterrupt, Interrupted):
-        rec["status"] = "interrupted"
-        rec["error"] = "interrupted (Ctrl-C or SIGTERM)"
+    except (BenchError, KeyboardInterrupt, Interrupted) as e:
+        record_failure(rec, e)
     finally:
         with blocked_signals():
             if mig is not None and mig.poll() is None:

@@ -41,6 +41,8 @@
 # Run a command on a host with `ip netns exec PREFIX-h1 COMMAND`. There is no netem on these
 # machines: delay only comes from the relays. docs/NETWORK.md describes both topologies.
 set -euo pipefail
+# shellcheck source=scripts/netns-common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/netns-common.sh"
 
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -57,26 +59,7 @@ need_root() {
     [ "$(id -u)" = 0 ] || die "must run as root"
 }
 
-ns_exists() { ip netns list 2>/dev/null | awk '{print $1}' | grep -qxF "$1"; }
 
-# Stops the processes in a namespace and deletes it; nothing if it does not exist.
-remove_ns() {
-    local ns="$1" pids i
-    ns_exists "$ns" || return 0
-    pids=$(ip netns pids "$ns" 2>/dev/null || true)
-    if [ -n "$pids" ]; then
-        # shellcheck disable=SC2086
-        kill -TERM $pids 2>/dev/null || true
-        for i in $(seq 20); do
-            pids=$(ip netns pids "$ns" 2>/dev/null || true)
-            [ -z "$pids" ] && break
-            sleep 0.1
-        done
-        # shellcheck disable=SC2086
-        [ -n "$pids" ] && kill -KILL $pids 2>/dev/null || true
-    fi
-    ip netns del "$ns" 2>/dev/null || true
-}
 
 # Every namespace of PREFIX, whichever topology made it.
 prefix_namespaces() {
@@ -112,19 +95,6 @@ ageing_secs() {
     echo "$a"
 }
 
-# Rate in tc syntax (e.g. 1gbit, 500mbit, 800kbit) -> bits per second.
-rate_bps() {
-    local r="${1,,}"
-    awk -v r="$r" 'BEGIN {
-        if (match(r, /^[0-9]+(\.[0-9]+)?/) == 0) exit 1
-        n = substr(r, 1, RLENGTH); u = substr(r, RLENGTH + 1)
-        m["bit"] = 1; m["kbit"] = 1e3; m["mbit"] = 1e6; m["gbit"] = 1e9; m["tbit"] = 1e12
-        m["bps"] = 8; m["kbps"] = 8e3; m["mbps"] = 8e6; m["gbps"] = 8e9
-        if (u == "") u = "bit"
-        if (!(u in m)) exit 1
-        printf "%.0f\n", n * m[u]
-    }'
-}
 
 rate_from_env() {
     [ -n "${RATE:-}" ] || return 0

@@ -16,6 +16,8 @@
 # There is no latency emulation here (the netem qdisc does not exist on these machines): use
 # tools/delay_relay.py for delay.
 set -euo pipefail
+# shellcheck source=scripts/netns-common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/netns-common.sh"
 
 usage() {
     sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' >&2
@@ -27,40 +29,8 @@ need_root() {
     [ "$(id -u)" = 0 ] || { echo "netns: must run as root" >&2; exit 1; }
 }
 
-ns_exists() { ip netns list 2>/dev/null | awk '{print $1}' | grep -qxF "$1"; }
 
-# Stops the processes in a namespace and deletes it; nothing if it does not exist.
-remove_ns() {
-    local ns="$1" pids i
-    ns_exists "$ns" || return 0
-    pids=$(ip netns pids "$ns" 2>/dev/null || true)
-    if [ -n "$pids" ]; then
-        # shellcheck disable=SC2086
-        kill -TERM $pids 2>/dev/null || true
-        for i in $(seq 20); do
-            pids=$(ip netns pids "$ns" 2>/dev/null || true)
-            [ -z "$pids" ] && break
-            sleep 0.1
-        done
-        # shellcheck disable=SC2086
-        [ -n "$pids" ] && kill -KILL $pids 2>/dev/null || true
-    fi
-    ip netns del "$ns" 2>/dev/null || true
-}
 
-# Rate in tc syntax (e.g. 1gbit, 500mbit, 2.5gbit, 800kbit) -> bits per second.
-rate_bps() {
-    local r="${1,,}"
-    awk -v r="$r" 'BEGIN {
-        if (match(r, /^[0-9]+(\.[0-9]+)?/) == 0) exit 1
-        n = substr(r, 1, RLENGTH); u = substr(r, RLENGTH + 1)
-        m["bit"] = 1; m["kbit"] = 1e3; m["mbit"] = 1e6; m["gbit"] = 1e9; m["tbit"] = 1e12
-        m["bps"] = 8; m["kbps"] = 8e3; m["mbps"] = 8e6; m["gbps"] = 8e9
-        if (u == "") u = "bit"
-        if (!(u in m)) exit 1
-        printf "%.0f\n", n * m[u]
-    }'
-}
 
 # tbf on the egress of veth0 in a namespace. The bucket must hold what the kernel can release
 # between two timer ticks at the full rate plus one GSO super-packet (64 KiB on veth), or tbf

@@ -90,38 +90,23 @@ public final class DiskImage: Sendable {
     /// Records the image's new name after a rename (the open file is the same).
     public func renamed(to newPath: String) { currentPath.withLock { $0 = newPath } }
 
-    /// Reads `buffer.count` bytes at `offset` for a migration; what lies past the end reads as zeros.
-    /// Returns the errno of a failure.
+    /// Reads `buffer.count` bytes at `offset` for a migration; what lies past the end of the image reads as
+    /// zeros (a disk's last block, padded). Returns the errno of a failure.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Int32? {
-        var done = 0
-        while done < buffer.count {
-            let got = pread(file.rawValue, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-            if got < 0 {
-                if errno == EINTR { continue }
-                return errno
-            }
-            if got == 0 {
-                (buffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
-                return nil
-            }
-            done += got
+        let inImage = offset >= size ? 0 : Int(min(UInt64(buffer.count), size - offset))
+        if inImage < buffer.count { (buffer.baseAddress! + inImage).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - inImage) }
+        guard inImage > 0 else { return nil }
+        return transfer([iovec(iov_base: buffer.baseAddress, iov_len: inImage)], at: offset) { fd, vectors, count, position in
+            preadv(fd, vectors, count, position)
         }
-        return nil
     }
 
     /// Writes `bytes` at `offset` (a migration's received blocks). Returns the errno of a failure.
     public func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) -> Int32? {
-        var done = 0
-        while done < bytes.count {
-            let put = pwrite(file.rawValue, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
-            if put < 0 {
-                if errno == EINTR { continue }
-                return errno
-            }
-            if put == 0 { return EIO }
-            done += put
+        guard !bytes.isEmpty else { return nil }
+        return transfer([iovec(iov_base: UnsafeMutableRawPointer(mutating: bytes.baseAddress), iov_len: bytes.count)], at: offset) {
+            fd, vectors, count, position in pwritev(fd, vectors, count, position)
         }
-        return nil
     }
 
     /// Walks the image's allocated and unallocated byte ranges in order (SEEK_DATA / SEEK_HOLE), each
@@ -147,19 +132,19 @@ public final class DiskImage: Sendable {
 
     /// Fills `buffers` from the image at `offset` (all of them, or an error).
     func read(into buffers: GuestBuffers, at offset: UInt64) -> Int32? {
-        transfer(buffers, at: offset) { fd, vectors, count, position in preadv(fd, vectors, count, position) }
+        transfer(buffers.withIOVecs { $0 }, at: offset) { fd, vectors, count, position in preadv(fd, vectors, count, position) }
     }
 
     /// Writes `buffers` to the image at `offset`.
     func write(from buffers: GuestBuffers, at offset: UInt64) -> Int32? {
-        transfer(buffers, at: offset) { fd, vectors, count, position in pwritev(fd, vectors, count, position) }
+        transfer(buffers.withIOVecs { $0 }, at: offset) { fd, vectors, count, position in pwritev(fd, vectors, count, position) }
     }
 
     /// Returns the errno of a failure, nil on success. Short transfers continue where they stopped;
     /// reading past the end of the file (a block device shrunk under us) is an error, not zeros.
-    private func transfer(_ buffers: GuestBuffers, at offset: UInt64,
+    private func transfer(_ vectors: [iovec], at offset: UInt64,
                           _ call: (Int32, UnsafePointer<iovec>, Int32, off_t) -> Int) -> Int32? {
-        var vectors = buffers.withIOVecs { $0 }
+        var vectors = vectors
         var position = off_t(offset)
         var first = 0
         while first < vectors.count {

@@ -114,31 +114,21 @@ final class PageStreamReceivers: @unchecked Sendable {
 
     /// Applies pages frames until `streamEnd`; nil on success, otherwise why it stopped.
     private func receive(from stream: FDStream, into applier: PageRunApplier) -> String? {
-        do {
-            while true {
-                if state.withLock({ $0.error }) != nil { return "stopped: another stream failed" }
-                let header = try stream.readFrameHeader()
-                switch header.type {
-                case .pages:
-                    try applier.apply(header, from: stream)
-                case .ping:
-                    // A round's sync: answered once everything before it is applied.
-                    guard header.length <= 64 else { return "a ping of \(header.length) bytes on a page stream" }
-                    let payload = try stream.readExactly(Int(header.length), what: "ping")
-                    try stream.checkPayload(payload, of: header, what: "ping frame")
-                    try stream.writeFrame(.pong, payload: payload)
-                case .streamEnd:
-                    _ = try stream.readExactly(Int(min(header.length, 64)), what: "stream end")
-                    return nil
-                case .abort:
-                    let payload = try stream.readExactly(Int(min(header.length, 4096)), what: "abort frame")
-                    return "the source aborted: \(String(decoding: payload, as: UTF8.self))"
-                default:
-                    return "unexpected \(header.type) frame on a page stream"
-                }
+        readFramesUntilStreamEnd(on: stream, what: "a page stream",
+                                 stop: { state.withLock { $0.error } != nil ? "stopped: another stream failed" : nil }) { header in
+            switch header.type {
+            case .pages:
+                try applier.apply(header, from: stream)
+            case .ping:
+                // A round's sync: answered once everything before it is applied.
+                guard header.length <= 64 else { throw MigrationDestination.Refusal("a ping of \(header.length) bytes on a page stream") }
+                let payload = try stream.readExactly(Int(header.length), what: "ping")
+                try stream.checkPayload(payload, of: header, what: "ping frame")
+                try stream.writeFrame(.pong, payload: payload)
+            default:
+                return false
             }
-        } catch {
-            return "\(error)"
+            return true
         }
     }
 
@@ -160,6 +150,31 @@ final class PageStreamReceivers: @unchecked Sendable {
     func cancel() {
         state.withLock { if $0.error == nil { $0.error = "cancelled" } }
         for connection in connections { shutdown(connection.rawValue, Int32(SHUT_RDWR)) }
+    }
+}
+
+/// Reads an extra connection's frames until its `streamEnd` (nil) or a reason to stop: `handle` takes
+/// the frame types it knows (true); an abort carries the source's reason, any other frame is unexpected.
+func readFramesUntilStreamEnd(on stream: FDStream, what: String, stop: () -> String? = { nil },
+                              handle: (FrameHeader) throws -> Bool) -> String? {
+    do {
+        while true {
+            if let reason = stop() { return reason }
+            let header = try stream.readFrameHeader()
+            if try handle(header) { continue }
+            switch header.type {
+            case .streamEnd:
+                _ = try stream.readExactly(Int(min(header.length, 64)), what: "stream end")
+                return nil
+            case .abort:
+                let payload = try stream.readExactly(Int(min(header.length, 4096)), what: "abort frame")
+                return "the source aborted: \(String(decoding: payload, as: UTF8.self))"
+            default:
+                return "unexpected \(header.type) frame on \(what)"
+            }
+        }
+    } catch {
+        return "\(error)"
     }
 }
 

@@ -260,25 +260,11 @@ final class StorageMirrorReceiver: Sendable {
 
     private func receive(into storage: StorageReceiver) -> String? {
         let stream = connection.stream
-        do {
-            while true {
-                let header = try stream.readFrameHeader()
-                switch header.type {
-                case .blocks:
-                    try storage.apply(header, from: stream)
-                    if header.flags & Self.acknowledgeFlag != 0 { try stream.writeFrame(.pong, payload: [UInt8]()) }
-                case .streamEnd:
-                    _ = try stream.readExactly(Int(min(header.length, 64)), what: "stream end")
-                    return nil
-                case .abort:
-                    let payload = try stream.readExactly(Int(min(header.length, 4096)), what: "abort frame")
-                    return "the source aborted: \(String(decoding: payload, as: UTF8.self))"
-                default:
-                    return "unexpected \(header.type) frame"
-                }
-            }
-        } catch {
-            return "\(error)"
+        return readFramesUntilStreamEnd(on: stream, what: "the mirror connection") { header in
+            guard header.type == .blocks else { return false }
+            try storage.apply(header, from: stream)
+            if header.flags & Self.acknowledgeFlag != 0 { try stream.writeFrame(.pong, payload: [UInt8]()) }
+            return true
         }
     }
 
