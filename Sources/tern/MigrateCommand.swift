@@ -291,8 +291,7 @@ final class ProgressPrinter: @unchecked Sendable {
         if let percent = report.roundPercent { line += String(format: " %3.0f%%", percent) }
         line += String(format: "  %.1f MB sent", Double(report.transferredBytes) / 1e6)
         if let disks = report.storage?.disks, !disks.isEmpty {
-            line += String(format: " (disks %.1f MB, %llu blocks to go)", Double(disks.reduce(0) { $0 + $1.bytes }) / 1e6,
-                           disks.reduce(UInt64(0)) { $0 + ($1.dirtyBlocksPerRound.last ?? 0) })
+            line += String(format: " (disks %.1f MB)", Double(disks.reduce(0) { $0 + $1.bytes }) / 1e6)
         }
         if report.status == .postcopy {
             line += "  pushing the pages still owed; the VM runs at the destination"
