@@ -2,6 +2,7 @@
 import PackageDescription
 
 // Layers, top to bottom (each depends only on those below it):
+//   tern (CLI) -> TernProbe (tern probe) -> TernKVM (threads)
 //   tern (CLI) -> TernAuth (tokens; TernMigration sees them through its MigrationAuthorizer protocol)
 //   tern (CLI) -> TernAPI -> TernMigration -> TernMachine -> TernDevices -> TernKVM -> CKVM (C shim)
 //                                        \-> TernWire (frames, checksums, codecs) -> CChecksum, CZstd (libzstd)
@@ -28,6 +29,8 @@ let package = Package(
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .target(name: "TernWire", dependencies: ["CChecksum", "CZstd"], swiftSettings: strict),
         .target(name: "TernKVM", dependencies: ["CKVM"], swiftSettings: strict),
+        // `tern probe`: UDP echo probes and what their replies say about a VM's reachability.
+        .target(name: "TernProbe", dependencies: ["TernKVM"], swiftSettings: strict),
         // OpenSSL 3 from Debian's libssl-dev (installed by scripts/setup.sh).
         .target(name: "CTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
         .target(name: "TernTLS", dependencies: ["CTLS", "TernWire"], swiftSettings: strict),
@@ -62,7 +65,7 @@ let package = Package(
         .executableTarget(
             name: "tern",
             dependencies: [
-                "TernAPI", "TernMachine", "TernMigration", "TernTLS", "TernAuth",
+                "TernAPI", "TernMachine", "TernMigration", "TernTLS", "TernAuth", "TernProbe",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -70,6 +73,7 @@ let package = Package(
         ),
         .executableTarget(name: "tern-bench", dependencies: ["TernWire", "TernTLS"], swiftSettings: strict),
         .testTarget(name: "TernWireTests", dependencies: ["TernWire", "CChecksum"], swiftSettings: strict),
+        .testTarget(name: "TernProbeTests", dependencies: ["TernProbe"], swiftSettings: strict),
         .testTarget(name: "TernAuthTests", dependencies: ["TernAuth"], swiftSettings: strict),
         .testTarget(name: "TernTLSTests", dependencies: ["TernTLS", "TernWire"], swiftSettings: strict),
         .testTarget(name: "TernDevicesTests", dependencies: ["TernDevices", "TernKVM", "TernWire"], swiftSettings: strict),

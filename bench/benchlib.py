@@ -1,19 +1,25 @@
-"""What bench/migration.py and bench/devices.py share: logging, the processes they start
-(each in its own session, stopped in order on errors, Ctrl-C and SIGTERM), the tern binary
-and the machine's facts, JSON lines and the Markdown file's marked sections.
+"""What the bench scripts share: logging, the processes they start (each in its own session,
+stopped in order on errors, Ctrl-C and SIGTERM), the tern binary and the machine's facts, JSON
+lines and the Markdown file's marked sections; and, at the end (used by bench/network.py so far),
+a script's frame: its common options, its inputs staged, the runs' alternating order, its report's
+opening, and the steps of one run (a process exiting, a status polled, a tern destination, a tern
+migrate).
 
 Python 3 standard library only. Each script calls set_prog() first, for its log prefix.
 """
 
 import datetime
+import hashlib
 import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -308,3 +314,192 @@ def med(values):
 
 def ratio(a, b):
     return None if a is None or not b else a / b
+
+
+# ---------------------------------------------------------------- a script's frame (bench/network.py uses these)
+
+def common_args(ap, name, marks, repeat=1):
+    """The options every VMM-against-VMM script takes: runs, binaries, output and the report again."""
+    ap.add_argument("--repeat", type=int, default=repeat, help="runs per case and VMM (default %d)" % repeat)
+    ap.add_argument("--vmms", default="tern,qemu", help="tern, qemu or both (default tern,qemu)")
+    ap.add_argument("--tern", help="tern binary (default .build/release/tern, else .build/debug/tern)")
+    ap.add_argument("--qemu", default="qemu-system-x86_64")
+    ap.add_argument("--guest", default=os.path.join(REPO, "guest", "build", "tern-guest.elf"))
+    out = os.path.join("bench", "results", name + ".jsonl")
+    ap.add_argument("--out", default=os.path.join(REPO, out), help="JSON lines, appended (default %s)" % out)
+    ap.add_argument("--markdown", metavar="FILE", help="also write the report into FILE between %s and %s" % marks)
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the runs' logs, sockets and reports")
+    ap.add_argument("--summarize", metavar="JSONL",
+                    help="no runs: print (and with --markdown write) the report of the last run_id in JSONL")
+
+
+def checked_common_args(ap, args, known_cases):
+    """--cases as a list of known names, --vmms as a list, --repeat at least 1."""
+    args.case_list = [c.strip() for c in args.cases.split(",") if c.strip()]
+    for c in args.case_list:
+        if c not in known_cases:
+            ap.error("unknown case %r (known: %s)" % (c, ", ".join(known_cases)))
+    args.vmm_list = vmm_names(ap, args.vmms)
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+
+
+def stage_inputs(args, tmp, need_tern=True):
+    """The guest and the tern binary copied into `tmp`, so a rebuild during the run cannot change them
+    halfway; exits if one is missing. Returns {guest, guest_src, guest_sha256, tern, tern_info}."""
+    guest_src = os.path.abspath(args.guest)
+    if not os.path.isfile(guest_src):
+        sys.exit("%s.py: guest not found: %s (make -C guest)" % (PROG[0], guest_src))
+    if "qemu" in args.vmm_list and not shutil.which(args.qemu):
+        sys.exit("%s.py: %s not found (apt-get install qemu-system-x86)" % (PROG[0], args.qemu))
+    out = {"guest_src": guest_src, "guest": os.path.join(tmp, os.path.basename(guest_src)), "tern": None,
+           "tern_info": None}
+    shutil.copy2(guest_src, out["guest"])
+    with open(out["guest"], "rb") as f:
+        out["guest_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    if need_tern:
+        path = pick_tern(args.tern)
+        out["tern"] = os.path.join(tmp, "tern")
+        shutil.copy2(path, out["tern"])
+        out["tern_info"] = tern_binary_info(path)
+    return out
+
+
+def new_run_id():
+    """(the time now, a run id: that time and this process's pid)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now, now.strftime("%Y%m%dT%H%M%SZ") + "-%d" % os.getpid()
+
+
+def alternating(repeat, cases, vmms):
+    """(repetition, case, position, vmm) for every run: the VMMs of each case in an order that alternates
+    from case to case and from repetition to repetition."""
+    for rep in range(repeat):
+        for ci, case in enumerate(cases):
+            order = vmms if (rep + ci) % 2 == 0 else list(reversed(vmms))
+            for pos, vmm in enumerate(order):
+                yield rep, case, pos, vmm
+
+
+def report_opening(script, meta, start, title):
+    """The first lines of a report: its markers and title, where it comes from, the command, the date, the machine."""
+    m = meta.get("machine", {})
+    return [start, title, "", "Generated by `bench/%s` (see `bench/README.md`)." % script, "",
+            "- command: `%s`" % meta.get("command"), "- date: %s" % meta.get("date"),
+            "- machine: %s CPUs (`nproc`), %s, kernel %s, load average %s at the start" % (
+                m.get("nproc"), m.get("cpu_model") or "unknown CPU", m.get("kernel"), m.get("loadavg"))]
+
+
+# ---------------------------------------------------------------- processes of one run
+
+def check_alive(procs):
+    """procs: (Popen, what, log path). Raises BenchError for the first that has exited, with its log's tail."""
+    for p, what, path in procs:
+        if p.poll() is not None:
+            LIVE.pop(p.pid, None)
+            raise BenchError("%s exited with %s: %s" % (what, p.returncode, tail(path, 800)))
+
+
+def wait_for(read, alive, timeout, ready, what, errors=(OSError, BenchError)):
+    """Polls read() every 0.1 s until ready(value) is true and returns that value. read() returning None or
+    raising one of `errors` means not yet; ready() may raise to give up; alive() runs between polls."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while True:
+        alive()
+        try:
+            value = read()
+        except errors:
+            value = None
+        if value is not None and ready(value):
+            return value
+        if time.monotonic() > deadline:
+            raise BenchError("%s within %.0f s" % (what, timeout))
+        time.sleep(0.1)
+
+
+def wait_line(p, path, needle, timeout):
+    """Until `needle` appears in the file `path`: 'ok', 'exited' (p ended first) or 'timeout'."""
+    deadline = time.monotonic() + timeout
+    while needle not in tail(path, 20000):
+        if p.poll() is not None:
+            return "exited"
+        if time.monotonic() > deadline:
+            return "timeout"
+        time.sleep(0.05)
+    return "ok"
+
+
+def spawn_tern_destination(cmd, errlog, timeout=60):
+    """`tern run --incoming ...`, ready once its log says it waits; raises BenchError if it exits or is not
+    listening in time (the port is not probed: a connection would be taken as the migration)."""
+    p = spawn("tern destination", cmd, stderr=errlog)
+    state = wait_line(p, errlog, "waiting for an incoming migration", timeout)
+    if state != "ok":
+        LIVE.pop(p.pid, None)
+        raise BenchError("tern destination %s: %s" % ("exited with %s" % p.returncode if state == "exited"
+                                                      else "not listening after %d s" % timeout, tail(errlog, 800)))
+    return p
+
+
+def run_tern_migrate(cmd, stdout, stderr, timeout):
+    """`tern migrate ... --json` to its end, cancelled (SIGINT: the VM stays on the source) after `timeout`
+    s. Returns (its report, the report's text, its stderr's tail, whether it was cancelled); raises
+    BenchError if it printed no report."""
+    p = spawn("tern migrate", cmd, stdout=stdout, stderr=stderr)
+    cancelled = False
+    try:
+        if not reap(p, timeout):
+            log("tern migrate still running after %.0f s: cancelling (SIGINT)" % timeout)
+            cancelled = True
+            signal_proc(p, signal.SIGINT)
+            if not reap(p, 60):
+                kill_hard(p, "tern migrate")
+    finally:
+        with blocked_signals():
+            if p.poll() is None:
+                signal_proc(p, signal.SIGINT)
+                if not reap(p, 30):
+                    kill_hard(p, "tern migrate")
+            LIVE.pop(p.pid, None)
+    err = tail(stderr, 2000)
+    try:
+        with open(stdout) as f:
+            text = f.read().strip()
+        return json.loads(text), text, err, cancelled
+    except (OSError, ValueError) as e:
+        raise BenchError("tern migrate printed no JSON report (exit %s, %s): %s" % (p.returncode, e, err))
+
+
+def summarize(args, bench, render, marks):
+    """--summarize FILE: the report of the last run in FILE again, no runs. Returns the exit status (0)."""
+    records = last_run(args.summarize, bench, bench)
+    emit_report(render(records, records[0].get("meta", {})), args.markdown, *marks)
+    return 0
+
+
+def run_all(runs, run_one, out, meta, cleanup):
+    """run_one(n, repetition, case, position, vmm) -> its record, for each of `runs` (alternating()), each
+    record appended to `out` as it ends; then cleanup(), also after an error, Ctrl-C or SIGTERM. Returns
+    (the records, the exit status: 0 if every run completed, 1 otherwise, 130 when interrupted)."""
+    records, rc = [], 0
+    try:
+        for n, (rep, case, pos, vmm) in enumerate(runs):
+            rec = run_one(n, rep, case, pos, vmm)
+            rec["meta"] = meta
+            records.append(rec)
+            append_jsonl(out, rec)
+            if rec["status"] != "completed":
+                rc = 1
+            if rec["status"] == "interrupted":
+                raise Interrupted("interrupted during a run")
+    except (KeyboardInterrupt, Interrupted):
+        rc = 130
+        log("interrupted: stopping; the report covers the runs that finished")
+    except BenchError as e:
+        log("error: %s" % e)
+        rc = 1
+    finally:
+        with blocked_signals():
+            cleanup()
+    return records, rc

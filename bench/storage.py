@@ -869,23 +869,17 @@ def base_record(ctx, case, rep, vmm, order):
 
 def wait_disk_running(status, alive, timeout, serial):
     """Until the guest's disk workload runs (disk_state 1, requests completing)."""
-    deadline = time.monotonic() + timeout
-    st = None
-    while True:
-        alive()
-        try:
-            st = status()
-        except (OSError, BenchError, qm.BenchError):
-            st = None
-        if st and st["magic_ok"]:
-            if st["phase"] in (0xE, 0xF) or st["disk_state"] == 2:
-                raise BenchError("the guest failed (phase 0x%X, disk_state %d): %s" % (
-                    st["phase"], st["disk_state"], tail(serial, 600)))
-            if st["disk_state"] == 1 and st["disk_writes"] > 8:
-                return st
-        if time.monotonic() > deadline:
-            raise BenchError("the guest's disk workload did not start within %.0f s: %s" % (timeout, tail(serial, 600)))
-        time.sleep(0.1)
+    def ready(st):
+        if not st["magic_ok"]:
+            return False
+        if st["phase"] in (0xE, 0xF) or st["disk_state"] == 2:
+            raise BenchError("the guest failed (phase 0x%X, disk_state %d)" % (st["phase"], st["disk_state"]))
+        return st["disk_state"] == 1 and st["disk_writes"] > 8
+    try:  # either failure with the guest's last serial lines
+        return bl.wait_for(status, alive, timeout, ready, "the guest's disk workload did not start",
+                           errors=(OSError, BenchError, qm.BenchError))
+    except BenchError as e:
+        raise BenchError("%s: %s" % (e, tail(serial, 600)))
 
 
 def after_checks(ctx, rec, status, running):

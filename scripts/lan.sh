@@ -287,7 +287,9 @@ start_bg() {
     shift 2
     local ready="$base.ready" log="$base.log"
     rm -f "$ready"
-    ip netns exec "$ns" setsid "$@" --ready-file "$ready" </dev/null >"$log" 2>&1 &
+    # Without the descriptors this script inherited: a caller that waits for its end (Swift's Process
+    # watches a socket its child inherits) would otherwise wait for the relay too.
+    (close_inherited_fds; exec ip netns exec "$ns" setsid "$@" --ready-file "$ready" </dev/null >"$log" 2>&1) &
     for i in $(seq 100); do
         [ -e "$ready" ] && return 0
         sleep 0.05

@@ -22,6 +22,17 @@ remove_ns() {
     ip netns del "$ns" 2>/dev/null || true
 }
 
+# Closes every descriptor above 2 in the calling (sub)shell: for processes started in the background
+# that must not hold the pipes or sockets the script's own caller is watching.
+close_inherited_fds() {
+    local fd
+    for fd in /proc/self/fd/*; do
+        fd="${fd##*/}"
+        [ "$fd" -gt 2 ] 2>/dev/null && eval "exec $fd>&-" 2>/dev/null
+    done
+    return 0
+}
+
 # Rate in tc syntax (e.g. 1gbit, 500mbit, 2.5gbit, 800kbit) -> bits per second.
 rate_bps() {
     local r="${1,,}"

@@ -347,14 +347,14 @@ public final class MigrationDestination {
         } else {
             try lockSharedDisks(of: machine)
         }
+        // Where the VM is now: switches on the way learn its MACs behind this host (a VM kept paused is not announced).
+        if !keepPaused { NetworkAnnouncer.start(for: machine, schedule: hello.announce, logger: logger) }
         // The VM may have been quit meanwhile (through its API): then it must not be reported as running.
         guard machine.start(paused: keepPaused) else { throw Refusal("the VM was stopped here before it could start") }
         let resumed = Resumed(monotonicNs: Clocks.monotonicNs(), realtimeNs: Clocks.realtimeNs())
         // The VM runs now whatever happens to this last message: the source may not run it too.
         try? sink?.writeFrame(.resumed, payload: resumed.encoded)
         postcopy?.start(vmStartedNs: resumed.monotonicNs)
-        // Where the VM is now: switches on the way learn its MACs behind this host (a VM kept paused is not announced).
-        if !keepPaused { NetworkAnnouncer.start(for: machine, schedule: hello.announce, logger: logger) }
         let downtime = hello.bootID == Clocks.bootID ? Clocks.milliseconds(from: completion.pausedMonotonicNs, to: resumed.monotonicNs) : nil
         return (machine, Outcome(dataPages: applier.dataPages + (extraStreams?.dataPages ?? 0),
                                  zeroPages: applier.zeroPages + (extraStreams?.zeroPages ?? 0), bytes: bytes, downtimeMs: downtime,

@@ -49,6 +49,10 @@ public struct MigrationReport: Codable, Equatable, Sendable {
     public var downtimeClock: String?
     /// Source pause to the destination's "resumed" arriving: an upper bound on any host.
     public var downtimeUpperBoundMs: Double?
+    /// The switch-over on the realtime clock, in Unix milliseconds: when the source paused the VM and when
+    /// the destination resumed it. Outside measures (`tern probe`) set their gaps beside these.
+    public var pausedAtUnixMs: Double?
+    public var resumedAtUnixMs: Double?
     public var transferredBytes: UInt64 = 0
     public var ramBytes: UInt64
     public var dataPages: UInt64 = 0

@@ -417,6 +417,8 @@ public final class MigrationSource: @unchecked Sendable {
             $0.downtimeMs = sameHost ? Clocks.milliseconds(from: pausedMono, to: resumed.monotonicNs)
                                      : Clocks.milliseconds(from: pausedReal, to: resumed.realtimeNs)
             $0.downtimeClock = sameHost ? "shared-monotonic" : "realtime"
+            $0.pausedAtUnixMs = Double(pausedReal) / 1e6
+            $0.resumedAtUnixMs = Double(resumed.realtimeNs) / 1e6
         }
         return resumed
     }

@@ -54,16 +54,23 @@ public struct AnnounceSchedule: Equatable, Sendable {
 /// sends a RARP from each NIC's MAC on its TAP. A failed send is logged and counted in the NIC's
 /// counters (`tern info`); it does not undo a migration that completed.
 enum NetworkAnnouncer {
+    /// Sends the first round at once, on the caller's thread, and the later ones from a thread of their own.
+    /// Called before the VM's vCPUs start: frames the switch then sends here wait in the TAP's queue for the
+    /// guest instead of going to the old host, so the outage ends with the downtime rather than after it.
     static func start(for machine: Machine, schedule: AnnounceSchedule, logger: Logger) {
         let networks = machine.devices.networks
         guard schedule.rounds > 0, !networks.isEmpty else { return }
         let asked = machine.devices.requestGuestAnnouncements()
+        let round: @Sendable (Int) -> Void = { number in
+            for network in networks where !network.sendRARP() {
+                logger.warning("announcement round \(number): the RARP on TAP '\(network.tap.name)' could not be sent")
+            }
+        }
+        round(1)
         spawnThread(named: "tern-announce") {
-            for (round, gap) in zip(0..<schedule.rounds, [0] + schedule.gapsMs) {
-                if gap > 0 { Thread.sleep(forTimeInterval: Double(gap) / 1000) }
-                for network in networks where !network.sendRARP() {
-                    logger.warning("announcement round \(round + 1): the RARP on TAP '\(network.tap.name)' could not be sent")
-                }
+            for (number, gap) in zip(2...max(2, schedule.rounds), schedule.gapsMs) {
+                Thread.sleep(forTimeInterval: Double(gap) / 1000)
+                round(number)
             }
             let failed = networks.reduce(0) { $0 + $1.announcementsFailed.load(ordering: .relaxed) }
             logger.info("announced the VM on \(networks.map(\.tap.name).joined(separator: ", ")): \(schedule.rounds) RARP rounds\(failed > 0 ? ", \(failed) failed" : ""); \(asked) guest driver\(asked == 1 ? "" : "s") asked to announce")

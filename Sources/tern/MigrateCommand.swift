@@ -64,6 +64,9 @@ struct Migrate: ParsableCommand {
     @Option(help: "Announcement rounds the destination sends for the VM's NICs once it runs there (a RARP per NIC each round, and the guest's own announcement in the first); 0: none (QEMU announce-self's default, 5).")
     var announceRounds: Int?
 
+    @Option(help: "Also write the final report, as JSON, to FILE (for `tern probe --migration-report`).")
+    var saveReport: String?
+
     @Option(help: "Milliseconds before the second announcement round (default 50).")
     var announceInitial: Int?
 
@@ -211,6 +214,12 @@ struct Migrate: ParsableCommand {
         }
         guard response.status == 200 else { fail(response.errorMessage ?? "the API answered \(response.status)") }
         let report = try APIJSON.decoder.decode(MigrationReport.self, from: response.body)
+        if let saveReport {
+            // Whole or not at all: `tern probe --migration-report` may be waiting to read it.
+            do { try response.body.write(to: URL(fileURLWithPath: saveReport), options: .atomic) } catch {
+                FileHandle.standardError.write(Data("tern: cannot save the report to \(saveReport): \(error.localizedDescription)\n".utf8))
+            }
+        }
         printAnswer(response.body, json: api.json) { MigrationTable.render(report) }
         if report.status != .completed { throw ExitCode.failure }
     }

@@ -35,7 +35,7 @@
 #define TH_ACK 0x10
 
 #define OUR_MSS 1460
-#define TX_KEEP 4	      /* tx buffers left for ARP, ping and UDP */
+#define TX_KEEP 16	      /* tx buffers left for ARP, ping and UDP */
 #define RTO_MIN_MS 200
 #define RTO_MAX_MS 1000
 #define RTO_INIT_MS 500	      /* before the first RTT sample */

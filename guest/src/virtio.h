@@ -74,10 +74,12 @@
 #define NET_TXQ 0x404000ULL
 #define NET_CTRLQ 0x408000ULL
 #define NET_CTRL_BUF 0x40c000ULL /* control command, 1 page */
-#define NET_RX_BUFS 0x410000ULL	 /* NET_BUFS x NET_BUF_SIZE */
-#define NET_TX_BUFS 0x420000ULL
+#define NET_RX_BUFS 0x500000ULL	 /* NET_BUFS x NET_BUF_SIZE */
+#define NET_TX_BUFS 0x520000ULL
 #define NET_BUF_SIZE 2048ULL
-#define NET_BUFS 16
+/* Enough frames in flight to ride out a host that leaves the device's worker unscheduled for
+   milliseconds while TCP streams: with fewer, echo answers found no free tx buffer and were dropped. */
+#define NET_BUFS 64
 #define NET_TCP_BUFS 0x430000ULL /* TCP_CONNS x TCP_BUF (to 0x4AFFFF): each connection's echo bytes */
 #define TCP_CONNS 8
 #define TCP_BUF 65536u		 /* a power of two; the window advertised is at most 65535 */

@@ -28,6 +28,10 @@ static void io_service(u64 now)
 static u64 last_turn, max_stall;
 static inline void turn(u64 now)
 {
+	/* A caller's time read before the last turn's (a loop that reads the TSC once and polls twice):
+	   no gap, and no wrap-around to a huge one. */
+	if (now <= last_turn)
+		return;
 	u64 gap = now - last_turn;
 	last_turn = now;
 	if (gap > max_stall) {
