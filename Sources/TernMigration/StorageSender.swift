@@ -74,26 +74,31 @@ final class StorageSender: Sendable {
     func beginBulkPass(on stream: FDStream, rateLimit: RateLimiter) throws {
         let (target, lock) = channel(default: stream)
         for (index, disk) in disks.enumerated() {
-            let changed = disk.device.changedBlocks
-            changed.startTracking()
-            let size = disk.device.image.size
-            let frames = BlockFrameBuilder(disk: UInt16(index))
-            try disk.device.image.forEachExtent(granule: UInt64(BlockFrame.blockSize)) { range, isHole in
-                if isHole {
-                    let blocks = Self.blocks(of: range)
-                    var first = blocks.lowerBound
-                    while first < blocks.upperBound {
-                        let count = min(blocks.upperBound - first, BlockFrame.maximumZeroBlocks)
-                        if frames.isFull { try locked(lock) { try send(frames, on: target, rateLimit: rateLimit) } }
-                        frames.addZeros(first: first, count: count)
-                        disk.digests?.recordZero(first: first, count: count)
-                        first += count
+            // Under the sync mirror a disk's whole pass holds the mirror's lock: a guest write into a hole,
+            // mirrored at once, must not be overtaken by the zero marker for that hole, found before the
+            // write and sent after it. (Holes are found by lseek and their markers are small: a short hold.)
+            try locked(lock) {
+                let changed = disk.device.changedBlocks
+                changed.startTracking()
+                let size = disk.device.image.size
+                let frames = BlockFrameBuilder(disk: UInt16(index))
+                try disk.device.image.forEachExtent(granule: UInt64(BlockFrame.blockSize)) { range, isHole in
+                    if isHole {
+                        let blocks = Self.blocks(of: range)
+                        var first = blocks.lowerBound
+                        while first < blocks.upperBound {
+                            let count = min(blocks.upperBound - first, BlockFrame.maximumZeroBlocks)
+                            if frames.isFull { try send(frames, on: target, rateLimit: rateLimit) }
+                            frames.addZeros(first: first, count: count)
+                            disk.digests?.recordZero(first: first, count: count)
+                            first += count
+                        }
+                    } else {
+                        changed.mark(offset: range.lowerBound, length: min(range.upperBound, size) - range.lowerBound)
                     }
-                } else {
-                    changed.mark(offset: range.lowerBound, length: min(range.upperBound, size) - range.lowerBound)
                 }
+                try send(frames, on: target, rateLimit: rateLimit)
             }
-            try locked(lock) { try send(frames, on: target, rateLimit: rateLimit) }
         }
     }
 

@@ -217,6 +217,26 @@ struct NetworkContinuityTests {
         #expect(info.devices?.first?.counters["announcements_sent"] == 0)
     }
 
+    /// A RARP the destination's TAP refuses (the link is down: the kernel answers EIO) is counted and logged;
+    /// the migration still completes.
+    @Test func aFailedAnnouncementIsCountedAndTheMigrationStillCompletes() throws {
+        let lan = try TestLAN()
+        #expect(shell("ip netns exec \(lan.prefix)-h2 ip link set tapb down").status == 0)
+        let (report, _, destination) = try migrate(on: lan)
+        #expect(report.status == .completed)
+        let deadline = Date(timeIntervalSinceNow: 5)
+        var counters: [String: Int] = [:]
+        repeat {
+            let info = try APIJSON.decoder.decode(MachineInfo.self, from: try destination.client.request(.GET, "/v1/vm").body)
+            counters = info.devices?.first?.counters ?? [:]
+            if counters["announcements_failed"] == 5 { break }
+            usleep(50_000)
+        } while Date() < deadline
+        #expect(counters["announcements_failed"] == 5 && counters["announcements_sent"] == 0, "\(counters)")
+        #expect(destination.stderr.contains("the RARP on TAP 'tapb' could not be sent"), "logged")
+        #expect(try destination.status()?.phase != .crashed, "the VM runs on")
+    }
+
     /// A destination that was not told where the VM's NIC goes refuses in the handshake, before any page;
     /// the VM runs on at its first host and still answers there.
     @Test func aDestinationWithoutTheNICRefusesBeforeAnyPage() throws {
