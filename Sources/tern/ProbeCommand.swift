@@ -71,7 +71,7 @@ struct Probe: ParsableCommand {
         let probe: UDPProber.Run
         do { probe = try UDPProber(try options()).run() } catch { fail("\(error)") }
         let migration = switchoverTimes()
-        let analysis = probe.analysis(switchover: migration.map { UInt64($0.paused * 1e6)...UInt64(max($0.paused, $0.resumed) * 1e6) })
+        let analysis = probe.analysis(switchover: migration.map { UInt64($0.paused * 1e6)...UInt64($0.resumed * 1e6) })
         var comparison: SwitchoverComparison?
         if let migration, let outage = analysis.switchoverOutage {
             comparison = SwitchoverComparison(outage: outage, downtimeMs: migration.downtime, pausedAtUnixMs: migration.paused,
@@ -99,6 +99,11 @@ struct Probe: ParsableCommand {
         }
         guard let paused = times.pausedAtUnixMs, let resumed = times.resumedAtUnixMs else {
             warn("the migration in \(path) never switched over (status \(times.status ?? "unknown"))")
+            return nil
+        }
+        // Unix milliseconds after 1970 and before the year 33658, the resume not before the pause.
+        guard (1...1e15).contains(paused), (paused...1e15).contains(resumed) else {
+            warn("\(path): paused_at_unix_ms \(paused) and resumed_at_unix_ms \(resumed) are not a switch-over in Unix milliseconds")
             return nil
         }
         return (paused, resumed, times.downtimeMs)
