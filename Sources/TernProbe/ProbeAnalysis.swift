@@ -87,7 +87,7 @@ public struct ProbeAnalysis: Codable, Equatable, Sendable {
 
         // Candidate gaps: before the first reply, between consecutive replies, and after the last one
         // while the target still did not answer (the last probe went unanswered).
-        var candidates: [(start: UInt64, end: UInt64, before: Int?, after: Int?)] = []
+        var candidates: [Candidate] = []
         if let firstSent = sentNs.first {
             var previous: Reply?
             for reply in firsts {
@@ -99,7 +99,7 @@ public struct ProbeAnalysis: Codable, Equatable, Sendable {
         }
         roundTrips.sort()
         let typicalRoundTrip = roundTrips.isEmpty ? 0 : roundTrips[roundTrips.count / 2]
-        func gap(_ c: (start: UInt64, end: UInt64, before: Int?, after: Int?)) -> Gap {
+        func gap(_ c: Candidate) -> Gap {
             // A lost probe belongs to the gap its reply would have fallen in, arriving a typical round trip
             // after it went. (Bounding by the sequence numbers answered either side would misplace it: a
             // probe caught in the VM's queue at the pause is answered late, by the destination.)
@@ -142,6 +142,9 @@ public struct ProbeAnalysis: Codable, Equatable, Sendable {
         roundTripP99Ms = percentile(0.99)
         roundTripMaxMs = roundTrips.last.map { Double($0) / 1e6 }
     }
+
+    /// A time without replies (realtime ns), and the probes answered by the replies either side of it.
+    private typealias Candidate = (start: UInt64, end: UInt64, before: Int?, after: Int?)
 
     /// Runs of consecutive unanswered probes, first and last sequence numbers.
     static func unansweredRuns(_ answered: [Bool]) -> [(first: Int, last: Int)] {
