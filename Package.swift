@@ -15,6 +15,7 @@ let package = Package(
     platforms: [.macOS(.v14)],
     products: [
         .executable(name: "tern", targets: ["tern"]),
+        .executable(name: "ternd", targets: ["ternd"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
@@ -22,6 +23,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         // Per-migration tokens: JWTs signed with Ed25519 (TernAuth only).
         .package(url: "https://github.com/vapor/jwt-kit.git", from: "5.8.0"),
+        // The cluster (ternd): mutual TLS on its HTTP API, and the controller's SQLite store.
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
     ],
     targets: [
         .target(name: "CKVM"),
@@ -65,7 +69,33 @@ let package = Package(
         .executableTarget(
             name: "tern",
             dependencies: [
-                "TernAPI", "TernMachine", "TernMigration", "TernTLS", "TernAuth", "TernProbe",
+                "TernAPI", "TernMachine", "TernMigration", "TernTLS", "TernAuth", "TernProbe", "TernCluster",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        // The cluster: what hosts, VMs and migrations are, and the controller's decisions (no I/O).
+        .target(name: "TernCluster", dependencies: [.product(name: "Logging", package: "swift-log")], swiftSettings: strict),
+        // The controller's store: SQLite through GRDB.
+        .target(name: "TernClusterStore", dependencies: ["TernCluster", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
+        // HTTP over TCP with mutual TLS (swift-nio-ssl), between the controller and the host agents.
+        .target(
+            name: "TernClusterNet",
+            dependencies: [
+                "TernAPI",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ],
+            swiftSettings: strict
+        ),
+        // ternd: the host agent (`ternd agent`) and the controller (`ternd controller`).
+        .executableTarget(
+            name: "ternd",
+            dependencies: [
+                "TernCluster", "TernClusterStore", "TernClusterNet", "TernAPI", "TernAuth", "TernMigration", "TernMachine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -80,7 +110,7 @@ let package = Package(
         .testTarget(name: "TernKVMTests", dependencies: ["TernKVM", "CKVM"], swiftSettings: strict),
         .testTarget(name: "TernMachineTests", dependencies: ["TernMachine", "TernDevices", "TernKVM", "TernWire", "CKVM"], swiftSettings: strict),
         .testTarget(name: "TernMigrationTests", dependencies: ["TernMigration", "TernMachine", "TernKVM", "TernWire"], swiftSettings: strict),
-        .testTarget(name: "TernIntegrationTests", dependencies: ["TernAPI", "TernMachine", "TernWire", "TernMigration"], swiftSettings: strict),
+        .testTarget(name: "TernIntegrationTests", dependencies: ["TernAPI", "TernMachine", "TernWire", "TernMigration", "TernCluster"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )

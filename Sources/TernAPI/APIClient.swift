@@ -4,13 +4,33 @@ import NIOHTTP1
 import NIOPosix
 import TernMachine
 
-/// A blocking HTTP/1.1 client for the API socket, for the CLI and tests.
-/// SwiftNIO does the HTTP; this only sends one request and waits.
+/// A blocking HTTP/1.1 client for the API socket (the CLI and tests) and for
+/// the cluster's HTTPS between hosts. SwiftNIO does the HTTP; this only sends
+/// one request and waits.
 public struct APIClient: Sendable {
-    public let socketPath: String
+    /// Where requests go: a Unix socket, or a TCP address whose connections are
+    /// first wrapped by `secure` (the cluster layer's TLS; nil: in clear).
+    public enum Transport: Sendable {
+        case unix(path: String)
+        case tcp(host: String, port: Int, secure: (@Sendable (any Channel) throws -> Void)?)
+    }
+
+    public let transport: Transport
 
     public init(socketPath: String) {
-        self.socketPath = socketPath
+        transport = .unix(path: socketPath)
+    }
+
+    public init(transport: Transport) {
+        self.transport = transport
+    }
+
+    /// The Unix socket's path, or "host:port".
+    public var socketPath: String {
+        switch transport {
+        case .unix(let path): path
+        case .tcp(let host, let port, _): "\(host):\(port)"
+        }
     }
 
     public struct Response: Sendable {
@@ -30,7 +50,7 @@ public struct APIClient: Sendable {
 
         public var description: String {
             switch self {
-            case .cannotConnect(let path, let why): "cannot connect to the API socket \(path): \(why)"
+            case .cannotConnect(let path, let why): path.hasPrefix("/") ? "cannot connect to the API socket \(path): \(why)" : "cannot connect to \(path): \(why)"
             case .noResponse(let why): "the API closed the connection without answering: \(why)"
             }
         }
@@ -42,17 +62,21 @@ public struct APIClient: Sendable {
         let promise = group.next().makePromise(of: NIOHTTPClientResponseFull.self)
         let channel: any Channel
         do {
-            channel = try ClientBootstrap(group: group)
+            let transport = self.transport
+            let bootstrap = ClientBootstrap(group: group)
                 .connectTimeout(.seconds(5))
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        if case .tcp(_, _, let secure?) = transport { try secure(channel) }
                         try channel.pipeline.syncOperations.addHTTPClientHandlers()
                         try channel.pipeline.syncOperations.addHandler(NIOHTTPClientResponseAggregator(maxContentLength: 128 << 20))
                         try channel.pipeline.syncOperations.addHandler(ResponseCollector(promise: promise))
                     }
                 }
-                .connect(unixDomainSocketPath: socketPath)
-                .wait()
+            switch transport {
+            case .unix(let path): channel = try bootstrap.connect(unixDomainSocketPath: path).wait()
+            case .tcp(let host, let port, _): channel = try bootstrap.connect(host: host, port: port).wait()
+            }
         } catch {
             promise.fail(error)
             throw Failure.cannotConnect(socketPath, Self.describe(error))

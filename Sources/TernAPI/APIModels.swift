@@ -23,6 +23,16 @@ public struct APIResponse: Sendable {
     /// client hears back before the VM goes away).
     public var afterSending: (@Sendable () -> Void)?
 
+    public init(status: Int, contentType: String?, body: Data, afterSending: (@Sendable () -> Void)? = nil) {
+        self.status = status
+        self.contentType = contentType
+        self.body = body
+        self.afterSending = afterSending
+    }
+
+    /// 202: the request was taken, and goes on after this answer.
+    public static var accepted: APIResponse { APIResponse(status: 202, contentType: nil, body: Data()) }
+
     public static func json(_ value: some Encodable, status: Int = 200) -> APIResponse {
         APIResponse(status: status, contentType: "application/json", body: (try? APIJSON.encoder.encode(value)) ?? Data())
     }

@@ -45,7 +45,9 @@ public final class APIServer: Sendable {
                         guard allowed else { throw APIServerError.peerNotAllowed }
                         try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                         try channel.pipeline.syncOperations.addHandler(NIOHTTPServerRequestAggregator(maxContentLength: 1 << 20))
-                        try channel.pipeline.syncOperations.addHandler(APIRequestHandler(router: router))
+                        try channel.pipeline.syncOperations.addHandler(APIRequestHandler { method, uri, body in
+                            router.get()?.handle(method: method, uri: uri, body: body) ?? router.handleBeforeMachine(method: method, uri: uri)
+                        })
                     }
                 }
                 .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: false)
@@ -57,7 +59,7 @@ public final class APIServer: Sendable {
     }
 
     /// Root, or the user this tern runs as.
-    static func peerIsAllowed(_ channel: any Channel) -> EventLoopFuture<Bool> {
+    public static func peerIsAllowed(_ channel: any Channel) -> EventLoopFuture<Bool> {
         guard let provider = channel as? any SocketOptionProvider else { return channel.eventLoop.makeSucceededFuture(false) }
         let credentials: EventLoopFuture<PeerCredentials> = provider.unsafeGetSocketOption(level: .socket, name: .init(rawValue: SO_PEERCRED))
         return credentials.map { $0.uid == 0 || $0.uid == getuid() }.recover { _ in false }
@@ -107,15 +109,17 @@ final class RouterBox: Sendable {
 }
 
 /// One connection's requests: each is routed on a global queue (routes may
-/// block on vCPUs) and answered back on the channel's event loop.
+/// block on vCPUs, or on calls to other hosts) and answered back on the
+/// channel's event loop.
 final class APIRequestHandler: ChannelInboundHandler, Sendable {
     typealias InboundIn = NIOHTTPServerRequestFull
     typealias OutboundOut = HTTPServerResponsePart
+    typealias Route = @Sendable (_ method: String, _ uri: String, _ body: Data) -> APIResponse
 
-    let router: RouterBox
+    let route: Route
 
-    init(router: RouterBox) {
-        self.router = router
+    init(route: @escaping Route) {
+        self.route = route
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -127,10 +131,9 @@ final class APIRequestHandler: ChannelInboundHandler, Sendable {
         let body = request.body.map { Data($0.readableBytesView) } ?? Data()
         let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
         let eventLoop = context.eventLoop
-        let router = self.router
+        let route = self.route
         DispatchQueue.global().async {
-            let response = router.get()?.handle(method: method, uri: uri, body: body)
-                ?? router.handleBeforeMachine(method: method, uri: uri)
+            let response = route(method, uri, body)
             eventLoop.execute {
                 Self.write(response, version: version, keepAlive: keepAlive, context: bound.value, handler: self)
             }

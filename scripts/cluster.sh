@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# A cluster of tern hosts on one machine, for the cluster tests, the benchmark and the demo:
+# scripts/lan.sh's LAN of network namespaces, a `ternd agent` on each host, and a
+# `ternd controller` (SQLite store) in the client namespace, all with certificates and a token
+# key made for the occasion. Nothing leaves the namespaces.
+#
+#   bash scripts/cluster.sh up PREFIX DIR        make the LAN (LAN_HOSTS hosts, default 4), DIR/certs/*,
+#                                                DIR/token, start the agents and the controller, add the hosts
+#   bash scripts/cluster.sh agent PREFIX DIR N   (re)start host N's agent (after `kill`, it adopts its VMs)
+#   bash scripts/cluster.sh controller PREFIX DIR   (re)start the controller on DIR/controller.sqlite
+#   bash scripts/cluster.sh down PREFIX DIR      stop everything and remove the namespaces (DIR is kept)
+#
+# Host i is PREFIX-hi at 10.240.0.i, its agent on 10.240.0.i:7400, state in DIR/hi, log DIR/hi/agent.log,
+# pid DIR/hi/agent.pid; each may hold AGENT_MEMORY of VMs (default 2G). The controller's socket is
+# DIR/controller.sock (TERN_CONTROLLER=DIR/controller.sock tern cluster ...), its log DIR/controller.log and pid
+# DIR/controller.pid; CONTROLLER_ARGS adds to its command line (limits, timeouts, --verify).
+set -euo pipefail
+# shellcheck source=scripts/netns-common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/netns-common.sh"
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+BIN="${TERN_BIN_DIR:-$HERE/.build/debug}"
+
+die() { echo "cluster: $*" >&2; exit 1; }
+
+start_agent() {
+    local prefix="$1" dir="$2" i="$3"
+    mkdir -p "$dir/h$i"
+    (
+        close_inherited_fds
+        exec ip netns exec "$prefix-h$i" "$BIN/ternd" agent --name "h$i" --listen "10.240.0.$i:7400" \
+            --tls-dir "$dir/certs/h$i" --token-key "$dir/token/token.pub" --state-dir "$dir/h$i" \
+            --memory "${AGENT_MEMORY:-2G}" --tern "$BIN/tern" >>"$dir/h$i/agent.log" 2>&1
+    ) &
+    echo $! >"$dir/h$i/agent.pid"
+}
+
+start_controller() {
+    local prefix="$1" dir="$2"
+    # shellcheck disable=SC2086
+    (
+        close_inherited_fds
+        exec ip netns exec "$prefix-cl" "$BIN/ternd" controller --store "$dir/controller.sqlite" \
+            --api-socket "$dir/controller.sock" --tls-dir "$dir/certs/controller" --token-key "$dir/token/token.key" \
+            ${CONTROLLER_ARGS:-} >>"$dir/controller.log" 2>&1
+    ) &
+    echo $! >"$dir/controller.pid"
+    for _ in $(seq 100); do
+        [ -S "$dir/controller.sock" ] && return 0
+        sleep 0.05
+    done
+    die "the controller did not start: $(tail -3 "$dir/controller.log")"
+}
+
+wait_agent() {
+    local dir="$1" i="$2"
+    for _ in $(seq 100); do
+        grep -q "agent serving" "$dir/h$i/agent.log" 2>/dev/null && return 0
+        sleep 0.05
+    done
+    die "agent h$i did not start: $(tail -3 "$dir/h$i/agent.log")"
+}
+
+cmd="${1:-}"
+case "$cmd" in
+up)
+    [ $# -eq 3 ] || die "usage: cluster.sh up PREFIX DIR"
+    prefix="$2" dir="$3" hosts="${LAN_HOSTS:-4}"
+    [ -x "$BIN/ternd" ] && [ -x "$BIN/tern" ] || die "no ternd/tern in $BIN (swift build)"
+    mkdir -p "$dir"
+    LAN_HOSTS="$hosts" bash "$HERE/scripts/lan.sh" up "$prefix" >/dev/null
+    if [ ! -f "$dir/certs/controller/cert.pem" ]; then
+        "$BIN/tern" certs init "$dir/certs/ca" --name tern-ca >/dev/null
+        "$BIN/tern" certs init "$dir/certs/controller" --name controller --ca "$dir/certs/ca" >/dev/null
+        for i in $(seq "$hosts"); do "$BIN/tern" certs init "$dir/certs/h$i" --name "h$i" --ca "$dir/certs/ca" >/dev/null; done
+        "$BIN/tern" token init "$dir/token" >/dev/null
+    fi
+    for i in $(seq "$hosts"); do start_agent "$prefix" "$dir" "$i"; done
+    for i in $(seq "$hosts"); do wait_agent "$dir" "$i"; done
+    start_controller "$prefix" "$dir"
+    for i in $(seq "$hosts"); do
+        "$BIN/tern" cluster add-host --controller "$dir/controller.sock" "h$i" "10.240.0.$i:7400" >/dev/null
+    done
+    echo "cluster: $hosts hosts up; TERN_CONTROLLER=$dir/controller.sock tern cluster hosts"
+    ;;
+agent)
+    [ $# -eq 4 ] || die "usage: cluster.sh agent PREFIX DIR N"
+    start_agent "$2" "$3" "$4"
+    wait_agent "$3" "$4"
+    ;;
+controller)
+    [ $# -eq 3 ] || die "usage: cluster.sh controller PREFIX DIR"
+    rm -f "$3/controller.sock"
+    start_controller "$2" "$3"
+    ;;
+down)
+    [ $# -eq 3 ] || die "usage: cluster.sh down PREFIX DIR"
+    bash "$HERE/scripts/lan.sh" down "$2"
+    ;;
+*)
+    sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' >&2
+    exit 2
+    ;;
+esac
