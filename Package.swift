@@ -103,6 +103,7 @@ let package = Package(
         ),
         .executableTarget(name: "tern-bench", dependencies: ["TernWire", "TernTLS"], swiftSettings: strict),
         .testTarget(name: "TernWireTests", dependencies: ["TernWire", "CChecksum"], swiftSettings: strict),
+        .testTarget(name: "TernClusterTests", dependencies: ["TernCluster", "TernClusterStore"], swiftSettings: strict),
         .testTarget(name: "TernProbeTests", dependencies: ["TernProbe"], swiftSettings: strict),
         .testTarget(name: "TernAuthTests", dependencies: ["TernAuth"], swiftSettings: strict),
         .testTarget(name: "TernTLSTests", dependencies: ["TernTLS", "TernWire"], swiftSettings: strict),
