@@ -26,6 +26,9 @@ let package = Package(
         // The cluster (ternd): mutual TLS on its HTTP API, and the controller's SQLite store.
         .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
+        // Metrics of the agents and the controller, in Prometheus's text format.
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
     ],
     targets: [
         .target(name: "CKVM"),
@@ -76,7 +79,11 @@ let package = Package(
             swiftSettings: strict
         ),
         // The cluster: what hosts, VMs and migrations are, and the controller's decisions (no I/O).
-        .target(name: "TernCluster", dependencies: [.product(name: "Logging", package: "swift-log")], swiftSettings: strict),
+        .target(
+            name: "TernCluster",
+            dependencies: [.product(name: "Logging", package: "swift-log"), .product(name: "Metrics", package: "swift-metrics")],
+            swiftSettings: strict
+        ),
         // The controller's store: SQLite through GRDB.
         .target(name: "TernClusterStore", dependencies: ["TernCluster", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
         // HTTP over TCP with mutual TLS (swift-nio-ssl), between the controller and the host agents.
@@ -97,6 +104,8 @@ let package = Package(
             dependencies: [
                 "TernCluster", "TernClusterStore", "TernClusterNet", "TernAPI", "TernAuth", "TernMigration", "TernMachine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict

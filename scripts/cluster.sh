@@ -13,7 +13,9 @@
 # Host i is PREFIX-hi at 10.240.0.i, its agent on 10.240.0.i:7400, state in DIR/hi, log DIR/hi/agent.log,
 # pid DIR/hi/agent.pid; each may hold AGENT_MEMORY of VMs (default 2G). The controller's socket is
 # DIR/controller.sock (TERN_CONTROLLER=DIR/controller.sock tern cluster ...), its log DIR/controller.log and pid
-# DIR/controller.pid; CONTROLLER_ARGS adds to its command line (limits, timeouts, --verify).
+# DIR/controller.pid; CONTROLLER_ARGS adds to its command line (limits, timeouts, --verify). Its web page,
+# GET routes and /metrics are on CONTROLLER_HTTP (default 127.0.0.1:8080) inside PREFIX-cl:
+# ip netns exec PREFIX-cl curl http://127.0.0.1:8080/metrics
 set -euo pipefail
 # shellcheck source=scripts/netns-common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/netns-common.sh"
@@ -41,7 +43,7 @@ start_controller() {
         close_inherited_fds
         exec ip netns exec "$prefix-cl" "$BIN/ternd" controller --store "$dir/controller.sqlite" \
             --api-socket "$dir/controller.sock" --tls-dir "$dir/certs/controller" --token-key "$dir/token/token.key" \
-            ${CONTROLLER_ARGS:-} >>"$dir/controller.log" 2>&1
+            --http "${CONTROLLER_HTTP:-127.0.0.1:8080}" ${CONTROLLER_ARGS:-} >>"$dir/controller.log" 2>&1
     ) &
     echo $! >"$dir/controller.pid"
     for _ in $(seq 100); do

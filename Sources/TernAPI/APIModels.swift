@@ -22,12 +22,16 @@ public struct APIResponse: Sendable {
     /// Runs after the response has been written (used by quit, so the
     /// client hears back before the VM goes away).
     public var afterSending: (@Sendable () -> Void)?
+    /// Further headers (e.g. the Allow of a 405).
+    public var headers: [(name: String, value: String)] = []
 
-    public init(status: Int, contentType: String?, body: Data, afterSending: (@Sendable () -> Void)? = nil) {
+    public init(status: Int, contentType: String?, body: Data, afterSending: (@Sendable () -> Void)? = nil,
+                headers: [(name: String, value: String)] = []) {
         self.status = status
         self.contentType = contentType
         self.body = body
         self.afterSending = afterSending
+        self.headers = headers
     }
 
     /// 202: the request was taken, and goes on after this answer.

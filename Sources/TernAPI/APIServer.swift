@@ -144,6 +144,7 @@ final class APIRequestHandler: ChannelInboundHandler, Sendable {
                               context: ChannelHandlerContext, handler: APIRequestHandler) {
         var headers = HTTPHeaders()
         if let type = response.contentType { headers.add(name: "Content-Type", value: type) }
+        for header in response.headers { headers.add(name: header.name, value: header.value) }
         headers.add(name: "Content-Length", value: "\(response.body.count)")
         if !keepAlive { headers.add(name: "Connection", value: "close") }
         let head = HTTPResponseHead(version: version, status: HTTPResponseStatus(statusCode: response.status), headers: headers)

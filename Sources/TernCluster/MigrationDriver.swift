@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Metrics
 
 /// Takes one migration a step further each time the controller looks: readies the
 /// destination and starts the source, follows its progress, applies the timeouts, and
@@ -85,6 +86,7 @@ struct MigrationDriver {
                 try agents.act(action.action, vm: migration.vm, on: source)
                 logger.notice("migration escalated", metadata: ["vm": "\(migration.vm)", "escalation": "\(action.escalation.rawValue)", "why": "\(action.why)"])
                 migration.escalations.append(action.escalation)
+                Counter(label: ClusterMetrics.escalations, dimensions: [("escalation", action.escalation.rawValue)]).increment()
                 if case .setDowntime(let ms) = action.action { migration.maxDowntimeMs = ms }
                 if action.escalation == .cancel { migration.reason = action.why }
                 migration.lastProgressAt = now
@@ -135,6 +137,7 @@ struct MigrationDriver {
             migration.verified = progress.verified
         }
         try save(migration)
+        ClusterMetrics.finished(migration)
         logger.info("migration completed", metadata: ["vm": "\(migration.vm)", "to": "\(migration.destination)",
                                                      "downtime_ms": "\(migration.downtimeMs.map { String(format: "%.1f", $0) } ?? "?")"])
     }
@@ -150,6 +153,7 @@ struct MigrationDriver {
         }
         let reason = migration.escalations.contains(.cancel) ? (migration.reason ?? failure) : failure
         migration.failures.append(reason)
+        Counter(label: ClusterMetrics.failedAttempts).increment()
         logger.warning("migration attempt failed", metadata: ["vm": "\(migration.vm)", "attempt": "\(migration.attempt)", "why": "\(reason)"])
         if retry && migration.attempt < policy.maxAttempts {
             migration.attempt += 1
@@ -168,5 +172,6 @@ struct MigrationDriver {
             migration.reason = migration.attempt > 1 ? "after \(migration.attempt) attempts: \(reason)" : reason
         }
         try save(migration)
+        if migration.phase == .failed { ClusterMetrics.finished(migration) }
     }
 }

@@ -15,6 +15,7 @@ import TernCluster
 ///   POST   /v1/vms/NAME/migration/action {MigrationAction} -> 202
 struct AgentRoutes: Sendable {
     let agent: HostAgent
+    let metrics: MetricsEndpoint
 
     struct IncomingRequest: Codable {
         var spec: VMSpec
@@ -28,7 +29,23 @@ struct AgentRoutes: Sendable {
     func handle(method: String, uri: String, body: Data) -> APIResponse {
         let path = RoutePath(uri)
         do {
-            if method == "GET", path.match("v1", "host") != nil {
+            if method == "GET", path.match("metrics") != nil {
+                let status = agent.status()
+                return metrics.response { now in
+                    MetricsEndpoint.gauge(now, "tern_agent_memory_capacity_bytes", "Memory this host's VMs may use.", [("host", status.name)])
+                        .set(to: Double(status.memoryCapacityMib) * 1_048_576)
+                    MetricsEndpoint.gauge(now, "tern_agent_memory_committed_bytes", "Memory of the VMs here or on their way here.", [("host", status.name)])
+                        .set(to: Double(status.committedMib) * 1_048_576)
+                    for state in [VMRunState.starting, .running, .paused, .incoming, .lost, .departed] {
+                        MetricsEndpoint.gauge(now, "tern_agent_vms", "VMs on this host by state.", [("host", status.name), ("state", state.rawValue)])
+                            .set(to: Double(status.vms.filter { $0.state == state }.count))
+                    }
+                    for vm in status.vms where vm.pid != nil {
+                        MetricsEndpoint.counter(now, "tern_agent_vm_cpu_seconds_total", "CPU time of the VM's tern process.", [("host", status.name), ("vm", vm.name)])
+                            .increment(by: vm.cpuSeconds)
+                    }
+                }
+            } else if method == "GET", path.match("v1", "host") != nil {
                 return .json(agent.status())
             } else if method == "GET", path.match("v1", "vms") != nil {
                 return .json(agent.status().vms)
@@ -76,7 +93,7 @@ struct AgentRoutes: Sendable {
     }
 
     static let routes: [(methods: [String], pattern: [String])] = [
-        (["GET"], ["v1", "host"]), (["GET", "POST"], ["v1", "vms"]), (["GET", "DELETE"], ["v1", "vms", "*"]),
+        (["GET"], ["metrics"]), (["GET"], ["v1", "host"]), (["GET", "POST"], ["v1", "vms"]), (["GET", "DELETE"], ["v1", "vms", "*"]),
         (["POST"], ["v1", "vms", "*", "incoming"]), (["DELETE"], ["v1", "vms", "*", "incoming", "*"]),
         (["POST"], ["v1", "vms", "*", "migrate"]), (["GET"], ["v1", "vms", "*", "migration"]),
         (["POST"], ["v1", "vms", "*", "migration", "action"]),
@@ -128,6 +145,8 @@ struct RoutePath {
         }
         guard !matching.isEmpty else { return .error(404, "not_found", "no route \(method) /\(path.parts.joined(separator: "/"))") }
         let allowed = matching.flatMap(\.methods).joined(separator: ", ")
-        return .error(405, "method_not_allowed", "/\(path.parts.joined(separator: "/")) takes \(allowed)")
+        var response = APIResponse.error(405, "method_not_allowed", "/\(path.parts.joined(separator: "/")) takes \(allowed)")
+        response.headers = [("Allow", allowed)]
+        return response
     }
 }

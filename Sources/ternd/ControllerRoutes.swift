@@ -14,11 +14,42 @@ import TernCluster
 ///   POST /v1/evacuate {host}        -> 202 OperationRecord, or 409 with why nothing moves
 struct ControllerRoutes: Sendable {
     let controller: ClusterController
+    let metrics: MetricsEndpoint
+    /// The web page's listener: GET only (what changes the cluster goes through the Unix socket).
+    let readOnly: Bool
 
     func handle(method: String, uri: String, body: Data) -> APIResponse {
         let path = RoutePath(uri)
+        if readOnly && method != "GET" {
+            return APIResponse(status: 405, contentType: "application/json",
+                               body: (try? APIJSON.encoder.encode(APIErrorBody(code: "read_only",
+                                   message: "this listener is read-only: change the cluster through the controller's Unix socket (tern cluster)"))) ?? Data(),
+                               headers: [("Allow", "GET")])
+        }
         do {
-            if method == "GET", path.match("v1", "hosts") != nil {
+            if method == "GET", path.parts.isEmpty || path.match("index.html") != nil {
+                return APIResponse(status: 200, contentType: "text/html; charset=utf-8", body: Data(ControllerPage.html.utf8))
+            } else if method == "GET", path.match("metrics") != nil {
+                let observations = controller.lastObservations
+                let migrations = (try? controller.store.migrations()) ?? []
+                return metrics.response { now in
+                    for state in ["ready", "draining", "unreachable"] {
+                        MetricsEndpoint.gauge(now, "tern_cluster_hosts", "Hosts by state.", [("state", state)]).set(to: Double(observations.filter { seen in
+                            seen.status == nil ? state == "unreachable" : (seen.record.draining ? state == "draining" : state == "ready")
+                        }.count))
+                    }
+                    for seen in observations {
+                        MetricsEndpoint.gauge(now, "tern_cluster_vms", "VMs running on each host.", [("host", seen.record.name)])
+                            .set(to: Double(seen.status?.residentVMs.count ?? 0))
+                    }
+                    for phase in MigrationPhase.allCases where !phase.isFinished {
+                        MetricsEndpoint.gauge(now, "tern_cluster_migrations", "Migrations not yet finished, by phase.", [("phase", phase.rawValue)])
+                            .set(to: Double(migrations.filter { $0.phase == phase }.count))
+                    }
+                    MetricsEndpoint.gauge(now, "tern_cluster_store_up", "1 while the controller's store answers.")
+                        .set(to: controller.storeUnavailable == nil ? 1 : 0)
+                }
+            } else if method == "GET", path.match("v1", "hosts") != nil {
                 return json(controller.observeNow().map { seen in
                     ControllerAPI.HostView(name: seen.record.name, address: seen.record.address, draining: seen.record.draining, reachable: seen.status != nil,
                              error: seen.error, memoryCapacityMib: seen.status?.memoryCapacityMib, memoryFreeMib: seen.status?.freeMib,
@@ -70,7 +101,7 @@ struct ControllerRoutes: Sendable {
     }
 
     static let routes: [(methods: [String], pattern: [String])] = [
-        (["GET", "POST"], ["v1", "hosts"]), (["POST"], ["v1", "hosts", "*", "undrain"]), (["GET", "POST"], ["v1", "vms"]),
+        (["GET"], []), (["GET"], ["metrics"]), (["GET", "POST"], ["v1", "hosts"]), (["POST"], ["v1", "hosts", "*", "undrain"]), (["GET", "POST"], ["v1", "vms"]),
         (["GET", "POST"], ["v1", "migrations"]), (["GET"], ["v1", "operations"]), (["POST"], ["v1", "evacuate"]),
     ]
 }

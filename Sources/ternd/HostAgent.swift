@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Logging
+import Metrics
 import Synchronization
 import TernAPI
 import TernCluster
@@ -269,6 +270,7 @@ final class HostAgent: Sendable {
                 save(latest)
             }
             sending.withLock { _ = $0.remove(name) }
+            Counter(label: "tern_agent_migrations_out_total", dimensions: [("outcome", outcome.state.rawValue)]).increment()
             logger.info("migration ended", metadata: ["vm": "\(name)", "state": "\(outcome.state.rawValue)", "reason": "\(outcome.reason ?? "")"])
         }
         thread.start()

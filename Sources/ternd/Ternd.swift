@@ -111,7 +111,7 @@ struct Agent: ParsableCommand {
                                                        stateDirectory: absolute(stateDir), ternBinary: absolute(ternBinary),
                                                        tlsDirectory: absolute(tlsDir), tokenPublicKey: absolute(tokenKey),
                                                        incomingPorts: ports[0]...ports[1]), logger: logger)
-        let routes = AgentRoutes(agent: agent)
+        let routes = AgentRoutes(agent: agent, metrics: MetricsEndpoint())
         let service: HTTPService
         do {
             service = try HTTPService(address: .tcp(host: address.host, port: address.port), secure: tls.serverHandler, route: routes.handle)
@@ -140,6 +140,9 @@ struct Controller: ParsableCommand {
 
     @Option(help: "The Unix socket `tern cluster` talks to.")
     var apiSocket: String
+
+    @Option(help: "HOST:PORT to serve, in clear and read-only, the web page (/), the API's GET routes and /metrics.")
+    var http: String?
 
     @Option(help: "Certificates (from `tern certs init --name controller`) for talking to the agents.")
     var tlsDir: String
@@ -232,9 +235,17 @@ struct Controller: ParsableCommand {
         }
         let controller = ClusterController(store: store, agents: AgentClient(tls: tls), tokens: TokenAuthority(issuer: key, name: "controller"),
                                            policy: policy, logger: logger)
-        let routes = ControllerRoutes(controller: controller)
-        let service: HTTPService
-        do { service = try HTTPService(address: .unix(path: apiSocket), route: routes.handle) } catch {
+        let metrics = MetricsEndpoint()
+        let routes = ControllerRoutes(controller: controller, metrics: metrics, readOnly: false)
+        var services: [HTTPService] = []
+        do {
+            services.append(try HTTPService(address: .unix(path: apiSocket), route: routes.handle))
+            if let http {
+                let address = try parseAddress(http, option: "--http")
+                let page = ControllerRoutes(controller: controller, metrics: metrics, readOnly: true)
+                services.append(try HTTPService(address: .tcp(host: address.host, port: address.port), route: page.handle))
+            }
+        } catch {
             FileHandle.standardError.write(Data("ternd: \(error)\n".utf8))
             throw ExitCode.failure
         }
@@ -248,7 +259,7 @@ struct Controller: ParsableCommand {
         loop.start()
         logger.notice("controller running", metadata: ["store": "\(self.store)", "socket": "\(apiSocket)"])
         waitForTermination()
-        service.shutdown()
+        services.forEach { $0.shutdown() }
         logger.notice("controller stopped; migrations in flight go on at their hosts and the next controller resumes them")
     }
 }

@@ -103,6 +103,19 @@ final class TestCluster {
         }
     }
 
+    /// A command in the client's namespace, where the controller runs.
+    func inClient(_ command: String) -> (status: Int32, output: String) { shell("ip netns exec \(prefix)-cl \(command)", timeout: 60) }
+
+    /// The controller's /metrics (its read-only listener), as samples by series.
+    func controllerMetrics() -> [String: Double] { parsePrometheus(inClient("curl -sf http://127.0.0.1:8080/metrics").output) }
+
+    /// Host N's agent's /metrics, over mutual TLS with the controller's certificate.
+    func agentMetrics(_ host: Int) -> [String: Double] {
+        let certs = directory + "/certs"
+        return parsePrometheus(inClient("curl -sf --cacert \(certs)/ca/ca.pem --cert \(certs)/controller/cert.pem --key \(certs)/controller/key.pem "
+                                        + "--resolve h\(host):7400:10.240.0.\(host) https://h\(host):7400/metrics").output)
+    }
+
     var controllerLog: String { (try? String(contentsOfFile: directory + "/controller.log", encoding: .utf8)) ?? "" }
 }
 
@@ -114,6 +127,19 @@ func waitFor(_ what: String, timeout: Double, _ condition: () throws -> Bool) th
     }
     if try condition() { return }
     throw ConfigurationError("timed out after \(timeout) s waiting until \(what)")
+}
+
+/// Prometheus's text format, strictly: every line a comment or `series value`, else the parse fails (an empty result).
+func parsePrometheus(_ text: String) -> [String: Double] {
+    var samples: [String: Double] = [:]
+    for line in text.split(separator: "\n") where !line.hasPrefix("#") {
+        guard let space = line.lastIndex(of: " "), let value = Double(line[line.index(after: space)...]) else {
+            Issue.record("not a Prometheus sample: \(line)")
+            return [:]
+        }
+        samples[String(line[..<space])] = value
+    }
+    return samples
 }
 
 /// The most migrations that ran at once among `records`, by the controller's start and finish times.
@@ -174,6 +200,45 @@ struct ClusterTests {
         #expect(h1.draining && h1.vms == 0, "h1 is empty and takes no VMs")
         try expectGuestsHealthy(cluster, names)
         #expect(cluster.cluster("hosts").output.contains("draining"))
+
+        let metrics = cluster.controllerMetrics()
+        #expect(metrics["tern_cluster_migrations_total{outcome=\"completed\"}"] == 6)
+        #expect(metrics["tern_cluster_migration_downtime_seconds_count"] == 6)
+        #expect(metrics["tern_cluster_migration_duration_seconds_count"] == 6)
+        #expect((metrics["tern_cluster_migration_bytes_total"] ?? 0) > Double(6 * 16 << 20), "at least each guest's 16 MiB of data")
+        #expect(metrics["tern_cluster_vms{host=\"h1\"}"] == 0 && metrics["tern_cluster_vms{host=\"h2\"}"] == 2)
+        #expect(metrics["tern_cluster_hosts{state=\"draining\"}"] == 1)
+        let source = cluster.agentMetrics(1), destination = cluster.agentMetrics(2)
+        #expect(source["tern_agent_migrations_out_total{outcome=\"completed\"}"] == 6, "\(source)")
+        #expect(destination["tern_agent_vms{host=\"h2\",state=\"running\"}"] == 2, "\(destination)")
+        #expect(destination["tern_agent_memory_committed_bytes{host=\"h2\"}"] == Double(128 << 20))
+    }
+
+    @Test func theWebPageShowsHostsAndMigrationsInAHeadlessBrowser() throws {
+        let chromium = shell("command -v chromium").output.trimmingCharacters(in: .whitespacesAndNewlines)
+        try #require(!chromium.isEmpty, "chromium is not installed (scripts/setup.sh installs it)")
+        let cluster = try TestCluster(hosts: 2, controller: "--bandwidth 5M")
+        try cluster.createVMs(["p1", "p2"], on: "h1", cmdline: "fill=24 dirty=8 pattern=random rate=2")
+        func render() throws -> (dom: String, log: String) {
+            let log = cluster.directory + "/chromium.log"
+            let dom = cluster.inClient("\(chromium) --headless --no-sandbox --disable-gpu --virtual-time-budget=2500 --enable-logging=stderr --v=0 "
+                                       + "--user-data-dir=\(cluster.directory)/chromium --dump-dom http://127.0.0.1:8080/ 2>\(log)")
+            #expect(dom.status == 0)
+            return (dom.output, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
+        }
+        #expect(cluster.cluster("evacuate", "h1").status == 0)
+        try waitFor("a migration is sending", timeout: 30) { try cluster.migrations().contains { $0.phase == .running && $0.transferredBytes > 0 } }
+        let during = try render()
+        #expect(during.dom.contains(#"data-host="h1" data-state="draining""#), "the page shows h1 draining")
+        #expect(during.dom.contains(#"data-phase="running""#), "and a migration in flight")
+        try waitFor("the evacuation completes", timeout: 90) { try cluster.migrations().allSatisfy { $0.phase == .completed } }
+        let after = try render()
+        for name in ["p1", "p2"] { #expect(after.dom.contains(#"data-migration="\#(name)" data-phase="completed""#)) }
+        #expect(after.dom.contains(#"data-vm="p1""#) && after.dom.contains("2 hosts, 2 VMs, 0 migrations in flight"))
+        #expect(after.dom.contains(#"<div id="status" class="ok"></div>"#), "the page reached the controller")
+        for log in [during.log, after.log] {
+            #expect(!log.contains("Uncaught") && !log.contains(":CONSOLE("), "the page's script ran without errors or console output")
+        }
     }
 
     @Test func anEvacuationWithNowhereToGoIsRefusedAndNothingMoves() throws {
