@@ -6,6 +6,9 @@ import PackageDescription
 //   tern (CLI) -> TernAuth (tokens; TernMigration sees them through its MigrationAuthorizer protocol)
 //   tern (CLI) -> TernAPI -> TernMigration -> TernMachine -> TernDevices -> TernKVM -> CKVM (C shim)
 //                                        \-> TernWire (frames, checksums, codecs) -> CChecksum, CZstd (libzstd)
+//   ternd (agent, controller) -> TernClusterStore (GRDB), TernClusterEtcd (async-http-client), TernClusterNet (swift-nio-ssl) -> TernAPI
+//                             -> TernCluster (state, decisions; no I/O) <- tern cluster (CLI)
+// The cluster's heavier packages (swift-nio-ssl, GRDB, async-http-client, swift-prometheus) are ternd's alone: `tern run` links none.
 let strict: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
 ]
@@ -29,6 +32,8 @@ let package = Package(
         // Metrics of the agents and the controller, in Prometheus's text format.
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        // Several controllers: etcd's v3 JSON gateway.
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
     ],
     targets: [
         .target(name: "CKVM"),
@@ -86,6 +91,12 @@ let package = Package(
         ),
         // The controller's store: SQLite through GRDB.
         .target(name: "TernClusterStore", dependencies: ["TernCluster", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
+        // The store on etcd (several controllers, leader election and host liveness through leases).
+        .target(
+            name: "TernClusterEtcd",
+            dependencies: ["TernCluster", .product(name: "AsyncHTTPClient", package: "async-http-client"), .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict
+        ),
         // HTTP over TCP with mutual TLS (swift-nio-ssl), between the controller and the host agents.
         .target(
             name: "TernClusterNet",
@@ -102,7 +113,7 @@ let package = Package(
         .executableTarget(
             name: "ternd",
             dependencies: [
-                "TernCluster", "TernClusterStore", "TernClusterNet", "TernAPI", "TernAuth", "TernMigration", "TernMachine",
+                "TernCluster", "TernClusterStore", "TernClusterEtcd", "TernClusterNet", "TernAPI", "TernAuth", "TernMigration", "TernMachine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),

@@ -7,7 +7,8 @@
 #   bash scripts/cluster.sh up PREFIX DIR        make the LAN (LAN_HOSTS hosts, default 4), DIR/certs/*,
 #                                                DIR/token, start the agents and the controller, add the hosts
 #   bash scripts/cluster.sh agent PREFIX DIR N   (re)start host N's agent (after `kill`, it adopts its VMs)
-#   bash scripts/cluster.sh controller PREFIX DIR   (re)start the controller on DIR/controller.sqlite
+#   bash scripts/cluster.sh controller PREFIX DIR [N]  (re)start controller N (default 1) on its store
+#   bash scripts/cluster.sh etcd PREFIX DIR      (re)start etcd (ETCD=1 clusters)
 #   bash scripts/cluster.sh down PREFIX DIR      stop everything and remove the namespaces (DIR is kept)
 #
 # Host i is PREFIX-hi at 10.240.0.i, its agent on 10.240.0.i:7400, state in DIR/hi, log DIR/hi/agent.log,
@@ -16,6 +17,9 @@
 # DIR/controller.pid; CONTROLLER_ARGS adds to its command line (limits, timeouts, --verify). Its web page,
 # GET routes and /metrics are on CONTROLLER_HTTP (default 127.0.0.1:8080) inside PREFIX-cl:
 # ip netns exec PREFIX-cl curl http://127.0.0.1:8080/metrics
+# With ETCD=1: etcd in PREFIX-cl on http://10.240.0.100:2379 (data DIR/etcd, log DIR/etcd.log, pid DIR/etcd.pid);
+# the agents keep liveness leases there, and CONTROLLERS (default 1) controllers named c1, c2, ... share it
+# (controller N: socket DIR/controllerN.sock for N > 1, web page on port 8079+N, log DIR/controllerN.log).
 set -euo pipefail
 # shellcheck source=scripts/netns-common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/netns-common.sh"
@@ -24,33 +28,60 @@ BIN="${TERN_BIN_DIR:-$HERE/.build/debug}"
 
 die() { echo "cluster: $*" >&2; exit 1; }
 
+ETCD_URL=http://10.240.0.100:2379
+
+start_etcd() {
+    local prefix="$1" dir="$2"
+    command -v etcd >/dev/null || die "etcd is not installed (scripts/setup.sh installs etcd-server)"
+    (
+        close_inherited_fds
+        exec ip netns exec "$prefix-cl" etcd --name tern --data-dir "$dir/etcd" --listen-client-urls "$ETCD_URL" \
+            --advertise-client-urls "$ETCD_URL" --listen-peer-urls http://127.0.0.1:2380 \
+            --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster tern=http://127.0.0.1:2380 >>"$dir/etcd.log" 2>&1
+    ) &
+    echo $! >"$dir/etcd.pid"
+    for _ in $(seq 100); do
+        ip netns exec "$prefix-cl" curl -sf -X POST "$ETCD_URL/v3/kv/range" -d '{"key":"AA=="}' >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    die "etcd did not start: $(tail -3 "$dir/etcd.log")"
+}
+
 start_agent() {
-    local prefix="$1" dir="$2" i="$3"
+    local prefix="$1" dir="$2" i="$3" etcd=()
     mkdir -p "$dir/h$i"
+    [ -n "${ETCD:-}" ] && etcd=(--etcd "$ETCD_URL")
     (
         close_inherited_fds
         exec ip netns exec "$prefix-h$i" "$BIN/ternd" agent --name "h$i" --listen "10.240.0.$i:7400" \
             --tls-dir "$dir/certs/h$i" --token-key "$dir/token/token.pub" --state-dir "$dir/h$i" \
-            --memory "${AGENT_MEMORY:-2G}" --tern "$BIN/tern" >>"$dir/h$i/agent.log" 2>&1
+            --memory "${AGENT_MEMORY:-2G}" --tern "$BIN/tern" "${etcd[@]}" >>"$dir/h$i/agent.log" 2>&1
     ) &
     echo $! >"$dir/h$i/agent.pid"
 }
 
+# Controller N's socket, log and pid file names (controller 1 keeps the plain names).
+controller_file() { if [ "$2" = 1 ]; then echo "$1/controller.$3"; else echo "$1/controller$2.$3"; fi; }
+
 start_controller() {
-    local prefix="$1" dir="$2"
+    local prefix="$1" dir="$2" n="${3:-1}" store socket log
+    socket=$(controller_file "$dir" "$n" sock) log=$(controller_file "$dir" "$n" log)
+    store=(--store "$dir/controller.sqlite")
+    [ -n "${ETCD:-}" ] && store=(--etcd "$ETCD_URL" --name "c$n")
+    rm -f "$socket"
     # shellcheck disable=SC2086
     (
         close_inherited_fds
-        exec ip netns exec "$prefix-cl" "$BIN/ternd" controller --store "$dir/controller.sqlite" \
-            --api-socket "$dir/controller.sock" --tls-dir "$dir/certs/controller" --token-key "$dir/token/token.key" \
-            --http "${CONTROLLER_HTTP:-127.0.0.1:8080}" ${CONTROLLER_ARGS:-} >>"$dir/controller.log" 2>&1
+        exec ip netns exec "$prefix-cl" "$BIN/ternd" controller "${store[@]}" \
+            --api-socket "$socket" --tls-dir "$dir/certs/controller" --token-key "$dir/token/token.key" \
+            --http "127.0.0.1:$((8079 + n))" ${CONTROLLER_ARGS:-} >>"$log" 2>&1
     ) &
-    echo $! >"$dir/controller.pid"
+    echo $! >"$(controller_file "$dir" "$n" pid)"
     for _ in $(seq 100); do
-        [ -S "$dir/controller.sock" ] && return 0
+        [ -S "$socket" ] && return 0
         sleep 0.05
     done
-    die "the controller did not start: $(tail -3 "$dir/controller.log")"
+    die "controller $n did not start: $(tail -3 "$log")"
 }
 
 wait_agent() {
@@ -76,9 +107,16 @@ up)
         for i in $(seq "$hosts"); do "$BIN/tern" certs init "$dir/certs/h$i" --name "h$i" --ca "$dir/certs/ca" >/dev/null; done
         "$BIN/tern" token init "$dir/token" >/dev/null
     fi
+    [ -n "${ETCD:-}" ] && start_etcd "$prefix" "$dir"
     for i in $(seq "$hosts"); do start_agent "$prefix" "$dir" "$i"; done
     for i in $(seq "$hosts"); do wait_agent "$dir" "$i"; done
-    start_controller "$prefix" "$dir"
+    start_controller "$prefix" "$dir" 1
+    # The first controller leads before a second one starts (with etcd, only the leader writes).
+    for _ in $(seq 100); do
+        "$BIN/tern" cluster status --controller "$dir/controller.sock" 2>/dev/null | grep -q leading && break
+        sleep 0.1
+    done
+    for n in $(seq 2 "${CONTROLLERS:-1}"); do start_controller "$prefix" "$dir" "$n"; done
     for i in $(seq "$hosts"); do
         "$BIN/tern" cluster add-host --controller "$dir/controller.sock" "h$i" "10.240.0.$i:7400" >/dev/null
     done
@@ -90,9 +128,12 @@ agent)
     wait_agent "$3" "$4"
     ;;
 controller)
-    [ $# -eq 3 ] || die "usage: cluster.sh controller PREFIX DIR"
-    rm -f "$3/controller.sock"
-    start_controller "$2" "$3"
+    [ $# -ge 3 ] || die "usage: cluster.sh controller PREFIX DIR [N]"
+    start_controller "$2" "$3" "${4:-1}"
+    ;;
+etcd)
+    [ $# -eq 3 ] || die "usage: cluster.sh etcd PREFIX DIR"
+    start_etcd "$2" "$3"
     ;;
 down)
     [ $# -eq 3 ] || die "usage: cluster.sh down PREFIX DIR"

@@ -10,8 +10,8 @@ configuration="${1:-debug}"
 # linux-image-cloud-amd64: the Linux kernel the boot-protocol test boots (its files land in /boot);
 # iputils-ping: the network tests ping the guest from a namespace; libsqlite3-dev: the cluster
 # controller's store (GRDB); curl and chromium: the cluster tests read /metrics and render the
-# controller's web page.
-packages=(make gcc binutils libc6-dev libzstd-dev libssl-dev libsqlite3-dev iproute2 iputils-ping curl chromium linux-image-cloud-amd64)
+# controller's web page; etcd-server: the store of several controllers.
+packages=(make gcc binutils libc6-dev libzstd-dev libssl-dev libsqlite3-dev iproute2 iputils-ping curl chromium etcd-server linux-image-cloud-amd64)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh debug
-swift build --build-tests 2>&1 | grep -E "error|warning:" && { echo "test: the build has errors or warnings" >&2; exit 1; }
+# (A dependency's manifest warning about its own unhandled files is not ours to fix.)
+swift build --build-tests 2>&1 | grep -E "error|warning:" | grep -v "which are unhandled; explicitly declare them" \
+    && { echo "test: the build has errors or warnings" >&2; exit 1; }
 # The suite takes a few minutes; a test that hangs must fail the run, not stall it.
 # One test at a time: in parallel, a dozen busy guests and migrations share these
 # 2 cores and every timing in the suite stretches (about as fast overall: ~100 s).

@@ -11,6 +11,7 @@ public final class ClusterController: Sendable {
     public let store: any ClusterStore
     public let policy: MigrationPolicy
     private let agents: any HostAgents
+    private let liveness: (any HostLiveness)?
     private let driver: MigrationDriver
     private let clock: @Sendable () -> Date
     private let logger: Logger
@@ -24,6 +25,8 @@ public final class ClusterController: Sendable {
         public var record: HostRecord
         public var status: HostStatus?
         public var error: String?
+        /// With host liveness (etcd): whether the host's lease is alive.
+        public var leaseAlive: Bool?
         public var at: Date
     }
 
@@ -41,9 +44,11 @@ public final class ClusterController: Sendable {
     }
 
     public init(store: any ClusterStore, agents: any HostAgents, tokens: any MigrationTokenIssuer, policy: MigrationPolicy,
-                clock: @escaping @Sendable () -> Date = Date.init, logger: Logger = Logger(label: "tern.controller")) {
+                liveness: (any HostLiveness)? = nil, clock: @escaping @Sendable () -> Date = Date.init,
+                logger: Logger = Logger(label: "tern.controller")) {
         self.store = store
         self.agents = agents
+        self.liveness = liveness
         self.policy = policy
         self.clock = clock
         self.logger = logger
@@ -223,19 +228,28 @@ public final class ClusterController: Sendable {
         } catch { throw .unavailable("\(error)") }
     }
 
-    /// Asks every agent for its status, all at once.
+    /// Asks every agent for its status, all at once. With host liveness, a host whose lease has
+    /// expired counts as unreachable even if its agent answers.
     private func observe(_ hosts: [HostRecord]) -> [HostObservation] {
         let results = Mutex<[HostObservation]>([])
         let now = clock()
+        let live: Set<String>? = liveness.flatMap { try? $0.liveHosts() }
         DispatchQueue.concurrentPerform(iterations: hosts.count) { index in
             let host = hosts[index]
-            let observation: HostObservation
+            var observation: HostObservation
             do {
                 let status = try agents.status(of: host)
                 observation = status.name == host.name ? HostObservation(record: host, status: status, error: nil, at: now)
                     : HostObservation(record: host, status: nil, error: "the agent at \(host.address) says it is '\(status.name)'", at: now)
             } catch {
                 observation = HostObservation(record: host, status: nil, error: "\(error)", at: now)
+            }
+            if liveness != nil {
+                observation.leaseAlive = live?.contains(host.name)
+                if observation.leaseAlive != true && observation.status != nil {
+                    observation.status = nil
+                    observation.error = live == nil ? "its liveness lease cannot be read" : "its liveness lease has expired"
+                }
             }
             results.withLock { $0.append(observation) }
         }

@@ -9,13 +9,16 @@ public enum ControllerAPI {
         public var draining: Bool
         public var reachable: Bool
         public var error: String?
+        /// With etcd: whether the host's liveness lease is alive.
+        public var leaseAlive: Bool?
         public var memoryCapacityMib: UInt64?
         public var memoryFreeMib: UInt64?
         public var vms: Int?
         public var seenAt: Date
 
-        public init(name: String, address: String, draining: Bool, reachable: Bool, error: String?, memoryCapacityMib: UInt64?,
-                    memoryFreeMib: UInt64?, vms: Int?, seenAt: Date) {
+        public init(name: String, address: String, draining: Bool, reachable: Bool, error: String?, leaseAlive: Bool? = nil,
+                    memoryCapacityMib: UInt64?, memoryFreeMib: UInt64?, vms: Int?, seenAt: Date) {
+            self.leaseAlive = leaseAlive
             self.name = name
             self.address = address
             self.draining = draining
@@ -25,6 +28,22 @@ public enum ControllerAPI {
             self.memoryFreeMib = memoryFreeMib
             self.vms = vms
             self.seenAt = seenAt
+        }
+    }
+
+    /// GET /v1/controller: which controller answers, where it keeps the state, who leads.
+    public struct ControllerView: Codable, Sendable {
+        public var name: String
+        public var store: String
+        public var leading: Bool
+        public var leader: String?
+        public var storeError: String?
+        public init(name: String, store: String, leading: Bool, leader: String?, storeError: String?) {
+            self.name = name
+            self.store = store
+            self.leading = leading
+            self.leader = leader
+            self.storeError = storeError
         }
     }
 

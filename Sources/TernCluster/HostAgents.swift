@@ -55,3 +55,9 @@ public enum MigrationAction: Codable, Sendable, Equatable {
 public protocol MigrationTokenIssuer: Sendable {
     func token(vm: String, source: String, destination: String, lifetime: Double) throws -> String
 }
+
+/// Which hosts count as alive apart from answering the controller (etcd leases their
+/// agents keep: `EtcdHostLiveness`). A host not in the set is treated as unreachable.
+public protocol HostLiveness: Sendable {
+    func liveHosts() throws -> Set<String>
+}

@@ -16,7 +16,7 @@ struct Cluster: ParsableCommand {
                 tern cluster hosts | vms | migrations | operations [--json]
                 tern cluster watch                           live progress until nothing is in flight
             """,
-        subcommands: [AddHost.self, Hosts.self, VMs.self, CreateVM.self, Migrations.self, Operations.self, Evacuate.self,
+        subcommands: [Status.self, AddHost.self, Hosts.self, VMs.self, CreateVM.self, Migrations.self, Operations.self, Evacuate.self,
                       MigrateVM.self, Undrain.self, Watch.self])
 
     struct Options: ParsableArguments {
@@ -40,6 +40,18 @@ struct Cluster: ParsableCommand {
 
         func post(_ uri: String, _ body: some Encodable, expecting: Int) throws -> Data {
             try call(client, .POST, uri, body: try ClusterJSON.encoder.encode(body), expecting: expecting).body
+        }
+    }
+
+    struct Status: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Which controller answers, where it keeps its state, and who leads.")
+        @OptionGroup var options: Options
+        func run() throws {
+            let (view, body) = try options.get(ControllerAPI.ControllerView.self, "/v1/controller")
+            printAnswer(body, json: options.json) {
+                "controller \(view.name) (\(view.store)): " + (view.leading ? "leading" : "following \(view.leader ?? "no leader yet")")
+                    + (view.storeError.map { "; store unavailable: \($0)" } ?? "")
+            }
         }
     }
 

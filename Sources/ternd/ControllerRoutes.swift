@@ -1,6 +1,7 @@
 import Foundation
 import TernAPI
 import TernCluster
+import TernClusterEtcd
 
 /// The controller's HTTP API (docs/cluster-api.yaml), on its Unix socket for `tern cluster`:
 ///   GET  /v1/hosts                  -> [HostView]
@@ -13,8 +14,16 @@ import TernCluster
 ///   GET  /v1/operations             -> [OperationRecord]
 ///   POST /v1/evacuate {host}        -> 202 OperationRecord, or 409 with why nothing moves
 struct ControllerRoutes: Sendable {
+    /// What GET /v1/controller says of this controller.
+    struct Identity: Sendable {
+        var name: String
+        var store: String
+        var leadership: EtcdLeadership?
+    }
+
     let controller: ClusterController
     let metrics: MetricsEndpoint
+    let identity: Identity
     /// The web page's listener: GET only (what changes the cluster goes through the Unix socket).
     let readOnly: Bool
 
@@ -49,10 +58,15 @@ struct ControllerRoutes: Sendable {
                     MetricsEndpoint.gauge(now, "tern_cluster_store_up", "1 while the controller's store answers.")
                         .set(to: controller.storeUnavailable == nil ? 1 : 0)
                 }
+            } else if method == "GET", path.match("v1", "controller") != nil {
+                return json(ControllerAPI.ControllerView(name: identity.name, store: identity.store,
+                                                         leading: identity.leadership?.isLeader ?? true,
+                                                         leader: identity.leadership.map { $0.leader } ?? identity.name,
+                                                         storeError: controller.storeUnavailable))
             } else if method == "GET", path.match("v1", "hosts") != nil {
                 return json(controller.observeNow().map { seen in
                     ControllerAPI.HostView(name: seen.record.name, address: seen.record.address, draining: seen.record.draining, reachable: seen.status != nil,
-                             error: seen.error, memoryCapacityMib: seen.status?.memoryCapacityMib, memoryFreeMib: seen.status?.freeMib,
+                             error: seen.error, leaseAlive: seen.leaseAlive, memoryCapacityMib: seen.status?.memoryCapacityMib, memoryFreeMib: seen.status?.freeMib,
                              vms: seen.status?.residentVMs.count, seenAt: seen.at)
                 })
             } else if method == "POST", path.match("v1", "hosts") != nil {
@@ -101,7 +115,7 @@ struct ControllerRoutes: Sendable {
     }
 
     static let routes: [(methods: [String], pattern: [String])] = [
-        (["GET"], []), (["GET"], ["metrics"]), (["GET", "POST"], ["v1", "hosts"]), (["POST"], ["v1", "hosts", "*", "undrain"]), (["GET", "POST"], ["v1", "vms"]),
+        (["GET"], []), (["GET"], ["metrics"]), (["GET"], ["v1", "controller"]), (["GET", "POST"], ["v1", "hosts"]), (["POST"], ["v1", "hosts", "*", "undrain"]), (["GET", "POST"], ["v1", "vms"]),
         (["GET", "POST"], ["v1", "migrations"]), (["GET"], ["v1", "operations"]), (["POST"], ["v1", "evacuate"]),
     ]
 }

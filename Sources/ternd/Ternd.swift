@@ -6,6 +6,7 @@ import TernAPI
 import TernAuth
 import TernCluster
 import TernClusterNet
+import TernClusterEtcd
 import TernClusterStore
 import TernMachine
 
@@ -82,6 +83,9 @@ struct Agent: ParsableCommand {
     @Option(help: "The tern executable (default: the one beside ternd).")
     var tern: String?
 
+    @Option(help: "etcd endpoints (http://HOST:PORT, comma-separated) where the agent keeps its liveness lease.")
+    var etcd: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
@@ -119,6 +123,11 @@ struct Agent: ParsableCommand {
             FileHandle.standardError.write(Data("ternd: \(error)\n".utf8))
             throw ExitCode.failure
         }
+        if let etcd {
+            do {
+                EtcdHeartbeat(client: try EtcdClient(endpoints: etcd.split(separator: ",").map(String.init)), host: name).start(logger: logger)
+            } catch { throw ValidationError("--etcd: \(error)") }
+        }
         logger.notice("agent serving", metadata: ["host": "\(name)", "listen": "\(listen)", "memory_mib": "\(capacity)"])
         waitForTermination()
         // The VMs stay: they are processes of their own, and the next agent adopts them.
@@ -129,14 +138,24 @@ struct Agent: ParsableCommand {
 
 struct Controller: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run the cluster controller: hosts, placements and migrations under limits, kept in SQLite.",
+        abstract: "Run the cluster controller: hosts, placements and migrations under limits, kept in SQLite or etcd.",
         discussion: """
-            `tern cluster --controller SOCKET ...` talks to it. A controller restarted on the same --store resumes
-            the migrations and evacuations in flight without repeating any.
+            `tern cluster ... --controller SOCKET` talks to it. A controller restarted on the same --store resumes
+            the migrations and evacuations in flight without repeating any. With --etcd, several controllers share
+            the state; one leads (etcd lease), the others take over when it stops.
             """)
 
-    @Option(help: "The SQLite file the controller keeps its state in (created if missing).")
-    var store: String
+    @Option(help: "The SQLite file the controller keeps its state in (created if missing); one controller.")
+    var store: String?
+
+    @Option(help: "etcd endpoints (http://HOST:PORT, comma-separated) to keep the state in, for several controllers.")
+    var etcd: String?
+
+    @Option(help: "With --etcd: this controller's name, as leader (default: host name and pid).")
+    var name: String?
+
+    @Option(help: "With --etcd: seconds a leader's lease lasts without renewal (a stopped leader is replaced after it).")
+    var leaseTtl: Int = 3
 
     @Option(help: "The Unix socket `tern cluster` talks to.")
     var apiSocket: String
@@ -228,21 +247,38 @@ struct Controller: ParsableCommand {
         do { tls = try ClusterTLS(directory: tlsDir) } catch { throw ValidationError("\(error)") }
         let key: TokenIssuer
         do { key = TokenIssuer(key: try TokenKeys.loadPrivate(tokenKey)) } catch { throw ValidationError("--token-key: \(error)") }
-        let store: SQLiteClusterStore
-        do { store = try SQLiteClusterStore(path: self.store) } catch {
+        guard (self.store == nil) != (etcd == nil) else { throw ValidationError("give one of --store FILE (SQLite) and --etcd URLS") }
+        guard leaseTtl >= 1 else { throw ValidationError("--lease-ttl must be at least 1") }
+        let store: any ClusterStore
+        var leadership: EtcdLeadership?
+        var liveness: EtcdHostLiveness?
+        let controllerName = name ?? "\(ProcessInfo.processInfo.hostName)-\(getpid())"
+        do {
+            if let path = self.store {
+                store = try SQLiteClusterStore(path: path)
+            } else {
+                let client = try EtcdClient(endpoints: etcd!.split(separator: ",").map(String.init))
+                let election = EtcdLeadership(client: client, key: "/tern/leader", name: controllerName, ttl: leaseTtl)
+                store = EtcdClusterStore(client: client, leadership: election)
+                leadership = election
+                liveness = EtcdHostLiveness(client: client)
+            }
+        } catch {
             FileHandle.standardError.write(Data("ternd: \(error)\n".utf8))
             throw ExitCode.failure
         }
-        let controller = ClusterController(store: store, agents: AgentClient(tls: tls), tokens: TokenAuthority(issuer: key, name: "controller"),
-                                           policy: policy, logger: logger)
+        let controller = ClusterController(store: store, agents: AgentClient(tls: tls), tokens: TokenAuthority(issuer: key, name: controllerName),
+                                           policy: policy, liveness: liveness, logger: logger)
+        let identity = ControllerRoutes.Identity(name: controllerName, store: self.store.map { "sqlite:\($0)" } ?? "etcd:\(etcd!)",
+                                                 leadership: leadership)
         let metrics = MetricsEndpoint()
-        let routes = ControllerRoutes(controller: controller, metrics: metrics, readOnly: false)
+        let routes = ControllerRoutes(controller: controller, metrics: metrics, identity: identity, readOnly: false)
         var services: [HTTPService] = []
         do {
             services.append(try HTTPService(address: .unix(path: apiSocket), route: routes.handle))
             if let http {
                 let address = try parseAddress(http, option: "--http")
-                let page = ControllerRoutes(controller: controller, metrics: metrics, readOnly: true)
+                let page = ControllerRoutes(controller: controller, metrics: metrics, identity: identity, readOnly: true)
                 services.append(try HTTPService(address: .tcp(host: address.host, port: address.port), route: page.handle))
             }
         } catch {
@@ -250,16 +286,25 @@ struct Controller: ParsableCommand {
             throw ExitCode.failure
         }
         let interval = self.interval
+        let election = leadership
         let loop = Thread {
+            var led: Bool?
             while true {
-                controller.tick()
+                // With etcd, only the leader decides; the others keep campaigning.
+                let leads = election?.campaign() ?? true
+                if leads != led, let election {
+                    logger.notice(leads ? "leading the cluster" : "following", metadata: ["leader": "\(election.leader ?? "none")"])
+                    led = leads
+                }
+                if leads { controller.tick() }
                 usleep(useconds_t(interval * 1_000_000))
             }
         }
         loop.start()
-        logger.notice("controller running", metadata: ["store": "\(self.store)", "socket": "\(apiSocket)"])
+        logger.notice("controller running", metadata: ["name": "\(controllerName)", "store": "\(identity.store)", "socket": "\(apiSocket)"])
         waitForTermination()
         services.forEach { $0.shutdown() }
+        leadership?.resign()
         logger.notice("controller stopped; migrations in flight go on at their hosts and the next controller resumes them")
     }
 }

@@ -15,14 +15,14 @@ final class TestCluster {
     private static let made = Atomic<Int>(0)
     static var binaryDirectory: String { URL(fileURLWithPath: TernProcess.binary).deletingLastPathComponent().path }
 
-    init(hosts: Int = 4, agentMemory: String = "2G", controller: String = "") throws {
+    init(hosts: Int = 4, agentMemory: String = "2G", controller: String = "", etcd: Bool = false, controllers: Int = 1) throws {
         prefix = "tc\(getpid() % 10000)n\(Self.made.add(1, ordering: .relaxed).newValue)"
         directory = NSTemporaryDirectory() + "tern-cluster-\(prefix)"
         self.hosts = hosts
         try? FileManager.default.removeItem(atPath: directory)
         let up = shell("""
             LAN_HOSTS=\(hosts) AGENT_MEMORY=\(agentMemory) CONTROLLER_ARGS='--interval 0.2 \(controller)' TERN_BIN_DIR=\(Self.binaryDirectory) \
-            bash \(TernProcess.repository.path)/scripts/cluster.sh up \(prefix) \(directory)
+            \(etcd ? "ETCD=1" : "") CONTROLLERS=\(controllers) bash \(TernProcess.repository.path)/scripts/cluster.sh up \(prefix) \(directory)
             """)
         guard up.status == 0 else { throw ConfigurationError("cluster.sh up failed: \(up.output)") }
     }
@@ -32,7 +32,9 @@ final class TestCluster {
         try? FileManager.default.removeItem(atPath: directory)
     }
 
-    var controllerSocket: String { directory + "/controller.sock" }
+    /// The controller `tern cluster` and the helpers below talk to (1, or 2 once the first is gone).
+    var controller = 1
+    var controllerSocket: String { directory + (controller == 1 ? "/controller.sock" : "/controller\(controller).sock") }
 
     /// `tern cluster SUBCOMMAND ARGS --controller SOCKET`.
     @discardableResult
@@ -41,7 +43,7 @@ final class TestCluster {
     }
 
     func get<T: Decodable>(_ type: T.Type, _ uri: String) throws -> T {
-        let response = try APIClient(socketPath: controllerSocket).request(.GET, uri)
+        let response = try APIClient(socketPath: controllerSocket).request(.GET, uri, timeout: .seconds(10))
         guard response.status == 200 else { throw ConfigurationError("GET \(uri): \(response.status) \(response.errorMessage ?? "")") }
         return try ClusterJSON.decoder.decode(type, from: response.body)
     }
@@ -212,6 +214,17 @@ struct ClusterTests {
         #expect(source["tern_agent_migrations_out_total{outcome=\"completed\"}"] == 6, "\(source)")
         #expect(destination["tern_agent_vms{host=\"h2\",state=\"running\"}"] == 2, "\(destination)")
         #expect(destination["tern_agent_memory_committed_bytes{host=\"h2\"}"] == Double(128 << 20))
+
+        // The answers match docs/cluster-api.yaml.
+        var files: [String] = []
+        for path in ["/v1/hosts", "/v1/vms", "/v1/migrations", "/v1/operations"] {
+            let file = cluster.directory + "/answer" + path.replacingOccurrences(of: "/", with: "-") + ".json"
+            try APIClient(socketPath: cluster.controllerSocket).request(.GET, path).body.write(to: URL(fileURLWithPath: file))
+            files.append("\(path)=\(file)")
+        }
+        let check = shell("python3 \(TernProcess.repository.path)/tools/check_cluster_api.py \(TernProcess.repository.path)/docs/cluster-api.yaml "
+                          + files.joined(separator: " "))
+        #expect(check.status == 0, "\(check.output)")
     }
 
     @Test func theWebPageShowsHostsAndMigrationsInAHeadlessBrowser() throws {
@@ -350,5 +363,61 @@ struct ClusterTests {
             try !cluster.placements().contains { $0.host == "h2" }
         }
         try expectGuestsHealthy(cluster, ["stay"])
+    }
+
+    @Test func withEtcdASecondControllerTakesOverAKilledLeaderAndFinishesWithoutMigratingAnyVMTwice() throws {
+        let cluster = try TestCluster(hosts: 3, controller: "--max-parallel 1 --bandwidth 10M", etcd: true, controllers: 2)
+        #expect(cluster.cluster("status").output.contains("controller c1 (etcd:http://10.240.0.100:2379): leading"))
+        cluster.controller = 2
+        #expect(cluster.cluster("status").output.contains("following c1"), "\(cluster.cluster("status").output)")
+        #expect(cluster.cluster("evacuate", "h1").status != 0, "a follower refuses to change the cluster")
+        cluster.controller = 1
+        let names = ["e1", "e2", "e3", "e4"]
+        try cluster.createVMs(names, on: "h1", cmdline: Self.working)
+        #expect(try cluster.hostViews().allSatisfy { $0.leaseAlive == true }, "every agent keeps its liveness lease")
+        #expect(cluster.cluster("evacuate", "h1").status == 0)
+        try waitFor("one migration has completed and the next runs", timeout: 60) {
+            let migrations = try cluster.migrations()
+            return migrations.contains { $0.phase == .completed } && migrations.contains { $0.phase == .running }
+        }
+        cluster.kill("controller")
+        cluster.controller = 2
+        try waitFor("c2 leads once c1's lease has expired", timeout: 15) { cluster.cluster("status").output.contains("c2 (etcd") && cluster.cluster("status").output.contains("leading") }
+        try waitFor("the evacuation completes under c2", timeout: 120) {
+            try cluster.get([OperationRecord].self, "/v1/operations").first?.phase == .completed
+        }
+        let migrations = try cluster.migrations()
+        #expect(migrations.count == 4 && migrations.allSatisfy { $0.phase == .completed && $0.attempt == 1 },
+                "\(migrations.map { ($0.vm, $0.phase, $0.attempt, $0.failures) })")
+        for name in names { #expect(cluster.incomingStarts(of: name) == 1, "\(name) was received once") }
+        try expectGuestsHealthy(cluster, names)
+    }
+
+    @Test func whileEtcdIsUnreachableNoMigrationStartsAndTheOneInFlightFinishes() throws {
+        let cluster = try TestCluster(hosts: 3, controller: "--max-parallel 1 --bandwidth 8M", etcd: true)
+        let names = ["u1", "u2", "u3"]
+        try cluster.createVMs(names, on: "h1", cmdline: "fill=24 dirty=8 pattern=random rate=2 verify=2")
+        #expect(cluster.cluster("evacuate", "h1").status == 0)
+        try waitFor("the first migration is sending", timeout: 30) {
+            try cluster.migrations().contains { $0.phase == .running && $0.transferredBytes > 1 << 20 }
+        }
+        let moving = try #require(try cluster.migrations().first { $0.phase == .running })
+        let etcd = try #require(cluster.pid(of: "etcd"))
+        kill(etcd, SIGSTOP)
+        defer { kill(etcd, SIGCONT) }
+        // The migration in flight needs no controller: the VM arrives at its destination.
+        try waitFor("\(moving.vm) runs at \(moving.destination)", timeout: 60) {
+            let response = try APIClient(socketPath: cluster.vmSocket(moving.vm, on: moving.destination)).request(.GET, "/v1/vm", timeout: .seconds(2))
+            return response.status == 200 && String(decoding: response.body, as: UTF8.self).contains("\"running\"")
+        }
+        sleep(4)
+        #expect(names.map { cluster.incomingStarts(of: $0) }.reduce(0, +) == 1, "nothing else started while etcd was away")
+        kill(etcd, SIGCONT)
+        try waitFor("the evacuation completes once etcd is back", timeout: 120) {
+            try cluster.get([OperationRecord].self, "/v1/operations").first?.phase == .completed
+        }
+        #expect(try cluster.migrations().allSatisfy { $0.phase == .completed && $0.attempt == 1 })
+        for name in names { #expect(cluster.incomingStarts(of: name) == 1) }
+        try expectGuestsHealthy(cluster, names)
     }
 }
