@@ -12,7 +12,7 @@
 #   bash scripts/cluster.sh down PREFIX DIR      stop everything and remove the namespaces (DIR is kept)
 #
 # Host i is PREFIX-hi at 10.240.0.i, its agent on 10.240.0.i:7400, state in DIR/hi, log DIR/hi/agent.log,
-# pid DIR/hi/agent.pid; each may hold AGENT_MEMORY of VMs (default 2G). The controller's socket is
+# pid DIR/hi/agent.pid; each may hold AGENT_MEMORY of VMs (default 2G); AGENT_ARGS adds to its command line. The controller's socket is
 # DIR/controller.sock (TERN_CONTROLLER=DIR/controller.sock tern cluster ...), its log DIR/controller.log and pid
 # DIR/controller.pid; CONTROLLER_ARGS adds to its command line (limits, timeouts, --verify). Its web page,
 # GET routes and /metrics are on CONTROLLER_HTTP (default 127.0.0.1:8080) inside PREFIX-cl:
@@ -55,7 +55,7 @@ start_agent() {
         close_inherited_fds
         exec ip netns exec "$prefix-h$i" "$BIN/ternd" agent --name "h$i" --listen "10.240.0.$i:7400" \
             --tls-dir "$dir/certs/h$i" --token-key "$dir/token/token.pub" --state-dir "$dir/h$i" \
-            --memory "${AGENT_MEMORY:-2G}" --tern "$BIN/tern" "${etcd[@]}" >>"$dir/h$i/agent.log" 2>&1
+            --memory "${AGENT_MEMORY:-2G}" --tern "$BIN/tern" "${etcd[@]}" ${AGENT_ARGS:-} >>"$dir/h$i/agent.log" 2>&1
     ) &
     echo $! >"$dir/h$i/agent.pid"
 }

@@ -19,6 +19,7 @@ import TernMachine
 ///   PUT  /v1/vm/migration/cancel             -> 202; the VM keeps running here
 ///   PUT  /v1/vm/migration/postcopy           -> 202; a hybrid or auto migration switches to post-copy now
 ///   PUT  /v1/vm/migration/parameters {"max_downtime_ms", "bandwidth"} -> the report with the new limits
+///   GET  /v1/vm/dirty-rate?ms=N              -> DirtyRateSample (the dirty log over N ms; 409 during a migration)
 public struct APIRouter: Sendable {
     public static let maximumMemoryRead: UInt64 = 64 << 20
 
@@ -79,6 +80,9 @@ public struct APIRouter: Sendable {
         case "/v1/vm/migration/postcopy":
             guard method == "PUT" || method == "POST" else { return Self.methodNotAllowed(method, path) }
             return startPostcopy()
+        case "/v1/vm/dirty-rate":
+            guard method == "GET" else { return Self.methodNotAllowed(method, path) }
+            return dirtyRate(query)
         case "/v1/vm/memory":
             guard method == "GET" else { return Self.methodNotAllowed(method, path) }
             return readMemory(query)
@@ -89,6 +93,25 @@ public struct APIRouter: Sendable {
 
     /// A pause or resume: during a migration's pre-copy it is the user's (the destination keeps a paused
     /// VM paused); from its switch-over on the migration's, and refused.
+    /// The guest's dirty rate over `ms` milliseconds (200 by default). The migration slot is held
+    /// meanwhile: a migration asked for waits for the window to end, and none can be running.
+    private func dirtyRate(_ query: [String: String]) -> APIResponse {
+        let window = query["ms"].map { Int($0) } ?? 200
+        guard let window, DirtyRateSample.windowRange.contains(window) else {
+            return .error(400, "bad_request", "ms must be an integer from \(DirtyRateSample.windowRange.lowerBound) to \(DirtyRateSample.windowRange.upperBound)")
+        }
+        guard machine.currentState == .running || machine.currentState == .paused else {
+            return .error(409, "invalid_state", "the VM is \(machine.currentState.rawValue)")
+        }
+        let vm = machine.vm
+        let outcome = migrations.whileIdle { Result { try DirtyRateSample.measure(vm, windowMs: window) } }
+        switch outcome {
+        case nil: return .error(409, "migrating", "a migration uses the dirty log: its report has the dirty rate (GET /v1/vm/migration)")
+        case .success(let sample)?: return .json(sample)
+        case .failure(let error)?: return .error(500, "failed", "\(error)")
+        }
+    }
+
     private func runStateChange(_ operation: () throws -> Void) -> APIResponse {
         guard let migration = migrations.active else { return lifecycle(operation) }
         var response: APIResponse?

@@ -108,13 +108,24 @@ final class MigrationSlot: Sendable {
 
     var suspended: MigrationSource? { paused.withLock { $0 } }
 
+    /// Held by whatever else uses the dirty log (a dirty-rate sample) and, briefly, by `begin`.
+    private let dirtyLog = Mutex<Void>(())
+
+    /// Runs `body` while no migration runs and none can start (one asked for waits); nil if one runs.
+    func whileIdle<T>(_ body: () -> T) -> T? {
+        dirtyLog.withLock { _ in
+            guard current.withLock({ $0 == nil }) && suspended == nil else { return nil }
+            return body()
+        }
+    }
+
     /// Claims the slot; nil when a migration is already running.
     func begin(_ source: MigrationSource) -> Bool {
-        current.withLock { slot in
+        dirtyLog.withLock { _ in current.withLock { slot in
             guard slot == nil else { return false }
             slot = source
             return true
-        }
+        } }
     }
 
     func end(_ report: MigrationReport) {

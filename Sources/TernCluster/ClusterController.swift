@@ -136,6 +136,38 @@ public final class ClusterController: Sendable {
         }
     }
 
+    /// Evens out memory use across the hosts that take VMs (`Placement.balance`). Its moves run
+    /// under the same limits as any others; a cluster already balanced gets an operation with none.
+    public func balance() throws(Refusal) -> OperationRecord {
+        try locked { () throws -> OperationRecord in
+            let (hosts, migrations, view) = try lookAround()
+            if migrations.contains(where: { !$0.phase.isFinished }) {
+                throw Refusal.invalid("migrations are still pending or in flight: balance once they have ended")
+            }
+            let candidates = hosts.filter { !$0.draining }.compactMap { view.statuses[$0.name] }
+            let moves = Placement.balance(candidates, reservedMib: reserved(migrations, view: view))
+            let now = clock()
+            var operation = OperationRecord(kind: .balance, createdAt: now)
+            if moves.isEmpty {
+                operation.phase = .completed
+                operation.reason = "already balanced"
+                operation.finishedAt = now
+            }
+            let sources = Dictionary(uniqueKeysWithValues: candidates.flatMap { host in host.residentVMs.map { ($0.name, host.name) } })
+            do {
+                for (index, move) in moves.enumerated() {
+                    try store.save(MigrationRecord(vm: move.vm.name, source: sources[move.vm.name]!, destination: move.destination,
+                                                   memoryMib: move.vm.spec.memoryMib, operationId: operation.id,
+                                                   priority: Admission.priority(for: move.vm, planIndex: index, order: policy.order),
+                                                   maxDowntimeMs: policy.maxDowntimeMs, createdAt: now))
+                }
+                try store.save(operation)
+            } catch { throw Refusal.unavailable("\(error)") }
+            logger.notice("balance planned", metadata: ["moves": "\(moves.count)"])
+            return operation
+        }
+    }
+
     /// Lets a drained host take VMs again.
     public func undrain(_ hostName: String) throws(Refusal) {
         try locked { () throws in

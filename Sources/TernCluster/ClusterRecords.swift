@@ -113,6 +113,7 @@ public struct MigrationRecord: Codable, Sendable, Equatable, Identifiable {
 public enum OperationKind: Codable, Sendable, Equatable {
     case evacuate(host: String)
     case migrate(vm: String, to: String)
+    case balance
 }
 
 public enum OperationPhase: String, Codable, Sendable {
@@ -149,6 +150,22 @@ public enum ClusterJSON {
         let decoder = JSONDecoder()
         decoder.keyDecodingStrategy = .convertFromSnakeCase
         decoder.dateDecodingStrategy = .iso8601
+        return decoder
+    }()
+}
+
+/// How stores keep records: JSON with sorted keys and times in milliseconds since 1970.
+public enum ClusterRecordCoding {
+    public static let encoder: JSONEncoder = {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .millisecondsSince1970
+        encoder.outputFormatting = .sortedKeys
+        return encoder
+    }()
+
+    public static let decoder: JSONDecoder = {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .millisecondsSince1970
         return decoder
     }()
 }

@@ -57,6 +57,26 @@ public struct MigrationProgress: Codable, Sendable, Equatable {
     }
 }
 
+/// What a VM has been doing, as its agent last sampled it (every few seconds, not while it migrates).
+public struct VMActivity: Codable, Sendable, Equatable {
+    /// Bytes per second the guest wrote, from the dirty log over a short window.
+    public var dirtyBytesPerSecond: Double
+    /// CPU time its process used per second since the sample before (1 = one core busy).
+    public var cpuFraction: Double?
+    /// Requests its disks served and frames its NICs carried, since it started on this host.
+    public var diskOperations: Int
+    public var networkFrames: Int
+    public var sampledAtUnixMs: Double
+
+    public init(dirtyBytesPerSecond: Double, cpuFraction: Double?, diskOperations: Int, networkFrames: Int, sampledAtUnixMs: Double) {
+        self.dirtyBytesPerSecond = dirtyBytesPerSecond
+        self.cpuFraction = cpuFraction
+        self.diskOperations = diskOperations
+        self.networkFrames = networkFrames
+        self.sampledAtUnixMs = sampledAtUnixMs
+    }
+}
+
 /// One VM on a host, as its agent reports it.
 public struct VMStatus: Codable, Sendable, Equatable {
     public var spec: VMSpec
@@ -68,6 +88,7 @@ public struct VMStatus: Codable, Sendable, Equatable {
     /// The migration that brought it here (while incoming) or is taking it away.
     public var incomingMigrationId: String?
     public var outgoing: MigrationProgress?
+    public var activity: VMActivity?
     public var reason: String?
 
     public var name: String { spec.name }

@@ -46,4 +46,33 @@ public enum Placement {
         }
         return moves
     }
+
+    /// Moves that even out memory use: while some VM on the most loaded host (by the share of
+    /// its capacity in use) would, moved to the least loaded, narrow the gap between them, the
+    /// largest such VM moves. It stops when no move narrows it, so hosts end within about one
+    /// VM of each other, and a balanced cluster is left alone.
+    public static func balance(_ hosts: [HostStatus], reservedMib: [String: UInt64], maximumMoves: Int = 100) -> [Move] {
+        var used = Dictionary(uniqueKeysWithValues: hosts.map { ($0.name, Double($0.committedMib + (reservedMib[$0.name] ?? 0))) })
+        let capacity = Dictionary(uniqueKeysWithValues: hosts.map { ($0.name, Double(max($0.memoryCapacityMib, 1))) })
+        var resident = Dictionary(uniqueKeysWithValues: hosts.map { ($0.name, $0.residentVMs) })
+        var moves: [Move] = []
+        func load(_ host: String) -> Double { used[host]! / capacity[host]! }
+        while moves.count < maximumMoves {
+            let ordered = hosts.map(\.name).sorted { (load($0), $1) < (load($1), $0) }
+            guard let least = ordered.first, let most = ordered.last, least != most else { break }
+            let gap = load(most) - load(least)
+            let candidates = resident[most]!.filter { vm in
+                let size = Double(vm.spec.memoryMib)
+                let after = abs((used[most]! - size) / capacity[most]! - (used[least]! + size) / capacity[least]!)
+                return used[least]! + size <= capacity[least]! && after < gap - 1e-9
+            }
+            guard let vm = candidates.max(by: { ($0.spec.memoryMib, $1.name) < ($1.spec.memoryMib, $0.name) }) else { break }
+            used[most]! -= Double(vm.spec.memoryMib)
+            used[least]! += Double(vm.spec.memoryMib)
+            resident[most]!.removeAll { $0.name == vm.name }
+            resident[least]!.append(vm)
+            moves.append(Move(vm: vm, destination: least))
+        }
+        return moves
+    }
 }

@@ -15,18 +15,8 @@ public final class EtcdClusterStore: ClusterStore {
         self.leadership = leadership
     }
 
-    private static let encoder: JSONEncoder = {
-        let encoder = JSONEncoder()
-        encoder.dateEncodingStrategy = .millisecondsSince1970
-        encoder.outputFormatting = .sortedKeys
-        return encoder
-    }()
-
-    private static let decoder: JSONDecoder = {
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .millisecondsSince1970
-        return decoder
-    }()
+    private static var encoder: JSONEncoder { ClusterRecordCoding.encoder }
+    private static var decoder: JSONDecoder { ClusterRecordCoding.decoder }
 
     private func records<T: Decodable>(_ kind: String) throws -> [T] {
         try client.range(prefix: prefix + kind + "/").map { try Self.decoder.decode(T.self, from: $0.value) }

@@ -44,18 +44,8 @@ public final class SQLiteClusterStore: ClusterStore {
         }
     }
 
-    private static let encoder: JSONEncoder = {
-        let encoder = JSONEncoder()
-        encoder.dateEncodingStrategy = .millisecondsSince1970
-        encoder.outputFormatting = .sortedKeys
-        return encoder
-    }()
-
-    private static let decoder: JSONDecoder = {
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .millisecondsSince1970
-        return decoder
-    }()
+    private static var encoder: JSONEncoder { ClusterRecordCoding.encoder }
+    private static var decoder: JSONDecoder { ClusterRecordCoding.decoder }
 
     private func rows<T: Decodable>(_ sql: String) throws -> [T] {
         try database.read { db in

@@ -59,3 +59,17 @@ extension String {
         return String(scalars)
     }
 }
+
+/// A rate in bytes per second as command lines give it: `100000000` or `100M`. Suffixes
+/// are decimal (K = 1000), as network rates are; nil for anything else, zero included.
+public enum ByteRate {
+    public static func parse(_ text: String) -> UInt64? {
+        let multipliers: [Character: UInt64] = ["K": 1_000, "M": 1_000_000, "G": 1_000_000_000]
+        var digits = Substring(text)
+        var multiplier: UInt64 = 1
+        if let last = digits.last?.uppercased().first, let m = multipliers[last] { multiplier = m; digits = digits.dropLast() }
+        guard let value = UInt64(digits), value > 0 else { return nil }
+        let (product, overflow) = value.multipliedReportingOverflow(by: multiplier)
+        return overflow ? nil : product
+    }
+}

@@ -13,11 +13,12 @@ struct Cluster: ParsableCommand {
                 tern cluster create-vm web --host h1 --kernel /srv/guest.elf --memory 512M
                 tern cluster evacuate h1                     move every VM off h1 (refused untouched if some cannot go)
                 tern cluster migrate web --to h2
+                tern cluster balance                         even out memory use across the hosts
                 tern cluster hosts | vms | migrations | operations [--json]
                 tern cluster watch                           live progress until nothing is in flight
             """,
         subcommands: [Status.self, AddHost.self, Hosts.self, VMs.self, CreateVM.self, Migrations.self, Operations.self, Evacuate.self,
-                      MigrateVM.self, Undrain.self, Watch.self])
+                      MigrateVM.self, Balance.self, Undrain.self, Watch.self])
 
     struct Options: ParsableArguments {
         @Option(help: "The controller's API socket (`ternd controller --api-socket`; default $TERN_CONTROLLER).")
@@ -86,8 +87,10 @@ struct Cluster: ParsableCommand {
         func run() throws {
             let (vms, body) = try options.get([ControllerAPI.PlacedVM].self, "/v1/vms")
             printAnswer(body, json: options.json) {
-                Table(["VM", "HOST", "STATE", "MEMORY MiB", "CPU s", "MIGRATION"], vms.map { placed in
+                Table(["VM", "HOST", "STATE", "MEMORY MiB", "CPU s", "CPU %", "DIRTY MB/s", "MIGRATION"], vms.map { placed in
                     [placed.vm.name, placed.host, placed.vm.state.rawValue, "\(placed.vm.spec.memoryMib)", String(format: "%.1f", placed.vm.cpuSeconds),
+                     placed.vm.activity?.cpuFraction.map { String(format: "%.0f", $0 * 100) } ?? "-",
+                     placed.vm.activity.map { String(format: "%.1f", $0.dirtyBytesPerSecond / 1e6) } ?? "-",
                      placed.vm.outgoing.map { "\($0.state.rawValue) (\($0.phase))" } ?? "-"]
                 }).render()
             }
@@ -141,6 +144,7 @@ struct Cluster: ParsableCommand {
                     let what = switch operation.kind {
                     case .evacuate(let host): "evacuate \(host)"
                     case .migrate(let vm, let to): "migrate \(vm) to \(to)"
+                    case .balance: "balance"
                     }
                     return [String(operation.id.prefix(8)), what, operation.phase.rawValue, operation.reason ?? ""]
                 }).render()
@@ -171,6 +175,23 @@ struct Cluster: ParsableCommand {
             let body = try options.post("/v1/migrations", ControllerAPI.Migrate(vm: vm, to: to), expecting: 202)
             let operation = try ClusterJSON.decoder.decode(OperationRecord.self, from: body)
             if !wait { return printAnswer(body, json: options.json) { "migrating \(vm) to \(to) (operation \(operation.id.prefix(8)))" } }
+            try Cluster.follow(operation.id, options: options)
+        }
+    }
+
+    struct Balance: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Even out memory use: move VMs from the most loaded hosts to the least, until hosts are within about one VM.")
+        @OptionGroup var options: Options
+        @Flag(help: "Wait until its migrations end, showing progress.") var wait = false
+        func run() throws {
+            let body = try options.post("/v1/balance", [String: String](), expecting: 202)
+            let operation = try ClusterJSON.decoder.decode(OperationRecord.self, from: body)
+            if !wait {
+                return printAnswer(body, json: options.json) {
+                    operation.phase == .completed ? "already balanced: nothing to move" : "balancing (operation \(operation.id.prefix(8)))"
+                }
+            }
             try Cluster.follow(operation.id, options: options)
         }
     }

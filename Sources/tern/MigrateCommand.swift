@@ -140,12 +140,8 @@ struct Migrate: ParsableCommand {
     }
 
     static func parseRate(_ text: String) throws -> UInt64 {
-        let multipliers: [Character: UInt64] = ["K": 1_000, "M": 1_000_000, "G": 1_000_000_000]
-        var digits = Substring(text)
-        var multiplier: UInt64 = 1
-        if let last = digits.last?.uppercased().first, let m = multipliers[last] { multiplier = m; digits = digits.dropLast() }
-        guard let value = UInt64(digits), value > 0 else { throw ValidationError("--bandwidth '\(text)' is not a rate (e.g. 100000000 or 100M)") }
-        return value * multiplier
+        guard let rate = ByteRate.parse(text) else { throw ValidationError("--bandwidth '\(text)' is not a rate (e.g. 100000000 or 100M)") }
+        return rate
     }
 
     /// The token as given, or read from --token-file (surrounding whitespace dropped).

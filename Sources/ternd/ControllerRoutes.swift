@@ -13,6 +13,7 @@ import TernClusterEtcd
 ///   POST /v1/migrations {vm, to}    -> 202 OperationRecord
 ///   GET  /v1/operations             -> [OperationRecord]
 ///   POST /v1/evacuate {host}        -> 202 OperationRecord, or 409 with why nothing moves
+///   POST /v1/balance                -> 202 OperationRecord (its migrations even out memory use)
 struct ControllerRoutes: Sendable {
     /// What GET /v1/controller says of this controller.
     struct Identity: Sendable {
@@ -92,6 +93,8 @@ struct ControllerRoutes: Sendable {
                 return json(try controller.migrate(request.vm, to: request.to), status: 202)
             } else if method == "GET", path.match("v1", "operations") != nil {
                 return json(try controller.store.operations())
+            } else if method == "POST", path.match("v1", "balance") != nil {
+                return json(try controller.balance(), status: 202)
             } else if method == "POST", path.match("v1", "evacuate") != nil {
                 return json(try controller.evacuate(try RoutePath.decode(ControllerAPI.Evacuate.self, body).host), status: 202)
             } else {
@@ -116,6 +119,6 @@ struct ControllerRoutes: Sendable {
 
     static let routes: [(methods: [String], pattern: [String])] = [
         (["GET"], []), (["GET"], ["metrics"]), (["GET"], ["v1", "controller"]), (["GET", "POST"], ["v1", "hosts"]), (["POST"], ["v1", "hosts", "*", "undrain"]), (["GET", "POST"], ["v1", "vms"]),
-        (["GET", "POST"], ["v1", "migrations"]), (["GET"], ["v1", "operations"]), (["POST"], ["v1", "evacuate"]),
+        (["GET", "POST"], ["v1", "migrations"]), (["GET"], ["v1", "operations"]), (["POST"], ["v1", "evacuate"]), (["POST"], ["v1", "balance"]),
     ]
 }

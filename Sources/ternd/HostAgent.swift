@@ -19,6 +19,8 @@ struct AgentVMRecord: Codable {
     var incomingPort: Int?
     var outgoing: MigrationProgress?
     var departedAtUnixMs: Double?
+    /// An incoming VM whose migration has arrived (it runs here now).
+    var incomingArrived: Bool?
 }
 
 /// The host agent: starts and owns this host's VMs (tern processes with their API
@@ -36,6 +38,8 @@ final class HostAgent: Sendable {
         var tlsDirectory: String
         var tokenPublicKey: String
         var incomingPorts: ClosedRange<Int>
+        /// Seconds between samples of each VM's activity (dirty rate, CPU, devices).
+        var sampleInterval: Double
     }
 
     let configuration: Configuration
@@ -44,6 +48,7 @@ final class HostAgent: Sendable {
     private let sending = Mutex<Set<String>>([])
     private let startedAtUnixMs = Date().timeIntervalSince1970 * 1000
     private let logger: Logger
+    private let sampler: ActivitySampler
     /// A departed VM's record is kept this long, for a controller that was away when it left.
     static let departedRetention: Double = 600
 
@@ -52,6 +57,7 @@ final class HostAgent: Sendable {
     init(configuration: Configuration, logger: Logger) throws {
         self.configuration = configuration
         self.logger = logger
+        sampler = ActivitySampler(interval: configuration.sampleInterval)
         try FileManager.default.createDirectory(atPath: configuration.stateDirectory + "/vms", withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
         var adopted: [String: AgentVMRecord] = [:]
@@ -66,6 +72,18 @@ final class HostAgent: Sendable {
         records.withLock { $0 = adopted }
         for record in adopted.values {
             logger.info("adopted VM", metadata: ["vm": "\(record.spec.name)", "pid": "\(record.process.pid)", "alive": "\(record.process.isAlive)"])
+        }
+        sampler.start { [weak self] in self?.samplingTargets() ?? [] }
+    }
+
+    /// The VMs whose activity can be sampled now: running here, neither migrating nor waiting for one.
+    private func samplingTargets() -> [ActivitySampler.Target] {
+        let migrating = sending.withLock { $0 }
+        return records.withLock { all in
+            all.values.filter { record in
+                record.departedAtUnixMs == nil && record.outgoing?.state != .running && !migrating.contains(record.spec.name)
+                    && (record.incomingMigrationId == nil || record.incomingArrived == true)
+            }.map { ActivitySampler.Target(name: $0.spec.name, apiSocket: $0.apiSocket, cpuSeconds: $0.process.cpuSeconds) }
         }
     }
 
@@ -130,15 +148,21 @@ final class HostAgent: Sendable {
             state = .starting
             reason = "its API does not answer yet: \(error)"
         }
+        if state == .running || state == .paused, record.incomingMigrationId != nil, record.incomingArrived != true {
+            record.incomingArrived = true
+            save(record)
+        }
         // Adopted mid-migration: the VM's API still has the report.
         if record.outgoing?.state == .running && !isSending, let progress = liveProgress(record) {
             if progress.state != .running { record.outgoing = progress; save(record) }
         }
         var outgoing = record.outgoing
         if outgoing?.state == .running, let live = liveProgress(record) { outgoing = live }
-        return VMStatus(spec: record.spec, state: state, pid: record.process.pid, cpuSeconds: record.process.cpuSeconds,
-                        startedAtUnixMs: record.startedAtUnixMs, incomingMigrationId: record.incomingMigrationId,
-                        outgoing: outgoing, reason: reason)
+        var status = VMStatus(spec: record.spec, state: state, pid: record.process.pid, cpuSeconds: record.process.cpuSeconds,
+                              startedAtUnixMs: record.startedAtUnixMs, incomingMigrationId: record.incomingMigrationId,
+                              outgoing: outgoing, reason: reason)
+        status.activity = sampler.activity(of: name)
+        return status
     }
 
     /// The running (or last) migration as the VM's own API reports it.

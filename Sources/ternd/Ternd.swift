@@ -86,6 +86,9 @@ struct Agent: ParsableCommand {
     @Option(help: "etcd endpoints (http://HOST:PORT, comma-separated) where the agent keeps its liveness lease.")
     var etcd: String?
 
+    @Option(help: "Seconds between samples of each VM's activity (dirty rate over 200 ms, CPU, device counters).")
+    var sampleInterval: Double = 5
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
@@ -93,6 +96,7 @@ struct Agent: ParsableCommand {
         try bootstrapLogging(logLevel)
         let logger = Logger(label: "ternd.agent")
         guard VMSpec.isValidName(name) else { throw ValidationError("--name '\(name)' must be letters, digits, '.', '_' or '-'") }
+        guard sampleInterval >= 0.5 else { throw ValidationError("--sample-interval must be at least 0.5 s") }
         let address = try parseAddress(listen, option: "--listen")
         let ports = migrationPorts.split(separator: "-").compactMap { Int($0) }
         guard ports.count == 2, ports[0] >= 1, ports[0] <= ports[1], ports[1] <= 65535 else {
@@ -114,7 +118,7 @@ struct Agent: ParsableCommand {
         let agent = try HostAgent(configuration: .init(name: name, migrationAddress: migrationAddress ?? address.host, memoryCapacityMib: capacity,
                                                        stateDirectory: absolute(stateDir), ternBinary: absolute(ternBinary),
                                                        tlsDirectory: absolute(tlsDir), tokenPublicKey: absolute(tokenKey),
-                                                       incomingPorts: ports[0]...ports[1]), logger: logger)
+                                                       incomingPorts: ports[0]...ports[1], sampleInterval: sampleInterval), logger: logger)
         let routes = AgentRoutes(agent: agent, metrics: MetricsEndpoint())
         let service: HTTPService
         do {
@@ -217,11 +221,8 @@ struct Controller: ParsableCommand {
         policy.maxOutboundPerHost = maxOutbound
         policy.maxInboundPerHost = maxInbound
         if let bandwidth {
-            let multipliers: [Character: UInt64] = ["K": 1_000, "M": 1_000_000, "G": 1_000_000_000]
-            var digits = Substring(bandwidth), multiplier: UInt64 = 1
-            if let last = digits.last?.uppercased().first, let m = multipliers[last] { multiplier = m; digits = digits.dropLast() }
-            guard let value = UInt64(digits) else { throw ValidationError("--bandwidth '\(bandwidth)' is not a rate (e.g. 100M)") }
-            policy.bandwidthPerMigration = value * multiplier
+            guard let rate = ByteRate.parse(bandwidth) else { throw ValidationError("--bandwidth '\(bandwidth)' is not a rate (e.g. 100M)") }
+            policy.bandwidthPerMigration = rate
         }
         policy.completionTimeoutPerGiB = completionTimeoutPerGib
         policy.progressTimeout = progressTimeout

@@ -41,6 +41,22 @@ struct PlacementTests {
         }
     }
 
+    @Test func balancingMovesTheLargestVMThatNarrowsTheGapUntilNoneDoes() {
+        let moves = Placement.balance([host("a", capacity: 1000, [vm("v1", 100), vm("v2", 100), vm("v3", 300), vm("v4", 100)]),
+                                       host("b", capacity: 1000, [vm("w", 100)]), host("c", capacity: 1000)], reservedMib: [:])
+        // a 600, b 100, c 0: v3 (300) to c: 300/100/300; then v1 (100) a→b: 200/200/300; then nothing narrows c−a.
+        #expect(moves.map { "\($0.vm.name)>\($0.destination)" } == ["v3>c", "v1>b"])
+    }
+
+    @Test func aBalancedClusterAndOneOfHostsOfDifferentSizesAreLeftAsTheyAre() {
+        #expect(Placement.balance([host("a", capacity: 1000, [vm("x", 100)]), host("b", capacity: 1000)], reservedMib: [:]).isEmpty,
+                "one VM: moving it only moves the gap")
+        // The same share of each: 25% of 800 and 25% of 400.
+        #expect(Placement.balance([host("a", capacity: 800, [vm("x", 200)]), host("b", capacity: 400, [vm("y", 100)])], reservedMib: [:]).isEmpty)
+        #expect(Placement.balance([host("a", capacity: 1000, [vm("big", 900)]), host("b", capacity: 500)], reservedMib: [:]).isEmpty,
+                "a VM that does not fit stays")
+    }
+
     @Test func equalHostsAreChosenByNameSoThatAPlanRepeats() throws {
         let moves = try Placement.plan([vm("a", 10), vm("b", 10)], candidates: [host("z", capacity: 100), host("m", capacity: 100)], reservedMib: [:])
         #expect(moves.map(\.destination) == ["m", "z"])

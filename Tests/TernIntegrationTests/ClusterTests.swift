@@ -21,7 +21,7 @@ final class TestCluster {
         self.hosts = hosts
         try? FileManager.default.removeItem(atPath: directory)
         let up = shell("""
-            LAN_HOSTS=\(hosts) AGENT_MEMORY=\(agentMemory) CONTROLLER_ARGS='--interval 0.2 \(controller)' TERN_BIN_DIR=\(Self.binaryDirectory) \
+            LAN_HOSTS=\(hosts) AGENT_MEMORY=\(agentMemory) AGENT_ARGS='--sample-interval 1' CONTROLLER_ARGS='--interval 0.2 \(controller)' TERN_BIN_DIR=\(Self.binaryDirectory) \
             \(etcd ? "ETCD=1" : "") CONTROLLERS=\(controllers) bash \(TernProcess.repository.path)/scripts/cluster.sh up \(prefix) \(directory)
             """)
         guard up.status == 0 else { throw ConfigurationError("cluster.sh up failed: \(up.output)") }
@@ -230,8 +230,11 @@ struct ClusterTests {
     @Test func theWebPageShowsHostsAndMigrationsInAHeadlessBrowser() throws {
         let chromium = shell("command -v chromium").output.trimmingCharacters(in: .whitespacesAndNewlines)
         try #require(!chromium.isEmpty, "chromium is not installed (scripts/setup.sh installs it)")
-        let cluster = try TestCluster(hosts: 2, controller: "--bandwidth 5M")
-        try cluster.createVMs(["p1", "p2"], on: "h1", cmdline: "fill=24 dirty=8 pattern=random rate=2")
+        // p1 dirties flat out against a 2 MB/s cap: its migration stays in pre-copy, in flight, until the
+        // progress timeout switches it to post-copy, 15 s after it last gained (ample for two renderings).
+        let cluster = try TestCluster(hosts: 2, controller: "--bandwidth 2M --max-parallel 1 --progress-timeout 15 --escalation postcopy")
+        try cluster.createVMs(["p1"], on: "h1", cmdline: "fill=4 dirty=16 pattern=random verify=0")
+        try cluster.createVMs(["p2"], on: "h1", cmdline: "fill=4")
         func render() throws -> (dom: String, log: String) {
             let log = cluster.directory + "/chromium.log"
             let dom = cluster.inClient("\(chromium) --headless --no-sandbox --disable-gpu --virtual-time-budget=2500 --enable-logging=stderr --v=0 "
@@ -240,11 +243,14 @@ struct ClusterTests {
             return (dom.output, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
         }
         #expect(cluster.cluster("evacuate", "h1").status == 0)
-        try waitFor("a migration is sending", timeout: 30) { try cluster.migrations().contains { $0.phase == .running && $0.transferredBytes > 0 } }
+        try waitFor("p1's migration is sending", timeout: 30) {
+            try cluster.migrations().contains { $0.vm == "p1" && $0.phase == .running && $0.transferredBytes > 0 }
+        }
         let during = try render()
         #expect(during.dom.contains(#"data-host="h1" data-state="draining""#), "the page shows h1 draining")
-        #expect(during.dom.contains(#"data-phase="running""#), "and a migration in flight")
-        try waitFor("the evacuation completes", timeout: 90) { try cluster.migrations().allSatisfy { $0.phase == .completed } }
+        #expect(during.dom.contains(#"data-migration="p1" data-phase="running""#), "and p1's migration in flight")
+        #expect(try cluster.migrations().first { $0.vm == "p1" }?.escalations.isEmpty == true, "still in pre-copy when rendered")
+        try waitFor("the evacuation completes", timeout: 120) { try cluster.migrations().allSatisfy { $0.phase == .completed } }
         let after = try render()
         for name in ["p1", "p2"] { #expect(after.dom.contains(#"data-migration="\#(name)" data-phase="completed""#)) }
         #expect(after.dom.contains(#"data-vm="p1""#) && after.dom.contains("2 hosts, 2 VMs, 0 migrations in flight"))
@@ -332,6 +338,31 @@ struct ClusterTests {
         let migration = try #require(try cluster.migrations().first)
         #expect(migration.attempt == 2 && migration.failures.count == 1, "one failure, then a retry: \(migration.failures)")
         try expectGuestsHealthy(cluster, ["f"])
+    }
+
+    @Test func balanceEvensOutTheHostsAndTheAgentsReportEachVMsActivity() throws {
+        let cluster = try TestCluster(hosts: 3)
+        try cluster.createVMs(["idle1", "idle2", "idle3"], on: "h1", cmdline: "fill=8")
+        try cluster.createVMs(["busy"], on: "h1", cmdline: "fill=8 dirty=32 pattern=seq rate=20 verify=0")
+        // Dirty rates from the dirty log: the busy guest paces 20 MB/s, the idle ones write their heartbeat only.
+        try waitFor("every VM's activity has been sampled twice", timeout: 20) {
+            try cluster.placements().allSatisfy { $0.vm.activity?.cpuFraction != nil }
+        }
+        let activity = Dictionary(uniqueKeysWithValues: try cluster.placements().map { ($0.vm.name, try #require($0.vm.activity)) })
+        #expect(activity["busy"]!.dirtyBytesPerSecond > 5e6, "\(activity["busy"]!)")
+        #expect(activity["busy"]!.dirtyBytesPerSecond < 30e6, "no more than the guest's pace allows: \(activity["busy"]!)")
+        for name in ["idle1", "idle2", "idle3"] { #expect(activity[name]!.dirtyBytesPerSecond < 1e6, "\(activity[name]!)") }
+        #expect(cluster.cluster("vms").output.contains("DIRTY MB/s"))
+
+        let balance = cluster.cluster("balance", "--wait")
+        #expect(balance.status == 0, "\(balance.output)")
+        let counts = Dictionary(grouping: try cluster.placements().filter { $0.vm.state == .running }, by: \.host).mapValues(\.count)
+        #expect(counts == ["h1": 2, "h2": 1, "h3": 1], "four equal VMs end two, one and one: \(counts)")
+        #expect(try cluster.migrations().count == 2)
+        let again = cluster.cluster("balance")
+        #expect(again.status == 0 && again.output.contains("already balanced"), "\(again.output)")
+        #expect(try cluster.migrations().count == 2, "a balanced cluster is left alone")
+        try expectGuestsHealthy(cluster, ["idle1", "idle2", "idle3", "busy"])
     }
 
     struct IncomingRecordPid: Decodable {
