@@ -24,7 +24,10 @@ set -euo pipefail
 # shellcheck source=scripts/netns-common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/netns-common.sh"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
-BIN="${TERN_BIN_DIR:-$HERE/.build/debug}"
+# The binaries: TERN_BIN_DIR, else the debug build (the tests'), else the release build (setup.sh release).
+if [ -n "${TERN_BIN_DIR:-}" ]; then BIN="$TERN_BIN_DIR"
+elif [ -x "$HERE/.build/debug/ternd" ]; then BIN="$HERE/.build/debug"
+else BIN="$HERE/.build/release"; fi
 
 die() { echo "cluster: $*" >&2; exit 1; }
 

@@ -199,8 +199,7 @@ public final class ClusterController: Sendable {
                 storeProblem.withLock { $0 = message }
                 return true
             }
-            let view = MigrationDriver.View(hosts: Dictionary(uniqueKeysWithValues: hosts.map { ($0.name, $0) }),
-                                            statuses: statuses(observe(hosts)))
+            let view = look(at: hosts)
             var current: [MigrationRecord] = []
             var storeFailed = false
             for var migration in migrations {
@@ -255,7 +254,7 @@ public final class ClusterController: Sendable {
     private func lookAround() throws(Refusal) -> ([HostRecord], [MigrationRecord], MigrationDriver.View) {
         do {
             let hosts = try store.hosts(), migrations = try store.migrations()
-            let view = MigrationDriver.View(hosts: Dictionary(uniqueKeysWithValues: hosts.map { ($0.name, $0) }), statuses: statuses(observe(hosts)))
+            let view = look(at: hosts)
             return (hosts, migrations, view)
         } catch { throw .unavailable("\(error)") }
     }
@@ -292,8 +291,11 @@ public final class ClusterController: Sendable {
         return all
     }
 
-    private func statuses(_ observations: [HostObservation]) -> [String: HostStatus] {
-        Dictionary(uniqueKeysWithValues: observations.compactMap { observation in observation.status.map { (observation.record.name, $0) } })
+    /// The hosts' records and what their agents answer now.
+    private func look(at hosts: [HostRecord]) -> MigrationDriver.View {
+        let observations = observe(hosts)
+        return MigrationDriver.View(hosts: Dictionary(uniqueKeysWithValues: hosts.map { ($0.name, $0) }),
+                                    statuses: Dictionary(uniqueKeysWithValues: observations.compactMap { seen in seen.status.map { (seen.record.name, $0) } }))
     }
 
     /// Memory promised to unfinished migrations whose VM the destination does not list yet.

@@ -24,7 +24,7 @@ struct MigrationDriver {
         guard let source = view.hosts[migration.source], let destination = view.hosts[migration.destination] else {
             return try settle(&migration, failure: "its source or destination is no longer a cluster host", retry: false, view: view, now: now, save: save)
         }
-        if try arrived(migration, view: view) { return try complete(&migration, progress: nil, now: now, save: save) }
+        if arrived(migration, view: view) { return try complete(&migration, progress: nil, now: now, save: save) }
         guard let vm = view.vm(migration.vm, on: migration.source), vm.state == .running || vm.state == .paused else {
             return try settle(&migration, failure: "VM '\(migration.vm)' is not running on \(migration.source)", retry: false, view: view, now: now, save: save)
         }
@@ -62,7 +62,7 @@ struct MigrationDriver {
         let progress: MigrationProgress?
         do { progress = try agents.migration(of: migration.vm, on: source) } catch { return }
         guard let progress, progress.migrationId == migration.attemptID, progress.state != .unknown else {
-            if try arrived(migration, view: view) { return try complete(&migration, progress: nil, now: now, save: save) }
+            if arrived(migration, view: view) { return try complete(&migration, progress: nil, now: now, save: save) }
             if view.statuses[migration.destination] == nil { return }
             return try settle(&migration, failure: "the source has no record of it and the VM did not arrive", retry: true, view: view, now: now, save: save)
         }
@@ -121,7 +121,7 @@ struct MigrationDriver {
     }
 
     /// Whether the VM runs on the destination, brought there by this attempt.
-    private func arrived(_ migration: MigrationRecord, view: View) throws -> Bool {
+    private func arrived(_ migration: MigrationRecord, view: View) -> Bool {
         guard let vm = view.vm(migration.vm, on: migration.destination) else { return false }
         return (vm.state == .running || vm.state == .paused) && vm.incomingMigrationId == migration.attemptID
     }

@@ -152,12 +152,13 @@ final class HostAgent: Sendable {
             record.incomingArrived = true
             save(record)
         }
-        // Adopted mid-migration: the VM's API still has the report.
-        if record.outgoing?.state == .running && !isSending, let progress = liveProgress(record) {
-            if progress.state != .running { record.outgoing = progress; save(record) }
-        }
+        // A running migration's progress is the VM's own report, asked for once. Adopted mid-migration (no
+        // thread here to record the outcome), an ended report is also the outcome to keep.
         var outgoing = record.outgoing
-        if outgoing?.state == .running, let live = liveProgress(record) { outgoing = live }
+        if outgoing?.state == .running, let live = liveProgress(record) {
+            outgoing = live
+            if live.state != .running && !isSending { record.outgoing = live; save(record) }
+        }
         var status = VMStatus(spec: record.spec, state: state, pid: record.process.pid, cpuSeconds: record.process.cpuSeconds,
                               startedAtUnixMs: record.startedAtUnixMs, incomingMigrationId: record.incomingMigrationId,
                               outgoing: outgoing, reason: reason)
